@@ -1,0 +1,113 @@
+"""`rapport …`: the command line. Errors become one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from memory.errors import RapportError
+
+logger = logging.getLogger(__name__)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub at run time
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_settings():
+    from dialogue.settings import Settings
+
+    try:
+        return Settings()
+    except ValueError as exc:  # pydantic's ValidationError: say which setting, in one line
+        first = str(exc).splitlines()
+        raise click.ClickException(f"invalid settings: {' '.join(first[:3])}") from None
+
+
+def emit_json(data: object) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False, default=str))
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="log more to stderr")
+def cli(verbose: bool) -> None:
+    """Rapport: a personal assistant that remembers you, answers from a FAQ and learns from your ratings."""
+    configure_logging(verbose)
+
+
+@cli.command()
+@click.option("--user", "user_id", default=lambda: os.environ.get("USER") or "local", show_default="$USER",
+              help="who is talking: memory and persona follow this id")
+def chat(user_id: str) -> None:
+    """Talk with the assistant (streamed replies; /help lists the commands)."""
+    from bot.repl import ChatSession, run_interactive, run_piped
+    from dialogue.manager import validate_id
+    from dialogue.services import open_services
+
+    validate_id(user_id, "--user")
+    services = open_services(load_settings())
+    try:
+        session = ChatSession(services, user_id)
+        if sys.stdin.isatty():
+            code = run_interactive(session, services.settings.home / "repl_history")
+        else:
+            code = run_piped(session)
+    finally:
+        services.close()
+    sys.exit(code)
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks; each prints one JSON document."""
+
+
+@bench.command("gen")
+@click.option("--prompt-tokens", default=800, show_default=True, type=click.IntRange(1, 16384))
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 256))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100))
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
+def bench_gen(prompt_tokens: int, new_tokens: int, concurrency: int, repeats: int, as_json: bool) -> None:
+    """Generation speed: {"ttft_s", "decode_tok_s", "turn_s"} (+ "aggregate_tok_s" when concurrent)."""
+    from bench.gen import run
+
+    emit_json(run(load_settings(), prompt_tokens, new_tokens, concurrency, repeats))
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except RapportError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # a bug: one line for the user, the traceback only when asked for
+        logger.debug("unexpected error", exc_info=True)
+        click.echo(f"internal error: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                   " (run with -v for details)", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

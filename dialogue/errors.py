@@ -1,0 +1,10 @@
+"""Errors raised by the turn pipeline; the family's base lives in memory.errors (the lowest room)."""
+
+from memory.errors import InvalidInput, NotFound, RapportError, StoreUnavailable
+
+
+class GenerationError(RapportError):
+    """The model failed to produce a reply (after a retry); nothing was recorded."""
+
+
+__all__ = ["GenerationError", "InvalidInput", "NotFound", "RapportError", "StoreUnavailable"]

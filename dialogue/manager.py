@@ -1,0 +1,227 @@
+"""The turn pipeline: recall → prompt → generate → record. Channels call `DialogueManager.respond`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from dialogue.backend import Backend
+from dialogue.errors import GenerationError, InvalidInput
+from dialogue.prompt import PromptParts, build_prompt, fit_history, system_message
+from dialogue.runtime import AdapterRef, Generation, GenerationParams
+from dialogue.settings import Settings
+from dialogue.store import Turn, TranscriptStore, new_id, utcnow
+
+logger = logging.getLogger(__name__)
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")
+# C0/C1 controls and DEL, except tab and newline; escape sequences lose their ESC and cannot act.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+CHAT_MARKUP_TOKENS = 16  # per-message role markers and the assistant header, with margin
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "faq" | "memory"
+    id: str
+    score: float
+
+
+@dataclass
+class Context:
+    """What recall found for a turn; a fixed `answer` skips the model (a verbatim FAQ answer, a refusal)."""
+
+    persona: dict[str, Any] = field(default_factory=dict)
+    memories: list[dict[str, Any]] = field(default_factory=list)
+    faq: list[dict[str, Any]] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)
+    answer: str | None = None
+    handoff: bool = False
+    max_new_tokens: int | None = None
+
+
+Recall = Callable[[str, str], Awaitable[Context]]  # (user_id, text) -> Context
+AfterTurn = Callable[[Turn], Awaitable[None]]
+AdapterChooser = Callable[[str], AdapterRef | None]  # user_id -> adapter version to serve, or base
+
+
+def validate_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise InvalidInput(f"{what} must be 1-128 characters of letters, digits and _.:@+- (got {str(value)[:40]!r})")
+    return value
+
+
+def clean_text(value: object) -> str:
+    """The user's message with control characters removed; empty after that is an error."""
+    if not isinstance(value, str):
+        raise InvalidInput("text must be a string")
+    text = CONTROL_CHARS.sub("", value.replace("\r\n", "\n")).strip()
+    if not text:
+        raise InvalidInput("the message is empty")
+    return text
+
+
+class Reply:
+    """A reply in the making: async-iterate it for text deltas; the turn is on disk when iteration ends."""
+
+    def __init__(self, manager: DialogueManager, turn: Turn, parts: PromptParts, *, context: Context,
+                 params: GenerationParams, adapter: AdapterRef | None, notices: list[str]) -> None:
+        self._manager = manager
+        self._turn = turn
+        self.parts = parts
+        self.sources = context.sources
+        self.handoff = context.handoff
+        self._answer = context.answer
+        self.params = params
+        self.adapter = adapter
+        self.notices = notices
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.recorded = False
+        self._consumed = False
+
+    @property
+    def turn_id(self) -> str:
+        return self._turn.id
+
+    @property
+    def conversation_id(self) -> str:
+        return self._turn.conversation_id
+
+    @property
+    def adapter_version(self) -> str | None:
+        return self.adapter.name if self.adapter else None
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self._turn.prompt_tokens, "completion_tokens": self._turn.completion_tokens}
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        if self._consumed:
+            raise RuntimeError("a reply can be streamed once")
+        self._consumed = True
+        started = time.perf_counter()
+        pieces: list[str] = []
+        generation: Generation | None = None
+        try:
+            if self._answer is not None:
+                pieces.append(self._answer)
+                yield self._answer
+                self.finish_reason = "stop"
+            else:
+                for attempt in (1, 2):
+                    try:
+                        generation = await self._manager.backend.generate(build_prompt(self.parts), self.params, self.adapter)
+                        async for chunk in generation:
+                            pieces.append(chunk)
+                            yield chunk
+                        break
+                    except GenerationError:
+                        if pieces or attempt == 2:
+                            raise
+                        logger.warning("generation failed; retrying once")
+                self.finish_reason = generation.finish_reason
+            self.text = "".join(pieces)
+            self._fill_turn(generation, started)
+            await asyncio.to_thread(self._manager.store.record_turn, self._turn)
+            self.recorded = True
+            await self._manager.after_turn(self._turn)
+        except (asyncio.CancelledError, GeneratorExit):
+            # Stopped by the user mid-reply: what was shown is kept, marked as cut short.
+            if pieces and not self.recorded:
+                self.text, self.finish_reason = "".join(pieces), "cancelled"
+                self._fill_turn(generation, started)
+                self._manager.store.record_turn(self._turn)
+                self.recorded = True
+            raise
+
+    async def complete(self) -> str:
+        """Consume the whole reply and return its text."""
+        async for _ in self:
+            pass
+        return self.text
+
+    def _fill_turn(self, generation: Generation | None, started: float) -> None:
+        turn = self._turn
+        turn.reply = self.text
+        turn.finish_reason = self.finish_reason or "stop"
+        turn.latency_ms = int((time.perf_counter() - started) * 1000)
+        turn.finished_at = utcnow()
+        if generation is not None:
+            turn.prompt_tokens = generation.prompt_tokens
+            turn.completion_tokens = generation.completion_tokens
+            turn.ttft_ms = int(generation.ttft_s * 1000) if generation.ttft_s is not None else None
+
+
+class DialogueManager:
+    """Owns a turn: builds the prompt within the token budget, streams the reply, records it."""
+
+    def __init__(self, settings: Settings, backend: Backend, store: TranscriptStore, *, recall: Recall | None = None,
+                 adapter_for: AdapterChooser | None = None) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.store = store
+        self.recall = recall
+        self.adapter_for = adapter_for
+        self.after_turn_hooks: list[AfterTurn] = []
+
+    def default_params(self) -> GenerationParams:
+        s = self.settings
+        return GenerationParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                repetition_penalty=s.repetition_penalty)
+
+    async def respond(self, *, user_id: str, conversation_id: str, text: str, channel: str = "api") -> Reply:
+        """Prepare the reply to `text`; iterate the returned `Reply` to generate and record it."""
+        user_id = validate_id(user_id, "user_id")
+        conversation_id = validate_id(conversation_id, "conversation_id")
+        text = clean_text(text)
+        await self.backend.ready()
+        await asyncio.to_thread(self.store.ensure_conversation, conversation_id=conversation_id, user_id=user_id,
+                                channel=channel)
+        context = await self.recall(user_id, text) if self.recall else Context()
+        params = self.default_params()
+        if context.max_new_tokens:
+            params = replace(params, max_new_tokens=min(context.max_new_tokens, params.max_new_tokens))
+
+        parts = PromptParts(system=self.settings.system_prompt, user_text=text, persona=context.persona,
+                            memories=context.memories, faq=context.faq)
+        notices: list[str] = []
+        budget = self.settings.context_budget - params.max_new_tokens - CHAT_MARKUP_TOKENS
+        budget -= self.backend.count_tokens(system_message(parts))
+        user_tokens = self.backend.count_tokens(text)
+        max_user_tokens = max(budget // 2, 32)
+        if user_tokens > max_user_tokens:
+            parts.user_text = self.backend.truncate(text, max_user_tokens)
+            notices.append(f"Your message was cut to its first {max_user_tokens} tokens (of {user_tokens}) to fit.")
+            user_tokens = max_user_tokens
+        turns = await asyncio.to_thread(self.store.history, conversation_id=conversation_id, user_id=user_id)
+        history = [m for t in turns for m in ({"role": "user", "content": t.user_text},
+                                               {"role": "assistant", "content": t.reply})]
+        parts.history = fit_history(history, budget=budget - user_tokens, count_tokens=self.backend.count_tokens)
+
+        adapter = self.adapter_for(user_id) if self.adapter_for else None
+        turn = Turn(
+            id=new_id(), conversation_id=conversation_id, user_id=user_id, channel=channel, user_text=parts.user_text,
+            reply="", prompt=json.dumps(parts.to_dict(), ensure_ascii=False),
+            sources=json.dumps([asdict(s) for s in context.sources]), handoff=context.handoff,
+            model_id=self.backend.model_id, adapter_version=adapter.name if adapter else None,
+        )
+        return Reply(self, turn, parts, context=context, params=params, adapter=adapter, notices=notices)
+
+    async def after_turn(self, turn: Turn) -> None:
+        for hook in self.after_turn_hooks:
+            try:
+                await hook(turn)
+            except Exception:  # a failing side effect (memory write) must not lose the reply
+                logger.exception("after-turn hook %s failed", getattr(hook, "__name__", hook))
+
+    async def rate(self, *, turn_id: str, rating: int, user_id: str | None = None, comment: str | None = None,
+                   correction: str | None = None):
+        return await asyncio.to_thread(self.store.rate, turn_id=turn_id, rating=rating, user_id=user_id,
+                                       comment=comment, correction=correction)

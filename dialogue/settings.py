@@ -1,0 +1,97 @@
+"""Settings from `RAPPORT_*` environment variables, then `$RAPPORT_HOME/rapport.toml`, then defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_HOME = Path("~/.local/share/rapport")
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Rapport, a friendly and honest assistant. Answer briefly and helpfully. "
+    "If you do not know something, say so plainly instead of guessing."
+)
+
+KeyList = Annotated[list[str], NoDecode]
+
+
+def home_from_env() -> Path:
+    """The data directory, resolved before anything else so that `rapport.toml` can be found in it."""
+    return Path(os.environ.get("RAPPORT_HOME") or DEFAULT_HOME).expanduser()
+
+
+class Settings(BaseSettings):
+    """Everything a deployment can tune; the defaults run fully embedded with no network."""
+
+    model_config = SettingsConfigDict(env_prefix="RAPPORT_", extra="ignore", populate_by_name=True)
+
+    home: Path = Field(default_factory=home_from_env, description="data directory: models, stores, adapters")
+    model: str | None = Field(None, description="local model dir or hub id; unset = embedded SmolLM2")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; unset = SQLite in home")
+    chroma_url: str | None = Field(None, description="Chroma server URL; unset = embedded store in home")
+    api_keys: KeyList = Field(default_factory=list, description="bearer keys for the HTTP API")
+    admin_keys: KeyList = Field(default_factory=list, description="bearer keys for admin routes")
+    telegram_bot_token: str | None = Field(
+        None, validation_alias=AliasChoices("TELEGRAM_BOT_TOKEN", "RAPPORT_TELEGRAM_BOT_TOKEN", "telegram_bot_token")
+    )
+    backend: Literal["local", "openai"] = Field("local", description="where generation runs")
+    backend_url: str | None = Field(None, description="OpenAI-compatible base URL when backend=openai")
+
+    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="auto = bf16 when the CPU has it")
+    threads: int | None = Field(None, ge=1, description="torch threads; unset = all cores")
+    max_new_tokens: int = Field(256, ge=1, le=4096, description="reply budget in tokens")
+    temperature: float = Field(0.3, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
+    context_budget: int = Field(2048, ge=256, le=32768, description="prompt + reply tokens per turn")
+    max_message_chars: int = Field(8000, ge=1, description="longest user message accepted")
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=home_from_env() / "rapport.toml")
+        return init_settings, env_settings, toml
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'rapport.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def chroma_dir(self) -> Path:
+        return self.home / "chroma"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"

@@ -1,0 +1,273 @@
+"""The transcript store: users, conversations, turns and ratings, on any SQLAlchemy URL.
+
+SQLite (WAL, synchronous=FULL) is the embedded default; PostgreSQL is the scale path. The schema only
+grows through named, add-only migrations recorded in `schema_migrations`, so an upgrade never loses rows.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Column, Index, Text, event, inspect, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlmodel import Field, Session, SQLModel, create_engine, delete, select
+
+from dialogue.errors import InvalidInput, NotFound, StoreUnavailable
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+    id: str = Field(primary_key=True, max_length=128)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Conversation(SQLModel, table=True):
+    __tablename__ = "conversations"
+    id: str = Field(primary_key=True, max_length=128)
+    user_id: str = Field(index=True, max_length=128)
+    channel: str = Field(default="api", max_length=32)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Turn(SQLModel, table=True):
+    """One exchange: what the user said, what was shown back, and exactly what the model saw."""
+
+    __tablename__ = "turns"
+    __table_args__ = (Index("ix_turns_conversation_seq", "conversation_id", "seq"),)
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    conversation_id: str = Field(max_length=128)
+    user_id: str = Field(index=True, max_length=128)
+    seq: int = 0
+    channel: str = Field(default="api", max_length=32)
+    user_text: str = Field(sa_column=Column(Text, nullable=False))
+    reply: str = Field(sa_column=Column(Text, nullable=False))
+    prompt: str = Field(default="{}", sa_column=Column(Text, nullable=False))  # JSON of the prompt parts
+    sources: str = Field(default="[]", sa_column=Column(Text, nullable=False))  # JSON list of sources
+    handoff: bool = False
+    model_id: str = Field(default="", max_length=256)
+    adapter_version: str | None = Field(default=None, max_length=64)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: int = 0
+    ttft_ms: int | None = None
+    finish_reason: str = Field(default="stop", max_length=16)
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def prompt_parts(self) -> dict[str, Any]:
+        return json.loads(self.prompt or "{}")
+
+
+class Rating(SQLModel, table=True):
+    """The user's verdict on a turn; one per turn, the latest wins."""
+
+    __tablename__ = "ratings"
+    turn_id: str = Field(primary_key=True, max_length=64)
+    user_id: str = Field(index=True, max_length=128)
+    rating: int  # +1 or -1
+    comment: str | None = Field(default=None, sa_column=Column(Text))
+    correction: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class SchemaMigration(SQLModel, table=True):
+    __tablename__ = "schema_migrations"
+    name: str = Field(primary_key=True, max_length=128)
+    applied_at: datetime = Field(default_factory=utcnow)
+
+
+def _initial(conn: Connection) -> None:
+    SQLModel.metadata.create_all(conn, tables=[User.__table__, Conversation.__table__, Turn.__table__, Rating.__table__])
+
+
+def add_column(conn: Connection, table: str, column: str, ddl: str) -> None:
+    """An add-only step: add `column` when an older database lacks it."""
+    if column not in {c["name"] for c in inspect(conn).get_columns(table)}:
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+
+
+# Named, add-only, applied in order, each once. Append new steps; never edit or remove old ones.
+MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
+    ("0001_initial", _initial),
+]
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")  # an answered turn survives a crash of the process or the machine
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA secure_delete=ON")  # erased rows are zeroed on disk, not left in free pages
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def migrate(engine: Engine) -> list[str]:
+    """Apply the migrations this database has not seen; returns their names."""
+    applied: list[str] = []
+    with engine.begin() as conn:
+        SQLModel.metadata.create_all(conn, tables=[SchemaMigration.__table__])
+        done = set(conn.execute(text("SELECT name FROM schema_migrations")).scalars())
+        for name, step in MIGRATIONS:
+            if name not in done:
+                step(conn)
+                conn.execute(text("INSERT INTO schema_migrations (name, applied_at) VALUES (:n, :t)"), {"n": name, "t": utcnow()})
+                applied.append(name)
+    return applied
+
+
+class TranscriptStore:
+    """Keyword-only operations on the transcript tables; every user-scoped read takes the user id."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.engine = make_engine(url)
+            migrate(self.engine)
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"transcript store at {_redact(url)} is unavailable: {exc.__class__.__name__}") from exc
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        try:
+            with Session(self.engine, expire_on_commit=False) as session:
+                yield session
+        except OperationalError as exc:
+            raise StoreUnavailable(f"transcript store is unavailable: {exc.orig}") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- conversations ------------------------------------------------------------------------
+
+    def ensure_conversation(self, *, conversation_id: str, user_id: str, channel: str) -> Conversation:
+        """The conversation, created on first use; it belongs to one user forever."""
+        with self.session() as session:
+            conversation = session.get(Conversation, conversation_id)
+            if conversation is not None:
+                if conversation.user_id != user_id:
+                    raise InvalidInput("that conversation id belongs to another user")
+                return conversation
+            if session.get(User, user_id) is None:
+                session.add(User(id=user_id))
+            conversation = Conversation(id=conversation_id, user_id=user_id, channel=channel)
+            session.add(conversation)
+            session.commit()
+            return conversation
+
+    def history(self, *, conversation_id: str, user_id: str, limit: int = 20) -> list[Turn]:
+        """The last `limit` turns of one of this user's conversations, oldest first."""
+        with self.session() as session:
+            rows = session.exec(
+                select(Turn)
+                .where(Turn.conversation_id == conversation_id, Turn.user_id == user_id)
+                .order_by(Turn.seq.desc())
+                .limit(limit)
+            ).all()
+        return list(reversed(rows))
+
+    # -- turns and ratings --------------------------------------------------------------------
+
+    def record_turn(self, turn: Turn) -> Turn:
+        """Write a finished turn in one transaction; committed (and on disk) when this returns."""
+        with self.session() as session:
+            last = session.exec(
+                select(Turn.seq).where(Turn.conversation_id == turn.conversation_id).order_by(Turn.seq.desc()).limit(1)
+            ).first()
+            turn.seq = (last or 0) + 1
+            conversation = session.get(Conversation, turn.conversation_id)
+            if conversation is not None:
+                conversation.updated_at = utcnow()
+                session.add(conversation)
+            session.add(turn)
+            session.commit()
+            return turn
+
+    def get_turn(self, turn_id: str) -> Turn | None:
+        with self.session() as session:
+            return session.get(Turn, turn_id)
+
+    def rate(self, *, turn_id: str, rating: int, user_id: str | None = None, comment: str | None = None,
+             correction: str | None = None) -> Rating:
+        """Store the verdict on a turn; `user_id`, when given, must own the turn."""
+        if rating not in (1, -1):
+            raise InvalidInput("rating must be 1 or -1")
+        with self.session() as session:
+            turn = session.get(Turn, turn_id)
+            if turn is None or (user_id is not None and turn.user_id != user_id):
+                raise NotFound(f"no turn {turn_id!r}")
+            row = session.get(Rating, turn_id) or Rating(turn_id=turn_id, user_id=turn.user_id, rating=rating)
+            row.rating, row.created_at = rating, utcnow()
+            if comment is not None:
+                row.comment = comment
+            if correction is not None:
+                row.correction = correction
+            session.add(row)
+            session.commit()
+            return row
+
+    # -- whole users --------------------------------------------------------------------------
+
+    def export_user(self, user_id: str) -> dict[str, Any]:
+        with self.session() as session:
+            conversations = session.exec(select(Conversation).where(Conversation.user_id == user_id)).all()
+            turns = session.exec(select(Turn).where(Turn.user_id == user_id).order_by(Turn.created_at, Turn.seq)).all()
+            ratings = session.exec(select(Rating).where(Rating.user_id == user_id)).all()
+        return {
+            "conversations": [c.model_dump(mode="json") for c in conversations],
+            "turns": [t.model_dump(mode="json") for t in turns],
+            "ratings": [r.model_dump(mode="json") for r in ratings],
+        }
+
+    def delete_user(self, user_id: str) -> dict[str, int]:
+        """Erase every row about the user; returns how many of each kind went."""
+        counts = {}
+        with self.session() as session:
+            for name, model, column in (
+                ("ratings", Rating, Rating.user_id),
+                ("turns", Turn, Turn.user_id),
+                ("conversations", Conversation, Conversation.user_id),
+                ("users", User, User.id),
+            ):
+                counts[name] = session.exec(delete(model).where(column == user_id)).rowcount
+            session.commit()
+        if self.engine.dialect.name == "sqlite":  # fold the WAL back so no copy of the rows stays in it
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        return counts
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, fit for an error message."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

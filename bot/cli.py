@@ -86,6 +86,9 @@ def bench_gen(prompt_tokens: int, new_tokens: int, concurrency: int, repeats: in
     emit_json(run(load_settings(), prompt_tokens, new_tokens, concurrency, repeats))
 
 
+# -- command groups that live in their own modules (one line each) ----------------------------------
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)

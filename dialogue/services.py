@@ -21,6 +21,14 @@ class Services:
     manager: DialogueManager
     closers: list = field(default_factory=list)
 
+    def export_user(self, user_id: str) -> dict:
+        """Everything stored about a user, as one JSON-able document."""
+        return {"user_id": user_id, **self.store.export_user(user_id)}
+
+    def erase_user(self, user_id: str) -> dict[str, int]:
+        """Erase every record about a user; returns what went, by kind."""
+        return self.store.delete_user(user_id)
+
     def close(self) -> None:
         for close in reversed(self.closers):
             try:

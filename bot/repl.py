@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from dialogue.errors import RapportError
+from dialogue.errors import RapportError, StoreUnavailable
 from dialogue.manager import CONTROL_CHARS, Reply
 from dialogue.services import Services
 from dialogue.store import new_id
@@ -116,6 +116,7 @@ def run_piped(session: ChatSession, stdin=None, stdout=None) -> int:
         print(f"[{text}]", file=sys.stderr)
 
     with asyncio.Runner() as runner:
+        runner.run(session.services.backend.ready())  # a model that cannot load is fatal, not per line
         for raw in stdin:
             line = printable(raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw).strip()
             if not line:
@@ -171,13 +172,15 @@ def run_interactive(session: ChatSession, history_file: Path) -> int:
                     continue
                 if not session.services.backend.is_ready():
                     with console.status("Loading the model…"):
-                        runner.run(session.services.backend.ready())
+                        runner.run(session.services.backend.ready())  # a load failure ends the REPL
                 console.print("[bold magenta]rapport ›[/bold magenta] ", end="")
                 runner.run(session.reply(line, write, notice))
                 console.print()
             except KeyboardInterrupt:
                 console.print(" [dim](stopped)[/dim]")
             except RapportError as exc:
+                if isinstance(exc, StoreUnavailable):  # the model or a store is gone: nothing more can work
+                    raise
                 console.print(f"[red]error:[/red] {escape(str(exc))}")
     console.print("Bye.")
     return 0

@@ -45,7 +45,7 @@ class LocalBackend:
         directory = resolve_model_dir(self.settings.model, self.settings.models_dir)
         try:
             return load_model(directory, self.dtype)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # safetensors, json and torch each raise their own kinds on a damaged file
             if self.settings.model:  # a user's own directory is never deleted
                 raise ModelNotFound(f"RAPPORT_MODEL={self.settings.model}: cannot load it ({exc})") from exc
             logger.warning("model cache at %s is unreadable (%s); rebuilding it", directory, exc)

@@ -1,0 +1,147 @@
+"""The turn pipeline on the tiny model: budgets, recording, retries, cancellation, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from dialogue.errors import GenerationError, InvalidInput
+from dialogue.prompt import PromptParts, build_prompt, fit_history
+from dialogue.services import open_services
+
+
+@pytest.fixture
+async def services(tiny_settings):
+    services = open_services(tiny_settings)
+    await services.backend.ready()
+    yield services
+    services.close()
+
+
+async def say(services, text, user="u1", conversation="c1"):
+    reply = await services.manager.respond(user_id=user, conversation_id=conversation, text=text, channel="test")
+    await reply.complete()
+    return reply
+
+
+async def test_a_turn_is_recorded_with_what_the_model_saw(services):
+    first = await say(services, "Hello!")
+    second = await say(services, "What is my name?")
+    stored = services.store.get_turn(second.turn_id)
+    assert stored.reply == second.text and stored.user_text == "What is my name?"
+    assert stored.completion_tokens > 0 and stored.prompt_tokens > 0 and stored.latency_ms >= 0
+    parts = PromptParts.from_dict(json.loads(stored.prompt))
+    assert parts.history == [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": first.text}]
+    assert build_prompt(parts)[-1] == {"role": "user", "content": "What is my name?"}
+    assert stored.model_id == services.backend.model_id
+
+
+async def test_history_is_windowed_to_the_token_budget(services):
+    for i in range(12):
+        await say(services, f"The shop opens at nine. Message number {i}.")
+    reply = await services.manager.respond(user_id="u1", conversation_id="c1", text="Thank you!")
+    messages = build_prompt(reply.parts)
+    used = sum(services.backend.count_tokens(m["content"]) + 4 for m in messages)
+    assert used <= services.settings.context_budget - reply.params.max_new_tokens
+    assert 0 < len(reply.parts.history) < 24
+    assert reply.parts.history[0]["role"] == "user"
+
+
+def test_fit_history_keeps_the_newest_whole_exchanges():
+    history = [{"role": "user", "content": "a " * 10}, {"role": "assistant", "content": "b " * 10},
+               {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    kept = fit_history(history, budget=12, count_tokens=lambda s: len(s.split()))
+    assert kept == history[2:]
+    assert fit_history(history, budget=0, count_tokens=len) == []
+
+
+async def test_an_overlong_message_is_cut_with_a_notice(services):
+    reply = await services.manager.respond(user_id="u1", conversation_id="c1", text="Hello there! " * 400)
+    assert reply.notices and "cut" in reply.notices[0]
+    assert services.backend.count_tokens(reply.parts.user_text) <= services.settings.context_budget // 2
+    await reply.complete()
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"user_id": "", "conversation_id": "c1", "text": "hi"},
+    {"user_id": "../../etc/passwd", "conversation_id": "c1", "text": "hi"},
+    {"user_id": "u1", "conversation_id": "c" * 200, "text": "hi"},
+    {"user_id": "u1", "conversation_id": "c1", "text": "   \x00\x1b  "},
+    {"user_id": "u1", "conversation_id": "c1", "text": 42},
+])
+async def test_bad_input_is_refused_before_anything_is_stored(services, kwargs):
+    with pytest.raises(InvalidInput):
+        await services.manager.respond(**kwargs)
+    assert services.store.export_user("u1")["turns"] == []
+
+
+async def test_control_characters_never_reach_the_prompt(services):
+    reply = await say(services, "hi\x1b[31m there\x00")
+    assert reply.parts.user_text == "hi[31m there"
+
+
+class FlakyBackend:
+    """Wraps the real backend; its first `failures` generations fail."""
+
+    def __init__(self, inner, failures):
+        self.inner, self.failures = inner, failures
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def generate(self, *args, **kwargs):
+        if self.failures:
+            self.failures -= 1
+            raise GenerationError("simulated failure")
+        return await self.inner.generate(*args, **kwargs)
+
+
+async def test_a_failed_generation_is_retried_once(services):
+    services.manager.backend = FlakyBackend(services.backend, failures=1)
+    reply = await say(services, "Hello!")
+    assert reply.recorded and services.store.get_turn(reply.turn_id) is not None
+
+
+async def test_a_generation_that_keeps_failing_records_nothing(services):
+    services.manager.backend = FlakyBackend(services.backend, failures=2)
+    reply = await services.manager.respond(user_id="u1", conversation_id="c1", text="Hello!")
+    with pytest.raises(GenerationError):
+        await reply.complete()
+    assert services.store.export_user("u1")["turns"] == []
+
+
+async def test_a_reply_stopped_midway_keeps_what_was_shown(services):
+    services.manager.settings.max_new_tokens = 500
+    reply = await services.manager.respond(user_id="u1", conversation_id="c1", text="Hello!")
+    shown = []
+
+    async def consume():
+        async for chunk in reply:
+            shown.append(chunk)
+            if len(shown) == 3:
+                await asyncio.sleep(3600)  # the user presses Ctrl-C here
+
+    task = asyncio.create_task(consume())
+    while len(shown) < 3:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(50):  # the abandoned stream is closed by the loop's async-generator finaliser
+        if reply.recorded:
+            break
+        await asyncio.sleep(0.02)
+    stored = services.store.get_turn(reply.turn_id)
+    assert stored.finish_reason == "cancelled" and stored.reply == "".join(shown)
+    await asyncio.sleep(0.2)
+    assert services.backend.worker.queue_depth == 0
+
+
+async def test_two_users_at_once_get_their_own_turns(services):
+    a, b = await asyncio.gather(say(services, "Hello!", user="alice", conversation="ca"),
+                                say(services, "Hello!", user="bob", conversation="cb"))
+    assert services.store.get_turn(a.turn_id).user_id == "alice"
+    assert services.store.get_turn(b.turn_id).user_id == "bob"
+    assert services.store.history(conversation_id="ca", user_id="bob") == []

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 
 import click
 
+from bot.cli_common import emit_json, load_settings
 from memory.errors import RapportError
 
 logger = logging.getLogger(__name__)
@@ -23,20 +23,6 @@ def configure_logging(verbose: bool = False) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def load_settings():
-    from dialogue.settings import Settings
-
-    try:
-        return Settings()
-    except ValueError as exc:  # pydantic's ValidationError: say which setting, in one line
-        first = str(exc).splitlines()
-        raise click.ClickException(f"invalid settings: {' '.join(first[:3])}") from None
-
-
-def emit_json(data: object) -> None:
-    click.echo(json.dumps(data, ensure_ascii=False, default=str))
 
 
 @click.group()

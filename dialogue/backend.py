@@ -35,11 +35,11 @@ class Backend(Protocol):
 class LocalBackend:
     """The model in this process, behind one `ModelWorker`; loading starts at once in the background."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, eager: bool = True) -> None:
         self.settings = settings
         self.model_id = settings.model or EMBEDDED_NAME
         self.dtype = choose_dtype(settings.dtype)
-        self.worker = ModelWorker(self._load, threads=settings.threads)
+        self.worker = ModelWorker(self._load, threads=settings.threads, eager=eager)
 
     def _load(self):
         directory = resolve_model_dir(self.settings.model, self.settings.models_dir)
@@ -82,5 +82,6 @@ class LocalBackend:
         self.worker.close()
 
 
-def open_backend(settings: Settings) -> Backend:
-    return LocalBackend(settings)
+def open_backend(settings: Settings, *, eager: bool = True) -> Backend:
+    """The configured backend; `eager` starts loading the model now instead of at the first request."""
+    return LocalBackend(settings, eager=eager)

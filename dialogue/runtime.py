@@ -175,7 +175,8 @@ class Generation:
 class ModelWorker:
     """Owns the model on one thread; serves `Generation`s round-robin, one decode step each."""
 
-    def __init__(self, load: Callable[[], tuple[object, object]], *, threads: int | None = None) -> None:
+    def __init__(self, load: Callable[[], tuple[object, object]], *, threads: int | None = None,
+                 eager: bool = True) -> None:
         self._load = load
         self._threads = threads
         self._inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
@@ -187,17 +188,27 @@ class ModelWorker:
         self.tokenizer = None
         self.stop_ids: set[int] = set()
         self._thread = threading.Thread(target=self._run, name="rapport-model", daemon=True)
-        self._thread.start()
+        self._start_lock = threading.Lock()
+        if eager:
+            self.start()
+
+    def start(self) -> None:
+        """Begin loading the model in the background (idempotent); the first request also starts it."""
+        with self._start_lock:
+            if not self._thread.is_alive() and not self._ready.is_set():
+                self._thread.start()
 
     # -- caller side -------------------------------------------------------------------------
 
     def wait_ready(self, timeout: float | None = None) -> None:
+        self.start()
         if not self._ready.wait(timeout):
             raise GenerationError("the model is still loading")
         if self._load_error is not None:
             raise self._load_error
 
     async def ready(self) -> None:
+        self.start()
         if not self._ready.is_set():
             await asyncio.to_thread(self._ready.wait)
         if self._load_error is not None:
@@ -221,8 +232,9 @@ class ModelWorker:
         return generation
 
     def close(self) -> None:
-        self._inbox.put(None)
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._inbox.put(None)
+            self._thread.join(timeout=10)
 
     # -- worker side -------------------------------------------------------------------------
 

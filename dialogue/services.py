@@ -1,25 +1,55 @@
-"""Assembles one process's services from settings: backend, transcript store, dialogue manager."""
+"""Assembles one process's services from settings: backend, stores, dialogue manager."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from dialogue.backend import Backend, open_backend
 from dialogue.manager import DialogueManager
 from dialogue.settings import Settings
 from dialogue.store import TranscriptStore
+from memory.chroma import ChromaHandle, open_chroma
+from memory.embeddings import Embedder, shared_embedder
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Services:
+    """One process's stores and model; the Chroma-backed stores open on first use."""
+
     settings: Settings
     backend: Backend
     store: TranscriptStore
     manager: DialogueManager
     closers: list = field(default_factory=list)
+
+    @cached_property
+    def embedder(self) -> Embedder:
+        return shared_embedder()
+
+    @cached_property
+    def chroma(self) -> ChromaHandle:
+        """The embedded store (locked to this process) or the Chroma server of `RAPPORT_CHROMA_URL`."""
+        handle = open_chroma(path=self.settings.chroma_dir, url=self.settings.chroma_url)
+        self.closers.append(handle.close)
+        return handle
+
+    @cached_property
+    def memory(self):
+        """Per-user long-term memory (`memory.memories.MemoryStore`)."""
+        from memory.memories import MemoryStore
+
+        return MemoryStore(self.chroma.client, self.embedder)
+
+    @cached_property
+    def faq(self):
+        """The business FAQ (`memory.faq.FaqIndex`)."""
+        from memory.faq import FaqIndex
+
+        return FaqIndex(self.chroma.client, self.embedder)
 
     def export_user(self, user_id: str) -> dict:
         """Everything stored about a user, as one JSON-able document."""
@@ -37,12 +67,14 @@ class Services:
                 logger.exception("closing %s failed", close)
 
 
-def open_services(settings: Settings | None = None, *, backend: Backend | None = None) -> Services:
-    """Everything a channel needs; the model starts loading in the background at once."""
+def open_services(settings: Settings | None = None, *, backend: Backend | None = None,
+                  load_model: bool = True) -> Services:
+    """Everything a channel needs; with `load_model` the model starts loading in the background at once,
+    otherwise at its first use (commands that only touch the stores never pay for it)."""
     settings = settings or Settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     store = TranscriptStore(settings.db_url)
-    backend = backend or open_backend(settings)
+    backend = backend or open_backend(settings, eager=load_model)
     manager = DialogueManager(settings, backend, store)
     return Services(settings=settings, backend=backend, store=store, manager=manager,
                     closers=[store.close, backend.close])

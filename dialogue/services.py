@@ -12,6 +12,7 @@ from dialogue.settings import Settings
 from dialogue.store import TranscriptStore
 from memory.chroma import ChromaHandle, open_chroma
 from memory.embeddings import Embedder, shared_embedder
+from memory.persona import PersonaStore
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ class Services:
         from memory.faq import FaqIndex
 
         return FaqIndex(self.chroma.client, self.embedder)
+
+    @cached_property
+    def personas(self) -> PersonaStore:
+        return PersonaStore(self.store.engine)
 
     def export_user(self, user_id: str) -> dict:
         """Everything stored about a user, as one JSON-able document."""

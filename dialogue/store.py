@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, delete, select
 
 from dialogue.errors import InvalidInput, NotFound, StoreUnavailable
+from memory.persona import PersonaRow
 
 
 def utcnow() -> datetime:
@@ -41,6 +42,7 @@ class Conversation(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=128)
     user_id: str = Field(index=True, max_length=128)
     channel: str = Field(default="api", max_length=32)
+    status: str = Field(default="bot", max_length=16)  # "bot" answers; "human" = handed off, the bot stays silent
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
@@ -66,7 +68,8 @@ class Turn(SQLModel, table=True):
     completion_tokens: int = 0
     latency_ms: int = 0
     ttft_ms: int | None = None
-    finish_reason: str = Field(default="stop", max_length=16)
+    finish_reason: str = Field(default="stop", max_length=16)  # stop|length|cancelled|agent
+    reply_to: str | None = Field(default=None, max_length=64)  # agent turns: the turn whose customer message they answer
     created_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime = Field(default_factory=utcnow)
 
@@ -87,6 +90,15 @@ class Rating(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class InboundEvent(SQLModel, table=True):
+    """An update a channel has taken (a Telegram update_id, a webhook delivery): each is handled once."""
+
+    __tablename__ = "inbound_events"
+    channel: str = Field(primary_key=True, max_length=32)
+    event_id: str = Field(primary_key=True, max_length=128)
+    received_at: datetime = Field(default_factory=utcnow)
+
+
 class SchemaMigration(SQLModel, table=True):
     __tablename__ = "schema_migrations"
     name: str = Field(primary_key=True, max_length=128)
@@ -103,9 +115,16 @@ def add_column(conn: Connection, table: str, column: str, ddl: str) -> None:
         conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
 
 
+def _handoff_events_personas(conn: Connection) -> None:
+    add_column(conn, "conversations", "status", "VARCHAR(16) NOT NULL DEFAULT 'bot'")
+    add_column(conn, "turns", "reply_to", "VARCHAR(64)")
+    SQLModel.metadata.create_all(conn, tables=[InboundEvent.__table__, PersonaRow.__table__])
+
+
 # Named, add-only, applied in order, each once. Append new steps; never edit or remove old ones.
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_initial", _initial),
+    ("0002_handoff_events_personas", _handoff_events_personas),
 ]
 
 
@@ -211,6 +230,34 @@ class TranscriptStore:
             session.commit()
             return turn
 
+    def claim_event(self, *, channel: str, event_id: str) -> bool:
+        """True the first time `(channel, event_id)` is seen, False ever after (redeliveries, restarts)."""
+        from sqlalchemy.exc import IntegrityError
+
+        try:
+            with self.session() as session:
+                session.add(InboundEvent(channel=channel, event_id=event_id))
+                session.commit()
+            return True
+        except IntegrityError:
+            return False
+
+    def set_status(self, *, conversation_id: str, status: str) -> None:
+        """Hand a conversation to a human ("human") or back to the bot ("bot")."""
+        if status not in ("bot", "human"):
+            raise InvalidInput("status is 'bot' or 'human'")
+        with self.session() as session:
+            conversation = session.get(Conversation, conversation_id)
+            if conversation is None:
+                raise NotFound(f"no conversation {conversation_id!r}")
+            conversation.status = status
+            session.add(conversation)
+            session.commit()
+
+    def get_conversation(self, conversation_id: str) -> Conversation | None:
+        with self.session() as session:
+            return session.get(Conversation, conversation_id)
+
     def get_turn(self, turn_id: str) -> Turn | None:
         with self.session() as session:
             return session.get(Turn, turn_id)
@@ -256,6 +303,7 @@ class TranscriptStore:
                 ("turns", Turn, Turn.user_id),
                 ("conversations", Conversation, Conversation.user_id),
                 ("users", User, User.id),
+                ("personas", PersonaRow, PersonaRow.user_id),
             ):
                 counts[name] = session.exec(delete(model).where(column == user_id)).rowcount
             session.commit()

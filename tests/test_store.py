@@ -62,7 +62,7 @@ def test_export_and_erasure_cover_every_table(store):
     assert [t["user_text"] for t in exported["turns"]] == ["secret of u1"]
     assert len(exported["ratings"]) == 1 and len(exported["conversations"]) == 1
     counts = store.delete_user("u1")
-    assert counts == {"ratings": 1, "turns": 1, "conversations": 1, "users": 1}
+    assert counts == {"ratings": 1, "turns": 1, "conversations": 1, "users": 1, "personas": 0}
     assert store.export_user("u1") == {"conversations": [], "turns": [], "ratings": []}
     assert len(store.export_user("u2")["turns"]) == 1
 

@@ -56,6 +56,18 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(8000, ge=1, description="longest user message accepted")
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
+    # -- HTTP API and customer-service integrations (dialogue/api*.py, bot/chatwoot.py) ---------------
+    api_max_body_bytes: int = Field(1_000_000, ge=1024, description="largest HTTP request body accepted (413 above)")
+    api_rate_per_minute: float = Field(600.0, ge=0, description="requests per minute per API key (or client address); 0 = no limit")
+    api_rate_burst: int = Field(60, ge=1, description="requests a key may send back to back before the rate applies")
+    chatwoot_base_url: str | None = Field(None, description="Chatwoot installation, e.g. https://chat.example.com")
+    chatwoot_bot_token: str | None = Field(None, description="the agent bot's api_access_token for Chatwoot's REST API")
+    chatwoot_webhook_secret: str | None = Field(
+        None, description="shared secret Chatwoot must send (?token= in the bot's webhook URL, or X-Rapport-Token)")
+    handoff_webhook_url: str | None = Field(None, description="POST a JSON event here whenever a conversation is handed off")
+    handoff_webhook_secret: str | None = Field(None, description="signs handoff webhook bodies (X-Rapport-Signature)")
+    handoff_after_negative_ratings: int = Field(2, ge=1, description="hand off after this many -1 ratings in a row")
+
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def split_keys(cls, value: object) -> object:

@@ -44,6 +44,9 @@ class Context:
     answer: str | None = None
     handoff: bool = False
     max_new_tokens: int | None = None
+    # Given the whole generated reply, a safer text to show instead (or None to keep it). When set, the
+    # reply is generated in full and checked before anything is shown: grounding beats streaming.
+    check: Callable[[str], str | None] | None = None
 
 
 Recall = Callable[[str, str], Awaitable[Context]]  # (user_id, text) -> Context
@@ -78,6 +81,7 @@ class Reply:
         self.sources = context.sources
         self.handoff = context.handoff
         self._answer = context.answer
+        self._check = context.check
         self.params = params
         self.adapter = adapter
         self.notices = notices
@@ -118,6 +122,11 @@ class Reply:
                 for attempt in (1, 2):
                     try:
                         generation = await self._manager.backend.generate(build_prompt(self.parts), self.params, self.adapter)
+                        if self._check is not None:
+                            text = await generation.text()
+                            pieces.append(self._check(text) or text)
+                            yield pieces[-1]
+                            break
                         async for chunk in generation:
                             pieces.append(chunk)
                             yield chunk
@@ -186,8 +195,8 @@ class DialogueManager:
                                 channel=channel)
         context = await self.recall(user_id, text) if self.recall else Context()
         params = self.default_params()
-        if context.max_new_tokens:
-            params = replace(params, max_new_tokens=min(context.max_new_tokens, params.max_new_tokens))
+        if context.max_new_tokens:  # the persona's verbosity
+            params = replace(params, max_new_tokens=context.max_new_tokens)
 
         parts = PromptParts(system=self.settings.system_prompt, user_text=text, persona=context.persona,
                             memories=context.memories, faq=context.faq)

@@ -145,3 +145,29 @@ async def test_two_users_at_once_get_their_own_turns(services):
     assert services.store.get_turn(a.turn_id).user_id == "alice"
     assert services.store.get_turn(b.turn_id).user_id == "bob"
     assert services.store.history(conversation_id="ca", user_id="bob") == []
+
+
+async def test_a_checked_reply_is_shown_only_after_the_check(services):
+    from dialogue.manager import Context
+
+    async def recall(user_id, text):
+        return Context(check=lambda reply: "From the FAQ: we open at nine.")
+
+    services.manager.recall = recall
+    reply = await services.manager.respond(user_id="u1", conversation_id="c1", text="When do you open?")
+    chunks = [chunk async for chunk in reply]
+    assert chunks == ["From the FAQ: we open at nine."]
+    assert services.store.get_turn(reply.turn_id).reply == "From the FAQ: we open at nine."
+
+
+async def test_a_fixed_answer_skips_the_model_and_carries_its_sources(services):
+    from dialogue.manager import Context, Source
+
+    async def recall(user_id, text):
+        return Context(answer="I don't know that one.", handoff=True, sources=[Source("faq", "hours", 0.4)])
+
+    services.manager.recall = recall
+    reply = await say(services, "Do you sell gift cards?")
+    stored = services.store.get_turn(reply.turn_id)
+    assert reply.text == stored.reply == "I don't know that one." and stored.handoff
+    assert stored.completion_tokens == 0 and json.loads(stored.sources)[0]["id"] == "hours"

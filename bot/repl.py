@@ -57,8 +57,8 @@ class ChatSession:
     def commands(self) -> dict[str, Callable]:
         return {
             "help": self.cmd_help, "new": self.cmd_new, "rate": self.cmd_rate, "quit": self.cmd_quit,
-            "exit": self.cmd_quit, "sources": self.cmd_sources, "persona": self.cmd_coming,
-            "memory": self.cmd_coming, "forget": self.cmd_coming,
+            "exit": self.cmd_quit, "sources": self.cmd_sources, "persona": self.cmd_persona,
+            "memory": self.cmd_memory, "forget": self.cmd_forget,
         }
 
     async def cmd_help(self, _args: str) -> str:
@@ -89,8 +89,37 @@ class ChatSession:
             return "The last reply used no FAQ entry or memory."
         return "\n".join(f"{s.kind}:{s.id}  score {s.score:.2f}" for s in self.last_reply.sources)
 
-    async def cmd_coming(self, _args: str) -> str:
-        return "This command is coming soon."
+    async def cmd_persona(self, args: str) -> str:
+        personas = self.services.personas
+        if args:
+            verb, _, assignment = args.partition(" ")
+            key, eq, value = assignment.partition("=")
+            if verb.lower() != "set" or not eq or not key.strip():
+                return "Usage: /persona  or  /persona set key=value  (an empty value clears the field)"
+            await asyncio.to_thread(personas.update, self.user_id, {key.strip(): value.strip()})
+        persona = await asyncio.to_thread(personas.get, self.user_id)
+        lines = [f"  {key:<11} {', '.join(value) if isinstance(value, list) else value}"
+                 for key, value in persona.to_json().items() if value]
+        if not lines:
+            return "I know nothing about you yet. Tell me, or use /persona set name=…"
+        return "What I know about how to talk to you:\n" + "\n".join(lines)
+
+    async def cmd_memory(self, _args: str) -> str:
+        memories = await asyncio.to_thread(self.services.memory.for_user(self.user_id).list)
+        if not memories:
+            return "I remember nothing about you yet."
+        lines = [f"  {m.id}  {m.text}" for m in memories]
+        return f"What I remember ({len(memories)}; /forget ID or /forget all):\n" + "\n".join(lines)
+
+    async def cmd_forget(self, args: str) -> str:
+        memory = self.services.memory.for_user(self.user_id)
+        if not args:
+            return "Usage: /forget ID  or  /forget all"
+        if args.lower() == "all":
+            count = await asyncio.to_thread(memory.forget_all)
+            return f"Forgot everything ({count} memories)."
+        await asyncio.to_thread(memory.forget, args)
+        return f"Forgot {args}."
 
     async def reply(self, text: str, write: Callable[[str], None], notice: Callable[[str], None]) -> Reply:
         reply = await self.services.manager.respond(user_id=self.user_id, conversation_id=self.conversation_id,

@@ -1,0 +1,257 @@
+"""Chatwoot as a channel: an agent-bot webhook in, replies out through Chatwoot's REST API, human handoff.
+
+Set-up in Chatwoot: create an agent bot whose webhook URL is
+`https://<rapport>/integrations/chatwoot/webhook?token=<RAPPORT_CHATWOOT_WEBHOOK_SECRET>` and connect it
+to an inbox; give Rapport the bot's access token (`RAPPORT_CHATWOOT_BOT_TOKEN`) and the installation's
+URL (`RAPPORT_CHATWOOT_BASE_URL`). The secret may also come as an `X-Rapport-Token` header.
+
+Events handled (Chatwoot's agent-bot payloads, `Message#webhook_data` and the conversation's):
+- `message_created`, `message_type: "incoming"` from a contact: the customer speaks. The bot answers
+  with `POST /api/v1/accounts/{account}/conversations/{id}/messages`, unless a person has the
+  conversation. Each Chatwoot message id is handled once (`claim_event`), so redeliveries never
+  produce a second reply.
+- `message_created`, `"outgoing"` from a `user` (a human agent), not private: recorded as the agent's
+  turn for the learning loop, and the bot stays silent from then on. The bot's own messages (sender
+  type `agent_bot`), private notes and activity messages are ignored, so replies never loop.
+- `conversation_status_changed` / `conversation_updated` / `conversation_resolved` with status
+  `pending` or `resolved`: the conversation goes back to the bot.
+On handoff the bot posts a private note summarising the conversation and sets the status to `open`.
+
+Rapport ids: conversation `chatwoot:<account>:<conversation>`, user `chatwoot:<account>:<contact>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import weakref
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, HTTPException, Request
+
+from dialogue.api_handoff import HandoffDesk, HandoffEvent, wants_human
+from dialogue.errors import RapportError
+from dialogue.services import Services
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "chatwoot"
+RESUME_STATUSES = ("pending", "resolved")
+
+
+class ChatwootApi:
+    """The few Chatwoot REST calls the bot makes, authenticated with the bot's `api_access_token`."""
+
+    def __init__(self, base_url: str, token: str, *, timeout: float = 10.0) -> None:
+        self.client = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout,
+                                        headers={"api_access_token": token})
+
+    async def post_message(self, account_id: int, conversation_id: int, content: str, *, private: bool = False) -> None:
+        response = await self.client.post(f"/api/v1/accounts/{account_id}/conversations/{conversation_id}/messages",
+                                          json={"content": content, "message_type": "outgoing", "private": private})
+        response.raise_for_status()
+
+    async def set_status(self, account_id: int, conversation_id: int, status: str) -> None:
+        response = await self.client.post(
+            f"/api/v1/accounts/{account_id}/conversations/{conversation_id}/toggle_status", json={"status": status})
+        response.raise_for_status()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit() and len(value) < 19:
+        return int(value)
+    return None
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def conversation_key(account_id: int, conversation_id: int) -> str:
+    return f"{CHANNEL}:{account_id}:{conversation_id}"
+
+
+def parse_key(rapport_id: str) -> tuple[int, int] | None:
+    """(account, conversation) from a Rapport conversation id made by `conversation_key`."""
+    parts = rapport_id.split(":")
+    if len(parts) == 3 and parts[0] == CHANNEL and parts[1].isdigit() and parts[2].isdigit():
+        return int(parts[1]), int(parts[2])
+    return None
+
+
+def ids_of(payload: dict) -> tuple[int | None, int | None]:
+    """(account id, conversation display id) from a message or conversation payload."""
+    conversation = _dict(payload.get("conversation")) or payload
+    account = (_int(_dict(payload.get("account")).get("id")) or _int(payload.get("account_id"))
+               or _int(conversation.get("account_id")))
+    return account, _int(conversation.get("id") if payload.get("conversation") else payload.get("id"))
+
+
+class ChatwootBot:
+    """Turns Chatwoot webhook events into dialogue turns and handoffs."""
+
+    def __init__(self, services: Services, desk: HandoffDesk, api: ChatwootApi, *, secret: str) -> None:
+        if not secret:
+            raise ValueError("the Chatwoot webhook needs a shared secret")
+        self.services = services
+        self.desk = desk
+        self.api = api
+        self.secret = secret.encode()
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._tasks: set[asyncio.Task] = set()
+        desk.listeners.append(self.on_handoff)
+
+    # -- the webhook -----------------------------------------------------------------------------
+
+    def router(self) -> APIRouter:
+        router = APIRouter(tags=["integrations"])
+
+        @router.post("/integrations/chatwoot/webhook")
+        async def chatwoot_webhook(request: Request) -> dict:
+            """Chatwoot agent-bot events (needs the shared secret as ?token= or X-Rapport-Token)."""
+            self.verify(request.query_params.get("token") or request.headers.get("x-rapport-token") or "")
+            try:
+                payload = await request.json()
+            except ValueError:
+                raise HTTPException(400, "body is not JSON") from None
+            if not isinstance(payload, dict):
+                raise HTTPException(400, "body is not a JSON object")
+            accepted = await self.accept(payload)
+            return {"ok": True, "accepted": accepted}
+
+        return router
+
+    def verify(self, token: str) -> None:
+        if not hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self.secret):
+            raise HTTPException(401, "bad or missing webhook token")
+
+    async def accept(self, payload: dict) -> bool:
+        """Decide quickly (Chatwoot waits for the answer); the slow work runs in the background."""
+        event = payload.get("event")
+        if event == "message_created":
+            job = await self._message_job(payload)
+        elif event in ("conversation_status_changed", "conversation_updated", "conversation_resolved"):
+            job = self._status_job(payload)
+        else:
+            job = None
+        if job is None:
+            return False
+        task = asyncio.create_task(self._run(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _run(self, job) -> None:
+        try:
+            await job
+        except (RapportError, httpx.HTTPError) as exc:
+            logger.warning("chatwoot event failed: %s: %s", exc.__class__.__name__, exc)
+        except Exception:
+            logger.exception("chatwoot event failed")
+
+    async def drain(self) -> None:
+        """Wait for events still being handled (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.desk.drain()
+
+    # -- messages --------------------------------------------------------------------------------
+
+    async def _message_job(self, payload: dict):
+        account, conversation = ids_of(payload)
+        message_id = _int(payload.get("id"))
+        content = payload.get("content")
+        sender_type = _dict(payload.get("sender")).get("type")
+        if None in (account, conversation, message_id) or payload.get("private") is True:
+            return None
+        if not isinstance(content, str) or not content.strip():
+            return None  # attachments only, or a card: nothing to answer
+        kind = payload.get("message_type")
+        if kind == "incoming" and sender_type in (None, "contact"):
+            contact = _int(_dict(payload.get("sender")).get("id")) or _int(
+                _dict(_dict(payload.get("conversation")).get("contact_inbox")).get("contact_id"))
+            if contact is None:
+                return None
+            job = self.on_customer_message(account, conversation, contact, content)
+        elif kind == "outgoing" and sender_type == "user":
+            job = self.on_agent_message(account, conversation, content)
+        else:
+            return None  # our own replies (agent_bot), activity and template messages: never answered
+        if not await asyncio.to_thread(self.services.store.claim_event, channel=CHANNEL,
+                                       event_id=f"{account}:{message_id}"):
+            job.close()
+            logger.info("chatwoot message %s:%s already handled", account, message_id)
+            return None
+        return job
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    async def on_customer_message(self, account: int, conversation: int, contact: int, text: str) -> None:
+        """Answer the customer, unless a person has the conversation or is asked for."""
+        key, user = conversation_key(account, conversation), f"{CHANNEL}:{account}:{contact}"
+        text = text[: self.services.settings.max_message_chars]
+        async with self._lock(key):
+            if await self.desk.is_handed_off(key):
+                await self.desk.record_waiting(conversation_id=key, user_id=user, channel=CHANNEL, text=text)
+                return
+            if wants_human(text):
+                turn = await self.desk.answer_request(conversation_id=key, user_id=user, channel=CHANNEL, text=text)
+                await self.api.post_message(account, conversation, turn.reply)
+                await self.desk.hand_off(conversation_id=key, user_id=user, reason="customer_request", turn_id=turn.id)
+                return
+            reply = await self.services.manager.respond(user_id=user, conversation_id=key, text=text, channel=CHANNEL)
+            answer = await reply.complete()
+            if answer.strip():
+                await self.api.post_message(account, conversation, answer)
+            if reply.handoff:
+                await self.desk.hand_off(conversation_id=key, user_id=user, reason="low_confidence",
+                                         turn_id=reply.turn_id)
+
+    async def on_agent_message(self, account: int, conversation: int, text: str) -> None:
+        """A person wrote to the customer: keep it as training gold, and keep the bot out of their way."""
+        key = conversation_key(account, conversation)
+        async with self._lock(key):
+            if await asyncio.to_thread(self.services.store.get_conversation, key) is None:
+                return  # a conversation the bot never saw: nothing to link the agent's words to
+            if not await self.desk.is_handed_off(key):
+                await asyncio.to_thread(self.services.store.set_status, conversation_id=key, status="human")
+            await self.desk.record_agent_reply(conversation_id=key, text=text)
+
+    # -- status and handoff ----------------------------------------------------------------------
+
+    def _status_job(self, payload: dict):
+        account, conversation = ids_of(payload)
+        status = payload.get("status")
+        if payload.get("event") == "conversation_resolved":
+            status = "resolved"
+        if None in (account, conversation) or status not in RESUME_STATUSES:
+            return None
+        return self.on_back_to_bot(account, conversation)
+
+    async def on_back_to_bot(self, account: int, conversation: int) -> None:
+        key = conversation_key(account, conversation)
+        async with self._lock(key):
+            if await self.desk.is_handed_off(key):
+                await self.desk.resume(key)
+
+    async def on_handoff(self, event: HandoffEvent) -> None:
+        """Desk listener: for Chatwoot conversations, a private note for the agent and status `open`."""
+        ids = parse_key(event.conversation_id)
+        if ids is None:
+            return
+        account, conversation = ids
+        await self.api.post_message(account, conversation, event.summary, private=True)
+        await self.api.set_status(account, conversation, "open")

@@ -1,0 +1,69 @@
+"""`rapport serve`: the HTTP dialogue API under uvicorn, with the Chatwoot integration when configured."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from bot.cli_common import load_settings
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [req=%(request_id)s] %(message)s"
+
+
+def build_app(services):
+    """The API app plus the channels that plug into it (Chatwoot when its URL, token and secret are set)."""
+    from dialogue.api import create_app
+
+    app = create_app(services)
+    settings = services.settings
+    if settings.chatwoot_base_url and settings.chatwoot_bot_token:
+        from bot.chatwoot import ChatwootApi, ChatwootBot
+
+        if not settings.chatwoot_webhook_secret:
+            raise click.ClickException("RAPPORT_CHATWOOT_WEBHOOK_SECRET is required with the Chatwoot integration")
+        bot = ChatwootBot(services, app.state.desk, ChatwootApi(settings.chatwoot_base_url, settings.chatwoot_bot_token),
+                          secret=settings.chatwoot_webhook_secret)
+        app.include_router(bot.router())
+        app.state.chatwoot = bot
+    return app
+
+
+def configure_access_log(verbose: bool) -> None:
+    """One line per request with its request id; keys and bodies are never logged."""
+    from dialogue.api_errors import RequestIdFilter
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(RequestIdFilter())
+    for name in ("dialogue", "bot"):
+        log = logging.getLogger(name)
+        log.handlers[:] = [handler]
+        log.setLevel(logging.DEBUG if verbose else logging.INFO)
+        log.propagate = False
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0 exposes it)")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(host: str, port: int, log_level: str) -> None:
+    """Serve the HTTP API (docs at /docs, schema at /openapi.json)."""
+    import uvicorn
+
+    from dialogue.services import open_services
+
+    settings = load_settings()
+    if host not in ("127.0.0.1", "localhost", "::1") and not (settings.api_keys or settings.admin_keys):
+        logger.warning("serving on %s without API keys: anyone who can reach it can use it", host)
+    services = open_services(settings)
+    try:
+        app = build_app(services)
+        configure_access_log(log_level == "debug")
+        uvicorn.run(app, host=host, port=port, log_level=log_level if log_level != "info" else "warning",
+                    access_log=False, timeout_graceful_shutdown=10)
+    finally:
+        services.close()

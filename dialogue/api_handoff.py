@@ -1,0 +1,250 @@
+"""Human handoff: when the bot steps back, who is told, and what the human agent says afterwards.
+
+A conversation is handed off when the customer asks for a person, when a turn says `handoff` (the FAQ
+does not cover the question), or after repeated negative ratings. The status is stored with the
+conversation ("human"), so the bot stays silent across restarts until it is resumed ("bot"). Listeners
+(the generic webhook, the Chatwoot integration) are told with a `HandoffEvent`.
+
+While a conversation is with a human, each customer message is recorded as a turn with no bot reply
+(`finish_reason="handoff"`), and each agent message as a turn with `model_id="human"`,
+`finish_reason="agent"` linked by `reply_to` to the customer turn it answers and carrying that turn's
+prompt: the learning loop trains on exactly what the model would have seen, answered by a person.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+
+import httpx
+from sqlmodel import select
+
+from dialogue.errors import NotFound
+from dialogue.manager import clean_text
+from dialogue.store import Rating, TranscriptStore, Turn, new_id, utcnow
+
+logger = logging.getLogger(__name__)
+
+HUMAN_REQUEST = re.compile(
+    r"\b(human|real person|live (agent|person|chat)|operator|representative|"
+    r"(talk|speak|chat|connect me) (to|with) (a |an |the |your )?(agent|person|someone|somebody|staff|manager|support)|"
+    r"customer (service|support) (agent|rep))\b",
+    re.IGNORECASE,
+)
+HANDOFF_REPLY = "I'm handing this conversation to a colleague, who will reply here shortly."
+REASONS = ("customer_request", "low_confidence", "negative_ratings", "manual")
+SUMMARY_TURNS = 6
+SUMMARY_CHARS = 240
+
+
+@dataclass
+class HandoffEvent:
+    """What listeners receive; `to_json()` is the documented webhook payload."""
+
+    conversation_id: str
+    user_id: str
+    channel: str
+    reason: str
+    turn_id: str | None
+    summary: str
+    transcript: list[dict] = field(default_factory=list)  # [{"role": "customer"|"bot"|"agent", "text"}], oldest first
+    at: str = ""
+
+    def to_json(self) -> dict:
+        return {"event": "conversation.handoff", **asdict(self)}
+
+
+Listener = Callable[[HandoffEvent], Awaitable[None]]
+
+
+def wants_human(text: str) -> bool:
+    """True when the customer asks for a person ("can I talk to a human?", "agent please")."""
+    return bool(HUMAN_REQUEST.search(text)) or text.strip().lower() in ("agent", "agent please", "human please")
+
+
+def transcript_of(turns: list[Turn]) -> list[dict]:
+    lines = []
+    for turn in turns:
+        lines.append({"role": "customer", "text": turn.user_text[:SUMMARY_CHARS]})
+        if turn.reply:
+            lines.append({"role": "agent" if turn.model_id == "human" else "bot", "text": turn.reply[:SUMMARY_CHARS]})
+    return lines
+
+
+def summarise(reason: str, transcript: list[dict]) -> str:
+    """A short note for the human agent: why, and the last few messages (extractive: no model involved)."""
+    why = {
+        "customer_request": "the customer asked for a person",
+        "low_confidence": "the FAQ does not cover the customer's question",
+        "negative_ratings": "the customer rated several replies as unhelpful",
+        "manual": "a handoff was requested",
+    }.get(reason, reason)
+    lines = [f"Rapport handed this conversation over: {why}."]
+    if transcript:
+        lines.append("Last messages:")
+        lines += [f"- {m['role']}: {m['text']}" for m in transcript[-SUMMARY_TURNS:]]
+    return "\n".join(lines)
+
+
+def follow_on_prompt(last: Turn | None, system: str, text: str) -> str:
+    """The prompt parts the model would have seen for `text` after `last` (its history plus that exchange)."""
+    parts = json.loads(last.prompt) if last is not None and last.prompt else {"system": system, "history": []}
+    history = list(parts.get("history") or [])
+    if last is not None:
+        history += [{"role": "user", "content": last.user_text}, {"role": "assistant", "content": last.reply}]
+    return json.dumps({**parts, "user_text": text, "history": history[-40:]}, ensure_ascii=False)
+
+
+class HandoffDesk:
+    """Performs handoffs and records what happens while a person has the conversation."""
+
+    def __init__(self, store: TranscriptStore, *, system_prompt: str = "", after_negative: int = 2,
+                 on_handoff: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.system_prompt = system_prompt
+        self.after_negative = after_negative
+        self.listeners: list[Listener] = []
+        self._on_handoff = on_handoff  # metrics: reason -> None
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- state -----------------------------------------------------------------------------------
+
+    async def is_handed_off(self, conversation_id: str) -> bool:
+        conversation = await asyncio.to_thread(self.store.get_conversation, conversation_id)
+        return conversation is not None and conversation.status == "human"
+
+    async def hand_off(self, *, conversation_id: str, user_id: str, reason: str, turn_id: str | None = None,
+                       background: bool = False) -> HandoffEvent:
+        """Store the handoff at once, then tell every listener (awaited, or in the background)."""
+        await asyncio.to_thread(self.store.set_status, conversation_id=conversation_id, status="human")
+        conversation = await asyncio.to_thread(self.store.get_conversation, conversation_id)
+        turns = await asyncio.to_thread(self.store.history, conversation_id=conversation_id, user_id=user_id,
+                                        limit=SUMMARY_TURNS)
+        transcript = transcript_of(turns)
+        event = HandoffEvent(conversation_id=conversation_id, user_id=user_id, channel=conversation.channel,
+                             reason=reason, turn_id=turn_id, summary=summarise(reason, transcript),
+                             transcript=transcript, at=utcnow().isoformat())
+        logger.info("conversation %s handed off (%s)", conversation_id, reason)
+        if self._on_handoff:
+            self._on_handoff(reason)
+        if background:
+            task = asyncio.create_task(self._notify(event))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            await self._notify(event)
+        return event
+
+    async def resume(self, conversation_id: str) -> None:
+        """Give the conversation back to the bot."""
+        await asyncio.to_thread(self.store.set_status, conversation_id=conversation_id, status="bot")
+        logger.info("conversation %s resumed by the bot", conversation_id)
+
+    async def _notify(self, event: HandoffEvent) -> None:
+        for listener in self.listeners:
+            try:
+                await listener(event)
+            except Exception:  # one platform being down must not stop the others hearing of it
+                logger.exception("handoff listener %s failed", getattr(listener, "__name__", listener))
+
+    async def drain(self) -> None:
+        """Wait for background notifications (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- what happens around a handoff -------------------------------------------------------------
+
+    async def answer_request(self, *, conversation_id: str, user_id: str, channel: str, text: str) -> Turn:
+        """The customer asked for a person: record the bot's short handover line as a turn."""
+        turn = await self._record(conversation_id, user_id, channel, text, reply=HANDOFF_REPLY, model_id="rule",
+                                  finish_reason="stop", handoff=True)
+        return turn
+
+    async def record_waiting(self, *, conversation_id: str, user_id: str, channel: str, text: str) -> Turn:
+        """A customer message while a person has the conversation: kept, not answered by the bot."""
+        return await self._record(conversation_id, user_id, channel, text, reply="", model_id="",
+                                  finish_reason="handoff", handoff=True)
+
+    async def record_agent_reply(self, *, conversation_id: str, text: str) -> Turn:
+        """A human agent's message, linked to the latest customer turn it answers (the training gold)."""
+        text = clean_text(text)
+        conversation = await asyncio.to_thread(self.store.get_conversation, conversation_id)
+        if conversation is None:
+            raise NotFound(f"no conversation {conversation_id!r}")
+        turns = await asyncio.to_thread(self.store.history, conversation_id=conversation_id,
+                                        user_id=conversation.user_id, limit=20)
+        answered = next((t for t in reversed(turns) if t.model_id != "human"), None)
+        turn = Turn(id=new_id(), conversation_id=conversation_id, user_id=conversation.user_id,
+                    channel=conversation.channel, user_text=answered.user_text if answered else "",
+                    reply=text, prompt=answered.prompt if answered else follow_on_prompt(None, self.system_prompt, ""),
+                    model_id="human", finish_reason="agent",
+                    reply_to=answered.id if answered else None, handoff=True)
+        return await asyncio.to_thread(self.store.record_turn, turn)
+
+    async def after_rating(self, *, turn_id: str, rating: int) -> HandoffEvent | None:
+        """Hand off after `after_negative` -1 ratings in a row in one conversation."""
+        if rating != -1:
+            return None
+        turn = await asyncio.to_thread(self.store.get_turn, turn_id)
+        if turn is None or await self.is_handed_off(turn.conversation_id):
+            return None
+        recent = await asyncio.to_thread(self._recent_ratings, turn.conversation_id)
+        if len(recent) >= self.after_negative and all(r == -1 for r in recent[: self.after_negative]):
+            return await self.hand_off(conversation_id=turn.conversation_id, user_id=turn.user_id,
+                                       reason="negative_ratings", turn_id=turn_id, background=True)
+        return None
+
+    def _recent_ratings(self, conversation_id: str) -> list[int]:
+        """Ratings in this conversation, newest turn first."""
+        with self.store.session() as session:
+            rows = session.exec(
+                select(Rating.rating).join(Turn, Turn.id == Rating.turn_id)
+                .where(Turn.conversation_id == conversation_id).order_by(Turn.seq.desc()).limit(10)
+            ).all()
+        return list(rows)
+
+    async def _record(self, conversation_id: str, user_id: str, channel: str, text: str, *, reply: str,
+                      model_id: str, finish_reason: str, handoff: bool) -> Turn:
+        text = clean_text(text)
+        await asyncio.to_thread(self.store.ensure_conversation, conversation_id=conversation_id, user_id=user_id,
+                                channel=channel)
+        turns = await asyncio.to_thread(self.store.history, conversation_id=conversation_id, user_id=user_id, limit=1)
+        turn = Turn(id=new_id(), conversation_id=conversation_id, user_id=user_id, channel=channel, user_text=text,
+                    reply=reply, prompt=follow_on_prompt(turns[-1] if turns else None, self.system_prompt, text),
+                    model_id=model_id, finish_reason=finish_reason, handoff=handoff)
+        return await asyncio.to_thread(self.store.record_turn, turn)
+
+
+class WebhookNotifier:
+    """POSTs each `HandoffEvent` as JSON to a URL; signs the body with HMAC-SHA256 when a secret is set."""
+
+    def __init__(self, url: str, secret: str | None = None, *, timeout: float = 5.0, attempts: int = 3) -> None:
+        self.url = url
+        self.secret = secret
+        self.timeout = timeout
+        self.attempts = attempts
+
+    async def __call__(self, event: HandoffEvent) -> None:
+        body = json.dumps(event.to_json(), ensure_ascii=False).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": "rapport-handoff/1"}
+        if self.secret:
+            digest = hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
+            headers["X-Rapport-Signature"] = f"sha256={digest}"
+        async with httpx.AsyncClient(timeout=self.timeout) as client:
+            for attempt in range(1, self.attempts + 1):
+                try:
+                    response = await client.post(self.url, content=body, headers=headers)
+                    if response.status_code < 500:
+                        if response.status_code >= 400:
+                            logger.warning("handoff webhook refused the event: HTTP %s", response.status_code)
+                        return
+                except httpx.HTTPError as exc:
+                    logger.warning("handoff webhook attempt %d failed: %s", attempt, exc.__class__.__name__)
+                await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+        logger.error("handoff webhook gave up on conversation %s", event.conversation_id)

@@ -1,0 +1,261 @@
+"""Native dialogue routes: a message in, a grounded reply out (JSON or server-sent events), ratings, handoff.
+
+`open_turn` is the one way a channel on this API starts a turn (the OpenAI route uses it too): it keeps
+the bot silent on conversations a person has taken over and honours "let me talk to a human".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.types import Receive, Scope, Send
+
+from dialogue.api_auth import CallerDep
+from dialogue.api_handoff import wants_human
+from dialogue.errors import InvalidInput, NotFound
+from dialogue.manager import ID_PATTERN, Reply
+from dialogue.store import Turn
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1", tags=["dialogue"])
+
+ID = ID_PATTERN.pattern
+TURN_ID = r"^[A-Za-z0-9_-]{1,64}$"
+ConversationId = Annotated[str, Path(pattern=ID, description="1-128 of letters, digits and _.:@+-")]
+TurnId = Annotated[str, Path(pattern=TURN_ID)]
+
+
+class SourceOut(BaseModel):
+    kind: str = Field(description='"faq" | "memory"')
+    id: str
+    score: float
+
+
+class MessageIn(BaseModel):
+    user_id: str = Field(pattern=ID, description="the end user")
+    text: str = Field(min_length=1, description="the user's message")
+    channel: str = Field("api", pattern=r"^[a-z0-9_-]{1,32}$")
+    metadata: dict[str, Any] | None = Field(None, description="free-form; not interpreted")
+    stream: bool = Field(False, description="answer as server-sent events (also: Accept: text/event-stream)")
+
+
+class MessageOut(BaseModel):
+    turn_id: str
+    reply: str
+    sources: list[SourceOut]
+    handoff: bool
+    adapter_version: str | None
+    status: Literal["bot", "human"] = Field("bot", description='"human": a person has the conversation')
+    finish_reason: str = "stop"
+    usage: dict[str, int] = Field(default_factory=dict)
+    notices: list[str] = Field(default_factory=list)
+
+
+class RatingIn(BaseModel):
+    rating: Literal[1, -1]
+    comment: str | None = Field(None, max_length=2000)
+    correction: str | None = Field(None, max_length=8000, description="a better reply, for training")
+    user_id: str | None = Field(None, pattern=ID, description="when given, must own the turn")
+
+
+class RatingOut(BaseModel):
+    turn_id: str
+    rating: int
+    handoff: bool = Field(description="this rating handed the conversation to a person")
+
+
+class AgentMessageIn(BaseModel):
+    text: str = Field(min_length=1, max_length=8000)
+
+
+class HandoffIn(BaseModel):
+    reason: Literal["manual", "customer_request", "low_confidence", "negative_ratings"] = "manual"
+
+
+class ConversationOut(BaseModel):
+    conversation_id: str
+    user_id: str
+    channel: str
+    status: Literal["bot", "human"]
+
+
+@dataclass
+class Fixed:
+    """A turn answered without the model (handed off, or the customer asked for a person)."""
+
+    turn: Turn
+    status: str = "human"
+
+    def to_json(self) -> dict:
+        return {"turn_id": self.turn.id, "reply": self.turn.reply, "sources": [], "handoff": True,
+                "adapter_version": None, "status": self.status, "finish_reason": self.turn.finish_reason,
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0}, "notices": []}
+
+
+def reply_json(reply: Reply, status: str = "bot") -> dict:
+    return {"turn_id": reply.turn_id, "reply": reply.text, "sources": [asdict(s) for s in reply.sources],
+            "handoff": reply.handoff, "adapter_version": reply.adapter_version, "status": status,
+            "finish_reason": reply.finish_reason or "stop", "usage": reply.usage, "notices": reply.notices}
+
+
+async def open_turn(request: Request, *, user_id: str, conversation_id: str, text: str,
+                    channel: str) -> Reply | Fixed:
+    """A `Reply` to stream, or a `Fixed` turn when a person has (or is asked to take) the conversation."""
+    state = request.app.state
+    limit = state.services.settings.max_message_chars
+    if len(text) > limit:
+        raise InvalidInput(f"the message is longer than {limit} characters")
+    desk = state.desk
+    if await desk.is_handed_off(conversation_id):
+        turn = await desk.record_waiting(conversation_id=conversation_id, user_id=user_id, channel=channel, text=text)
+        return Fixed(turn)
+    if wants_human(text):
+        turn = await desk.answer_request(conversation_id=conversation_id, user_id=user_id, channel=channel, text=text)
+        await desk.hand_off(conversation_id=conversation_id, user_id=user_id, reason="customer_request",
+                            turn_id=turn.id, background=True)
+        return Fixed(turn)
+    return await state.services.manager.respond(user_id=user_id, conversation_id=conversation_id, text=text,
+                                                channel=channel)
+
+
+async def stream_reply(request: Request, reply: Reply, *, user_id: str, channel: str) -> AsyncIterator[str]:
+    """The reply's text deltas; afterwards metrics, and a handoff when the turn asked for one."""
+    state = request.app.state
+    started, ttft = time.perf_counter(), None
+    try:
+        async for chunk in reply:
+            if ttft is None:
+                ttft = time.perf_counter() - started
+            yield chunk
+    finally:
+        if reply.recorded:
+            state.metrics.observe_turn(reply, channel, time.perf_counter() - started, ttft)
+    if reply.handoff:
+        await state.desk.hand_off(conversation_id=reply.conversation_id, user_id=user_id,
+                                  reason="low_confidence", turn_id=reply.turn_id, background=True)
+
+
+def wants_stream(request: Request, flag: bool) -> bool:
+    return flag or "text/event-stream" in request.headers.get("accept", "")
+
+
+def sse(data: dict, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that stop generating when the client goes away, on any ASGI server.
+
+    Starlette only watches for `http.disconnect` for older ASGI spec versions; a reply nobody reads would
+    otherwise keep its model slot until it finished. Cancelling the body iterator cancels the reply,
+    which records the turn as cut short and frees the slot at the worker's next step.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": "2.0"}}
+        await super().__call__(scope, receive, send)
+
+
+@router.post("/conversations/{conversation_id}/messages", response_model=MessageOut,
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def post_message(request: Request, conversation_id: ConversationId, body: MessageIn, caller: CallerDep):
+    """A user's message in; the reply with its sources, handoff flag and adapter version out."""
+    outcome = await open_turn(request, user_id=body.user_id, conversation_id=conversation_id, text=body.text,
+                              channel=body.channel)
+    streaming = wants_stream(request, body.stream)
+    if isinstance(outcome, Fixed):
+        if streaming:
+            return EventStream(_fixed_events(outcome))
+        return outcome.to_json()
+    if streaming:
+        return EventStream(_reply_events(request, outcome, user_id=body.user_id, channel=body.channel))
+    async for _ in stream_reply(request, outcome, user_id=body.user_id, channel=body.channel):
+        pass
+    return reply_json(outcome)
+
+
+async def _fixed_events(outcome: Fixed) -> AsyncIterator[str]:
+    if outcome.turn.reply:
+        yield sse({"text": outcome.turn.reply}, "delta")
+    yield sse(outcome.to_json(), "done")
+
+
+async def _reply_events(request: Request, reply: Reply, *, user_id: str, channel: str) -> AsyncIterator[str]:
+    try:
+        async for chunk in stream_reply(request, reply, user_id=user_id, channel=channel):
+            yield sse({"text": chunk}, "delta")
+    except Exception as exc:  # the status line is gone already: the error travels as an event
+        logger.warning("stream of turn %s failed: %s", reply.turn_id, exc)
+        yield sse({"error": str(exc) or "generation failed"}, "error")
+        return
+    yield sse(reply_json(reply), "done")
+
+
+@router.post("/turns/{turn_id}/rating", response_model=RatingOut)
+async def post_rating(request: Request, turn_id: TurnId, body: RatingIn, caller: CallerDep):
+    """Thumbs up (1) or down (-1) on a turn; repeated downs hand the conversation to a person."""
+    state = request.app.state
+    await state.services.manager.rate(turn_id=turn_id, rating=body.rating, user_id=body.user_id,
+                                      comment=body.comment, correction=body.correction)
+    state.metrics.ratings.labels(str(body.rating)).inc()
+    event = await state.desk.after_rating(turn_id=turn_id, rating=body.rating)
+    return {"turn_id": turn_id, "rating": body.rating, "handoff": event is not None}
+
+
+async def _conversation(request: Request, conversation_id: str):
+    conversation = await asyncio.to_thread(request.app.state.services.store.get_conversation, conversation_id)
+    if conversation is None:
+        raise NotFound(f"no conversation {conversation_id!r}")
+    return conversation
+
+
+def _conversation_json(c) -> dict:
+    return {"conversation_id": c.id, "user_id": c.user_id, "channel": c.channel, "status": c.status}
+
+
+@router.get("/conversations/{conversation_id}", response_model=ConversationOut)
+async def get_conversation(request: Request, conversation_id: ConversationId, caller: CallerDep):
+    """Who the conversation belongs to and whether the bot or a person has it."""
+    return _conversation_json(await _conversation(request, conversation_id))
+
+
+@router.post("/conversations/{conversation_id}/handoff", response_model=ConversationOut)
+async def post_handoff(request: Request, conversation_id: ConversationId, body: HandoffIn, caller: CallerDep):
+    """Hand the conversation to a person now; the bot stays silent until it is resumed."""
+    conversation = await _conversation(request, conversation_id)
+    await request.app.state.desk.hand_off(conversation_id=conversation_id, user_id=conversation.user_id,
+                                          reason=body.reason, background=True)
+    return {**_conversation_json(conversation), "status": "human"}
+
+
+@router.post("/conversations/{conversation_id}/resume", response_model=ConversationOut)
+async def post_resume(request: Request, conversation_id: ConversationId, caller: CallerDep):
+    """Give the conversation back to the bot."""
+    conversation = await _conversation(request, conversation_id)
+    await request.app.state.desk.resume(conversation_id)
+    return {**_conversation_json(conversation), "status": "bot"}
+
+
+@router.post("/conversations/{conversation_id}/agent_messages")
+async def post_agent_message(request: Request, conversation_id: ConversationId, body: AgentMessageIn,
+                             caller: CallerDep) -> dict:
+    """Record what a human agent wrote (linked to the customer message it answers) for the learning loop."""
+    await _conversation(request, conversation_id)
+    turn = await request.app.state.desk.record_agent_reply(conversation_id=conversation_id, text=body.text)
+    return {"turn_id": turn.id, "reply_to": turn.reply_to}

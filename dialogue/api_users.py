@@ -1,0 +1,181 @@
+"""Per-user routes (persona, memories, export, erasure) and the business's FAQ and adapter registry.
+
+The stores are synchronous (SQLite, Chroma, the embedder), so every call runs in a worker thread and the
+event loop stays free for streaming replies. Export/erasure of a user, FAQ writes and adapter changes
+need an admin key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request
+from pydantic import BaseModel, Field
+
+from dialogue.api_auth import AdminDep, CallerDep
+from dialogue.errors import InvalidInput, StoreUnavailable
+from dialogue.manager import ID_PATTERN
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1", tags=["users", "faq", "adapters"])
+
+UserId = Annotated[str, Path(pattern=ID_PATTERN.pattern, description="1-128 of letters, digits and _.:@+-")]
+MemoryId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+Version = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+QueryText = Annotated[str, Query(min_length=1, max_length=2000, description="what to look for")]
+K = Annotated[int, Query(ge=1, le=50, description="how many results, 1-50")]
+MAX_ITEMS = 1000
+
+
+class MemoriesIn(BaseModel):
+    items: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_ITEMS,
+                                        description='lines as in `memory import`: {"text", "speaker"?, "timestamp"?, "meta"?}')
+
+
+class FaqIn(BaseModel):
+    entries: list[dict[str, Any]] = Field(min_length=1, max_length=5000,
+                                          description='{"id", "question", "answer", "tags"?, "alternates"?}')
+
+
+class PromoteIn(BaseModel):
+    share: float = Field(1.0, gt=0.0, le=1.0, description="fraction of users served this version (sticky A/B)")
+
+
+def _room(services, name: str):
+    """A lazily opened store; a room whose module is missing is unavailable, not a crash."""
+    try:
+        return getattr(services, name)
+    except ImportError as exc:
+        raise StoreUnavailable(f"the {name} store is not installed in this build") from exc
+
+
+async def run(fn, *args, **kwargs):
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+# -- persona -----------------------------------------------------------------------------------------
+
+@router.get("/users/{user_id}/persona")
+async def get_persona(request: Request, user_id: UserId, caller: CallerDep) -> dict:
+    """The profile that conditions this user's replies."""
+    personas = request.app.state.services.personas
+    return (await run(personas.get, user_id)).to_json()
+
+
+@router.put("/users/{user_id}/persona")
+async def put_persona(request: Request, user_id: UserId, changes: dict[str, Any], caller: CallerDep) -> dict:
+    """Set persona fields (`{"name": "Lena", "verbosity": "short"}`); "" or [] clears one."""
+    if len(changes) > 20:
+        raise InvalidInput("too many persona fields")
+    personas = request.app.state.services.personas
+    return (await run(personas.update, user_id, changes)).to_json()
+
+
+# -- memories ----------------------------------------------------------------------------------------
+
+@router.post("/users/{user_id}/memories")
+async def post_memories(request: Request, user_id: UserId, body: MemoriesIn, caller: CallerDep) -> dict:
+    """Add memories for the user; returns their ids in order."""
+    try:
+        from memory.memories import MemoryItem
+    except ImportError as exc:
+        raise StoreUnavailable("the memory store is not installed in this build") from exc
+    items = []
+    for number, data in enumerate(body.items, 1):
+        try:
+            items.append(MemoryItem.from_json(data))
+        except InvalidInput as exc:
+            raise InvalidInput(f"item {number}: {exc}") from None
+    memory = _room(request.app.state.services, "memory").for_user(user_id)
+    return {"ids": await run(memory.add, items)}
+
+
+@router.get("/users/{user_id}/memories/search")
+async def search_memories(request: Request, user_id: UserId, q: QueryText, caller: CallerDep, k: K = 5) -> list[dict]:
+    """This user's memories nearest to `q`, best first: `[{"id", "text", "score", "meta"}]`."""
+    memory = _room(request.app.state.services, "memory").for_user(user_id)
+    return [hit.to_json() for hit in await run(memory.search, q, k)]
+
+
+@router.delete("/users/{user_id}/memories/{memory_id}")
+async def delete_memory(request: Request, user_id: UserId, memory_id: MemoryId, caller: CallerDep) -> dict:
+    """Forget one memory (404 when it is not this user's)."""
+    memory = _room(request.app.state.services, "memory").for_user(user_id)
+    await run(memory.forget, memory_id)
+    return {"deleted": memory_id}
+
+
+# -- whole users (admin) -----------------------------------------------------------------------------
+
+@router.get("/users/{user_id}/export")
+async def export_user(request: Request, user_id: UserId, caller: AdminDep) -> dict:
+    """Everything stored about the user, as one JSON document."""
+    return await run(request.app.state.services.export_user, user_id)
+
+
+@router.delete("/users/{user_id}")
+async def delete_user(request: Request, user_id: UserId, caller: AdminDep) -> dict:
+    """Erase everything stored about the user; returns what went, by kind."""
+    erased = await run(request.app.state.services.erase_user, user_id)
+    logger.info("erased a user on request (%s)", ", ".join(f"{k}={v}" for k, v in erased.items()))
+    return {"user_id": user_id, "erased": erased}
+
+
+# -- FAQ ---------------------------------------------------------------------------------------------
+
+@router.post("/faq")
+async def post_faq(request: Request, body: FaqIn, caller: AdminDep) -> dict:
+    """Upsert FAQ entries by id (validated whole: one bad entry and nothing changes)."""
+    try:
+        from memory.faq_files import parse_faq_text
+    except ImportError as exc:
+        raise StoreUnavailable("the FAQ store is not installed in this build") from exc
+    text = "\n".join(json.dumps(entry, ensure_ascii=False) for entry in body.entries)
+    entries = parse_faq_text(text, "jsonl", "request entries")  # problems are reported by entry number
+    faq = _room(request.app.state.services, "faq")
+    return await run(faq.upsert, entries)
+
+
+@router.get("/faq/search")
+async def search_faq(request: Request, q: QueryText, caller: CallerDep, k: K = 5) -> list[dict]:
+    """FAQ entries nearest to `q`, one per entry, best first."""
+    faq = _room(request.app.state.services, "faq")
+    return [hit.to_json() for hit in await run(faq.search, q, k)]
+
+
+# -- adapters (admin) --------------------------------------------------------------------------------
+
+def _registry(request: Request):
+    try:
+        from training.registry import Registry
+    except ImportError as exc:
+        raise StoreUnavailable("the adapter registry is not installed in this build") from exc
+    return Registry(request.app.state.services.settings)
+
+
+@router.get("/adapters")
+async def list_adapters(request: Request, caller: CallerDep) -> list[dict]:
+    """Adapter versions: `[{"version", "status", "metrics", "created_at"}]`."""
+    registry = _registry(request)
+    return [v.to_json() if hasattr(v, "to_json") else v for v in await run(registry.list)]
+
+
+@router.post("/adapters/{version}/promote")
+async def promote_adapter(request: Request, version: Version, caller: AdminDep, body: PromoteIn | None = None) -> dict:
+    """Serve `version` to everyone, or to a sticky share of users."""
+    registry = _registry(request)
+    share = body.share if body else 1.0
+    result = await run(registry.promote, version, share=share)
+    return result.to_json() if hasattr(result, "to_json") else {"version": version, "share": share}
+
+
+@router.post("/adapters/rollback")
+async def rollback_adapter(request: Request, caller: AdminDep) -> dict:
+    """Back to the previous active version."""
+    registry = _registry(request)
+    result = await run(registry.rollback)
+    return result.to_json() if hasattr(result, "to_json") else {"rolled_back": True}

@@ -68,6 +68,25 @@ class Settings(BaseSettings):
     handoff_webhook_secret: str | None = Field(None, description="signs handoff webhook bodies (X-Rapport-Signature)")
     handoff_after_negative_ratings: int = Field(2, ge=1, description="hand off after this many -1 ratings in a row")
 
+    # -- Telegram bot (bot/telegram*.py) ------------------------------------------------------------------
+    telegram_allowed_ids: KeyList = Field(
+        default_factory=list, description="Telegram user or chat ids allowed to use the bot (comma-separated); empty = everyone")
+    telegram_webhook_secret: str | None = Field(
+        None, description="secret Telegram must send with webhook updates; unset = a random one per start")
+    telegram_edit_interval: float = Field(1.0, ge=0.2, description="seconds between edits of a streamed reply in a private chat")
+    telegram_group_edit_interval: float = Field(
+        3.0, ge=0.2, description="seconds between edits in groups (Telegram allows about 20 messages a minute there)")
+    telegram_concurrency: int = Field(32, ge=1, le=1024, description="updates handled at once (one at a time per chat)")
+    telegram_retry_budget: float = Field(60.0, ge=0, description="seconds to keep retrying a Bot API call through network errors")
+    telegram_rate_limit_retries: int = Field(3, ge=0, description="retries of a call Telegram answered with 429 retry_after")
+
+    @field_validator("telegram_allowed_ids", mode="before")
+    @classmethod
+    def split_telegram_ids(cls, value: object) -> object:
+        if isinstance(value, (str, int)):
+            return [part.strip() for part in str(value).split(",") if part.strip()]
+        return [str(v) for v in value] if isinstance(value, list) else value
+
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def split_keys(cls, value: object) -> object:

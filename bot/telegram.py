@@ -1,0 +1,462 @@
+"""The Telegram channel: a python-telegram-bot `Application` whose handlers turn updates into dialogue calls.
+
+Each update is claimed once in the transcript store before anything else (a redelivery after a crash is
+dropped); updates of one chat run in order, different chats concurrently. Users are `telegram:<id>`, so
+memory and persona follow the person across chats; a conversation is per chat (per person in a group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from telegram import (
+    BotCommand,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    InputFile,
+    Message,
+    MessageEntity,
+    Update,
+    User,
+)
+from telegram.constants import ChatType
+from telegram.error import TelegramError
+from telegram.ext import (
+    AIORateLimiter,
+    Application,
+    ApplicationHandlerStop,
+    CallbackQueryHandler,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    TypeHandler,
+    filters,
+)
+
+from bot.telegram_format import escape, scrub
+from bot.telegram_net import ChatOrderedProcessor, RetryingRequest
+from bot.telegram_stream import ReplyStream, keep_typing
+from dialogue.errors import GenerationError, InvalidInput, NotFound, RapportError, StoreUnavailable
+from dialogue.services import Services
+from dialogue.store import Conversation
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "telegram"
+COMMANDS = [
+    ("start", "greeting and what I keep about you"),
+    ("help", "what I can do"),
+    ("new", "start a new conversation"),
+    ("persona", "show or set how I talk to you: /persona set key=value"),
+    ("memory", "what I remember about you"),
+    ("forget", "forget a memory: /forget ID, or /forget all"),
+    ("export", "everything I keep about you, as a JSON file"),
+    ("delete_me", "erase everything I keep about you"),
+]
+GREETING = (
+    "Hi{name}! I'm Rapport, a personal assistant. Just write to me; /help lists what else I can do.\n\n"
+    "<b>Privacy.</b> I keep our conversations, the ratings you give my replies (they teach the next version "
+    "of me), what I learn about you (your name, how you like to be answered, facts you tell me) and memories "
+    "from past chats, so I can answer better next time. /persona and /memory show what I know, /forget removes "
+    "memories, /export sends you everything as a file, and /delete_me erases all of it."
+)
+HELP = (
+    "Write to me and I answer; in groups, mention me or reply to my message.\n"
+    "Under each reply, 👍/👎 tell me how I did.\n\n"
+    + "\n".join(f"/{name} — {escape(text)}" for name, text in COMMANDS)
+)
+MAX_MEMORY_LINES = 30
+ACK = {1: "👍 Thanks!", -1: "👎 Noted"}
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """Where Telegram posts updates (`url`) and where this process listens for them."""
+
+    url: str
+    listen: str = "127.0.0.1"
+    port: int = 8443
+    secret: str | None = None
+
+    @property
+    def path(self) -> str:
+        return urlparse(self.url).path.strip("/")
+
+
+def user_id_of(user: User) -> str:
+    return f"{CHANNEL}:{user.id}"
+
+
+def rating_buttons(turn_id: str) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup([[InlineKeyboardButton("👍", callback_data=f"rate:{turn_id}:1"),
+                                  InlineKeyboardButton("👎", callback_data=f"rate:{turn_id}:-1")]])
+
+
+def addressed_to_bot(message: Message, bot_id: int, username: str | None) -> bool:
+    """Private chats always; in groups, a reply to the bot or a mention of it."""
+    if message.chat.type == ChatType.PRIVATE:
+        return True
+    replied = message.reply_to_message
+    if replied is not None and replied.from_user is not None and replied.from_user.id == bot_id:
+        return True
+    for entity, text in message.parse_entities([MessageEntity.MENTION, MessageEntity.TEXT_MENTION]).items():
+        if entity.type == MessageEntity.MENTION and username and text[1:].lower() == username.lower():
+            return True
+        if entity.type == MessageEntity.TEXT_MENTION and entity.user is not None and entity.user.id == bot_id:
+            return True
+    return False
+
+
+class TelegramBot:
+    """Rapport's handlers over one process's `Services`."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.allowed = {str(i) for i in self.settings.telegram_allowed_ids}
+        self._conversations: dict[tuple[int, int], int] = {}  # (chat, user) -> current conversation number
+        self._corrections: dict[tuple[int, int], str] = {}  # (chat, user) -> turn id a 👎 asked about
+
+    # -- the application ----------------------------------------------------------------------
+
+    def build_application(self, token: str, *, base_url: str | None = None) -> Application:
+        s = self.settings
+        builder = (
+            Application.builder()
+            .token(token)
+            .rate_limiter(AIORateLimiter(max_retries=s.telegram_rate_limit_retries))
+            .concurrent_updates(ChatOrderedProcessor(s.telegram_concurrency))
+            .request(RetryingRequest(retry_budget=s.telegram_retry_budget, connection_pool_size=s.telegram_concurrency + 8,
+                                     read_timeout=15, write_timeout=30))
+        )
+        if base_url:
+            builder = builder.base_url(base_url)
+        app = builder.build()
+        self.add_handlers(app)
+        return app
+
+    def add_handlers(self, app: Application) -> None:
+        app.add_handler(TypeHandler(Update, self.on_update), group=-1)
+        for name, callback in (("start", self.on_start), ("help", self.on_help), ("new", self.on_new),
+                               ("persona", self.on_persona), ("memory", self.on_memory), ("forget", self.on_forget),
+                               ("export", self.on_export), ("delete_me", self.on_delete_me)):
+            app.add_handler(CommandHandler(name, callback, filters=filters.UpdateType.MESSAGE))
+        app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & ~filters.COMMAND, self.on_message))
+        app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.ChatType.PRIVATE & ~filters.TEXT,
+                                       self.on_not_text))
+        app.add_handler(CallbackQueryHandler(self.on_rating, pattern=r"^rate:"))
+        app.add_handler(CallbackQueryHandler(self.on_correction_skipped, pattern=r"^skip$"))
+        app.add_handler(CallbackQueryHandler(self.on_erase, pattern=r"^erase:"))
+        app.add_handler(CallbackQueryHandler(self.on_quiet_button))
+        app.add_error_handler(self.on_error)
+
+    # -- every update first -----------------------------------------------------------------------
+
+    async def on_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Drop an update already handled (a redelivery) and anyone not on the allowlist."""
+        first = await asyncio.to_thread(self.services.store.claim_event, channel=CHANNEL,
+                                        event_id=str(update.update_id))
+        if not first:
+            logger.info("update %s was handled before; skipping it", update.update_id)
+            raise ApplicationHandlerStop
+        if self.allowed and not self._is_allowed(update):
+            logger.info("update %s from a user or chat not on the allowlist", update.update_id)
+            chat = update.effective_chat
+            if chat is not None and chat.type == ChatType.PRIVATE and update.message is not None:
+                await update.message.reply_text("Sorry, this assistant is private.")
+            raise ApplicationHandlerStop
+
+    def _is_allowed(self, update: Update) -> bool:
+        ids = {str(x.id) for x in (update.effective_user, update.effective_chat) if x is not None}
+        return bool(ids & self.allowed)
+
+    # -- commands -------------------------------------------------------------------------------
+
+    async def on_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Greet and say what is kept and how to see and erase it."""
+        user = update.effective_user
+        name = f", {escape(user.first_name)}" if user and user.first_name else ""
+        await update.effective_message.reply_html(GREETING.format(name=name))
+
+    async def on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """List the commands."""
+        await update.effective_message.reply_html(HELP)
+
+    async def on_new(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Start a new conversation in this chat; memory and persona stay."""
+        chat, user = update.effective_chat, update.effective_user
+        number = await self._conversation_number(chat.id, chat.type, user.id) + 1
+        conversation_id = self._conversation_id(chat.id, chat.type, user.id, number)
+        await asyncio.to_thread(self.services.store.ensure_conversation, conversation_id=conversation_id,
+                                user_id=user_id_of(user), channel=CHANNEL)
+        self._conversations[(chat.id, user.id)] = number
+        self._corrections.pop((chat.id, user.id), None)
+        await update.effective_message.reply_text("Started a new conversation. I still remember you: /memory and "
+                                                  "/persona show what I know.")
+
+    async def on_persona(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Show the persona, or `/persona set key=value` to change one field."""
+        user_id = user_id_of(update.effective_user)
+        args = " ".join(context.args or [])
+        personas = self.services.personas
+        if args:
+            verb, _, assignment = args.partition(" ")
+            key, sep, value = assignment.partition("=")
+            if verb.lower() != "set" or not sep or not key.strip():
+                raise InvalidInput("Usage: /persona set key=value (for example /persona set name=Lena)")
+            persona = await asyncio.to_thread(personas.update, user_id, {key.strip(): scrub(value.strip())})
+            prefix = f"Saved {key.strip()}.\n\n"
+        else:
+            persona = await asyncio.to_thread(personas.get, user_id)
+            prefix = ""
+        fields = {k: v for k, v in persona.to_json().items() if v}
+        if not fields:
+            body = "I don't know anything about you yet. Tell me, or use /persona set name=Lena."
+        else:
+            body = "\n".join(f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in fields.items())
+        await update.effective_message.reply_text(prefix + body)
+
+    async def on_memory(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """List what is remembered about the user."""
+        memory = self.services.memory.for_user(user_id_of(update.effective_user))
+        items = await asyncio.to_thread(memory.list)
+        if not items:
+            await update.effective_message.reply_text("I don't remember anything about you yet.")
+            return
+        lines = [f"{_field(item, 'id')} — {_field(item, 'text')}" for item in items[:MAX_MEMORY_LINES]]
+        if len(items) > MAX_MEMORY_LINES:
+            lines.append(f"…and {len(items) - MAX_MEMORY_LINES} more (/export has them all).")
+        await update.effective_message.reply_text("What I remember (/forget ID removes one):\n" + "\n".join(lines))
+
+    async def on_forget(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Forget one memory by id, or all of them."""
+        args = context.args or []
+        if len(args) != 1:
+            raise InvalidInput("Usage: /forget ID (from /memory), or /forget all")
+        memory = self.services.memory.for_user(user_id_of(update.effective_user))
+        if args[0].lower() == "all":
+            count = await asyncio.to_thread(memory.forget_all)
+            await update.effective_message.reply_text(f"Forgot everything I remembered ({_count(count)}).")
+        else:
+            await asyncio.to_thread(memory.forget, args[0])
+            await update.effective_message.reply_text("Forgotten.")
+
+    async def on_export(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Send everything kept about the user as a JSON document."""
+        user = update.effective_user
+        data = await asyncio.to_thread(self.services.export_user, user_id_of(user))
+        payload = json.dumps(data, ensure_ascii=False, indent=2, default=str).encode()
+        await update.effective_message.reply_document(
+            InputFile(io.BytesIO(payload), filename=f"rapport-export-{user.id}.json"),
+            caption="Everything I keep about you.")
+
+    async def on_delete_me(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Ask for confirmation before erasing the user."""
+        uid = update.effective_user.id
+        buttons = InlineKeyboardMarkup([[InlineKeyboardButton("Yes, erase everything", callback_data=f"erase:yes:{uid}"),
+                                         InlineKeyboardButton("Cancel", callback_data=f"erase:no:{uid}")]])
+        await update.effective_message.reply_text(
+            "This erases everything I keep about you: conversations, ratings, memories and persona. "
+            "It cannot be undone.", reply_markup=buttons)
+
+    # -- talking ----------------------------------------------------------------------------------
+
+    async def on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Answer a text message with a streamed reply carrying 👍/👎 buttons."""
+        message, chat, user = update.effective_message, update.effective_chat, update.effective_user
+        if user is None or not addressed_to_bot(message, context.bot.id, context.bot.username):
+            return
+        text = scrub(message.text or "")
+        if context.bot.username:
+            text = re.sub(rf"@{re.escape(context.bot.username)}\b", "", text, flags=re.I)
+        text = text.strip()[: self.settings.max_message_chars]
+        group = chat.type != ChatType.PRIVATE
+        pending = self._corrections.pop((chat.id, user.id), None)
+        if pending and text:
+            await self.services.manager.rate(turn_id=pending, rating=-1, user_id=user_id_of(user), correction=text)
+            await message.reply_text("Thank you, I'll learn from that.", do_quote=group)
+            return
+        if not text:
+            await message.reply_text("Yes? Ask me anything.", do_quote=group)
+            return
+
+        thread_id = message.message_thread_id if message.is_topic_message else None
+        stream = ReplyStream(context.bot, chat.id, reply_to=message.message_id if group else None, thread_id=thread_id,
+                             interval=self.settings.telegram_group_edit_interval if group else self.settings.telegram_edit_interval)
+        typing = asyncio.create_task(keep_typing(context.bot, chat.id, stream.started, thread_id=thread_id))
+        try:
+            conversation_id = await self._current_conversation(chat.id, chat.type, user.id)
+            reply = await self.services.manager.respond(user_id=user_id_of(user), conversation_id=conversation_id,
+                                                        text=text, channel=CHANNEL)
+            for notice in reply.notices:
+                await context.bot.send_message(chat.id, notice, message_thread_id=thread_id)
+            async for chunk in reply:
+                await stream.add(chunk)
+            await stream.finish(rating_buttons(reply.turn_id), empty="(no reply)")
+        finally:
+            stream.started.set()
+            await typing
+
+    async def on_not_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Say politely that only text is read."""
+        await update.effective_message.reply_text("I can only read text messages for now.")
+
+    # -- buttons ----------------------------------------------------------------------------------
+
+    async def on_rating(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Store a 👍/👎 for a turn, acknowledge it quietly, and after a 👎 ask what would have been better."""
+        query, chat, user = update.callback_query, update.effective_chat, update.effective_user
+        try:
+            _, turn_id, value = query.data.split(":")
+            rating = int(value)
+            await self.services.manager.rate(turn_id=turn_id, rating=rating, user_id=user_id_of(user))
+        except (ValueError, InvalidInput, NotFound):
+            await query.answer("Only the person I answered can rate this reply.")
+            return
+        await query.answer("Thanks for the feedback!")
+        ack = InlineKeyboardMarkup([[InlineKeyboardButton(ACK[rating], callback_data="rated")]])
+        with contextlib.suppress(TelegramError):  # the reply may be gone; the rating is stored anyway
+            await query.edit_message_reply_markup(ack)
+        if rating < 0 and chat is not None:
+            self._corrections[(chat.id, user.id)] = turn_id
+            skip = InlineKeyboardMarkup([[InlineKeyboardButton("Skip", callback_data="skip")]])
+            where = " (reply to this message)" if chat.type != ChatType.PRIVATE else ""
+            await context.bot.send_message(chat.id, f"What would have been a better reply? Your next message{where} "
+                                           "is kept as a correction to learn from.", reply_markup=skip)
+
+    async def on_correction_skipped(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Drop the pending correction question."""
+        query = update.callback_query
+        self._corrections.pop((update.effective_chat.id, update.effective_user.id), None)
+        await query.answer("Okay.")
+        with contextlib.suppress(TelegramError):
+            await query.edit_message_reply_markup(None)
+
+    async def on_erase(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Erase the user after they confirmed with the button; only they can press it."""
+        query, user = update.callback_query, update.effective_user
+        _, verdict, owner = (query.data.split(":") + ["", ""])[:3]
+        if owner != str(user.id):
+            await query.answer("This button is for someone else.")
+            return
+        await query.answer()
+        if verdict != "yes":
+            await query.edit_message_text("Nothing was erased.")
+            return
+        counts = await asyncio.to_thread(self.services.erase_user, user_id_of(user))
+        for key in [k for k in self._conversations if k[1] == user.id]:
+            del self._conversations[key]
+        for key in [k for k in self._corrections if k[1] == user.id]:
+            del self._corrections[key]
+        logger.info("erased %s: %s", user_id_of(user), counts)
+        await query.edit_message_text("Done: everything I kept about you is erased.")
+
+    async def on_quiet_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Answer a press on an acknowledgement or an outdated button so the client stops spinning."""
+        await update.callback_query.answer()
+
+    # -- errors -----------------------------------------------------------------------------------
+
+    async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Log the error and tell the user briefly; a RapportError's message is fit to show as is."""
+        error = context.error
+        if isinstance(error, GenerationError):
+            logger.warning("generation failed: %s", error)
+            text = "Sorry, I couldn't come up with a reply just now. Please try again."
+        elif isinstance(error, StoreUnavailable):
+            logger.error("a store is unavailable: %s", error)
+            text = "Sorry, I can't reach my memory right now. Please try again in a moment."
+        elif isinstance(error, RapportError):
+            logger.info("refused: %s", error)
+            text = str(error)
+        else:
+            logger.error("update %s failed", getattr(update, "update_id", None), exc_info=error)
+            text = "Sorry, something went wrong on my side. Please try again in a moment."
+        if not isinstance(update, Update) or update.effective_chat is None:
+            return
+        try:
+            if update.callback_query is not None:
+                await update.callback_query.answer(text[:200])
+            else:
+                await context.bot.send_message(update.effective_chat.id, text)
+        except TelegramError as exc:
+            logger.warning("could not tell the user about the error: %s", exc)
+
+    # -- conversations ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _conversation_id(chat_id: int, chat_type: str, user_id: int, number: int) -> str:
+        if chat_type == ChatType.PRIVATE:
+            return f"{CHANNEL}:{chat_id}:{number}"
+        return f"{CHANNEL}:{chat_id}:{user_id}:{number}"
+
+    async def _current_conversation(self, chat_id: int, chat_type: str, user_id: int) -> str:
+        return self._conversation_id(chat_id, chat_type, user_id, await self._conversation_number(chat_id, chat_type, user_id))
+
+    async def _conversation_number(self, chat_id: int, chat_type: str, user_id: int) -> int:
+        """The chat's current conversation number: remembered, else the highest in the store (so a restart
+        continues the conversation), else 1."""
+        key = (chat_id, user_id)
+        if key not in self._conversations:
+            prefix = self._conversation_id(chat_id, chat_type, user_id, 0)[:-1]
+            self._conversations[key] = await asyncio.to_thread(self._latest_number, prefix, f"{CHANNEL}:{user_id}")
+        return self._conversations[key]
+
+    def _latest_number(self, prefix: str, user_id: str) -> int:
+        from sqlmodel import select
+
+        with self.services.store.session() as session:
+            ids = session.exec(select(Conversation.id).where(
+                Conversation.user_id == user_id, Conversation.id.startswith(prefix, autoescape=True))).all()
+        numbers = [int(i[len(prefix):]) for i in ids if i[len(prefix):].isdigit()]
+        return max(numbers, default=1)
+
+
+def _field(item: object, name: str) -> str:
+    value = item.get(name) if isinstance(item, dict) else getattr(item, name, "")
+    return str(value if value is not None else "")
+
+
+def _count(value: object) -> str:
+    return f"{value} items" if isinstance(value, int) else "done"
+
+
+# -- running ----------------------------------------------------------------------------------------
+
+
+async def run_bot(bot: TelegramBot, token: str, *, base_url: str | None = None, webhook: Webhook | None = None,
+                  stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set: polling, or a webhook server when `webhook` is given."""
+    app = bot.build_application(token, base_url=base_url)
+    allowed = [Update.MESSAGE, Update.CALLBACK_QUERY]
+    async with app:  # getMe now; shut down cleanly however we leave
+        await app.bot.set_my_commands([BotCommand(name, text) for name, text in COMMANDS])
+        if webhook is not None:
+            secret = webhook.secret or secrets.token_urlsafe(32)
+            await app.updater.start_webhook(listen=webhook.listen, port=webhook.port, url_path=webhook.path,
+                                            webhook_url=webhook.url, secret_token=secret, allowed_updates=allowed,
+                                            drop_pending_updates=False)
+        else:
+            await app.updater.start_polling(allowed_updates=allowed, drop_pending_updates=False,
+                                            error_callback=_log_polling_error)
+        await app.start()
+        logger.info("Telegram bot @%s is up (%s)", app.bot.username, "webhook" if webhook else "polling")
+        if ready is not None:
+            ready.set()
+        try:
+            await stop.wait()
+        finally:
+            await app.updater.stop()
+            await app.stop()
+
+
+def _log_polling_error(error: TelegramError) -> None:
+    logger.warning("polling for updates failed (%s); retrying", error)

@@ -1,0 +1,475 @@
+"""The Telegram bot against a stand-in Bot API on 127.0.0.1, driven by the real python-telegram-bot client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from telegram import Bot
+
+from bot.telegram import COMMANDS, TelegramBot, Webhook, run_bot
+from bot.telegram_format import MESSAGE_LIMIT, split_message, to_html, utf16_len
+from bot.telegram_stream import ReplyStream
+from dialogue.manager import Context
+from dialogue.services import open_services
+from tests.telegram_standin import ApiError, Standin, free_port, parse_html
+
+pytestmark = pytest.mark.timeout(120)
+TOKEN = "123:ABC"
+ANN, BEN = 1001, 1002
+GROUP = -100500
+
+
+@pytest.fixture
+def standin():
+    server = Standin(token=TOKEN).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def services(tiny_settings):
+    tiny_settings.telegram_edit_interval = 0.3
+    tiny_settings.telegram_group_edit_interval = 0.3
+    tiny_settings.telegram_retry_budget = 20
+    opened = open_services(tiny_settings)
+    await opened.backend.ready()
+    yield opened
+    opened.close()
+
+
+class Running:
+    """A bot running as `rapport telegram` runs it, stopped at the end of the test."""
+
+    def __init__(self, services, standin, **kwargs) -> None:
+        self.bot = TelegramBot(services)
+        self.standin = standin
+        self.kwargs = kwargs
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> Running:
+        ready = asyncio.Event()
+        self.task = asyncio.create_task(run_bot(self.bot, TOKEN, base_url=self.standin.base_url, stop=self.stop,
+                                                ready=ready, **self.kwargs))
+        done, _ = await asyncio.wait([self.task, asyncio.create_task(ready.wait())], timeout=20,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if self.task in done:
+            self.task.result()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 20)
+
+
+def replies(standin: Standin, chat_id: int, *, with_buttons: bool = True):
+    """The bot's finished replies in a chat (those carrying rating buttons)."""
+    return [m for m in standin.sent_to(chat_id) if not with_buttons or _has_rating(m)]
+
+
+def _has_rating(message) -> bool:
+    rows = (message.reply_markup or {}).get("inline_keyboard", [])
+    return any(b.get("callback_data", "").startswith("rate:") for row in rows for b in row)
+
+
+async def wait_replies(standin: Standin, chat_id: int, count: int = 1, timeout: float = 30):
+    return await standin.wait_for(lambda: len(replies(standin, chat_id)) >= count and replies(standin, chat_id),
+                                  timeout, f"{count} replies in chat {chat_id}")
+
+
+def fixed_answer(text: str):
+    """A recall that answers verbatim (as a FAQ hit does), so a test controls the reply's text."""
+    async def recall(user_id: str, message: str) -> Context:
+        return Context(answer=text)
+    return recall
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+async def test_start_registers_commands_and_greets_with_a_privacy_notice(services, standin):
+    async with Running(services, standin):
+        standin.message("/start", chat_id=ANN)
+        greeting = await standin.wait_for(lambda: standin.sent_to(ANN), what="the greeting")
+        help_ = standin.message("/help", chat_id=ANN)
+        await standin.wait_for(lambda: len(standin.sent_to(ANN)) == 2, what="the help")
+    commands = standin.calls_to("setMyCommands")[0].params["commands"]
+    assert [c["command"] for c in commands] == [name for name, _ in COMMANDS]
+    text = greeting[0].text
+    assert text.startswith("Hi, Ann!") and "Privacy." in text and "/delete_me" in text and "/export" in text
+    assert "/forget" in standin.sent_to(ANN)[1].text and help_
+
+
+# -- talking -------------------------------------------------------------------------------------------
+
+
+async def test_a_reply_is_streamed_with_typing_first_and_rating_buttons_last(services, standin):
+    async with Running(services, standin):
+        standin.message("Hello! How can I help you today?", chat_id=ANN)
+        [reply] = await wait_replies(standin, ANN)
+    typing = standin.calls_to("sendChatAction", ANN)[0]
+    first_send = standin.calls_to("sendMessage", ANN)[0]
+    assert typing.params["action"] == "typing" and typing.at <= first_send.at
+    turn = services.store.export_user(f"telegram:{ANN}")["turns"][0]
+    assert turn["conversation_id"] == f"telegram:{ANN}:1" and turn["channel"] == "telegram"
+    assert reply.text.strip() == (turn["reply"].strip() or "(no reply)")
+    buttons = reply.reply_markup["inline_keyboard"][0]
+    assert [b["text"] for b in buttons] == ["👍", "👎"]
+    assert buttons[0]["callback_data"] == f"rate:{turn['id']}:1"
+
+
+async def test_a_long_stream_is_edited_about_once_a_second_and_split_past_4096(standin):
+    async with Bot(TOKEN, base_url=standin.base_url) as bot:
+        stream = ReplyStream(bot, ANN, interval=1.0)
+        words = [f"word{i} " for i in range(900)]  # about 7 KB in 2.7 s
+        started = time.monotonic()
+        for word in words:
+            await stream.add(word)
+            await asyncio.sleep(0.003)
+        await stream.finish()
+        elapsed = time.monotonic() - started
+    sends, edits = standin.calls_to("sendMessage", ANN), standin.calls_to("editMessageText", ANN)
+    assert len(sends) == 2  # split in two messages
+    assert len(sends) + len(edits) <= elapsed / 1.0 + 3  # ~1 update a second, plus the final one and the split
+    shown = [m.text for m in standin.sent_to(ANN)]
+    assert all(utf16_len(t) <= MESSAGE_LIMIT for t in shown)
+    assert " ".join(shown).split() == "".join(words).split()
+
+
+async def test_a_10kb_message_is_cut_with_a_notice_and_still_answered(services, standin):
+    async with Running(services, standin):
+        standin.message("The shop opens at nine and closes at six. " * 240, chat_id=ANN)  # ~10 KB
+        await wait_replies(standin, ANN)
+    texts = [m.text for m in standin.sent_to(ANN)]
+    assert any("was cut" in t for t in texts)
+    [turn] = services.store.export_user(f"telegram:{ANN}")["turns"]
+    assert len(turn["user_text"]) < 10_000
+
+
+async def test_a_10kb_reply_is_split_cleanly_with_buttons_on_its_last_piece(services, standin):
+    paragraph = "Bikes need care. " * 30 + "\n\n"
+    code = "```python\n" + "\n".join(f"print({i})  # <tag> & co" for i in range(120)) + "\n```\n"
+    answer = paragraph * 10 + code + paragraph * 4
+    services.manager.recall = fixed_answer(answer)
+    async with Running(services, standin):
+        standin.message("Tell me everything", chat_id=ANN)
+        await wait_replies(standin, ANN)
+    messages = standin.sent_to(ANN)
+    assert len(messages) >= 3
+    assert all(utf16_len(m.text) <= MESSAGE_LIMIT for m in messages)
+    assert [_has_rating(m) for m in messages] == [False] * (len(messages) - 1) + [True]
+    visible = " ".join(m.text for m in messages)
+    assert visible.split() == to_visible(answer).split()
+    assert all(m.raw.count("<pre>") == m.raw.count("</pre>") for m in messages)
+
+
+def to_visible(markdown: str) -> str:
+    return parse_html(to_html(markdown))
+
+
+async def test_markup_rejected_by_telegram_falls_back_to_plain_text(services, standin):
+    standin.reject_html = True
+    services.manager.recall = fixed_answer("Use **bold** & `code` <here>")
+    async with Running(services, standin):
+        standin.message("hi", chat_id=ANN)
+        [reply] = await wait_replies(standin, ANN)
+    assert reply.parse_mode is None and reply.text == "Use **bold** & `code` <here>"
+
+
+async def test_hostile_text_is_shown_literally_never_as_markup(services, standin):
+    hostile = '<b>not bold</b> <a href="javascript:alert(1)">x</a> &amp; [ok](https://example.com/?a=1&b=2) **yes**'
+    services.manager.recall = fixed_answer(hostile)
+    async with Running(services, standin):
+        standin.message("hi", chat_id=ANN)
+        [reply] = await wait_replies(standin, ANN)
+    assert reply.parse_mode == "HTML"
+    assert '<b>not bold</b> <a href="javascript:alert(1)">x</a> &amp; ok yes' == reply.text
+    assert '<a href="https://example.com/?a=1&amp;b=2">ok</a>' in reply.raw and "<b>yes</b>" in reply.raw
+
+
+# -- ratings ---------------------------------------------------------------------------------------------
+
+
+async def test_a_button_press_is_stored_and_acknowledged_quietly(services, standin):
+    async with Running(services, standin):
+        standin.message("Hello!", chat_id=ANN)
+        [reply] = await wait_replies(standin, ANN)
+        turn_id = reply.reply_markup["inline_keyboard"][0][0]["callback_data"].split(":")[1]
+        standin.press(reply.message_id, f"rate:{turn_id}:1", user_id=ANN)
+        await standin.wait_for(lambda: not _has_rating(standin.messages[reply.message_id]), what="the ack")
+        await standin.wait_for(lambda: standin.calls_to("answerCallbackQuery"), what="the answer")
+    [rating] = services.store.export_user(f"telegram:{ANN}")["ratings"]
+    assert rating["turn_id"] == turn_id and rating["rating"] == 1
+    assert standin.messages[reply.message_id].reply_markup["inline_keyboard"][0][0]["text"] == "👍 Thanks!"
+
+
+async def test_a_thumbs_down_asks_for_a_better_reply_and_keeps_it_as_a_correction(services, standin):
+    async with Running(services, standin):
+        standin.message("What is my name?", chat_id=ANN)
+        [reply] = await wait_replies(standin, ANN)
+        turn_id = reply.reply_markup["inline_keyboard"][0][1]["callback_data"].split(":")[1]
+        standin.press(reply.message_id, f"rate:{turn_id}:-1", user_id=ANN)
+        await standin.wait_for(lambda: any("better reply" in m.text for m in standin.sent_to(ANN)), what="the question")
+        standin.message("Your name is Ann.", chat_id=ANN)
+        await standin.wait_for(lambda: any("learn from that" in m.text for m in standin.sent_to(ANN)), what="thanks")
+    data = services.store.export_user(f"telegram:{ANN}")
+    assert [(r["rating"], r["correction"]) for r in data["ratings"]] == [(-1, "Your name is Ann.")]
+    assert len(data["turns"]) == 1  # the correction was not answered as a new message
+
+
+async def test_nobody_else_can_rate_my_reply_in_a_group(services, standin):
+    async with Running(services, standin):
+        standin.message(f"@{standin.username} hello", chat_id=GROUP, user_id=ANN, chat_type="supergroup")
+        [reply] = await wait_replies(standin, GROUP)
+        turn_id = reply.reply_markup["inline_keyboard"][0][0]["callback_data"].split(":")[1]
+        standin.press(reply.message_id, f"rate:{turn_id}:-1", user_id=BEN, chat_type="supergroup")
+        await standin.wait_for(lambda: standin.calls_to("answerCallbackQuery"), what="the refusal")
+    assert "Only the person" in standin.calls_to("answerCallbackQuery")[0].params["text"]
+    assert services.store.export_user(f"telegram:{ANN}")["ratings"] == []
+    assert _has_rating(standin.messages[reply.message_id])
+
+
+# -- groups, allowlist, bad input -----------------------------------------------------------------------
+
+
+async def test_groups_answer_only_when_mentioned_or_replied_to(services, standin):
+    async with Running(services, standin):
+        standin.message("just chatting among ourselves", chat_id=GROUP, user_id=ANN, chat_type="supergroup")
+        standin.message(f"hey @{standin.username.upper()} what time do you open?", chat_id=GROUP, user_id=BEN,
+                        chat_type="supergroup")
+        [first] = await wait_replies(standin, GROUP)
+        standin.message("and on sundays?", chat_id=GROUP, user_id=BEN, chat_type="supergroup", reply_to=first.message_id)
+        await wait_replies(standin, GROUP, 2)
+        standin.message("@someone_else hi", chat_id=GROUP, user_id=ANN, chat_type="supergroup")
+        await asyncio.sleep(1.0)
+    assert len(replies(standin, GROUP)) == 2
+    assert services.store.export_user(f"telegram:{ANN}")["turns"] == []
+    ben = services.store.export_user(f"telegram:{BEN}")["turns"]
+    assert [t["user_text"] for t in ben] == ["hey  what time do you open?", "and on sundays?"]
+    assert ben[0]["conversation_id"] == f"telegram:{GROUP}:{BEN}:1"
+    assert first.reply_to is not None  # in a group the reply quotes the question
+
+
+async def test_the_allowlist_keeps_strangers_out(services, standin):
+    services.settings.telegram_allowed_ids = [str(ANN)]
+    async with Running(services, standin):
+        standin.message("hi, I am a stranger", chat_id=BEN)
+        standin.message("hi", chat_id=ANN)
+        await wait_replies(standin, ANN)
+        await standin.wait_for(lambda: standin.sent_to(BEN), what="the refusal")
+    assert standin.sent_to(BEN)[0].text == "Sorry, this assistant is private."
+    assert services.store.export_user(f"telegram:{BEN}")["turns"] == []
+
+
+async def test_bad_input_gets_a_polite_answer_and_nothing_breaks(services, standin):
+    async with Running(services, standin):
+        standin.message("\ud800 broken surrogate and \x00 nul", chat_id=ANN)
+        await wait_replies(standin, ANN)
+        standin.message(None, chat_id=ANN, extra={"sticker": {"file_id": "s", "file_unique_id": "s", "type": "regular",
+                                                              "width": 1, "height": 1, "is_animated": False,
+                                                              "is_video": False}})
+        standin.message(f"@{standin.username}", chat_id=GROUP, user_id=ANN, chat_type="supergroup")
+        standin.message("   \x1b\x07  ", chat_id=BEN)
+        standin.message("/persona set colour=blue", chat_id=ANN)
+        standin.message("/forget", chat_id=ANN)
+        await standin.wait_for(lambda: len(standin.sent_to(ANN)) >= 4 and standin.sent_to(GROUP)
+                               and standin.sent_to(BEN), what="four answers")
+    texts = [m.text for m in standin.sent_to(ANN)]
+    assert "I can only read text messages for now." in texts
+    assert any(t.startswith("unknown persona field 'colour'") for t in texts)
+    assert any(t.startswith("Usage: /forget") for t in texts)
+    assert standin.sent_to(GROUP)[0].text == "Yes? Ask me anything."
+    assert standin.sent_to(BEN)[0].text == "the message is empty"
+    [turn] = services.store.export_user(f"telegram:{ANN}")["turns"]
+    assert turn["user_text"] == "\ufffd broken surrogate and  nul"
+
+
+# -- reliability -------------------------------------------------------------------------------------------
+
+
+async def test_a_429_is_answered_by_waiting_retry_after(services, standin):
+    standin.fail("sendMessage", 1, code=429, retry_after=1)
+    async with Running(services, standin):
+        standin.message("Hello!", chat_id=ANN)
+        await wait_replies(standin, ANN)
+    attempts = standin.calls_to("sendMessage", ANN, ok_only=False)
+    assert [c.status for c in attempts[:2]] == [429, 200]
+    assert attempts[1].at - attempts[0].at >= 1.0
+    assert len(replies(standin, ANN)) == 1
+
+
+async def test_a_bot_api_outage_of_a_few_seconds_delays_replies_but_loses_none(services, standin):
+    async with Running(services, standin):
+        standin.outage(3.0)
+        standin.message("Hello!", chat_id=ANN)  # delivered once polling gets through
+        await asyncio.sleep(3.5)
+        standin.message("Can you help me plan a trip?", chat_id=ANN)
+        standin.outage(2.0)  # this one hits the reply itself
+        await wait_replies(standin, ANN, 2, timeout=40)
+    failed = [c for c in standin.calls if c.status == 502]
+    assert {c.method for c in failed} >= {"getUpdates"}
+    assert len(services.store.export_user(f"telegram:{ANN}")["turns"]) == 2
+    assert len(replies(standin, ANN)) == 2
+
+
+async def test_two_chats_are_served_at_once_and_one_chat_in_order(services, standin):
+    standin.delay("sendChatAction", 2.0, chat_id=ANN)  # Ann's reply is held up at its very start
+    async with Running(services, standin):
+        standin.message("Hello!", chat_id=ANN)
+        standin.message("Hello!", chat_id=BEN)
+        standin.message("Thank you, goodbye!", chat_id=BEN)
+        await wait_replies(standin, ANN)
+        await wait_replies(standin, BEN, 2)
+    ann_done = standin.calls_to("sendMessage", ANN)[0].at
+    ben_sends = standin.calls_to("sendMessage", BEN)
+    assert ben_sends[0].at < ann_done  # Ben did not wait for Ann
+    ben_turns = services.store.export_user(f"telegram:{BEN}")["turns"]
+    assert [t["user_text"] for t in ben_turns] == ["Hello!", "Thank you, goodbye!"]
+    first, second = replies(standin, BEN)
+    assert first.message_id < second.message_id
+
+
+async def test_a_redelivered_update_is_answered_once_across_a_restart(services, standin):
+    async with Running(services, standin):
+        standin.message("Hello!", chat_id=ANN)
+        await wait_replies(standin, ANN)
+    standin.unconfirm()  # as if the process died before Telegram saw the offset: it sends the update again
+    standin.message("Thank you, goodbye!", chat_id=ANN)
+    async with Running(services, standin):
+        await wait_replies(standin, ANN, 2)
+        await asyncio.sleep(0.5)
+    turns = services.store.export_user(f"telegram:{ANN}")["turns"]
+    assert [t["user_text"] for t in turns] == ["Hello!", "Thank you, goodbye!"]
+    assert len(replies(standin, ANN)) == 2
+    assert {t["conversation_id"] for t in turns} == {f"telegram:{ANN}:1"}  # the conversation went on
+
+
+# -- conversations and the user's data ---------------------------------------------------------------------
+
+
+async def test_new_persona_export_and_delete_me(services, standin):
+    async with Running(services, standin):
+        standin.message("Hello!", chat_id=ANN)
+        await wait_replies(standin, ANN)
+        standin.message("/new", chat_id=ANN)
+        standin.message("/persona set name=Ann Lee", chat_id=ANN)
+        standin.message("Thank you, goodbye!", chat_id=ANN)
+        await wait_replies(standin, ANN, 2)
+        standin.message("/persona", chat_id=ANN)
+        standin.message("/export", chat_id=ANN)
+        await standin.wait_for(lambda: any(m.document for m in standin.sent_to(ANN)), what="the export")
+        standin.message("/delete_me", chat_id=ANN)
+        ask = await standin.wait_for(lambda: [m for m in standin.sent_to(ANN) if "cannot be undone" in m.text],
+                                     what="the confirmation")
+        standin.press(ask[0].message_id, f"erase:yes:{ANN}", user_id=BEN)  # someone else's press does nothing
+        await standin.wait_for(lambda: standin.calls_to("answerCallbackQuery"), what="the refusal")
+        assert services.store.export_user(f"telegram:{ANN}")["turns"]
+        standin.press(ask[0].message_id, f"erase:yes:{ANN}", user_id=ANN)
+        await standin.wait_for(lambda: "erased" in standin.messages[ask[0].message_id].text, what="the erasure")
+    texts = [m.text for m in standin.sent_to(ANN)]
+    assert any(t.startswith("Started a new conversation") for t in texts)
+    assert any("name: Ann Lee" in t for t in texts)
+    export = json.loads(next(m.document for m in standin.sent_to(ANN) if m.document)["content"])
+    assert export["user_id"] == f"telegram:{ANN}"
+    assert [t["conversation_id"] for t in export["turns"]] == [f"telegram:{ANN}:1", f"telegram:{ANN}:2"]
+    after = services.store.export_user(f"telegram:{ANN}")
+    assert after["turns"] == [] and after["conversations"] == []
+    assert services.personas.get(f"telegram:{ANN}").name == ""
+
+
+# -- webhook mode and the command line ----------------------------------------------------------------------
+
+
+async def test_webhook_mode_checks_the_secret_token(services, standin):
+    port = free_port()
+    hook = Webhook(url="https://bot.example.com/tg/hook", port=port, secret="s3cret-token")
+    async with Running(services, standin, webhook=hook):
+        assert standin.webhook["url"] == hook.url and standin.webhook["secret_token"] == "s3cret-token"
+        update = {"update_id": 77, "message": {"message_id": 5, "date": int(time.time()), "text": "Hello!",
+                                               "chat": standin.chat(ANN), "from": standin.user(ANN)}}
+        async with httpx.AsyncClient() as client:
+            url = f"http://127.0.0.1:{port}/tg/hook"
+            wrong = await client.post(url, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": "guess"})
+            missing = await client.post(url, json=update)
+            right = await client.post(url, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret-token"})
+            again = await client.post(url, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret-token"})
+        await wait_replies(standin, ANN)
+        await asyncio.sleep(0.5)
+    assert (wrong.status_code, missing.status_code, right.status_code, again.status_code) == (403, 403, 200, 200)
+    assert len(replies(standin, ANN)) == 1
+    assert not standin.calls_to("getUpdates")
+
+
+def test_the_cli_runs_against_the_standin_and_never_logs_the_token(tiny_settings, standin):
+    env = {**os.environ, "RAPPORT_HOME": str(tiny_settings.home), "RAPPORT_MODEL": tiny_settings.model,
+           "RAPPORT_DTYPE": "float32", "RAPPORT_THREADS": "1", "RAPPORT_MAX_NEW_TOKENS": "8",
+           "TELEGRAM_BOT_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "bot.cli", "-v", "telegram", "--base-url", standin.base_url],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        standin.message("Hello!", chat_id=ANN)
+        asyncio.run(wait_replies(standin, ANN, timeout=90))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert TOKEN.encode() not in err and TOKEN.encode() not in out
+    assert b"Traceback" not in err
+
+
+def test_the_cli_refuses_a_missing_or_malformed_token(home, monkeypatch):
+    from click.testing import CliRunner
+
+    from bot.cli import cli
+
+    monkeypatch.delenv("TELEGRAM_BOT_TOKEN", raising=False)
+    for args, expected in (([], "no bot token"), (["--token", "not a token"], "does not look like a bot token")):
+        done = CliRunner().invoke(cli, ["telegram", *args])
+        assert done.exit_code == 1 and expected in done.output and "not a token" not in done.output
+
+
+# -- formatting (pure functions) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "", "plain", "a < b > c & d", "**bold** and `code`", "```\nunclosed code <x>", "```py\nx = 1\n```",
+    "# Title\n- item\n* item", "**unclosed bold", "[x](javascript:alert(1))", "<script>alert(1)</script>",
+    "&amp; &lt; &#123; &bogus;", "``` ``` ```", "`", "**", "[a](https://e.com/\"onmouseover=x)",
+])
+def test_any_text_becomes_html_telegram_accepts(text):
+    visible = parse_html(to_html(text))
+    assert utf16_len(visible) <= utf16_len(text)
+
+
+def test_split_prefers_paragraphs_and_counts_utf16():
+    text = ("😀" * 1500 + "\n\n") * 3
+    pieces = split_message(text)
+    assert len(pieces) == 3 and all(utf16_len(p) <= MESSAGE_LIMIT for p in pieces)
+    assert all(p.strip() == "😀" * 1500 for p in pieces)
+    assert split_message("short") == ["short"]
+    unbroken = "x" * 9000
+    assert "".join(split_message(unbroken)) == unbroken
+
+
+def test_a_code_block_cut_in_two_is_closed_and_reopened():
+    code = "```\n" + "\n".join("line %d" % i for i in range(900)) + "\n```"
+    pieces = split_message(code)
+    assert len(pieces) >= 2
+    for piece in pieces:
+        assert piece.startswith("```") and piece.rstrip().endswith("```")
+        parse_html(to_html(piece))
+
+
+def test_the_standin_rejects_what_telegram_rejects():
+    for bad in ("<b>open", "<script>x</script>", "a < b", "&nbsp;", "</b>"):
+        with pytest.raises(ApiError):
+            parse_html(bad)

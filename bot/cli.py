@@ -73,6 +73,9 @@ def bench_gen(prompt_tokens: int, new_tokens: int, concurrency: int, repeats: in
 
 
 # -- command groups that live in their own modules (one line each) ----------------------------------
+from bot.cli_telegram import telegram_command  # noqa: E402
+
+cli.add_command(telegram_command)
 from bot.cli_serve import serve  # noqa: E402
 
 cli.add_command(serve)

@@ -41,7 +41,7 @@ from telegram.ext import (
     filters,
 )
 
-from bot.telegram_format import escape, scrub
+from bot.telegram_format import escape, scrub, split_message
 from bot.telegram_net import ChatOrderedProcessor, RetryingRequest
 from bot.telegram_stream import ReplyStream, keep_typing
 from dialogue.errors import GenerationError, InvalidInput, NotFound, RapportError, StoreUnavailable
@@ -74,6 +74,7 @@ HELP = (
     + "\n".join(f"/{name} — {escape(text)}" for name, text in COMMANDS)
 )
 MAX_MEMORY_LINES = 30
+MAX_MEMORY_CHARS = 300  # per memory in /memory; /export has them whole
 ACK = {1: "👍 Thanks!", -1: "👎 Noted"}
 
 
@@ -231,10 +232,11 @@ class TelegramBot:
         if not items:
             await update.effective_message.reply_text("I don't remember anything about you yet.")
             return
-        lines = [f"{_field(item, 'id')} — {_field(item, 'text')}" for item in items[:MAX_MEMORY_LINES]]
+        lines = [f"{_field(item, 'id')} — {_shorten(_field(item, 'text'))}" for item in items[:MAX_MEMORY_LINES]]
         if len(items) > MAX_MEMORY_LINES:
             lines.append(f"…and {len(items) - MAX_MEMORY_LINES} more (/export has them all).")
-        await update.effective_message.reply_text("What I remember (/forget ID removes one):\n" + "\n".join(lines))
+        for piece in split_message("What I remember, newest first (/forget ID removes one):\n" + "\n".join(lines)):
+            await update.effective_message.reply_text(piece)
 
     async def on_forget(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Forget one memory by id, or all of them."""
@@ -423,6 +425,11 @@ class TelegramBot:
 def _field(item: object, name: str) -> str:
     value = item.get(name) if isinstance(item, dict) else getattr(item, name, "")
     return str(value if value is not None else "")
+
+
+def _shorten(text: str, limit: int = MAX_MEMORY_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _count(value: object) -> str:

@@ -473,3 +473,25 @@ def test_the_standin_rejects_what_telegram_rejects():
     for bad in ("<b>open", "<script>x</script>", "a < b", "&nbsp;", "</b>"):
         with pytest.raises(ApiError):
             parse_html(bad)
+
+
+async def test_memory_lists_and_forgets_only_my_memories(services, standin):
+    from memory.memories import MemoryItem
+
+    ann = services.memory.for_user(f"telegram:{ANN}")
+    ids = ann.add([MemoryItem(text="I live in Porto."), MemoryItem(text="My bike is a red Brompton. " * 40)])
+    [ben_id] = services.memory.for_user(f"telegram:{BEN}").add([MemoryItem(text="I am Ben.")])
+    async with Running(services, standin):
+        standin.message("/memory", chat_id=ANN)
+        listing = await standin.wait_for(lambda: standin.sent_to(ANN), what="the list")
+        standin.message(f"/forget {ben_id}", chat_id=ANN)  # not Ann's: refused, Ben keeps it
+        standin.message(f"/forget {ids[0]}", chat_id=ANN)
+        standin.message("/forget all", chat_id=ANN)
+        standin.message("/memory", chat_id=ANN)
+        await standin.wait_for(lambda: len(standin.sent_to(ANN)) >= 5, what="five answers")
+    texts = [m.text for m in standin.sent_to(ANN)]
+    assert ids[0] in listing[0].text and "Porto" in listing[0].text and ben_id not in listing[0].text
+    assert len(listing[0].text) < 1000  # a long memory is shortened in the list
+    assert texts[1].startswith("no memory") and texts[2] == "Forgotten."
+    assert texts[3].startswith("Forgot everything") and texts[4] == "I don't remember anything about you yet."
+    assert [m.id for m in services.memory.for_user(f"telegram:{BEN}").list()] == [ben_id]

@@ -216,9 +216,9 @@ class ChatwootBot:
             answer = await reply.complete()
             if answer.strip():
                 await self.api.post_message(account, conversation, answer)
-            if reply.handoff:
-                await self.desk.hand_off(conversation_id=key, user_id=user, reason="low_confidence",
-                                         turn_id=reply.turn_id)
+            if reply.handoff or not answer.strip():  # a blank reply leaves the customer unanswered: get a person
+                await self.desk.hand_off(conversation_id=key, user_id=user, turn_id=reply.turn_id,
+                                         reason="low_confidence" if reply.handoff else "no_answer")
 
     async def on_agent_message(self, account: int, conversation: int, text: str) -> None:
         """A person wrote to the customer: keep it as training gold, and keep the bot out of their way."""

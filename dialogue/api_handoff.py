@@ -38,7 +38,6 @@ HUMAN_REQUEST = re.compile(
     re.IGNORECASE,
 )
 HANDOFF_REPLY = "I'm handing this conversation to a colleague, who will reply here shortly."
-REASONS = ("customer_request", "low_confidence", "negative_ratings", "manual")
 SUMMARY_TURNS = 6
 SUMMARY_CHARS = 240
 
@@ -83,6 +82,7 @@ def summarise(reason: str, transcript: list[dict]) -> str:
         "customer_request": "the customer asked for a person",
         "low_confidence": "the FAQ does not cover the customer's question",
         "negative_ratings": "the customer rated several replies as unhelpful",
+        "no_answer": "the bot could not produce an answer",
         "manual": "a handoff was requested",
     }.get(reason, reason)
     lines = [f"Rapport handed this conversation over: {why}."]

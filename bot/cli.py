@@ -79,6 +79,11 @@ cli.add_command(telegram_command)
 from bot.cli_serve import serve  # noqa: E402
 
 cli.add_command(serve)
+from bench.memory import bench_memory  # noqa: E402
+from bot.cli_memory import memory_group  # noqa: E402
+
+bench.add_command(bench_memory)
+cli.add_command(memory_group)
 
 
 def main() -> None:

@@ -1,0 +1,169 @@
+"""`rapport bench memory`: evidence recall@5/@10 (dense vs BM25 vs hybrid) and search latency at scale.
+
+Recall runs on the synthetic conversations of `bench.memory_data` through the real `UserMemory.search`.
+Latency runs on one user with N memories in a real embedded Chroma in a temp dir. Embedding 100k texts
+would take ~6 min here, so the corpus is a few thousand really embedded sentences, each reused with
+perturbed vectors and distinct extra words; the search path measured is the real one (query embedding,
+Chroma HNSW query, BM25 over all N documents, fusion).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from bench.memory_data import FACTS, FILLER, NAMES, generate
+
+KS = (5, 10)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else 0.0
+
+
+def recall_benchmark(store, n_conversations: int = 4, user_turns: int = 300) -> dict:
+    """Evidence recall@k per retrieval mode over the synthetic conversations."""
+    from memory.memories import MemoryItem
+
+    conversations = generate(n_conversations, user_turns)
+    modes = ("dense", "lexical", "hybrid")
+    found = {mode: {k: 0 for k in KS} for mode in modes}
+    questions = assistant_hits = 0
+    for convo in conversations:
+        memory = store.for_user(convo.user_id)
+        ids = memory.add([MemoryItem.from_json(turn) for turn in convo.turns])  # turn index → memory id
+        for question in convo.questions:
+            evidence = {ids[i] for i in question.evidence}
+            questions += 1
+            for mode in modes:
+                hits = memory.search(question.text, k=max(KS), mode=mode)
+                assistant_hits += sum(hit.speaker != "user" for hit in hits)
+                ranked = [hit.id for hit in hits]
+                for k in KS:
+                    found[mode][k] += bool(evidence & set(ranked[:k]))
+    return {
+        "conversations": n_conversations,
+        "turns_per_conversation": 2 * user_turns,
+        "questions": questions,
+        "assistant_lines_returned": assistant_hits,
+        **{mode: {f"recall@{k}": round(found[mode][k] / questions, 3) for k in KS} for mode in modes},
+    }
+
+
+def corpus(n: int, embedder, rng: random.Random, distinct: int = 3000) -> tuple[list[str], np.ndarray]:
+    """`n` distinct texts with plausible unit vectors: `distinct` real embeddings, perturbed and reworded."""
+    base = []
+    for kind, (values, statements, _questions, distractors) in FACTS.items():
+        for template in statements + distractors:
+            for value in values:
+                base.append(template.format(x=value, y=value, n=rng.choice(NAMES)))
+    base += [line.format(n=name) for line in FILLER for name in NAMES]
+    rng.shuffle(base)
+    base = base[:distinct]
+    vectors = embedder.embed(base)  # (distinct, 384)
+    texts, rows = [], []
+    noise = np.random.default_rng(rng.randrange(2**32))
+    for i in range(n):
+        j = i % len(base)
+        texts.append(f"{base[j]} (note {i}, {rng.choice(NAMES)} {rng.choice(['mon', 'tue', 'wed', 'thu', 'fri'])})")
+        rows.append(j)
+    matrix = vectors[rows] + noise.normal(0, 0.02, size=(n, vectors.shape[1])).astype(np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    return texts, matrix.astype(np.float32)
+
+
+def latency_benchmark(size: int, embedder, queries: int = 200) -> dict:
+    """Load one user with `size` memories in a fresh embedded Chroma, then time searches."""
+    from memory.chroma import open_chroma
+    from memory.memories import MemoryItem, MemoryStore
+
+    rng = random.Random(size)
+    texts, vectors = corpus(size, embedder, rng)
+    with tempfile.TemporaryDirectory(prefix="rapport-bench-") as tmp:
+        handle = open_chroma(path=Path(tmp) / "chroma")
+        try:
+            store = MemoryStore(handle.client, embedder)
+            memory = store.for_user("bench:latency")
+            state = store._state("bench:latency")
+            start = time.perf_counter()
+            for at in range(0, size, 5000):  # the real write path (dedup, mirror, BM25), vectors given
+                items = [MemoryItem(text=text) for text in texts[at:at + 5000]]
+                with state.lock:
+                    memory._write(state, items, vectors[at:at + 5000])
+            load_s = time.perf_counter() - start
+            # a process that starts cold: rebuild the mirror and BM25 index from Chroma once
+            store._forget_state("bench:latency")
+            start = time.perf_counter()
+            state = store._state("bench:latency")
+            cold_s = time.perf_counter() - start
+            question_texts = [q for _, (_, _, qs, _) in FACTS.items() for q in qs]
+            memory.search("warm up", k=10)
+            total, retrieval = [], []
+            for i in range(queries):
+                query = f"{question_texts[i % len(question_texts)]} {rng.choice(NAMES)}"
+                t0 = time.perf_counter()
+                memory.search(query, k=10)
+                t1 = time.perf_counter()
+                embedder.embed_one(query)
+                t2 = time.perf_counter()
+                total.append((t1 - t0) * 1000)
+                retrieval.append(max((t1 - t0) - (t2 - t1), 0.0) * 1000)
+            writes = []
+            for i in range(20):  # one remembered turn each (embedding, dedup check, HNSW persist)
+                t0 = time.perf_counter()
+                memory.remember_turn(turn_id=f"t{i}", user_text=f"I planted {i} tomato seedlings on the balcony",
+                                     reply="-", timestamp=None)
+                writes.append((time.perf_counter() - t0) * 1000)
+            forget_id = memory.list(limit=1)[0].id
+            t0 = time.perf_counter()
+            memory.forget(forget_id)
+            forget_s = time.perf_counter() - t0
+            return {
+                "memories": size,
+                "insert_s": round(load_s, 1),
+                "cold_load_s": round(cold_s, 2),
+                "search_ms_p50": round(percentile(total, 50), 2),
+                "search_ms_p95": round(percentile(total, 95), 2),
+                "search_ms_p95_excluding_query_embedding": round(percentile(retrieval, 95), 2),
+                "remember_turn_ms_p50": round(statistics.median(writes), 1),
+                "forget_one_s": round(forget_s, 2),
+            }
+        finally:
+            handle.close()
+
+
+def run(sizes: list[int] = (10_000, 100_000), recall: bool = True) -> dict:
+    import chromadb
+
+    from memory.chroma import chroma_settings
+    from memory.embeddings import shared_embedder
+    from memory.memories import MemoryStore
+
+    embedder = shared_embedder()
+    out: dict = {"embedder": embedder.name}
+    if recall:
+        store = MemoryStore(chromadb.EphemeralClient(settings=chroma_settings()), embedder)
+        out["recall"] = recall_benchmark(store)
+    out["latency"] = [latency_benchmark(size, embedder) for size in sizes]
+    return out
+
+
+@click.command("memory")
+@click.option("--sizes", default="10000,100000", show_default=True, help="memories of one user, for latency")
+@click.option("--no-recall", is_flag=True, help="only the latency runs")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
+def bench_memory(sizes: str, no_recall: bool, as_json: bool) -> None:
+    """Memory: evidence recall@5/@10 (dense, BM25, hybrid) and search latency p50/p95 per size."""
+    from bot.cli_common import emit_json
+
+    try:
+        parsed = [int(size) for size in sizes.split(",") if size.strip()]
+    except ValueError:
+        raise click.BadParameter("sizes must be comma-separated integers") from None
+    emit_json(run(parsed, recall=not no_recall))

@@ -1,0 +1,583 @@
+"""Per-user long-term memory: one Chroma collection per user, hybrid BM25 + dense recall, erasure on disk.
+
+Isolation is by construction: `MemoryStore.for_user(user_id)` is the only way to a user's memories and the
+`UserMemory` it returns is bound to that one collection; no method below it takes a user id.
+
+What the user said is evidence. The assistant's words are not facts about the user: `remember_turn` stores
+only the user's text, and imported lines spoken by the assistant are kept (marked by speaker, listed and
+exported) but never returned by `search` or `recall`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from memory.embeddings import DIMENSIONS
+from memory.errors import InvalidInput, NotFound, StoreUnavailable
+from memory.lexical import LexicalIndex, tokenize
+
+logger = logging.getLogger(__name__)
+
+MAX_TEXT_CHARS = 4000
+MAX_META_CHARS = 8000
+MAX_SPEAKER_CHARS = 64
+MAX_USER_ID_CHARS = 256
+# speakers whose words are context, never evidence about the user
+ASSISTANT_SPEAKERS = frozenset({"assistant", "bot", "system", "rapport", "ai", "model", "agent"})
+RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.); ranks beyond ~50 barely count
+CANDIDATES = 50  # per retriever, before fusion
+DUPLICATE_COSINE = 0.85  # with identical content terms (numbers, names, negations): a rephrasing
+COLLECTION_PREFIX = "mem-"
+ERASED_VECTOR = np.full(DIMENSIONS, DIMENSIONS ** -0.5, dtype=np.float32)  # written over a vector before deletion
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+UUID_DIR = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def collection_name(user_id: str) -> str:
+    """A Chroma-safe name for any user id (`telegram:123`, emails, unicode): a hash, never the id itself."""
+    return COLLECTION_PREFIX + hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:48]
+
+
+def check_user_id(user_id: object) -> str:
+    if not isinstance(user_id, str) or not user_id.strip() or len(user_id) > MAX_USER_ID_CHARS \
+            or CONTROL_CHARS.search(user_id):
+        raise InvalidInput(f"user id must be 1-{MAX_USER_ID_CHARS} printable characters")
+    return user_id
+
+
+def clean_text(value: object, what: str = "text") -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a string")
+    text = CONTROL_CHARS.sub("", value.replace("\r\n", "\n")).strip()
+    if not text:
+        raise InvalidInput(f"{what} is empty")
+    if len(text) > MAX_TEXT_CHARS:
+        raise InvalidInput(f"{what} is {len(text)} characters; the limit is {MAX_TEXT_CHARS}")
+    return text
+
+
+def parse_timestamp(value: object) -> datetime | None:
+    """ISO 8601 (a zone-less time is taken as UTC) or epoch seconds; always returned in UTC."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value) or not 0 <= value < 32503680000:  # up to year 3000
+            raise InvalidInput(f"timestamp {value!r} is not a plausible epoch time in seconds")
+        moment = datetime.fromtimestamp(value, tz=timezone.utc)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            moment = datetime.fromtimestamp(float(text), tz=timezone.utc) if re.fullmatch(r"\d+(\.\d+)?", text) \
+                else datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        except (ValueError, OverflowError, OSError):
+            raise InvalidInput(f"timestamp {value[:40]!r} is neither ISO 8601 nor epoch seconds") from None
+    else:
+        raise InvalidInput("timestamp must be an ISO 8601 string or epoch seconds")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    """One thing to remember: a line of `memory import` JSONL, or the user's side of a turn."""
+
+    text: str
+    speaker: str = "user"
+    timestamp: datetime | None = None
+    meta: dict = field(default_factory=dict)
+    turn_id: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text", clean_text(self.text))
+        speaker = self.speaker if self.speaker is not None else "user"
+        if not isinstance(speaker, str) or not speaker.strip() or len(speaker) > MAX_SPEAKER_CHARS:
+            raise InvalidInput(f"speaker must be a non-empty string of at most {MAX_SPEAKER_CHARS} characters")
+        object.__setattr__(self, "speaker", speaker.strip())
+        object.__setattr__(self, "timestamp", parse_timestamp(self.timestamp))
+        if not isinstance(self.meta, dict):
+            raise InvalidInput("meta must be a JSON object")
+        try:
+            encoded = json.dumps(self.meta, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError):
+            raise InvalidInput("meta must be plain JSON (no NaN, no non-string keys)") from None
+        if len(encoded) > MAX_META_CHARS:
+            raise InvalidInput(f"meta is {len(encoded)} characters of JSON; the limit is {MAX_META_CHARS}")
+        if self.turn_id is not None and (not isinstance(self.turn_id, str) or len(self.turn_id) > 128):
+            raise InvalidInput("turn_id must be a string of at most 128 characters")
+
+    @property
+    def is_evidence(self) -> bool:
+        return self.speaker.lower() not in ASSISTANT_SPEAKERS
+
+    @classmethod
+    def from_json(cls, data: object) -> MemoryItem:
+        """From `{"text", "speaker"?, "timestamp"?, "meta"?}`; raises InvalidInput with the reason."""
+        if not isinstance(data, dict):
+            raise InvalidInput("each memory must be a JSON object")
+        unknown = set(data) - {"text", "speaker", "timestamp", "meta", "turn_id"}
+        if unknown:
+            raise InvalidInput(f"unknown field(s): {', '.join(sorted(map(str, unknown)))[:80]}")
+        if "text" not in data:
+            raise InvalidInput('missing "text"')
+        meta = data.get("meta")
+        return cls(text=data["text"], speaker=data.get("speaker", "user"), timestamp=data.get("timestamp"),
+                   meta={} if meta is None else meta, turn_id=data.get("turn_id"))
+
+
+@dataclass(frozen=True)
+class MemoryHit:
+    """A stored memory as the outside sees it; `score` is higher-is-better (1.0 = top of both retrievers)."""
+
+    id: str
+    text: str
+    score: float
+    meta: dict
+    speaker: str
+    timestamp: str | None
+    turn_id: str | None
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "text": self.text, "score": round(self.score, 4), "meta": self.meta,
+                "speaker": self.speaker, "timestamp": self.timestamp, "turn_id": self.turn_id}
+
+
+@dataclass
+class Record:
+    """The in-process mirror of one stored memory (everything but its vector)."""
+
+    id: str
+    text: str
+    speaker: str
+    evidence: bool
+    seq: int
+    added: float
+    ts: float | None
+    turn_id: str | None
+    meta_json: str
+    signature: str
+    count: int = 1
+
+    @classmethod
+    def from_chroma(cls, memory_id: str, text: str, md: dict) -> Record:
+        return cls(id=memory_id, text=text, speaker=md.get("speaker", "user"), evidence=bool(md.get("evidence", True)),
+                   seq=int(md.get("seq", 0)), added=float(md.get("added", 0.0)), ts=md.get("ts"),
+                   turn_id=md.get("turn_id"), meta_json=md.get("meta", "{}"), signature=md.get("sig", ""),
+                   count=int(md.get("count", 1)))
+
+    def metadata(self) -> dict:
+        """Chroma metadata: scalars only, absent rather than None."""
+        md = {"speaker": self.speaker, "evidence": self.evidence, "seq": self.seq, "added": self.added,
+              "meta": self.meta_json, "sig": self.signature, "count": self.count}
+        if self.ts is not None:
+            md["ts"] = self.ts
+        if self.turn_id:
+            md["turn_id"] = self.turn_id
+        return md
+
+    @property
+    def when(self) -> float:
+        return self.ts if self.ts is not None else self.added
+
+    def hit(self, score: float = 0.0) -> MemoryHit:
+        stamp = datetime.fromtimestamp(self.ts, tz=timezone.utc).isoformat() if self.ts is not None else None
+        return MemoryHit(id=self.id, text=self.text, score=score, meta=json.loads(self.meta_json),
+                         speaker=self.speaker, timestamp=stamp, turn_id=self.turn_id)
+
+
+def signature(text: str, speaker: str, meta_json: str) -> str:
+    """Two items with this in common say the same thing: same content terms, same speaker, same meta."""
+    terms = " ".join(sorted(set(tokenize(text))))
+    return hashlib.sha1(f"{speaker.lower()}\x00{meta_json}\x00{terms}".encode()).hexdigest()[:20]
+
+
+def rrf(rankings: list[list[str]]) -> dict[str, float]:
+    """Reciprocal rank fusion, normalised so that first place in every ranking scores 1.0."""
+    fused: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, key in enumerate(ranking):
+            fused[key] = fused.get(key, 0.0) + 1.0 / (RRF_K + rank + 1)
+    top = len(rankings) / (RRF_K + 1)
+    return {key: score / top for key, score in fused.items()}
+
+
+class UserState:
+    """One user's collection plus its in-process mirror and BM25 index (loaded once, updated in place)."""
+
+    def __init__(self, collection) -> None:
+        self.collection = collection
+        self.records: dict[str, Record] = {}
+        self.by_signature: dict[str, str] = {}
+        self.lexical = LexicalIndex()
+        self.next_seq = 0
+        self.lock = threading.RLock()
+        self._load()
+
+    def _load(self) -> None:
+        start, offset, page = time.perf_counter(), 0, 5000
+        while True:
+            batch = self.collection.get(include=["documents", "metadatas"], limit=page, offset=offset)
+            for memory_id, text, md in zip(batch["ids"], batch["documents"], batch["metadatas"]):
+                self._mirror(Record.from_chroma(memory_id, text or "", md or {}))
+            if len(batch["ids"]) < page:
+                break
+            offset += page
+        if self.records:
+            logger.info("loaded %d memories in %.2f s", len(self.records), time.perf_counter() - start)
+
+    def _mirror(self, record: Record) -> None:
+        self.records[record.id] = record
+        self.by_signature[record.signature] = record.id
+        self.next_seq = max(self.next_seq, record.seq + 1)
+        if record.evidence:
+            self.lexical.add(record.id, record.text)
+
+    def _unmirror(self, memory_id: str) -> Record | None:
+        record = self.records.pop(memory_id, None)
+        if record is not None:
+            if self.by_signature.get(record.signature) == memory_id:
+                del self.by_signature[record.signature]
+            self.lexical.remove(memory_id)
+        return record
+
+
+class MemoryStore:
+    """Everyone's memories in one Chroma (embedded or server); a collection per user, reached via `for_user`."""
+
+    def __init__(self, client, embedder, *, cache_users: int = 32, sync_threshold: int = 1) -> None:
+        self.client = client
+        self.embedder = embedder
+        # HNSW files are rewritten (and Chroma's write log purged) every `sync_threshold` writes; 1 makes a
+        # forgotten vector leave the disk at once, at the price of rewriting the index file on each write
+        self.sync_threshold = sync_threshold
+        self._cache: OrderedDict[str, UserState] = OrderedDict()
+        self._cache_size = cache_users
+        self._lock = threading.Lock()
+        settings = client.get_settings()
+        self.persist_dir = Path(settings.persist_directory) if getattr(settings, "is_persistent", False) else None
+
+    def for_user(self, user_id: str) -> UserMemory:
+        """The one way to reach a user's memories."""
+        return UserMemory(self, check_user_id(user_id))
+
+    def delete_user(self, user_id: str) -> int:
+        """Erase every memory of a user: the collection, its vectors, and their traces on disk."""
+        user_id = check_user_id(user_id)
+        with self._lock:
+            self._cache.pop(user_id, None)
+        name = collection_name(user_id)
+        try:
+            collection = self.client.get_collection(name, embedding_function=None)
+        except Exception:  # chromadb raises NotFoundError or ValueError depending on the client kind
+            return 0
+        self._check_owner(collection, user_id)
+        count = collection.count()
+        self.client.delete_collection(name)
+        self.scrub_disk()
+        logger.info("erased %d memories", count)
+        return count
+
+    # -- internals used by UserMemory ---------------------------------------------------------------
+
+    def _state(self, user_id: str, *, create: bool = True) -> UserState | None:
+        with self._lock:
+            state = self._cache.get(user_id)
+            if state is not None:
+                self._cache.move_to_end(user_id)
+                return state
+        collection = self._collection(user_id, create=create)
+        if collection is None:
+            return None
+        state = UserState(collection)
+        with self._lock:
+            state = self._cache.setdefault(user_id, state)
+            self._cache.move_to_end(user_id)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return state
+
+    def _collection(self, user_id: str, *, create: bool):
+        name = collection_name(user_id)
+        try:
+            if not create:
+                try:
+                    collection = self.client.get_collection(name, embedding_function=None)
+                except Exception:
+                    return None
+            else:
+                collection = self.client.get_or_create_collection(
+                    name, embedding_function=None, metadata={"owner": user_id, "kind": "rapport.memory"},
+                    # inner product on unit vectors is cosine, and keeps stored vectors byte-exact (checkable)
+                    configuration={"hnsw": {"space": "ip", "sync_threshold": self.sync_threshold}})
+        except Exception as exc:
+            raise StoreUnavailable(f"memory store unavailable: {exc}") from exc
+        self._check_owner(collection, user_id)
+        return collection
+
+    @staticmethod
+    def _check_owner(collection, user_id: str) -> None:
+        owner = (collection.metadata or {}).get("owner")
+        if owner != user_id:  # a hash collision or a foreign collection: refuse rather than mix users
+            raise StoreUnavailable(f"memory collection {collection.name} belongs to another owner")
+
+    def _forget_state(self, user_id: str) -> None:
+        with self._lock:
+            self._cache.pop(user_id, None)
+
+    def scrub_disk(self) -> None:
+        """Make deletions final in the embedded store: Chroma leaves deleted rows in SQLite free pages and its
+        full-text index, and a dropped collection's HNSW directory on disk, until something compacts them."""
+        if self.persist_dir is None:
+            return  # a Chroma server compacts its own storage
+        database = self.persist_dir / "chroma.sqlite3"
+        try:
+            with sqlite3.connect(database, timeout=30) as conn:
+                live = {row[0] for row in conn.execute("SELECT id FROM segments")}
+                try:
+                    conn.execute("INSERT INTO embedding_fulltext_search(embedding_fulltext_search) VALUES('optimize')")
+                except sqlite3.OperationalError as exc:
+                    logger.warning("full-text index not optimised: %s", exc)
+            conn.close()
+            for path in self.persist_dir.iterdir():
+                if path.is_dir() and UUID_DIR.match(path.name) and path.name not in live:
+                    shutil.rmtree(path, ignore_errors=True)  # the HNSW files of a dropped collection
+            conn = sqlite3.connect(database, timeout=30, isolation_level=None)
+            try:
+                conn.execute("VACUUM")
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"could not compact the memory store after erasure: {exc}") from exc
+
+
+class UserMemory:
+    """One user's memories; bound to that user at construction."""
+
+    def __init__(self, store: MemoryStore, user_id: str) -> None:
+        self._store = store
+        self._user_id = user_id
+
+    @property
+    def user_id(self) -> str:
+        return self._user_id
+
+    def _state(self, create: bool = True) -> UserState | None:
+        return self._store._state(self._user_id, create=create)
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def add(self, items: list[MemoryItem]) -> list[str]:
+        """Store items (one id per item, in order); an item saying what a stored one says merges into it."""
+        if not items:
+            return []
+        for item in items:
+            if not isinstance(item, MemoryItem):
+                raise InvalidInput("add() takes MemoryItem objects")
+        state = self._state()
+        vectors = self._store.embedder.embed([item.text for item in items])  # (N, 384), unit length
+        with state.lock:
+            return self._write(state, items, vectors)
+
+    def _write(self, state: UserState, items: list[MemoryItem], vectors: np.ndarray) -> list[str]:
+        now = time.time()
+        ids: list[str] = []
+        fresh: dict[str, tuple[Record, np.ndarray]] = {}
+        merged: dict[str, tuple[Record, np.ndarray]] = {}
+        for item, vector in zip(items, vectors):
+            meta_json = json.dumps(item.meta, ensure_ascii=False)
+            sig = signature(item.text, item.speaker, meta_json)
+            ts = item.timestamp.timestamp() if item.timestamp else None
+            same = state.by_signature.get(sig)
+            pending = fresh.get(same) if same else None
+            if same and (pending is not None or self._close(state, same, vector)):
+                record = pending[0] if pending else merged[same][0] if same in merged else state.records[same]
+                record.count += 1
+                if ts is not None and (record.ts is None or ts >= record.ts):
+                    record.ts, record.text, record.turn_id = ts, item.text, item.turn_id or record.turn_id
+                    if pending is not None:
+                        fresh[same] = (record, vector)
+                    else:
+                        merged[same] = (record, vector)  # the newest wording, with its own vector
+                elif pending is None and same not in merged:
+                    merged[same] = (record, None)
+                ids.append(same)
+                continue
+            record = Record(id=uuid.uuid4().hex, text=item.text, speaker=item.speaker, evidence=item.is_evidence,
+                            seq=state.next_seq, added=now, ts=ts, turn_id=item.turn_id, meta_json=meta_json,
+                            signature=sig)
+            state.next_seq += 1
+            state.by_signature[sig] = record.id
+            fresh[record.id] = (record, vector)
+            ids.append(record.id)
+        batch = self._store.client.get_max_batch_size()
+        rows = list(fresh.values())
+        try:
+            for start in range(0, len(rows), batch):
+                chunk = rows[start:start + batch]
+                state.collection.add(ids=[r.id for r, _ in chunk], embeddings=np.stack([v for _, v in chunk]),
+                                     documents=[r.text for r, _ in chunk], metadatas=[r.metadata() for r, _ in chunk])
+            for key, (record, vector) in merged.items():
+                if vector is None:  # only the count changed
+                    state.collection.update(ids=[key], metadatas=[record.metadata()])
+                else:
+                    state.collection.update(ids=[key], embeddings=[vector], documents=[record.text],
+                                            metadatas=[record.metadata()])
+        except Exception as exc:
+            self._store._forget_state(self._user_id)  # the mirror may be ahead of the store: reload next time
+            raise StoreUnavailable(f"memory store write failed: {exc}") from exc
+        for record, _ in rows:
+            state._mirror(record)
+        for record, _ in merged.values():
+            if record.evidence:
+                state.lexical.add(record.id, record.text)  # the newest wording
+        return ids
+
+    def _close(self, state: UserState, memory_id: str, vector: np.ndarray) -> bool:
+        """Whether a stored memory's vector is close enough to be the same statement."""
+        got = state.collection.get(ids=[memory_id], include=["embeddings"])
+        if not len(got["ids"]):
+            return False
+        return float(np.dot(np.asarray(got["embeddings"][0], dtype=np.float32), vector)) >= DUPLICATE_COSINE
+
+    def remember_turn(self, *, turn_id: str, user_text: str, reply: str, timestamp: datetime) -> list[str]:
+        """Keep the user's side of a finished turn; the reply is the assistant's, never evidence, so not kept.
+        Greetings and thanks (no content terms) are not worth remembering; long messages are split."""
+        text = CONTROL_CHARS.sub("", user_text or "").strip()
+        if not tokenize(text):
+            return []
+        items = [MemoryItem(text=chunk, speaker="user", timestamp=timestamp, turn_id=turn_id)
+                 for chunk in split_text(text)]
+        return self.add(items)
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def search(self, query: str, k: int = 5, *, mode: str = "hybrid") -> list[MemoryHit]:
+        """The user's own statements that best match `query`, best first: BM25 and dense ranks fused (RRF);
+        `mode` "dense" or "lexical" uses one retriever alone (for benchmarks)."""
+        query = clean_text(query, "query")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 100:
+            raise InvalidInput("k must be an integer from 1 to 100")
+        if mode not in ("hybrid", "dense", "lexical"):
+            raise InvalidInput(f"unknown search mode {mode!r}")
+        state = self._state(create=False)
+        if state is None or not state.records:
+            return []
+        return [state.records[key].hit(score) for key, score in self._ranked(state, query, k, mode)]
+
+    def _ranked(self, state: UserState, query: str, k: int, mode: str = "hybrid") -> list[tuple[str, float]]:
+        wanted = max(CANDIDATES, 2 * k)
+        rankings = []
+        if mode != "lexical":
+            rankings.append(self._dense(state, query, wanted))
+        if mode != "dense":
+            rankings.append([key for key, _ in state.lexical.search(query, wanted)])
+        fused = rrf(rankings)
+        ranked = sorted(fused.items(), key=lambda kv: (-kv[1], -state.records[kv[0]].when))
+        return ranked[:k]
+
+    def _dense(self, state: UserState, query: str, wanted: int) -> list[str]:
+        vector = self._store.embedder.embed_one(query)
+        # over-fetch: assistant lines are in the index too and are dropped here rather than by a `where`
+        # filter, which makes Chroma scan
+        n = min(len(state.records), wanted + (len(state.records) - len(state.lexical)))
+        try:
+            result = state.collection.query(query_embeddings=[vector], n_results=max(n, 1), include=["distances"])
+        except Exception as exc:
+            raise StoreUnavailable(f"memory search failed: {exc}") from exc
+        return [key for key in result["ids"][0] if key in state.records and state.records[key].evidence][:wanted]
+
+    def recall(self, query: str, *, k: int = 6) -> list[MemoryHit]:
+        """What goes into the prompt for this turn: the best `k` of the user's own statements."""
+        try:
+            query = clean_text(query[:MAX_TEXT_CHARS] if isinstance(query, str) else query, "query")
+        except InvalidInput:
+            return []
+        return self.search(query, k=max(1, min(k, 100)))
+
+    def list(self, limit: int | None = None) -> list[MemoryHit]:
+        """Everything stored for this user, newest first."""
+        state = self._state(create=False)
+        if state is None:
+            return []
+        records = sorted(state.records.values(), key=lambda r: (r.when, r.seq), reverse=True)
+        return [record.hit(1.0) for record in records[:limit]]
+
+    def export(self) -> list[dict]:
+        """Everything stored for this user as JSON-able dicts, oldest first."""
+        return [{key: value for key, value in hit.to_json().items() if key != "score"} for hit in reversed(self.list())]
+
+    # -- forgetting ---------------------------------------------------------------------------------
+
+    def forget(self, memory_id: str) -> None:
+        """Forget one memory of this user; NotFound if this user has no memory with that id."""
+        if not isinstance(memory_id, str) or not memory_id or len(memory_id) > 128:
+            raise NotFound("no such memory")
+        state = self._state(create=False)
+        if state is None or memory_id not in state.records:
+            raise NotFound(f"no memory {memory_id[:40]!r}")
+        with state.lock:
+            try:
+                # overwrite first: HNSW only marks a deleted vector, so its bytes would otherwise stay on disk
+                state.collection.update(ids=[memory_id], embeddings=[ERASED_VECTOR],
+                                        documents=["-"], metadatas=[{"erased": True}])
+                state.collection.delete(ids=[memory_id])
+            except Exception as exc:
+                self._store._forget_state(self._user_id)
+                raise StoreUnavailable(f"memory store write failed: {exc}") from exc
+            state._unmirror(memory_id)
+        self._store.scrub_disk()
+
+    def forget_all(self) -> int:
+        """Forget every memory of this user; returns how many there were."""
+        return self._store.delete_user(self._user_id)
+
+
+def split_text(text: str, limit: int = MAX_TEXT_CHARS) -> list[str]:
+    """Pieces of at most `limit` characters, cut at whitespace where possible."""
+    pieces = []
+    while len(text) > limit:
+        cut = text.rfind(" ", 0, limit)
+        cut = cut if cut > limit // 2 else limit
+        pieces.append(text[:cut].strip())
+        text = text[cut:].strip()
+    if text:
+        pieces.append(text)
+    return pieces
+
+
+def parse_jsonl(data: bytes) -> list[MemoryItem]:
+    """All items of a `memory import` file, or InvalidInput naming the first bad line (nothing half-imported)."""
+    items = []
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise InvalidInput(f"line {number}: not UTF-8 text") from None
+        if not line:
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            raise InvalidInput(f"line {number}: not JSON ({exc.msg})") from None
+        try:
+            items.append(MemoryItem.from_json(value))
+        except InvalidInput as exc:
+            raise InvalidInput(f"line {number}: {exc}") from None
+    return items

@@ -163,8 +163,12 @@ class TelegramBot:
 
     async def on_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Drop an update already handled (a redelivery) and anyone not on the allowlist."""
-        first = await asyncio.to_thread(self.services.store.claim_event, channel=CHANNEL,
-                                        event_id=str(update.update_id))
+        try:
+            first = await asyncio.to_thread(self.services.store.claim_event, channel=CHANNEL,
+                                            event_id=str(update.update_id))
+        except StoreUnavailable as exc:  # nothing can be answered or recorded: say so once, and stop here
+            await self.on_error(update, _ErrorContext(exc, context.bot))
+            raise ApplicationHandlerStop from exc
         if not first:
             logger.info("update %s was handled before; skipping it", update.update_id)
             raise ApplicationHandlerStop
@@ -420,6 +424,14 @@ class TelegramBot:
                 Conversation.user_id == user_id, Conversation.id.startswith(prefix, autoescape=True))).all()
         numbers = [int(i[len(prefix):]) for i in ids if i[len(prefix):].isdigit()]
         return max(numbers, default=1)
+
+
+@dataclass
+class _ErrorContext:
+    """The part of a callback context `on_error` reads, for errors caught before a handler runs."""
+
+    error: BaseException
+    bot: object = None
 
 
 def _field(item: object, name: str) -> str:

@@ -77,8 +77,17 @@ def _plain(segment: str) -> str:
 class Call:
     method: str
     params: dict[str, Any]
-    at: float
+    at: float  # when it arrived
     status: int = 200
+    done: float = 0.0  # when it was answered
+    result: Any = None
+
+    @property
+    def message_id(self) -> int | None:
+        """The message this call sent or edited."""
+        if isinstance(self.result, dict) and "message_id" in self.result:
+            return self.result["message_id"]
+        return self.params.get("message_id")
 
 
 @dataclass
@@ -236,6 +245,13 @@ class Standin:
         """Every request gets 502 Bad Gateway for the next `seconds`."""
         self._outage_until = time.monotonic() + seconds
 
+    def down(self, seconds: float) -> threading.Timer:
+        """The server goes away (connections refused) and comes back on the same port after `seconds`."""
+        self.stop()
+        timer = threading.Timer(seconds, self.start)
+        timer.start()
+        return timer
+
     # -- what tests read --------------------------------------------------------------------------
 
     def calls_to(self, method: str, chat_id: int | None = None, *, ok_only: bool = True) -> list[Call]:
@@ -281,12 +297,13 @@ class Standin:
                 raise ApiError(404, "Not Found")
             result = await handler(params)
             body, status = {"ok": True, "result": result}, 200
+            call.result = result
         except ApiError as exc:
             body = {"ok": False, "error_code": exc.code, "description": exc.description}
             if exc.parameters:
                 body["parameters"] = exc.parameters
             status = exc.code
-        call.status = status
+        call.status, call.done = status, time.monotonic()
         # ASCII-escaped like Telegram's own JSON, so even a lone surrogate in a message travels intact.
         await Response(json.dumps(body), status, media_type="application/json")(scope, receive, send)
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -16,6 +17,7 @@ import pytest
 from telegram import Bot
 
 from bot.telegram import COMMANDS, TelegramBot, Webhook, run_bot
+from bot.telegram_net import RetryingRequest
 from bot.telegram_format import MESSAGE_LIMIT, split_message, to_html, utf16_len
 from bot.telegram_stream import ReplyStream
 from dialogue.manager import Context
@@ -309,33 +311,54 @@ async def test_a_429_is_answered_by_waiting_retry_after(services, standin):
 
 async def test_a_bot_api_outage_of_a_few_seconds_delays_replies_but_loses_none(services, standin):
     async with Running(services, standin):
-        standin.outage(3.0)
-        standin.message("Hello!", chat_id=ANN)  # delivered once polling gets through
-        await asyncio.sleep(3.5)
+        standin.outage(3.0)  # Telegram answers 502 to everything
+        standin.message("Hello!", chat_id=ANN)
+        await wait_replies(standin, ANN, 1, timeout=40)
+        standin.fail("sendMessage", 3, code=502, chat_id=ANN)  # the reply itself fails three times
         standin.message("Can you help me plan a trip?", chat_id=ANN)
-        standin.outage(2.0)  # this one hits the reply itself
         await wait_replies(standin, ANN, 2, timeout=40)
-    failed = [c for c in standin.calls if c.status == 502]
-    assert {c.method for c in failed} >= {"getUpdates"}
-    assert len(services.store.export_user(f"telegram:{ANN}")["turns"]) == 2
-    assert len(replies(standin, ANN)) == 2
+        standin.down(2.0).join()  # the server is gone: connections are refused
+        standin.message("Thank you, goodbye!", chat_id=ANN)
+        await wait_replies(standin, ANN, 3, timeout=40)
+    assert {c.method for c in standin.calls if c.status == 502} >= {"getUpdates", "sendMessage"}
+    sends = standin.calls_to("sendMessage", ANN, ok_only=False)
+    assert [c.status for c in sends].count(502) == 3
+    assert len(services.store.export_user(f"telegram:{ANN}")["turns"]) == 3
+    assert len(replies(standin, ANN)) == 3 and len(standin.calls_to("sendMessage", ANN)) == 3
+
+
+async def test_a_call_is_retried_until_the_bot_api_is_reachable_again():
+    standin = Standin(token=TOKEN)  # not listening yet: connections are refused
+    threading.Timer(1.5, standin.start).start()
+    try:
+        started = time.monotonic()
+        async with Bot(TOKEN, base_url=standin.base_url, request=RetryingRequest(retry_budget=20)) as bot:
+            await bot.send_message(ANN, "hello")
+        assert time.monotonic() - started >= 1.0
+        assert [m.text for m in standin.sent_to(ANN)] == ["hello"]
+    finally:
+        await asyncio.sleep(0.1)
+        standin.stop()
 
 
 async def test_two_chats_are_served_at_once_and_one_chat_in_order(services, standin):
-    standin.delay("sendChatAction", 2.0, chat_id=ANN)  # Ann's reply is held up at its very start
+    standin.delay("sendMessage", 2.0, chat_id=ANN)  # Ann's reply is held up at its first message
     async with Running(services, standin):
         standin.message("Hello!", chat_id=ANN)
         standin.message("Hello!", chat_id=BEN)
         standin.message("Thank you, goodbye!", chat_id=BEN)
         await wait_replies(standin, ANN)
         await wait_replies(standin, BEN, 2)
-    ann_done = standin.calls_to("sendMessage", ANN)[0].at
-    ben_sends = standin.calls_to("sendMessage", BEN)
-    assert ben_sends[0].at < ann_done  # Ben did not wait for Ann
+    ann_first_shown = standin.calls_to("sendMessage", ANN)[0].done
+    ben_calls = standin.calls_to("sendMessage", BEN) + standin.calls_to("editMessageText", BEN)
+    assert max(c.done for c in ben_calls) < ann_first_shown  # both of Ben's replies went out while Ann waited
     ben_turns = services.store.export_user(f"telegram:{BEN}")["turns"]
     assert [t["user_text"] for t in ben_turns] == ["Hello!", "Thank you, goodbye!"]
     first, second = replies(standin, BEN)
     assert first.message_id < second.message_id
+    first_done = max(c.done for c in ben_calls if c.message_id == first.message_id)
+    second_began = min(c.at for c in ben_calls if c.message_id == second.message_id)
+    assert first_done <= second_began  # Ben's second reply began after his first was complete
 
 
 async def test_a_redelivered_update_is_answered_once_across_a_restart(services, standin):
@@ -495,3 +518,21 @@ async def test_memory_lists_and_forgets_only_my_memories(services, standin):
     assert texts[1].startswith("no memory") and texts[2] == "Forgotten."
     assert texts[3].startswith("Forgot everything") and texts[4] == "I don't remember anything about you yet."
     assert [m.id for m in services.memory.for_user(f"telegram:{BEN}").list()] == [ben_id]
+
+
+async def test_a_store_outage_gets_one_apology_and_no_crash(services, standin):
+    from dialogue.errors import StoreUnavailable
+
+    def unavailable(**kwargs):
+        raise StoreUnavailable("transcript store is unavailable: disk I/O error")
+
+    async with Running(services, standin):
+        services.store.claim_event = unavailable  # the database is gone for this one update
+        standin.message("Hello!", chat_id=ANN)
+        await standin.wait_for(lambda: standin.sent_to(ANN), what="the apology")
+        del services.store.claim_event
+        standin.message("Hello again!", chat_id=ANN)
+        await wait_replies(standin, ANN)
+    texts = [m.text for m in standin.sent_to(ANN)]
+    assert texts[0] == "Sorry, I can't reach my memory right now. Please try again in a moment."
+    assert len(services.store.export_user(f"telegram:{ANN}")["turns"]) == 1

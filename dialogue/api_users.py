@@ -16,7 +16,7 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from dialogue.api_auth import AdminDep, CallerDep
-from dialogue.errors import InvalidInput, StoreUnavailable
+from dialogue.errors import InvalidInput, NotFound, StoreUnavailable
 from dialogue.manager import ID_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -150,32 +150,38 @@ async def search_faq(request: Request, q: QueryText, caller: CallerDep, k: K = 5
 # -- adapters (admin) --------------------------------------------------------------------------------
 
 def _registry(request: Request):
+    """The adapter registry, or None while this build has none (nothing has been trained yet)."""
     try:
         from training.registry import Registry
-    except ImportError as exc:
-        raise StoreUnavailable("the adapter registry is not installed in this build") from exc
-    return Registry(request.app.state.services.settings)
+    except ImportError:
+        return None
+    return Registry(request.app.state.services.settings.adapters_dir)
 
 
 @router.get("/adapters")
 async def list_adapters(request: Request, caller: CallerDep) -> list[dict]:
     """Adapter versions: `[{"version", "status", "metrics", "created_at"}]`."""
     registry = _registry(request)
-    return [v.to_json() if hasattr(v, "to_json") else v for v in await run(registry.list)]
+    if registry is None:
+        return []
+    return await run(registry.list)
 
 
 @router.post("/adapters/{version}/promote")
 async def promote_adapter(request: Request, version: Version, caller: AdminDep, body: PromoteIn | None = None) -> dict:
     """Serve `version` to everyone, or to a sticky share of users."""
     registry = _registry(request)
-    share = body.share if body else 1.0
-    result = await run(registry.promote, version, share=share)
-    return result.to_json() if hasattr(result, "to_json") else {"version": version, "share": share}
+    if registry is None:
+        raise NotFound(f"no adapter version {version!r}")
+    share = body.share if body else None
+    promoted = await run(registry.promote, version, share)
+    return promoted.public(share)
 
 
 @router.post("/adapters/rollback")
 async def rollback_adapter(request: Request, caller: AdminDep) -> dict:
     """Back to the previous active version."""
     registry = _registry(request)
-    result = await run(registry.rollback)
-    return result.to_json() if hasattr(result, "to_json") else {"rolled_back": True}
+    if registry is None:
+        raise NotFound("no adapter version to roll back to")
+    return await run(registry.rollback)

@@ -76,9 +76,10 @@ def bench_gen(prompt_tokens: int, new_tokens: int, concurrency: int, repeats: in
 from bot.cli_telegram import telegram_command  # noqa: E402
 
 cli.add_command(telegram_command)
-from bot.cli_serve import serve  # noqa: E402
+from bot.cli_serve import bench_serve, serve  # noqa: E402
 
 cli.add_command(serve)
+bench.add_command(bench_serve)
 from bench.memory import bench_memory  # noqa: E402
 from bot.cli_memory import memory_group  # noqa: E402
 

@@ -67,3 +67,16 @@ def serve(host: str, port: int, log_level: str) -> None:
                     access_log=False, timeout_graceful_shutdown=10)
     finally:
         services.close()
+
+
+@click.command("serve")
+@click.option("--conversations", default=16, show_default=True, type=click.IntRange(1, 256))
+@click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(1, 3600), help="seconds")
+@click.option("--new-tokens", default=48, show_default=True, type=click.IntRange(1, 4096), help="reply budget")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
+def bench_serve(conversations: int, duration: float, new_tokens: int, as_json: bool) -> None:
+    """API load: concurrent conversations against a real `rapport serve`; throughput, p50/p95, errors."""
+    from bench.serve import run
+    from bot.cli_common import emit_json
+
+    emit_json(run(load_settings(), conversations=conversations, duration_s=duration, new_tokens=new_tokens))

@@ -45,7 +45,7 @@ def telegram_command(token: str | None, base_url: str | None, webhook_url: str |
     """Run the Telegram bot until Ctrl-C or SIGTERM."""
     from telegram.error import InvalidToken
 
-    from bot.telegram import TelegramBot, Webhook, run_bot
+    from bot.telegram import TelegramBot, Webhook
     from dialogue.services import open_services
 
     settings = load_settings()

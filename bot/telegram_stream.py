@@ -36,10 +36,6 @@ class ReplyStream:
         self._last = 0.0
         self.started = asyncio.Event()  # set when the first message is out
 
-    @property
-    def text_so_far(self) -> str:
-        return self._rest
-
     async def add(self, chunk: str) -> None:
         """Take more text; shows it when the last update is at least `interval` old."""
         self._rest += chunk

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -536,3 +535,25 @@ async def test_a_store_outage_gets_one_apology_and_no_crash(services, standin):
     texts = [m.text for m in standin.sent_to(ANN)]
     assert texts[0] == "Sorry, I can't reach my memory right now. Please try again in a moment."
     assert len(services.store.export_user(f"telegram:{ANN}")["turns"]) == 1
+
+
+@pytest.mark.e2e
+async def test_the_real_model_streams_a_reply_into_a_growing_message(real_home, standin):
+    from dialogue.settings import Settings
+
+    settings = Settings(home=real_home, max_new_tokens=64, temperature=0.0, telegram_edit_interval=0.3)
+    opened = open_services(settings)
+    try:
+        await opened.backend.ready()
+        async with Running(opened, standin):
+            pushed = time.monotonic()
+            standin.message("Can you help me plan a trip to Porto?", chat_id=ANN)
+            [reply] = await wait_replies(standin, ANN, timeout=120)
+            finished = time.monotonic()
+    finally:
+        opened.close()
+    first = standin.calls_to("sendMessage", ANN)[0]
+    edits = standin.calls_to("editMessageText", ANN)
+    assert len(reply.text.split()) >= 5
+    assert len(edits) >= 2 and first.at < edits[-1].at  # shown early, then grown
+    print(f"\nfirst message after {first.at - pushed:.2f} s, {len(edits)} edits, complete after {finished - pushed:.2f} s")

@@ -85,6 +85,11 @@ from bot.cli_memory import memory_group  # noqa: E402
 
 bench.add_command(bench_memory)
 cli.add_command(memory_group)
+from bench.faq import bench_faq  # noqa: E402
+from bot.cli_faq import faq_group  # noqa: E402
+
+bench.add_command(bench_faq)
+cli.add_command(faq_group)
 
 
 def main() -> None:

@@ -285,6 +285,7 @@ class FaqIndex:
         if entries:
             import bm25s
 
+            logging.getLogger("bm25s").setLevel(logging.WARNING)  # it sets itself to DEBUG on import
             bm25 = bm25s.BM25()
             bm25.index([content_words(t) or ["_"] for t in texts], show_progress=False)
         surfaces = [sorted({w for w in WORD.findall(t.lower().replace("'", "")) if w not in STOPWORDS}) for t in texts]

@@ -75,7 +75,7 @@ EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
 URL = re.compile(r"\b(?:https?://|www\.)\S+|\b[\w-]+(?:\.[\w-]+)*\.(?:com|org|net|example|co\.uk|io|shop)(?:/\S*)?\b",
                  re.IGNORECASE)
 PHONE = re.compile(r"(?<![\w£$€])\+?\d[\d ()\-]{5,}\d(?![\w%])")
-MONEY = re.compile(r"[£$€]\s?\d[\d,]*(?:\.\d+)?|\b\d[\d,]*(?:\.\d+)?\s?(?:pounds?|euros?|dollars?|pence|p\b|gbp|eur|usd)",
+MONEY = re.compile(r"[£$€]\s?\d(?:[\d,]*\d)?(?:\.\d+)?|\b\d(?:[\d,]*\d)?(?:\.\d+)?\s?(?:pounds?|euros?|dollars?|pence|p\b|gbp|eur|usd)",
                    re.IGNORECASE)
 TIME = re.compile(r"\b(\d{1,2})(?:[:.](\d{2}))?\s?(am|pm|a\.m\.|p\.m\.)|\b(\d{1,2})[:.](\d{2})\b", re.IGNORECASE)
 MONTHS = ("january|february|march|april|may|june|july|august|september|october|november|december|"

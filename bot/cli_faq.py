@@ -1,0 +1,84 @@
+"""`rapport faq import|list|search|ask`: the business FAQ from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from bot.cli_common import emit_json, services
+
+
+@click.group("faq")
+def faq_group() -> None:
+    """The business FAQ: import entries, list them, search them."""
+
+
+@faq_group.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help='print {"added", "updated", "unchanged"}')
+def import_faq(file: Path, as_json: bool) -> None:
+    """Import FILE (.csv id,question,answer[,tags] · .jsonl · .md); upsert by id, a bad file imports nothing."""
+    from memory.faq import parse_faq_file
+
+    entries = parse_faq_file(file)  # validated whole before the store is even opened
+    with services() as opened:
+        result = opened.faq.upsert(entries)
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"{file.name}: {len(entries)} entries ({result['added']} added, {result['updated']} updated, "
+                   f"{result['unchanged']} unchanged)")
+
+
+@faq_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help='a JSON list of {"id", "question", "answer", "tags", "alternates"}')
+def list_faq(as_json: bool) -> None:
+    """Every entry, in import order."""
+    with services() as opened:
+        entries = opened.faq.list()
+    if as_json:
+        emit_json([entry.to_json() for entry in entries])
+        return
+    if not entries:
+        click.echo("the FAQ is empty: add entries with `rapport faq import FILE`")
+    for entry in entries:
+        click.echo(f"{entry.id}\t{entry.question}")
+
+
+@faq_group.command("search")
+@click.argument("query")
+@click.option("--k", default=5, show_default=True, type=click.IntRange(1, 50))
+@click.option("--json", "as_json", is_flag=True, help='a JSON list of {"id", "text", "score", "meta"}, best first')
+def search_faq(query: str, k: int, as_json: bool) -> None:
+    """The entries that best answer QUERY, one per id, best first."""
+    with services() as opened:
+        hits = opened.faq.search(query, k=k)
+    if as_json:
+        emit_json([hit.to_json() for hit in hits])
+        return
+    if not hits:
+        click.echo("the FAQ is empty")
+    for hit in hits:
+        click.echo(f"{hit.score:.3f}  {hit.id}  {hit.question}\n       {hit.answer}")
+
+
+@faq_group.command("ask")
+@click.argument("message")
+@click.option("--json", "as_json", is_flag=True, help='print {"level", "confidence", "reply", "handoff", "sources"}')
+def ask_faq(message: str, as_json: bool) -> None:
+    """What the assistant would do with MESSAGE: answer from the FAQ, ground on it, hand off, or just chat."""
+    from memory.faq import grounded_reply
+
+    with services() as opened:
+        decision = opened.faq.decide(message)
+    reply = grounded_reply(decision)
+    if as_json:
+        emit_json({"level": decision.level, "confidence": round(decision.confidence, 4), "reply": reply,
+                   "handoff": decision.handoff, "sources": decision.sources()})
+        return
+    click.echo(f"{decision.level} (confidence {decision.confidence:.2f})")
+    if reply:
+        click.echo(reply)
+    for source in decision.sources():
+        click.echo(f"  source: faq {source['id']} ({source['score']:.3f})")

@@ -8,6 +8,7 @@ from functools import cached_property
 
 from dialogue.backend import Backend, open_backend
 from dialogue.manager import DialogueManager
+from dialogue.recall import TurnRecall
 from dialogue.settings import Settings
 from dialogue.store import TranscriptStore
 from memory.chroma import ChromaHandle, open_chroma
@@ -58,11 +59,18 @@ class Services:
 
     def export_user(self, user_id: str) -> dict:
         """Everything stored about a user, as one JSON-able document."""
-        return {"user_id": user_id, **self.store.export_user(user_id)}
+        return {
+            "user_id": user_id,
+            "persona": self.personas.get(user_id).to_json(),
+            "memories": self.memory.for_user(user_id).export(),
+            **self.store.export_user(user_id),
+        }
 
     def erase_user(self, user_id: str) -> dict[str, int]:
-        """Erase every record about a user; returns what went, by kind."""
-        return self.store.delete_user(user_id)
+        """Erase every record about a user (memories, persona, transcripts, ratings); returns counts by kind."""
+        counts = {"memories": self.memory.delete_user(user_id)}
+        counts.update(self.store.delete_user(user_id))
+        return counts
 
     def close(self) -> None:
         for close in reversed(self.closers):
@@ -81,5 +89,9 @@ def open_services(settings: Settings | None = None, *, backend: Backend | None =
     store = TranscriptStore(settings.db_url)
     backend = backend or open_backend(settings, eager=load_model)
     manager = DialogueManager(settings, backend, store)
-    return Services(settings=settings, backend=backend, store=store, manager=manager,
-                    closers=[store.close, backend.close])
+    services = Services(settings=settings, backend=backend, store=store, manager=manager,
+                        closers=[store.close, backend.close])
+    recall = TurnRecall(services)
+    manager.recall = recall
+    manager.after_turn_hooks.append(recall.remember)
+    return services

@@ -1,0 +1,103 @@
+"""Recall for one turn: the user's persona, their memories and the FAQ's verdict, as a `Context`.
+
+The user id reaches the memory store only through `MemoryStore.for_user`, once, here; nothing else in a
+turn can name another user's memories.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from dialogue.manager import Context, Source
+from dialogue.settings import Settings
+from dialogue.store import Turn
+
+if TYPE_CHECKING:
+    from dialogue.services import Services
+
+logger = logging.getLogger(__name__)
+
+VERBOSITY_TOKENS = {"short": 0.35, "normal": 1.0, "detailed": 2.0}  # × max_new_tokens
+MEMORY_BUDGET_TOKENS = 320  # of the prompt, for what the user told us before
+GROUNDING_ENTRIES = 3
+
+
+@dataclass
+class TurnRecall:
+    """The dialogue manager's `recall` hook and the after-turn memory write, bound to one process's stores."""
+
+    services: Services  # its stores open on first use: a command that never talks never opens Chroma
+
+    @property
+    def settings(self) -> Settings:
+        return self.services.settings
+
+    async def __call__(self, user_id: str, text: str) -> Context:
+        persona, memories, decision = await asyncio.gather(
+            asyncio.to_thread(self._persona, user_id, text),
+            asyncio.to_thread(self._memories, user_id, text),
+            asyncio.to_thread(self._faq, text),
+        )
+        context = Context(persona=persona.to_json())
+        if persona.verbosity in VERBOSITY_TOKENS and persona.verbosity != "normal":
+            context.max_new_tokens = max(24, int(self.settings.max_new_tokens * VERBOSITY_TOKENS[persona.verbosity]))
+        context.memories = [{"id": m.id, "text": m.text, "timestamp": m.timestamp} for m in memories]
+        context.sources = [Source("memory", m.id, round(m.score, 4)) for m in memories]
+        if decision is not None:
+            self._apply_faq(context, decision)
+        return context
+
+    def _persona(self, user_id: str, text: str):
+        self.services.personas.learn(user_id, text)  # what the user just said counts for this very reply
+        return self.services.personas.get(user_id)
+
+    def _memories(self, user_id: str, text: str) -> list:
+        hits = self.services.memory.for_user(user_id).recall(text)
+        kept, used = [], 0
+        for hit in hits:  # best first: keep what fits the budget
+            cost = self.services.backend.count_tokens(hit.text) + 4
+            if used + cost > MEMORY_BUDGET_TOKENS:
+                continue
+            kept.append(hit)
+            used += cost
+        return kept
+
+    def _faq(self, text: str):
+        faq = self.services.faq
+        return None if faq.is_empty() else faq.decide(text)
+
+    def _apply_faq(self, context: Context, decision) -> None:
+        from memory.faq import grounded_reply, ungrounded_facts
+
+        if decision.level == "none":
+            return
+        hits = decision.hits[:GROUNDING_ENTRIES] if decision.level == "ground" else decision.hits[:1]
+        context.sources = [Source("faq", h.id, round(h.score, 4)) for h in hits] + context.sources
+        context.faq = [{"id": h.id, "question": h.question, "answer": h.answer} for h in hits]
+        if decision.level in ("answer", "unknown"):
+            context.answer = grounded_reply(decision)
+            context.handoff = decision.level == "unknown"
+            if context.handoff:
+                context.faq, context.sources = [], [s for s in context.sources if s.kind != "faq"]
+            return
+
+        def check(reply: str) -> str | None:
+            invented = ungrounded_facts(reply, hits)
+            if invented:  # a number, price, date or phone found in no entry: show the entry itself
+                logger.info("reply invented %s; answering from FAQ entry %s", invented, hits[0].id)
+                return hits[0].answer
+            return None
+
+        context.check = check
+
+    async def remember(self, turn: Turn) -> None:
+        """After a turn: what the user said becomes evidence in their memory (the reply is context only)."""
+        if turn.finish_reason == "agent":
+            return
+        when = turn.created_at if turn.created_at.tzinfo else turn.created_at.replace(tzinfo=UTC)
+        await asyncio.to_thread(self.services.memory.for_user(turn.user_id).remember_turn, turn_id=turn.id,
+                                user_text=turn.user_text, reply=turn.reply, timestamp=when or datetime.now(UTC))

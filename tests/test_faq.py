@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -301,10 +300,15 @@ def test_cli_import_list_search_ask(home):
     assert "phone" in runner.invoke(faq_group, ["list"]).output
 
 
-def test_cli_errors_are_one_line(home, tmp_path):
+def test_cli_errors_are_one_line(home, tmp_path, monkeypatch, capsys):
+    from bot.cli import main
+
     bad = write(tmp_path, "bad.jsonl", '{"id": "a", "question": "Q?", "answer": "A"}\nnot json\n')
-    result = subprocess.run([sys.executable, "-c", "from bot.cli import main; main()", "faq", "import", str(bad)],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == ["error: bad.jsonl: line 2: not valid JSON (Expecting value) "
-                                                  "(nothing was imported)"]
+    for argv, message in ((["faq", "import", str(bad)],
+                           "error: bad.jsonl: line 2: not valid JSON (Expecting value) (nothing was imported)"),
+                          (["faq", "search", " "], "error: the query is empty")):
+        monkeypatch.setattr(sys, "argv", ["rapport", *argv])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        assert exit_.value.code == 1
+        assert capsys.readouterr().err.strip().splitlines() == [message]

@@ -28,7 +28,7 @@ from telegram import (
     User,
 )
 from telegram.constants import ChatType
-from telegram.error import TelegramError
+from telegram.error import Forbidden, TelegramError
 from telegram.ext import (
     AIORateLimiter,
     Application,
@@ -374,6 +374,9 @@ class TelegramBot:
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Log the error and tell the user briefly; a RapportError's message is fit to show as is."""
         error = context.error
+        if isinstance(error, Forbidden):  # the user blocked the bot or it left the group: nobody to tell
+            logger.info("cannot write to chat of update %s: %s", getattr(update, "update_id", None), error)
+            return
         if isinstance(error, GenerationError):
             logger.warning("generation failed: %s", error)
             text = "Sorry, I couldn't come up with a reply just now. Please try again."

@@ -81,10 +81,15 @@ class ReplyStream:
             try:
                 await self.bot.edit_message_text(text, self.chat_id, self.messages[-1].message_id, parse_mode=parse_mode,
                                                  reply_markup=markup)
+                return
             except BadRequest as exc:
-                if "not modified" not in exc.message.lower():
+                if "not modified" in exc.message.lower():
+                    return
+                if "not found" not in exc.message.lower():
                     raise
-            return
+                logger.info("the message being streamed was deleted; continuing in a new one")
+                self.messages.pop()
+                self._open = False
         reply = ReplyParameters(self.reply_to, allow_sending_without_reply=True) if self.reply_to else None
         message = await self.bot.send_message(self.chat_id, text, parse_mode=parse_mode, reply_markup=markup,
                                               reply_parameters=reply if not self.messages else None,

@@ -225,6 +225,11 @@ class Standin:
             self._updates.append(update)
         return update
 
+    def delete(self, message_id: int) -> None:
+        """The user deleted a message of the bot's: editing it fails from now on."""
+        with self._lock:
+            self.messages.pop(message_id, None)
+
     def unconfirm(self) -> None:
         """As after a crash before the bot confirmed its offset: every update is delivered again."""
         with self._lock:

@@ -146,6 +146,17 @@ async def test_a_long_stream_is_edited_about_once_a_second_and_split_past_4096(s
     assert " ".join(shown).split() == "".join(words).split()
 
 
+async def test_a_stream_whose_message_was_deleted_goes_on_in_a_new_one(standin):
+    async with Bot(TOKEN, base_url=standin.base_url) as bot:
+        stream = ReplyStream(bot, ANN, interval=0)
+        await stream.add("The first words")
+        standin.delete(stream.messages[0].message_id)
+        await stream.add(" and the rest.")
+        await stream.finish()
+    [message] = standin.sent_to(ANN)
+    assert message.text == "The first words and the rest." and len(stream.messages) == 1
+
+
 async def test_a_10kb_message_is_cut_with_a_notice_and_still_answered(services, standin):
     async with Running(services, standin):
         standin.message("The shop opens at nine and closes at six. " * 240, chat_id=ANN)  # ~10 KB

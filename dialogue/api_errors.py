@@ -57,6 +57,9 @@ def describe_validation(exc: RequestValidationError) -> str:
     """One readable line from pydantic's error list: where and what, never the (possibly huge) input."""
     parts = []
     for error in exc.errors()[:3]:
+        if error.get("type") == "json_invalid":
+            parts.append(f"body is not valid JSON ({error.get('ctx', {}).get('error', 'decode error')})")
+            continue
         where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body",)) or "body"
         parts.append(f"{where}: {error.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"

@@ -128,7 +128,7 @@ class EdgeMiddleware:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            logger.info("%s %s -> %s in %.1f ms", scope["method"], path, status, elapsed * 1000)
+            logger.info("method=%s route=%s status=%s ms=%.1f", scope["method"], path, status, elapsed * 1000)
             if self.on_done is not None:
                 self.on_done(scope["method"], path, status, elapsed)
             request_id_var.reset(token)

@@ -89,6 +89,27 @@ FACTS: dict[str, tuple[list[str], list[str], list[str], list[str]]] = {
              ["What is my favourite book?", "Which novel do I love?"],
              ["{n} recommended {y} to me, not sure.", "Is {y} worth reading?"]),
 }
+# questions that name the user's value and ask about its context (LoCoMo-style "when did I adopt Biscuit?")
+ENTITY_QUESTIONS: dict[str, list[str]] = {
+    "pet": ["What kind of animal is {x}?", "What has {x} been up to?"],
+    "city": ["How do I feel about living in {x}?", "When did I settle in {x}?"],
+    "job": ["Do I enjoy being a {x}?", "What's hard about my {x} work?"],
+    "sister": ["What is {x}'s relation to me?", "What did I say about {x}?"],
+    "allergy": ["Why do I stay away from {x}?", "What happens if I eat {x}?"],
+    "dish": ["How do I feel about {x}?", "When do I like to have {x}?"],
+    "car": ["What do I use the {x} for?", "Is anything wrong with my {x}?"],
+    "hobby": ["Who do I go {x} with?", "How often do I do {x}?"],
+    "partner": ["Who is {x} to me?", "What did {x} and I celebrate?"],
+    "birthday": ["What happens for me in {x}?", "Why is {x} special for me?"],
+    "trip": ["When am I going to {x}?", "What are my plans for {x}?"],
+    "instrument": ["How long have I played the {x}?", "How often do I practise the {x}?"],
+    "language": ["Why am I learning {x}?", "How do I practise {x}?"],
+    "team": ["Since when have I followed {x}?", "How did {x} do at the weekend?"],
+    "employer": ["When did I join {x}?", "How are things at {x}?"],
+    "degree": ["Where did I study {x}?", "Did I go to university for {x}?"],
+    "injury": ["How did I hurt my {x}?", "Is my {x} better now?"],
+    "book": ["What do I think of {x}?", "Have I read {x}?"],
+}
 FILLER = [
     "Can you help me write an email to my landlord about the heating?", "What's a good way to stay focused?",
     "How long should I boil an egg?", "I had such a long day today.", "Any tips for sleeping better?",
@@ -110,7 +131,7 @@ WRONG = ["You mentioned your dog is called {y}, right?", "As someone who lives i
 class Question:
     text: str
     evidence: list[int]  # indices into Conversation.turns
-    kind: str
+    kind: str  # "value": asks for the fact in other words; "entity": names it and asks about its context
 
 
 @dataclass
@@ -138,7 +159,9 @@ def generate(n_conversations: int = 4, user_turns: int = 300, seed: int = 7) -> 
                 kind = fact_at[i]
                 values, statements, questions, _ = FACTS[kind]
                 text = rng.choice(statements).format(x=facts[kind], n=name)
-                convo.questions.append(Question(rng.choice(questions), [len(convo.turns)], kind))
+                convo.questions.append(Question(rng.choice(questions), [len(convo.turns)], "value"))
+                convo.questions.append(Question(rng.choice(ENTITY_QUESTIONS[kind]).format(x=facts[kind]),
+                                                [len(convo.turns)], "entity"))
             elif rng.random() < 0.45:
                 kind = rng.choice(list(FACTS))
                 values, _, _, distractors = FACTS[kind]

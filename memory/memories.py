@@ -41,6 +41,7 @@ MAX_USER_ID_CHARS = 256
 ASSISTANT_SPEAKERS = frozenset({"assistant", "bot", "system", "rapport", "ai", "model", "agent"})
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.); ranks beyond ~50 barely count
 CANDIDATES = 50  # per retriever, before fusion
+RECALL_MIN_SIMILARITY = 0.25  # below this MiniLM cosine, and with no shared word, a memory is off-topic
 DUPLICATE_COSINE = 0.85  # with identical content terms (numbers, names, negations): a rephrasing
 COLLECTION_PREFIX = "mem-"
 ERASED_VECTOR = np.full(DIMENSIONS, DIMENSIONS ** -0.5, dtype=np.float32)  # written over a vector before deletion
@@ -177,20 +178,20 @@ class Record:
 
     @classmethod
     def from_chroma(cls, memory_id: str, text: str, md: dict) -> Record:
-        return cls(id=memory_id, text=text, speaker=md.get("speaker", "user"), evidence=bool(md.get("evidence", True)),
-                   seq=int(md.get("seq", 0)), added=float(md.get("added", 0.0)), ts=md.get("ts"),
-                   turn_id=md.get("turn_id"), meta_json=md.get("meta", "{}"), signature=md.get("sig", ""),
-                   count=int(md.get("count", 1)))
+        fields = json.loads(md.get("r") or "{}")
+        return cls(id=memory_id, text=text, speaker=fields.get("speaker", "user"),
+                   evidence=bool(fields.get("evidence", True)), seq=int(fields.get("seq", 0)),
+                   added=float(fields.get("added", 0.0)), ts=fields.get("ts"), turn_id=fields.get("turn_id"),
+                   meta_json=fields.get("meta", "{}"), signature=fields.get("sig", ""),
+                   count=int(fields.get("count", 1)))
 
     def metadata(self) -> dict:
-        """Chroma metadata: scalars only, absent rather than None."""
-        md = {"speaker": self.speaker, "evidence": self.evidence, "seq": self.seq, "added": self.added,
-              "meta": self.meta_json, "sig": self.signature, "count": self.count}
-        if self.ts is not None:
-            md["ts"] = self.ts
-        if self.turn_id:
-            md["turn_id"] = self.turn_id
-        return md
+        """Chroma metadata: one JSON string. Chroma keeps a row per metadata key, and reading 8 keys × 100k
+        rows back made a cold start take ~50 s here; one key is 2-3× faster (nothing filters on them)."""
+        fields = {"speaker": self.speaker, "evidence": self.evidence, "seq": self.seq, "added": self.added,
+                  "ts": self.ts, "turn_id": self.turn_id, "meta": self.meta_json, "sig": self.signature,
+                  "count": self.count}
+        return {"r": json.dumps(fields, ensure_ascii=False)}
 
     @property
     def when(self) -> float:
@@ -479,44 +480,66 @@ class UserMemory:
         state = self._state(create=False)
         if state is None or not state.records:
             return []
-        return [state.records[key].hit(score) for key, score in self._ranked(state, query, k, mode)]
+        ranked, _, _ = self._ranked(state, query, k, mode)
+        return [state.records[key].hit(score) for key, score in ranked]
 
-    def _ranked(self, state: UserState, query: str, k: int, mode: str = "hybrid") -> list[tuple[str, float]]:
+    def _ranked(self, state: UserState, query: str, k: int, mode: str = "hybrid"):
+        """(best `k` (id, fused score) pairs, cosine similarity by id, ids BM25 matched)."""
         wanted = max(CANDIDATES, 2 * k)
-        rankings = []
+        rankings, similarity, matched = [], {}, set()
         if mode != "lexical":
-            rankings.append(self._dense(state, query, wanted))
+            similarity = self._dense(state, query, wanted)
+            rankings.append(list(similarity))
         if mode != "dense":
-            rankings.append([key for key, _ in state.lexical.search(query, wanted)])
+            matched = [key for key, _ in state.lexical.search(query, wanted)]
+            rankings.append(matched)
         fused = rrf(rankings)
+        # equal scores: the more recent statement first (a fact restated later usually supersedes)
         ranked = sorted(fused.items(), key=lambda kv: (-kv[1], -state.records[kv[0]].when))
-        return ranked[:k]
+        return ranked[:k], similarity, set(matched)
 
-    def _dense(self, state: UserState, query: str, wanted: int) -> list[str]:
+    def _dense(self, state: UserState, query: str, wanted: int) -> dict[str, float]:
+        """Up to `wanted` of the user's own statements nearest to `query`: id → cosine similarity, best first."""
         vector = self._store.embedder.embed_one(query)
-        # over-fetch: assistant lines are in the index too and are dropped here rather than by a `where`
-        # filter, which makes Chroma scan
-        n = min(len(state.records), wanted + (len(state.records) - len(state.lexical)))
+        # assistant lines are in the vector index too; over-fetch a little and drop them here, because a
+        # `where` filter makes Chroma scan the whole collection
+        context_lines = len(state.records) - len(state.lexical)
+        n = min(len(state.records), wanted + min(context_lines, 2 * wanted))
         try:
             result = state.collection.query(query_embeddings=[vector], n_results=max(n, 1), include=["distances"])
         except Exception as exc:
             raise StoreUnavailable(f"memory search failed: {exc}") from exc
-        return [key for key in result["ids"][0] if key in state.records and state.records[key].evidence][:wanted]
+        out = {}
+        for key, distance in zip(result["ids"][0], result["distances"][0]):
+            record = state.records.get(key)
+            if record is not None and record.evidence and len(out) < wanted:
+                out[key] = 1.0 - float(distance)  # "ip" space: distance = 1 - dot product of unit vectors
+        return out
 
     def recall(self, query: str, *, k: int = 6) -> list[MemoryHit]:
-        """What goes into the prompt for this turn: the best `k` of the user's own statements."""
+        """What goes into the prompt for this turn: up to `k` of the user's own statements that bear on it
+        (a shared content word, or a cosine similarity of at least RECALL_MIN_SIMILARITY), best first."""
+        if not isinstance(query, str) or not query.strip():
+            return []
         try:
-            query = clean_text(query[:MAX_TEXT_CHARS] if isinstance(query, str) else query, "query")
+            query = clean_text(query[:MAX_TEXT_CHARS], "query")
         except InvalidInput:
             return []
-        return self.search(query, k=max(1, min(k, 100)))
+        state = self._state(create=False)
+        if state is None or not state.records:
+            return []
+        ranked, similarity, matched = self._ranked(state, query, max(1, min(k, 100)) * 2)
+        kept = [(key, score) for key, score in ranked
+                if key in matched or similarity.get(key, 0.0) >= RECALL_MIN_SIMILARITY]
+        return [state.records[key].hit(score) for key, score in kept[:k]]
 
     def list(self, limit: int | None = None) -> list[MemoryHit]:
         """Everything stored for this user, newest first."""
         state = self._state(create=False)
         if state is None:
             return []
-        records = sorted(state.records.values(), key=lambda r: (r.when, r.seq), reverse=True)
+        with state.lock:  # a concurrent write must not change the dict under the sort
+            records = sorted(state.records.values(), key=lambda r: (r.when, r.seq), reverse=True)
         return [record.hit(1.0) for record in records[:limit]]
 
     def export(self) -> list[dict]:

@@ -176,6 +176,16 @@ def test_the_assistant_is_never_evidence(store):
     assert memory.remember_turn(turn_id="t2", user_text="hi thanks!", reply="-", timestamp=None) == []
 
 
+def test_recall_keeps_only_what_bears_on_the_message(store):
+    memory = store.for_user("lena")
+    memory.add(items("Hi! My name is Lena and I live in Porto.", "I play the cello every evening",
+                     "My favourite dish is mushroom risotto"))
+    assert memory.recall("What is my name?")[0].text.startswith("Hi! My name is Lena")
+    assert memory.recall("any dinner ideas for tonight?", k=1)[0].text.endswith("mushroom risotto")
+    assert memory.recall("How do I convert Celsius to Fahrenheit?") == []
+    assert len(memory.recall("tell me about me: name, music, food", k=2)) == 2
+
+
 def test_near_duplicates_merge_but_different_facts_do_not(store):
     memory = store.for_user("lena")
     first = memory.add(items("I live in Porto."))

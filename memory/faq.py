@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from memory.errors import InvalidInput, NotFound, StoreUnavailable
+from memory.errors import InvalidInput, NotFound, RapportError, StoreUnavailable
 from memory.faq_files import FaqEntry, make_entry, parse_faq_file
 from memory.faq_text import (BUSINESS_PROTOTYPES, CHAT_PROTOTYPES, STOPWORDS, UNKNOWN_REPLY, WORD,
                              content_words, fact_keys, stated_facts, stem)
@@ -205,7 +205,13 @@ class FaqIndex:
                     unchanged += 1
             todo = added + updated
             if todo:
-                self._write(todo, replace=[e.id for e, _ in updated])
+                try:
+                    self._write(todo, replace=[e.id for e, _ in updated])
+                except RapportError:
+                    raise
+                except Exception as exc:
+                    self._snapshot = None
+                    raise StoreUnavailable(f"the FAQ store cannot be written: {exc}") from exc
             return {"added": len(added), "updated": len(updated), "unchanged": unchanged}
 
     def import_file(self, path: Path) -> dict:
@@ -265,9 +271,12 @@ class FaqIndex:
     def snapshot(self) -> Snapshot:
         """The in-memory view, rebuilt when another writer (or this one) changed the collection."""
         with self._lock:
-            revision = self._revision()
-            if self._snapshot is None or self._snapshot.revision != revision:
-                self._snapshot = self._load(revision)
+            try:
+                revision = self._revision()
+                if self._snapshot is None or self._snapshot.revision != revision:
+                    self._snapshot = self._load(revision)
+            except Exception as exc:  # chromadb raises plain ValueError/ConnectionError kinds
+                raise StoreUnavailable(f"the FAQ store cannot be read: {exc}") from exc
             return self._snapshot
 
     def _load(self, revision: str) -> Snapshot:

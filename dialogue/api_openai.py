@@ -91,7 +91,8 @@ def rapport_field(outcome: Reply | Fixed) -> dict:
         return {"turn_id": outcome.turn.id, "sources": [], "adapter_version": None, "handoff": True,
                 "status": outcome.status}
     return {"turn_id": outcome.turn_id, "sources": [asdict(s) for s in outcome.sources],
-            "adapter_version": outcome.adapter_version, "handoff": outcome.handoff, "status": "bot"}
+            "adapter_version": outcome.adapter_version, "handoff": outcome.handoff,
+            "status": "human" if outcome.handoff else "bot"}
 
 
 @router.post("/chat/completions")

@@ -102,9 +102,11 @@ class Fixed:
                 "usage": {"prompt_tokens": 0, "completion_tokens": 0}, "notices": []}
 
 
-def reply_json(reply: Reply, status: str = "bot") -> dict:
+def reply_json(reply: Reply) -> dict:
+    """The native answer; a turn that asked for a person has already handed the conversation over."""
     return {"turn_id": reply.turn_id, "reply": reply.text, "sources": [asdict(s) for s in reply.sources],
-            "handoff": reply.handoff, "adapter_version": reply.adapter_version, "status": status,
+            "handoff": reply.handoff, "adapter_version": reply.adapter_version,
+            "status": "human" if reply.handoff else "bot",
             "finish_reason": reply.finish_reason or "stop", "usage": reply.usage, "notices": reply.notices}
 
 

@@ -305,3 +305,18 @@ def test_persona_round_trip_and_user_export_erasure(client):
     erased = client.delete("/v1/users/u9").json()["erased"]
     assert erased["turns"] >= 1
     assert client.get("/v1/users/u9/export").json()["turns"] == []
+
+
+def test_a_turn_that_asks_for_a_person_hands_off_and_reports_its_sources(client, services):
+    from dialogue.manager import Context, Source
+
+    async def unsure(user_id: str, text: str) -> Context:
+        return Context(answer="I don't know that one; shall I connect you with a colleague?", handoff=True,
+                       sources=[Source(kind="faq", id="returns", score=0.31)])
+
+    services.manager.recall = unsure
+    body = say(client, "Do you sell hovercraft parts?", conversation="lc1").json()
+    assert body["handoff"] is True and body["status"] == "human"
+    assert body["sources"] == [{"kind": "faq", "id": "returns", "score": 0.31}]
+    wait_for(lambda: services.store.get_conversation("lc1").status == "human")
+    assert say(client, "Hello?", conversation="lc1").json()["reply"] == ""

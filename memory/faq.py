@@ -27,7 +27,7 @@ from memory.faq_text import (BUSINESS_PROTOTYPES, CHAT_PROTOTYPES, STOPWORDS, UN
                              content_words, fact_keys, stated_facts, stem)
 
 __all__ = ["FaqEntry", "FaqHit", "FaqDecision", "DecisionModel", "FaqIndex", "parse_faq_file", "grounded_reply",
-           "ungrounded_facts"]
+           "ungrounded_facts", "checked_reply", "UNKNOWN_REPLY"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,20 @@ def ungrounded_facts(reply: str, hits: list[FaqHit]) -> list[str]:
             continue  # "25 December" grounded by "25 and 26 December"
         out.append(written)
     return out
+
+
+def checked_reply(decision: FaqDecision, generated: str) -> tuple[str, list[str]]:
+    """A model reply grounded on `decision.hits`, or the safe fixed reply when it states a fact they do not.
+
+    Returns (reply, invented facts). The fallback for `answer` is the entry's own text; for `ground` (the top
+    entry may be the wrong one) it is the "I don't know, shall I connect you" reply, which means handoff.
+    """
+    invented = ungrounded_facts(generated, decision.hits)
+    if not invented:
+        return generated, []
+    if decision.level == "answer" and decision.hits:
+        return decision.hits[0].answer, invented
+    return UNKNOWN_REPLY, invented
 
 
 def content_hash(entry: FaqEntry) -> str:

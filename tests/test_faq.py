@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from memory.errors import InvalidInput, NotFound
-from memory.faq import (FaqDecision, FaqEntry, FaqHit, FaqIndex, grounded_reply, parse_faq_file,
+from memory.faq import (FaqDecision, FaqEntry, FaqHit, FaqIndex, checked_reply, grounded_reply, parse_faq_file,
                         ungrounded_facts)
 from memory.faq_text import UNKNOWN_REPLY
 
@@ -278,6 +278,13 @@ def test_ungrounded_facts():
     assert ungrounded_facts(invented, hits) == ["sales@spokeandsprocket.example", "www.example.com", "0800 123 4567",
                                                 "£15", "7:30", "1 May", "20%"]
     assert ungrounded_facts("No numbers here, just one friendly reply.", []) == []
+
+
+def test_checked_reply_falls_back_when_the_model_invents():
+    hit = FaqHit("puncture", "Puncture?", "A puncture repair is £12.", 0.9, [])
+    assert checked_reply(FaqDecision("ground", [hit], 0.6), "Sure, it's £12 and quick.") == ("Sure, it's £12 and quick.", [])
+    assert checked_reply(FaqDecision("answer", [hit], 0.9), "Only £9 today!") == ("A puncture repair is £12.", ["£9"])
+    assert checked_reply(FaqDecision("ground", [hit], 0.6), "Call 0800 123 456 7.") == (UNKNOWN_REPLY, ["0800 123 456 7"])
 
 
 # -- the CLI --------------------------------------------------------------------------------------------

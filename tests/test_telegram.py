@@ -550,6 +550,7 @@ async def test_a_store_outage_gets_one_apology_and_no_crash(services, standin):
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(600)  # the first e2e test of a session converts the real model (minutes on a busy machine)
 async def test_the_real_model_streams_a_reply_into_a_growing_message(real_home, standin):
     from dialogue.settings import Settings
 

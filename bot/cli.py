@@ -90,6 +90,13 @@ from bot.cli_faq import faq_group  # noqa: E402
 
 bench.add_command(bench_faq)
 cli.add_command(faq_group)
+from bench.train import bench_train  # noqa: E402
+from bot.cli_train import adapters_group, train_command, transcripts_group  # noqa: E402
+
+bench.add_command(bench_train)
+cli.add_command(transcripts_group)
+cli.add_command(train_command)
+cli.add_command(adapters_group)
 
 
 def main() -> None:

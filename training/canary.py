@@ -1,0 +1,40 @@
+"""A fixed canary set of general prompts: their reference answers' perplexity must not rise after training.
+
+It is what stops a poisoned or degenerate dataset: an adapter that learned gibberish, or lost its English,
+finds these ordinary answers much less likely than the model before it did. Never train on these.
+"""
+
+CANARY: list[tuple[str, str]] = [
+    ('What is the capital of France?',
+     'The capital of France is Paris.'),
+    ('How many days are there in a week?',
+     'There are seven days in a week.'),
+    ('What do plants need to grow?',
+     'Plants need sunlight, water, air and nutrients from the soil to grow.'),
+    ('Can you explain what a noun is?',
+     'A noun is a word that names a person, place, thing or idea, such as teacher, city, book or happiness.'),
+    ('Why is the sky blue?',
+     'Sunlight is scattered by the air, and blue light is scattered much more than red light, so the sky looks blue.'),
+    ('Give me a tip for sleeping better.',
+     'Try to go to bed at the same time every night and keep screens out of the bedroom for the last hour before sleep.'),
+    ('What is 12 times 12?',
+     '12 times 12 is 144.'),
+    ('How do I boil an egg?',
+     'Put the egg in boiling water for about eight minutes, then cool it in cold water before peeling.'),
+    ('What is the largest ocean on Earth?',
+     'The Pacific Ocean is the largest ocean on Earth.'),
+    ("Translate 'thank you' into Spanish.",
+     "In Spanish, 'thank you' is 'gracias'."),
+    ('What is the boiling point of water at sea level?',
+     'Water boils at 100 degrees Celsius, or 212 degrees Fahrenheit, at sea level.'),
+    ('Write one sentence about the moon.',
+     'The moon orbits the Earth and reflects the light of the sun.'),
+    ('Who wrote Romeo and Juliet?',
+     'William Shakespeare wrote Romeo and Juliet.'),
+    ('How can I stay hydrated during the day?',
+     'Keep a bottle of water with you and drink a glass with every meal.'),
+    ('What is a healthy breakfast?',
+     'Oatmeal with fruit and a glass of milk is a simple, healthy breakfast.'),
+    ('Name three primary colors.',
+     'Red, blue and yellow are the three primary colors.'),
+]

@@ -94,4 +94,7 @@ def open_services(settings: Settings | None = None, *, backend: Backend | None =
     recall = TurnRecall(services)
     manager.recall = recall
     manager.after_turn_hooks.append(recall.remember)
+    from training.registry import AdapterSelector  # the registry reader: promote/rollback reach running channels
+
+    manager.adapter_for = AdapterSelector(settings).adapter_for
     return services

@@ -40,6 +40,9 @@ MAX_USER_ID_CHARS = 256
 # speakers whose words are context, never evidence about the user
 ASSISTANT_SPEAKERS = frozenset({"assistant", "bot", "system", "rapport", "ai", "model", "agent"})
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.); ranks beyond ~50 barely count
+# BM25's vote in the fusion, dense counting 1: at 1.0 it lifted questions naming a thing ("how is Biscuit?")
+# but pushed paraphrased ones down the top 5; 0.5 kept most of both (bench memory, see bench/memory.py)
+LEXICAL_WEIGHT = 0.5
 CANDIDATES = 50  # per retriever, before fusion
 RECALL_MIN_SIMILARITY = 0.25  # below this MiniLM cosine, and with no shared word, a memory is off-topic
 DUPLICATE_COSINE = 0.85  # with identical content terms (numbers, names, negations): a rephrasing
@@ -209,13 +212,14 @@ def signature(text: str, speaker: str, meta_json: str) -> str:
     return hashlib.sha1(f"{speaker.lower()}\x00{meta_json}\x00{terms}".encode()).hexdigest()[:20]
 
 
-def rrf(rankings: list[list[str]]) -> dict[str, float]:
-    """Reciprocal rank fusion, normalised so that first place in every ranking scores 1.0."""
+def rrf(rankings: list[list[str]], weights: list[float] | None = None) -> dict[str, float]:
+    """Weighted reciprocal rank fusion, normalised so that first place in every ranking scores 1.0."""
+    weights = weights or [1.0] * len(rankings)
     fused: dict[str, float] = {}
-    for ranking in rankings:
+    for ranking, weight in zip(rankings, weights):
         for rank, key in enumerate(ranking):
-            fused[key] = fused.get(key, 0.0) + 1.0 / (RRF_K + rank + 1)
-    top = len(rankings) / (RRF_K + 1)
+            fused[key] = fused.get(key, 0.0) + weight / (RRF_K + rank + 1)
+    top = sum(weights) / (RRF_K + 1)
     return {key: score / top for key, score in fused.items()}
 
 
@@ -486,14 +490,16 @@ class UserMemory:
     def _ranked(self, state: UserState, query: str, k: int, mode: str = "hybrid"):
         """(best `k` (id, fused score) pairs, cosine similarity by id, ids BM25 matched)."""
         wanted = max(CANDIDATES, 2 * k)
-        rankings, similarity, matched = [], {}, set()
+        rankings, weights, similarity, matched = [], [], {}, []
         if mode != "lexical":
             similarity = self._dense(state, query, wanted)
             rankings.append(list(similarity))
+            weights.append(1.0)
         if mode != "dense":
             matched = [key for key, _ in state.lexical.search(query, wanted)]
             rankings.append(matched)
-        fused = rrf(rankings)
+            weights.append(LEXICAL_WEIGHT)
+        fused = rrf(rankings, weights)
         # equal scores: the more recent statement first (a fact restated later usually supersedes)
         ranked = sorted(fused.items(), key=lambda kv: (-kv[1], -state.records[kv[0]].when))
         return ranked[:k], similarity, set(matched)

@@ -44,9 +44,9 @@ class Context:
     answer: str | None = None
     handoff: bool = False
     max_new_tokens: int | None = None
-    # Given the whole generated reply, a safer text to show instead (or None to keep it). When set, the
-    # reply is generated in full and checked before anything is shown: grounding beats streaming.
-    check: Callable[[str], str | None] | None = None
+    # Given the whole generated reply, a safer (text, handoff) to show instead, or None to keep it. When
+    # set, the reply is generated in full and checked before anything is shown: grounding beats streaming.
+    check: Callable[[str], tuple[str, bool] | None] | None = None
 
 
 Recall = Callable[[str, str], Awaitable[Context]]  # (user_id, text) -> Context
@@ -124,8 +124,12 @@ class Reply:
                         generation = await self._manager.backend.generate(build_prompt(self.parts), self.params, self.adapter)
                         if self._check is not None:
                             text = await generation.text()
-                            pieces.append(self._check(text) or text)
-                            yield pieces[-1]
+                            replacement = self._check(text)
+                            if replacement is not None:
+                                text, self.handoff = replacement
+                                self._turn.handoff = self.handoff
+                            pieces.append(text)
+                            yield text
                             break
                         async for chunk in generation:
                             pieces.append(chunk)

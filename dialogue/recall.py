@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -71,7 +71,7 @@ class TurnRecall:
         return None if faq.is_empty() else faq.decide(text)
 
     def _apply_faq(self, context: Context, decision) -> None:
-        from memory.faq import grounded_reply, ungrounded_facts
+        from memory.faq import checked_reply, grounded_reply
 
         if decision.level == "none":
             return
@@ -85,12 +85,14 @@ class TurnRecall:
                 context.faq, context.sources = [], [s for s in context.sources if s.kind != "faq"]
             return
 
-        def check(reply: str) -> str | None:
-            invented = ungrounded_facts(reply, hits)
-            if invented:  # a number, price, date or phone found in no entry: show the entry itself
-                logger.info("reply invented %s; answering from FAQ entry %s", invented, hits[0].id)
-                return hits[0].answer
-            return None
+        def check(reply: str) -> tuple[str, bool] | None:
+            safe, invented = checked_reply(replace(decision, hits=hits), reply)  # the entries the model saw
+            if not invented:
+                return None
+            # A number, price, date or phone found in no entry: the top entry may be the wrong one, so
+            # say plainly that we do not know and offer a human.
+            logger.info("grounded reply invented %s; falling back", invented)
+            return safe, True
 
         context.check = check
 

@@ -151,13 +151,14 @@ async def test_a_checked_reply_is_shown_only_after_the_check(services):
     from dialogue.manager import Context
 
     async def recall(user_id, text):
-        return Context(check=lambda reply: "From the FAQ: we open at nine.")
+        return Context(check=lambda reply: ("I don't know that one. Shall I get a colleague?", True))
 
     services.manager.recall = recall
     reply = await services.manager.respond(user_id="u1", conversation_id="c1", text="When do you open?")
     chunks = [chunk async for chunk in reply]
-    assert chunks == ["From the FAQ: we open at nine."]
-    assert services.store.get_turn(reply.turn_id).reply == "From the FAQ: we open at nine."
+    assert chunks == ["I don't know that one. Shall I get a colleague?"] and reply.handoff
+    stored = services.store.get_turn(reply.turn_id)
+    assert stored.reply == chunks[0] and stored.handoff
 
 
 async def test_a_fixed_answer_skips_the_model_and_carries_its_sources(services):

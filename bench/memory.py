@@ -98,13 +98,13 @@ class TimedEmbedder:
             self.seconds += time.perf_counter() - start
 
 
-def latency_benchmark(size: int, embedder, queries: int = 200) -> dict:
+def latency_benchmark(size: int, embedder, queries: int = 200, writes: int = 20) -> dict:
     """Load one user with `size` memories in a fresh embedded Chroma, then time searches."""
     from memory.chroma import open_chroma
     from memory.memories import MemoryItem, MemoryStore
 
     rng = random.Random(size)
-    texts, vectors = corpus(size, embedder, rng)
+    texts, vectors = corpus(size, embedder, rng, distinct=min(3000, size))
     with tempfile.TemporaryDirectory(prefix="rapport-bench-") as tmp:
         handle = open_chroma(path=Path(tmp) / "chroma")
         try:
@@ -134,12 +134,12 @@ def latency_benchmark(size: int, embedder, queries: int = 200) -> dict:
                 elapsed = time.perf_counter() - t0
                 total.append(elapsed * 1000)
                 retrieval.append((elapsed - timed.seconds) * 1000)
-            writes = []
-            for i in range(20):  # one remembered turn each (embedding, dedup check, HNSW persist)
+            write_ms = []
+            for i in range(writes):  # one remembered turn each (embedding, dedup check, HNSW persist)
                 t0 = time.perf_counter()
                 memory.remember_turn(turn_id=f"t{i}", user_text=f"I planted {i} tomato seedlings on the balcony",
                                      reply="-", timestamp=None)
-                writes.append((time.perf_counter() - t0) * 1000)
+                write_ms.append((time.perf_counter() - t0) * 1000)
             forget_id = memory.list(limit=1)[0].id
             t0 = time.perf_counter()
             memory.forget(forget_id)
@@ -152,7 +152,7 @@ def latency_benchmark(size: int, embedder, queries: int = 200) -> dict:
                 "search_ms_p95": round(percentile(total, 95), 2),
                 "retrieval_ms_p50": round(percentile(retrieval, 50), 2),  # Chroma + BM25 + fusion, vector given
                 "retrieval_ms_p95": round(percentile(retrieval, 95), 2),
-                "remember_turn_ms_p50": round(statistics.median(writes), 1),
+                "remember_turn_ms_p50": round(statistics.median(write_ms), 1),
                 "forget_one_s": round(forget_s, 2),
             }
         finally:

@@ -376,3 +376,13 @@ def test_cli_bad_files_fail_in_one_line(home, tmp_path, monkeypatch, capsys):
     assert code == 1 and "empty" in err
     code, out, _ = run_cli(monkeypatch, capsys, "memory", "search", "--user", "lena", "fine", "--json")
     assert json.loads(out) == []  # nothing of the bad file was imported
+
+
+def test_bench_memory_runs_small(store, embedder):
+    from bench.memory import latency_benchmark, recall_benchmark
+
+    result = recall_benchmark(store, n_conversations=1, user_turns=25)
+    assert result["assistant_lines_returned"] == 0 and result["questions"] == {"value": 18, "entity": 18}
+    assert 0.5 <= result["hybrid"]["recall@10"] <= 1.0
+    latency = latency_benchmark(100, embedder, queries=3, writes=2)
+    assert latency["memories"] == 100 and latency["search_ms_p95"] > 0 and latency["forget_one_s"] >= 0

@@ -266,3 +266,33 @@ def test_cli_import_train_list_promote_rollback_report(tiny_settings, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     exported = rapport("transcripts", "export", env=env).stdout.splitlines()
     assert len(exported) == 16 and json.loads(exported[0])["turns"][1]["rating"] == 1
+
+
+async def test_hot_swap_a_running_manager_follows_promote_and_rollback(loaded):
+    """Every turn records the adapter that produced it; promote and rollback reach a running manager."""
+    from dialogue.backend import LocalBackend
+    from dialogue.manager import DialogueManager
+
+    settings, store = loaded
+    result = train_version(settings, store, config=FAST, show_progress=False)
+    registry = Registry(settings.adapters_dir)
+    if not result["gate"]["passed"]:  # a random tiny model may fail its canary; serving is what is tested here
+        registry.record_gate(result["version"], {"passed": True}, {})
+        with registry.transaction() as state:
+            state.versions[result["version"]].status = "candidate"
+    backend = LocalBackend(settings)
+    manager = DialogueManager(settings, backend, store,
+                              adapter_for=AdapterSelector(settings, interval_s=0).adapter_for)
+    try:
+        async def turn(text: str):
+            reply = await manager.respond(user_id="live", conversation_id="live-1", text=text)
+            await reply.complete()
+            return store.get_turn(reply.turn_id).adapter_version
+
+        assert await turn("hello") is None
+        registry.promote(result["version"])
+        assert await turn("hello again") == result["name"]
+        registry.rollback()
+        assert await turn("and again") is None
+    finally:
+        backend.close()

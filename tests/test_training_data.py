@@ -16,7 +16,15 @@ SYSTEM = "You are a test assistant."
 
 
 @pytest.fixture
-def store(db_url):
+def store(sqlite_url):
+    opened = TranscriptStore(sqlite_url)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def any_store(db_url):
+    """The store on SQLite and on PostgreSQL (the scale path), for the tests that touch its queries."""
     opened = TranscriptStore(db_url)
     yield opened
     opened.close()
@@ -52,7 +60,8 @@ def test_redaction_keeps_ordinary_numbers_dates_and_times(text):
 # -- import / export ---------------------------------------------------------------------------------
 
 
-def test_import_writes_turns_ratings_and_rebuilt_prompt_parts(store):
+def test_import_writes_turns_ratings_and_rebuilt_prompt_parts(any_store):
+    store = any_store
     data = [line("c1", "alice", [
         {"role": "assistant", "text": "Welcome!"},  # a greeting nobody asked for: context only
         *qa("hi", "hello", rating=1),
@@ -72,7 +81,8 @@ def test_import_writes_turns_ratings_and_rebuilt_prompt_parts(store):
     assert (rating.rating, rating.correction, rating.user_id) == (-1, "4", "alice")
 
 
-def test_import_twice_adds_nothing_and_export_round_trips(store):
+def test_import_twice_adds_nothing_and_export_round_trips(any_store):
+    store = any_store
     data = [line("c1", "alice", qa("hi", "hello", rating=1) + qa("more?", "no", correction="yes")),
             line("c2", "bob", qa("yo", "hey"))]
     import_lines(store, data, system=SYSTEM, max_chars=1000)
@@ -120,7 +130,8 @@ def record(store, conversation_id, user_id, user_text, reply, rating=None, corre
     return turn
 
 
-def test_dataset_sources_labels_and_exact_prompts(store):
+def test_dataset_sources_labels_and_exact_prompts(any_store):
+    store = any_store
     liked = record(store, "k1", "ann", "hi", "Hello there!", rating=1)
     disliked = record(store, "k1", "ann", "help", "No.", rating=-1, correction="Of course, what do you need?")
     agent = record(store, "k2", "ann", "refund please", "I have refunded your order.", model_id="human",
@@ -178,3 +189,17 @@ def test_erased_users_are_left_out_and_faq_entries_become_grounded_examples(stor
     assert held_ids and not held_ids & {e.turn_id.removeprefix("faq:") for e in faq_train}
     assert len(faq_train) == 2 * (12 - len(held_ids))  # question and alternate
     assert "## Business FAQ" in faq_train[0].messages[0]["content"] and faq_train[0].completion.startswith("At ")
+
+
+def test_rating_rates_per_version_come_from_live_turns(any_store):
+    from training.report import rating_rates
+
+    store = any_store
+    for i, (adapter, rating) in enumerate([(None, 1), (None, -1), ("v0001-aaaaaaaa", 1), ("v0001-aaaaaaaa", 1),
+                                           ("v0001-aaaaaaaa", -1), ("v0002-bbbbbbbb", None)]):
+        record(store, f"rr{i}", "ann", "q", f"a{i}", rating=rating, adapter_version=adapter)
+    record(store, "rr-agent", "ann", "q", "agent says", model_id="human", finish_reason="agent")
+    rates = rating_rates(store)
+    assert rates["base"] == {"turns": 2, "rated": 2, "up": 1, "down": 1, "like_rate": 0.5}
+    assert rates["v0001"] == {"turns": 3, "rated": 3, "up": 2, "down": 1, "like_rate": 0.6667}
+    assert rates["v0002"]["like_rate"] is None and rates["v0002"]["turns"] == 1

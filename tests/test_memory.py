@@ -239,6 +239,20 @@ def test_bad_queries_and_ids(store):
     assert memory.search(hostile, k=1)[0].text == hostile
 
 
+def test_concurrent_writes_and_searches_of_one_user(store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    memory = store.for_user("lena")
+
+    def work(n: int) -> int:
+        memory.add(items(*(f"thread {n} planted {i} tulips in pot {n * 10 + i}" for i in range(5))))
+        return len(memory.search(f"tulips {n}", k=5)) + len(memory.list())
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(found > 0 for found in pool.map(work, range(4)))
+    assert len(memory.list()) == 20 and len(store.for_user("lena").search("tulips", k=20)) == 20
+
+
 # -- isolation --------------------------------------------------------------------------------------
 
 

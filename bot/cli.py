@@ -72,31 +72,22 @@ def bench_gen(prompt_tokens: int, new_tokens: int, concurrency: int, repeats: in
     emit_json(run(load_settings(), prompt_tokens, new_tokens, concurrency, repeats))
 
 
-# -- command groups that live in their own modules (one line each) ----------------------------------
-from bot.cli_telegram import telegram_command  # noqa: E402
-
-cli.add_command(telegram_command)
-from bot.cli_serve import bench_serve, serve  # noqa: E402
-
-cli.add_command(serve)
-bench.add_command(bench_serve)
-from bench.memory import bench_memory  # noqa: E402
-from bot.cli_memory import memory_group  # noqa: E402
-
-bench.add_command(bench_memory)
-cli.add_command(memory_group)
+# -- command groups that live in their own modules --------------------------------------------------
 from bench.faq import bench_faq  # noqa: E402
-from bot.cli_faq import faq_group  # noqa: E402
-
-bench.add_command(bench_faq)
-cli.add_command(faq_group)
+from bench.memory import bench_memory  # noqa: E402
 from bench.train import bench_train  # noqa: E402
+from bot.cli_faq import faq_group  # noqa: E402
+from bot.cli_memory import memory_group  # noqa: E402
+from bot.cli_serve import bench_serve, serve  # noqa: E402
+from bot.cli_telegram import telegram_command  # noqa: E402
 from bot.cli_train import adapters_group, train_command, transcripts_group  # noqa: E402
+from bot.cli_users import users_group  # noqa: E402
 
-bench.add_command(bench_train)
-cli.add_command(transcripts_group)
-cli.add_command(train_command)
-cli.add_command(adapters_group)
+for command in (memory_group, faq_group, users_group, transcripts_group, train_command, adapters_group, serve,
+                telegram_command):
+    cli.add_command(command)
+for command in (bench_memory, bench_faq, bench_train, bench_serve):
+    bench.add_command(command)
 
 
 def main() -> None:

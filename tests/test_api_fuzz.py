@@ -15,7 +15,7 @@ from dialogue.services import open_services
 from dialogue.settings import Settings
 from test_api import LiveServer, wait_for
 
-EXAMPLES = 25  # per operation and mode: about 1,000 requests in all, ~45 s here
+EXAMPLES = 20  # per operation and mode: about 700 requests in all, ~40 s here
 
 
 @pytest.fixture(scope="module")

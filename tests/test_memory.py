@@ -7,7 +7,6 @@ import os
 import sys
 from datetime import datetime, timezone
 
-import numpy as np
 import pytest
 
 from memory.errors import InvalidInput, NotFound

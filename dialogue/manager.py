@@ -214,8 +214,9 @@ class DialogueManager:
             notices.append(f"Your message was cut to its first {max_user_tokens} tokens (of {user_tokens}) to fit.")
             user_tokens = max_user_tokens
         turns = await asyncio.to_thread(self.store.history, conversation_id=conversation_id, user_id=user_id)
-        history = [m for t in turns for m in ({"role": "user", "content": t.user_text},
-                                               {"role": "assistant", "content": t.reply})]
+        # Messages the bot never answered (it was silent during a handoff) would read as empty replies.
+        history = [m for t in turns if t.reply.strip() for m in ({"role": "user", "content": t.user_text},
+                                                                  {"role": "assistant", "content": t.reply})]
         parts.history = fit_history(history, budget=budget - user_tokens, count_tokens=self.backend.count_tokens)
 
         adapter = self.adapter_for(user_id) if self.adapter_for else None

@@ -172,3 +172,13 @@ async def test_a_fixed_answer_skips_the_model_and_carries_its_sources(services):
     stored = services.store.get_turn(reply.turn_id)
     assert reply.text == stored.reply == "I don't know that one." and stored.handoff
     assert stored.completion_tokens == 0 and json.loads(stored.sources)[0]["id"] == "hours"
+
+
+async def test_unanswered_messages_stay_out_of_the_history(services):
+    from dialogue.store import Turn
+
+    await say(services, "Hello!")
+    services.store.record_turn(Turn(conversation_id="c1", user_id="u1", user_text="Are you there?", reply="",
+                                    finish_reason="handoff"))
+    reply = await services.manager.respond(user_id="u1", conversation_id="c1", text="Thanks!")
+    assert [m["content"] for m in reply.parts.history if m["role"] == "user"] == ["Hello!"]

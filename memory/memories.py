@@ -524,7 +524,9 @@ class UserMemory:
 
     def recall(self, query: str, *, k: int = 6) -> list[MemoryHit]:
         """What goes into the prompt for this turn: up to `k` of the user's own statements that bear on it
-        (a shared content word, or a cosine similarity of at least RECALL_MIN_SIMILARITY), best first."""
+        (a shared content word, or a cosine similarity of at least RECALL_MIN_SIMILARITY), best first.
+        The user's earlier questions tell nothing about them: the same question asked before is left out,
+        other questions come after statements."""
         if not isinstance(query, str) or not query.strip():
             return []
         try:
@@ -535,8 +537,18 @@ class UserMemory:
         if state is None or not state.records:
             return []
         ranked, similarity, matched = self._ranked(state, query, max(1, min(k, 100)) * 2)
-        kept = [(key, score) for key, score in ranked
-                if key in matched or similarity.get(key, 0.0) >= RECALL_MIN_SIMILARITY]
+        asked = set(tokenize(query))
+        kept = []
+        for key, score in ranked:
+            record = state.records[key]
+            if key not in matched and similarity.get(key, 0.0) < RECALL_MIN_SIMILARITY:
+                continue
+            if is_question(record.text):
+                if set(tokenize(record.text)) == asked:
+                    continue
+                score /= 2
+            kept.append((key, score))
+        kept.sort(key=lambda kv: -kv[1])
         return [state.records[key].hit(score) for key, score in kept[:k]]
 
     def list(self, limit: int | None = None) -> list[MemoryHit]:
@@ -576,6 +588,11 @@ class UserMemory:
     def forget_all(self) -> int:
         """Forget every memory of this user; returns how many there were."""
         return self._store.delete_user(self._user_id)
+
+
+def is_question(text: str) -> bool:
+    """A short message that asks rather than tells ("What is my name?")."""
+    return text.rstrip().endswith("?") and len(text) < 200
 
 
 def split_text(text: str, limit: int = MAX_TEXT_CHARS) -> list[str]:

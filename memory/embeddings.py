@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from functools import cache
 from pathlib import Path
 
@@ -29,10 +30,13 @@ class Embedder:
 
     name = "all-MiniLM-L6-v2"
 
-    def __init__(self, batch_size: int = 64) -> None:
+    def __init__(self, batch_size: int = 64, cache_size: int = 256) -> None:
         self.batch_size = batch_size
         self._model = None
         self._lock = threading.Lock()
+        # Memory recall and the FAQ both embed the same message each turn: the second one is free.
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
 
     @property
     def model(self):
@@ -52,7 +56,19 @@ class Embedder:
         return vectors.astype(np.float32, copy=False)
 
     def embed_one(self, text: str) -> np.ndarray:
-        return self.embed([text])[0]
+        """(384,) for one query; recently embedded texts come from a small cache."""
+        with self._lock:
+            cached = self._recent.get(text)
+            if cached is not None:
+                self._recent.move_to_end(text)
+                return cached
+        vector = self.embed([text])[0]
+        vector.setflags(write=False)  # shared between callers
+        with self._lock:
+            self._recent[text] = vector
+            while len(self._recent) > self._cache_size:
+                self._recent.popitem(last=False)
+        return vector
 
 
 @cache

@@ -75,7 +75,11 @@ def test_same_seed_same_weights_and_an_interrupted_run_resumes_to_them(loaded):
 
 def test_train_version_registers_an_immutable_named_version_with_lineage(loaded):
     settings, store = loaded
-    result = train_version(settings, store, config=FAST, show_progress=False)
+    faq = [{"id": f"f{i}", "question": f"When is the shop open on day {i}?", "answer": f"From {i} to {i + 8}."}
+           for i in range(6)]
+    result = train_version(settings, store, faq_entries=faq, config=FAST, show_progress=False)
+    assert result["counts"]["train_faq"] >= 1
+    assert 0 <= result["gate"]["checks"]["faq"]["candidate_accuracy"] <= 1  # grounding was measured
     assert result["version"] == "v0001" and result["name"].startswith("v0001-") and len(result["name"]) == 14
     directory = settings.adapters_dir / "v0001"
     assert {p.name for p in directory.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
@@ -237,35 +241,44 @@ def test_erased_user_turns_never_reach_a_new_version(loaded):
 # -- CLI ---------------------------------------------------------------------------------------------
 
 
-def rapport(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([str(REPO / ".venv/bin/rapport"), *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+def test_cli_import_train_list_promote_rollback_report(tiny_settings, tmp_path, monkeypatch):
+    from click.testing import CliRunner
 
+    from bot.cli import cli
 
-def test_cli_import_train_list_promote_rollback_report(tiny_settings, tmp_path):
-    env = {**os.environ, "RAPPORT_HOME": str(tiny_settings.home), "RAPPORT_MODEL": tiny_settings.model,
-           "RAPPORT_DTYPE": "float32", "RAPPORT_THREADS": "1"}
+    for name, value in {"RAPPORT_MODEL": tiny_settings.model, "RAPPORT_DTYPE": "float32", "RAPPORT_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    runner = CliRunner()
+
+    def run(*args: str):
+        return runner.invoke(cli, list(args), catch_exceptions=True)
+
     data = tmp_path / "history.jsonl"
     data.write_bytes(b"\n".join(conversation(i) for i in range(16)) + b"\n{oops\n")
-    imported = rapport("transcripts", "import", str(data), env=env)
-    assert imported.returncode == 1 and json.loads(imported.stdout)["turns"] == 32
+    imported = run("transcripts", "import", str(data))
+    assert imported.exit_code == 1 and json.loads(imported.stdout.splitlines()[0])["turns"] == 32
     assert "line 17" in imported.stderr
-    trained = rapport("train", "--json", "--max-steps", "3", "--no-faq", env=env)
-    assert trained.returncode == 0, trained.stderr
+    trained = run("train", "--json", "--max-steps", "3", "--no-faq")
+    assert trained.exit_code == 0, trained.output
     result = json.loads(trained.stdout.strip().splitlines()[-1])
     assert result["version"] == "v0001" and isinstance(result["gate"]["passed"], bool) and result["metrics"]
-    listed = json.loads(rapport("adapters", "list", "--json", env=env).stdout)
+    listed = json.loads(run("adapters", "list", "--json").stdout)
     assert [set(row) >= {"version", "status", "metrics", "created_at"} for row in listed] == [True]
     if result["gate"]["passed"]:
-        assert rapport("adapters", "promote", "v0001", "--share", "0.5", env=env).returncode == 0
-        assert rapport("adapters", "rollback", env=env).returncode == 0
-    missing = rapport("adapters", "promote", "v0042", env=env)
-    assert missing.returncode == 1 and missing.stderr.strip() == "error: no adapter version 'v0042'"
-    report = rapport("adapters", "report", "--json", env=env)
-    path = Path(json.loads(report.stdout)["path"])
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    exported = rapport("transcripts", "export", env=env).stdout.splitlines()
+        assert run("adapters", "promote", "v0001", "--share", "0.5").exit_code == 0
+        assert "0.5" in run("adapters", "list", "--json").stdout
+        assert "ended the A/B test" in run("adapters", "rollback").stdout
+    report = run("adapters", "report", "--json")
+    assert Path(json.loads(report.stdout)["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    exported = run("transcripts", "export").stdout.splitlines()
     assert len(exported) == 16 and json.loads(exported[0])["turns"][1]["rating"] == 1
+
+
+def test_cli_errors_are_one_line_without_a_traceback(home):
+    env = {**os.environ, "RAPPORT_HOME": str(home)}
+    missing = subprocess.run([str(REPO / ".venv/bin/rapport"), "adapters", "promote", "v0042"], capture_output=True,
+                             text=True, env=env, timeout=300)
+    assert missing.returncode == 1 and missing.stderr.strip() == "error: no adapter version 'v0042'"
 
 
 async def test_hot_swap_a_running_manager_follows_promote_and_rollback(loaded):

@@ -50,7 +50,7 @@ class TrainConfig:
     alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
     top_layers: int | None = field(default=12, metadata={"help": "adapt only the top N decoder layers; None = all"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
-    epochs: float = field(default=2.0, metadata={"help": "passes over the training examples"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training examples"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (overrides epochs)"})
     batch_size: int = field(default=8, metadata={"help": "examples per optimizer step"})
     max_len: int = field(default=384, metadata={"help": "tokens per example (prompt is cut from the left)"})

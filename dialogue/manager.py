@@ -215,7 +215,7 @@ class DialogueManager:
             user_tokens = max_user_tokens
         turns = await asyncio.to_thread(self.store.history, conversation_id=conversation_id, user_id=user_id)
         # Messages the bot never answered (it was silent during a handoff) would read as empty replies.
-        history = [m for t in turns if t.reply.strip() for m in ({"role": "user", "content": t.user_text},
+        history = [m for t in turns if t.finish_reason != "handoff" for m in ({"role": "user", "content": t.user_text},
                                                                   {"role": "assistant", "content": t.reply})]
         parts.history = fit_history(history, budget=budget - user_tokens, count_tokens=self.backend.count_tokens)
 

@@ -68,8 +68,11 @@ class Services:
 
     def erase_user(self, user_id: str) -> dict[str, int]:
         """Erase every record about a user (memories, persona, transcripts, ratings); returns counts by kind."""
+        from training.registry import flag_user_erased  # lineage: versions trained on them can't be promoted
+
         counts = {"memories": self.memory.delete_user(user_id)}
         counts.update(self.store.delete_user(user_id))
+        counts["adapter_versions_flagged"] = len(flag_user_erased(self.settings.adapters_dir, user_id))
         return counts
 
     def close(self) -> None:

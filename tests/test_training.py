@@ -309,3 +309,17 @@ async def test_hot_swap_a_running_manager_follows_promote_and_rollback(loaded):
         assert await turn("and again") is None
     finally:
         backend.close()
+
+
+def test_erasing_a_user_through_the_services_flags_their_versions(tiny_settings, tmp_path):
+    from dialogue.services import open_services
+
+    registry = Registry(tiny_settings.adapters_dir)
+    trained_on_ann = fake_version(registry, tmp_path, b"1", users=["ann"])
+    services = open_services(tiny_settings, load_model=False)
+    try:
+        assert services.erase_user("ann")["adapter_versions_flagged"] == 1
+    finally:
+        services.close()
+    with pytest.raises(PromotionRejected):
+        registry.promote(trained_on_ann)

@@ -74,6 +74,17 @@ def tiny_settings(home, tiny_model_dir):
                     temperature=0.0, context_budget=512)
 
 
+@pytest.fixture
+async def services(tiny_settings):
+    """A process's services (stores in a temp home) over the tiny model, loaded."""
+    from dialogue.services import open_services
+
+    services = open_services(tiny_settings)
+    await services.backend.ready()
+    yield services
+    services.close()
+
+
 @pytest.fixture(scope="session")
 def real_models_dir(tmp_path_factory) -> Path:
     """The embedded SmolLM2 converted once per test session (about 15 s), shared by every e2e test."""

@@ -9,15 +9,6 @@ import pytest
 
 from dialogue.errors import GenerationError, InvalidInput
 from dialogue.prompt import PromptParts, build_prompt, fit_history
-from dialogue.services import open_services
-
-
-@pytest.fixture
-async def services(tiny_settings):
-    services = open_services(tiny_settings)
-    await services.backend.ready()
-    yield services
-    services.close()
 
 
 async def say(services, text, user="u1", conversation="c1"):

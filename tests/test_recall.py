@@ -8,18 +8,9 @@ from pathlib import Path
 import pytest
 
 from dialogue.prompt import system_message
-from dialogue.services import open_services
 from memory.faq_text import UNKNOWN_REPLY
 
 FAQ = Path(__file__).resolve().parent.parent / "examples" / "faq" / "bikeshop.jsonl"
-
-
-@pytest.fixture
-async def services(tiny_settings):
-    services = open_services(tiny_settings)
-    await services.backend.ready()
-    yield services
-    services.close()
 
 
 async def say(services, text, user="lena", conversation="c-lena"):

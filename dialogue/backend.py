@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 from typing import Protocol
 
 from dialogue.model_files import EMBEDDED_NAME, ModelNotFound, resolve_model_dir

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 
 from dialogue.prompt import system_message
 from memory.faq_text import UNKNOWN_REPLY

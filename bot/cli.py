@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 import click
 
@@ -44,6 +45,8 @@ def chat(user_id: str) -> None:
     validate_id(user_id, "--user")
     services = open_services(load_settings())
     try:
+        services.chroma  # noqa: B018 - another process holding the stores fails this command now, not mid-chat
+        threading.Thread(target=services.embedder.embed, args=(["warm-up"],), daemon=True).start()
         session = ChatSession(services, user_id)
         if sys.stdin.isatty():
             code = run_interactive(session, services.settings.home / "repl_history")

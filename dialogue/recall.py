@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from dialogue.manager import Context, Source
 from dialogue.settings import Settings
 from dialogue.store import Turn
+from memory.persona import answer_from_profile
 
 if TYPE_CHECKING:
     from dialogue.services import Services
@@ -47,7 +48,8 @@ class TurnRecall:
             context.max_new_tokens = max(24, int(self.settings.max_new_tokens * VERBOSITY_TOKENS[persona.verbosity]))
         context.memories = [{"id": m.id, "text": m.text, "timestamp": m.timestamp} for m in memories]
         context.sources = [Source("memory", m.id, round(m.score, 4)) for m in memories]
-        if decision is not None:
+        context.answer = answer_from_profile(persona, text)  # "What is my name?": the profile, not the model
+        if decision is not None and context.answer is None:
             self._apply_faq(context, decision)
         return context
 

@@ -205,3 +205,31 @@ class PersonaStore:
             session.delete(row)
             session.commit()
         return 1
+
+
+# -- questions about the profile itself --------------------------------------------------------------
+
+ASKS_NAME = re.compile(r"^\s*(?:(?:and |so |hey,? )?(?:what(?:'s| is) my name|do you (?:know|remember) my name|"
+                       r"who am i|what do you call me|what should you call me))\W*$", re.I)
+ASKS_HOME = re.compile(r"^\s*(?:(?:and |so )?(?:where do i live|do you (?:know|remember) where i live|"
+                       r"where am i from))\W*$", re.I)
+
+
+def answer_from_profile(persona: Persona, text: str) -> str | None:
+    """A reply from the profile for a plain question about it ("What is my name?"), or None.
+
+    A small model confuses whose name is whose; the profile is the source of truth, like a FAQ entry.
+    """
+    if ASKS_NAME.match(text):
+        if persona.name or persona.address_as:
+            called = persona.address_as or persona.name
+            if persona.name and called != persona.name:
+                return f"Your name is {persona.name}, and you asked me to call you {called}."
+            return f"Your name is {called}."
+        return "You haven't told me your name yet. What should I call you?"
+    if ASKS_HOME.match(text):
+        for fact in persona.facts:
+            if fact.startswith(("lives in ", "from ")):
+                return f"You told me you {'live in' if fact.startswith('lives') else 'are from'} {fact.split(' ', 2)[-1]}."
+        return "You haven't told me where you live yet."
+    return None

@@ -53,3 +53,13 @@ def test_store_keeps_one_profile_per_user(db_url):
     assert store.delete_user("lena")["personas"] == 1
     assert personas.get("lena") == Persona() and personas.get("max").name == "Max"
     store.close()
+
+
+def test_plain_questions_about_the_profile_are_answered_from_it():
+    from memory.persona import answer_from_profile
+
+    lena = Persona(name="Lena", address_as="Lee", facts=["lives in Porto"])
+    assert answer_from_profile(lena, "What is my name?") == "Your name is Lena, and you asked me to call you Lee."
+    assert answer_from_profile(lena, "where do I live?") == "You told me you live in Porto."
+    assert "haven't told me your name" in answer_from_profile(Persona(), "What's my name?")
+    assert answer_from_profile(lena, "What is my name and what does it mean?") is None  # not a plain question

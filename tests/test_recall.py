@@ -66,3 +66,10 @@ async def test_faq_policy_answers_grounds_or_hands_off(services):
 
     chat = await say(services, "Thanks, have a lovely evening!")
     assert not chat.handoff and not chat.parts.faq
+
+
+async def test_the_profile_answers_questions_about_it_for_its_owner_only(services):
+    await say(services, "Hi! My name is Lena and I live in Porto.")
+    assert (await say(services, "What is my name?")).text == "Your name is Lena."
+    other = await say(services, "What is my name?", user="max", conversation="c-max")
+    assert "Lena" not in other.text and "haven't told me" in other.text

@@ -80,19 +80,13 @@ class Settings(BaseSettings):
     telegram_retry_budget: float = Field(60.0, ge=0, description="seconds to keep retrying a Bot API call through network errors")
     telegram_rate_limit_retries: int = Field(3, ge=0, description="retries of a call Telegram answered with 429 retry_after")
 
-    @field_validator("telegram_allowed_ids", mode="before")
+    @field_validator("api_keys", "admin_keys", "telegram_allowed_ids", mode="before")
     @classmethod
-    def split_telegram_ids(cls, value: object) -> object:
+    def split_list(cls, value: object) -> object:
+        """Comma-separated in the environment; a list (of strings or ids) in rapport.toml."""
         if isinstance(value, (str, int)):
             return [part.strip() for part in str(value).split(",") if part.strip()]
         return [str(v) for v in value] if isinstance(value, list) else value
-
-    @field_validator("api_keys", "admin_keys", mode="before")
-    @classmethod
-    def split_keys(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
-        return value
 
     @field_validator("home", mode="after")
     @classmethod

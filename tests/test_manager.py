@@ -19,13 +19,13 @@ async def say(services, text, user="u1", conversation="c1"):
 
 async def test_a_turn_is_recorded_with_what_the_model_saw(services):
     first = await say(services, "Hello!")
-    second = await say(services, "What is my name?")
+    second = await say(services, "Can you help me plan a trip?")
     stored = services.store.get_turn(second.turn_id)
-    assert stored.reply == second.text and stored.user_text == "What is my name?"
+    assert stored.reply == second.text and stored.user_text == "Can you help me plan a trip?"
     assert stored.completion_tokens > 0 and stored.prompt_tokens > 0 and stored.latency_ms >= 0
     parts = PromptParts.from_dict(json.loads(stored.prompt))
     assert parts.history == [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": first.text}]
-    assert build_prompt(parts)[-1] == {"role": "user", "content": "What is my name?"}
+    assert build_prompt(parts)[-1] == {"role": "user", "content": "Can you help me plan a trip?"}
     assert stored.model_id == services.backend.model_id
 
 

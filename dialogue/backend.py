@@ -38,7 +38,9 @@ class LocalBackend:
         self.settings = settings
         self.model_id = settings.model or EMBEDDED_NAME
         self.dtype = choose_dtype(settings.dtype)
-        self.worker = ModelWorker(self._load, threads=settings.threads, eager=eager)
+        self.worker = ModelWorker(self._load, threads=settings.threads, eager=eager, quantize=settings.quantize,
+                                  max_batch=settings.max_batch, chunk_tokens=settings.chunk_tokens,
+                                  prefix_cache_tokens=settings.prefix_cache_tokens)
 
     def _load(self):
         directory = resolve_model_dir(self.settings.model, self.settings.models_dir)

@@ -1,8 +1,10 @@
 """The model runtime: one worker thread owns the model and serves generation requests from a queue.
 
-Callers on any event loop submit a request and iterate its text deltas. The worker interleaves all
-active requests one decode step at a time, so two conversations stream at once; each request keeps
-its own KV cache, sampling state and adapter choice, which is the shape continuous batching needs.
+Callers on any event loop submit a request and iterate its text deltas. The worker batches continuously:
+every step is one forward pass over all decoding requests (one token each) plus, if a prompt is waiting,
+a chunk of that prompt, so a long prompt never freezes the streams already running. Requests join between
+steps and leave when done. A finished request leaves its keys and values in a bounded prefix cache, so the
+next turn of a conversation (or any prompt sharing a prefix, on the same adapter) prefills only what is new.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import logging
 import os
 import queue
+from collections import OrderedDict
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,11 +22,12 @@ from pathlib import Path
 
 import torch
 
+from dialogue.engines import Batch, open_engine
 from dialogue.errors import GenerationError
 
 logger = logging.getLogger(__name__)
 
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a per-row adapter batch
+BASE_ADAPTER = "__base__"  # the base model's key in the prefix cache (and peft's name for no adapter)
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,11 @@ class Generation:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: asyncio.Queue | None = None
         # Worker-side state (touched only by the worker thread).
-        self._cache = None
+        self._tokens = list(prompt_ids)  # the prompt, then each sampled token
+        self._cached = 0  # how many of _tokens have keys and values in the engine
+        self._slot = -1
+        self._lora = None  # the engine's loaded adapter
+        self.reused_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self._rng = torch.Generator()
         self._rng.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little"))
         self._emitted_text = ""
@@ -172,19 +180,75 @@ class Generation:
         return "".join([chunk async for chunk in self])
 
 
-class ModelWorker:
-    """Owns the model on one thread; serves `Generation`s round-robin, one decode step each."""
+class PrefixCache:
+    """Keys and values of finished sequences, looked up by longest shared token prefix on the same adapter.
 
-    def __init__(self, load: Callable[[], tuple[object, object]], *, threads: int | None = None,
-                 eager: bool = True) -> None:
+    Bounded by total tokens, least recently used out first. A sequence that extends a stored one replaces it.
+    Only identical token prefixes are ever shared, so reuse cannot carry one user's text into another's prompt.
+    """
+
+    def __init__(self, max_tokens: int, min_reuse: int = 16) -> None:
+        self.max_tokens = max_tokens
+        self.min_reuse = min_reuse
+        self._entries: OrderedDict[int, tuple[str, torch.Tensor, object]] = OrderedDict()
+        self._next = 0
+        self.tokens = 0
+
+    def lookup(self, adapter: str, prompt: list[int]) -> tuple[int, object | None]:
+        """(how many leading prompt tokens are cached, their state); always leaves the last token to compute."""
+        if not self._entries or len(prompt) <= self.min_reuse:
+            return 0, None
+        query = torch.tensor(prompt[:-1])
+        best, best_key = 0, None
+        for key, (name, tokens, _) in self._entries.items():
+            if name != adapter:
+                continue
+            n = min(len(tokens), len(query))
+            same = tokens[:n] == query[:n]
+            length = n if bool(same.all()) else int((~same).nonzero()[0])
+            if length > best:
+                best, best_key = length, key
+        if best < self.min_reuse:
+            return 0, None
+        self._entries.move_to_end(best_key)
+        return best, self._entries[best_key][2]
+
+    def store(self, adapter: str, tokens: list[int], state: object) -> None:
+        if len(tokens) < self.min_reuse or len(tokens) > self.max_tokens:
+            return
+        new = torch.tensor(tokens)
+        for key, (name, old, _) in list(self._entries.items()):
+            if name == adapter and len(old) <= len(new) and bool((new[: len(old)] == old).all()):
+                self._drop(key)  # the new sequence extends it
+        self._entries[self._next] = (adapter, new, state)
+        self._next += 1
+        self.tokens += len(tokens)
+        while self.tokens > self.max_tokens:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: int) -> None:
+        self.tokens -= len(self._entries.pop(key)[1])
+
+
+class ModelWorker:
+    """Owns the model on one thread; runs every active `Generation` in one batched step at a time."""
+
+    def __init__(self, load: Callable[[], tuple[object, object]], *, threads: int | None = None, eager: bool = True,
+                 quantize: str = "none", max_batch: int = 16, chunk_tokens: int = 256,
+                 prefix_cache_tokens: int = 16384) -> None:
         self._load = load
         self._threads = threads
+        self._quantize = quantize
+        self.max_batch = max_batch
+        self.chunk_tokens = chunk_tokens
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self._inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
-        self._active: list[Generation] = []
+        self._waiting: list[Generation] = []
+        self._slots: list[Generation] = []  # slot i holds _slots[i]: decoding ones first, then prompts in progress
+        self._decoding = 0
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
-        self._adapters: dict[str, Path] = {}
-        self.model = None
+        self.engine = None
         self.tokenizer = None
         self.stop_ids: set[int] = set()
         self._thread = threading.Thread(target=self._run, name="rapport-model", daemon=True)
@@ -220,12 +284,15 @@ class ModelWorker:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._active) + self._inbox.qsize()
+        return len(self._slots) + len(self._waiting) + self._inbox.qsize()
 
     async def submit(self, prompt_ids: list[int], params: GenerationParams, adapter: AdapterRef | None = None) -> Generation:
         await self.ready()
         if not prompt_ids:
             raise GenerationError("empty prompt")
+        if len(prompt_ids) + params.max_new_tokens > self.engine.max_positions:
+            raise GenerationError(f"prompt of {len(prompt_ids)} tokens plus {params.max_new_tokens} new ones exceeds "
+                                  f"the model's {self.engine.max_positions} positions")
         generation = Generation(prompt_ids, params, adapter)
         generation._bind()
         self._inbox.put(generation)
@@ -242,50 +309,117 @@ class ModelWorker:
         if self._threads:
             torch.set_num_threads(self._threads)
         try:
-            self.model, self.tokenizer = self._load()
-            self.stop_ids = stop_token_ids(self.tokenizer, self.model)
+            model, self.tokenizer = self._load()
+            self.stop_ids = stop_token_ids(self.tokenizer, model)
+            self.engine = open_engine(model, quantize=self._quantize)
+            del model
         except BaseException as exc:  # surfaced to every caller of ready()
             self._load_error = exc
             self._ready.set()
             return
         self._ready.set()
         with torch.inference_mode():
-            while True:
-                if not self._admit():
-                    return
-                for generation in list(self._active):
-                    self._step(generation)
+            while self._admit():
+                self._drop_cancelled()
+                if self._slots:
+                    self._step()
 
     def _admit(self) -> bool:
-        """Move queued requests into the active set; block while there is nothing to do."""
+        """Take new requests; give free slots to waiting ones; block while there is nothing to do."""
         while True:
             try:
-                item = self._inbox.get(block=not self._active)
+                item = self._inbox.get(block=not (self._slots or self._waiting))
             except queue.Empty:
-                return True
+                break
             if item is None:
                 return False
-            self._active.append(item)
-            if self._inbox.empty():
-                return True
+            self._waiting.append(item)
+        while self._waiting and len(self._slots) < self.max_batch:
+            generation = self._waiting.pop(0)
+            if generation.cancelled:
+                self._finish(generation, "cancelled")
+                continue
+            try:
+                self._place(generation)
+            except Exception as exc:
+                logger.exception("could not start a generation")
+                self._finish(generation, "error", exc)
+        return True
 
-    def _finish(self, generation: Generation, reason: str, error: BaseException | None = None) -> None:
-        generation.finish_reason = reason
-        generation._cache = None
-        self._active.remove(generation)
-        if error is not None:
-            generation._emit(error)
-        generation._emit(_DONE)
+    def _place(self, generation: Generation) -> None:
+        """Give a new request the next slot, its adapter, and any cached prefix of its prompt."""
+        generation._lora = self.engine.adapter(generation.adapter)
+        slot = len(self._slots)
+        self.engine.reserve(slot + 1, len(generation.prompt_ids) + generation.params.max_new_tokens)
+        generation._slot = slot
+        self._slots.append(generation)
+        if self.engine.can_save:
+            reused, state = self.prefix_cache.lookup(self._adapter_key(generation), generation.prompt_ids)
+            if state is not None:
+                self.engine.load(slot, state, reused)
+                generation._cached = generation.reused_tokens = reused
 
-    def _step(self, generation: Generation) -> None:
-        if generation.cancelled:
+    @staticmethod
+    def _adapter_key(generation: Generation) -> str:
+        return generation.adapter.name if generation.adapter else BASE_ADAPTER
+
+    def _drop_cancelled(self) -> None:
+        for generation in [g for g in self._slots if g.cancelled]:
             self._finish(generation, "cancelled")
-            return
+
+    def _step(self) -> None:
+        """One forward: a token for every decoding slot, and a chunk of the oldest unfinished prompt.
+
+        Alone, a prompt is prefilled whole (fastest first token); beside running streams, `chunk_tokens` at a
+        time, so their tokens keep coming while it is read.
+        """
+        decoding = self._slots[: self._decoding]
+        tokens = [g._tokens[g._cached] for g in decoding]
+        positions = [g._cached for g in decoding]
+        prompts = self._slots[self._decoding:]
+        prompt = min(prompts, key=lambda g: g.started_at) if prompts else None  # first come, first prefilled
+        chunk_start = chunk_len = 0
+        if prompt is not None:
+            remaining = len(prompt._tokens) - prompt._cached
+            chunk_len = remaining if not decoding else min(remaining, self.chunk_tokens)
+            chunk_start = prompt._cached
+            tokens += prompt._tokens[chunk_start:chunk_start + chunk_len]
+            positions += range(chunk_start, chunk_start + chunk_len)
+        prompt_done = prompt is not None and chunk_start + chunk_len == len(prompt._tokens)
+        rows = list(range(len(decoding))) + ([len(tokens) - 1] if prompt_done else [])
+        owners = decoding + ([prompt] if prompt_done else [])
+        groups: dict[int, tuple[object, list[int]]] = {}
+        for row, generation in enumerate(decoding):
+            if generation._lora is not None:
+                groups.setdefault(id(generation._lora), (generation._lora, []))[1].append(row)
+        if prompt is not None and prompt._lora is not None:
+            groups.setdefault(id(prompt._lora), (prompt._lora, []))[1].extend(range(len(decoding), len(tokens)))
+        batch = Batch(tokens=torch.tensor(tokens), positions=torch.tensor(positions), n_decode=len(decoding),
+                      chunk_slot=prompt._slot if prompt is not None else None, chunk_start=chunk_start,
+                      logit_rows=torch.tensor(rows, dtype=torch.long),
+                      lora=[(lora, torch.tensor(r)) for lora, r in groups.values()])
         try:
-            logits = self._forward(generation)
-            token = sample_next(logits, generation.generated, generation.params, generation._rng)
+            logits = self.engine.forward(batch)  # (len(rows), V)
         except Exception as exc:
             logger.exception("generation step failed")
+            for generation in decoding + ([prompt] if prompt is not None else []):
+                self._finish(generation, "error", exc)
+            return
+        for generation in decoding:
+            generation._cached += 1
+        if prompt is not None:
+            prompt._cached += chunk_len
+            if prompt_done:  # it decodes from now on: move it to the end of the decoding block
+                self._swap(prompt._slot, self._decoding)
+                self._decoding += 1
+        for row, generation in enumerate(owners):
+            self._advance(generation, logits[row])
+
+    def _advance(self, generation: Generation, logits: torch.Tensor) -> None:
+        try:
+            token = sample_next(logits, generation.generated, generation.params, generation._rng)
+        except Exception as exc:
+            logger.exception("sampling failed")
             self._finish(generation, "error", exc)
             return
         if generation.ttft_s is None:
@@ -295,43 +429,39 @@ class ModelWorker:
             self._finish(generation, "stop")
             return
         generation.generated.append(token)
+        generation._tokens.append(token)
         self._flush_text(generation, final=False)
         if len(generation.generated) >= generation.params.max_new_tokens:
             self._flush_text(generation, final=True)
             self._finish(generation, "length")
 
-    def _forward(self, generation: Generation) -> torch.Tensor:
-        """Logits (V,) for the next token: a prefill on the first step, then one token at a time."""
-        from transformers import DynamicCache
+    def _swap(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        ga, gb = self._slots[a], self._slots[b]
+        self.engine.swap(a, b, ga._cached, gb._cached)
+        self._slots[a], self._slots[b] = gb, ga
+        ga._slot, gb._slot = b, a
 
-        if generation._cache is None:
-            generation._cache = DynamicCache()
-            input_ids = torch.tensor([generation.prompt_ids], dtype=torch.long)  # (1, T)
-        else:
-            input_ids = torch.tensor([[generation.generated[-1]]], dtype=torch.long)  # (1, 1)
-        kwargs = {}
-        if self._adapters or generation.adapter is not None:
-            kwargs["adapter_names"] = [self._ensure_adapter(generation.adapter)]
-        out = self.model(
-            input_ids=input_ids, cache=generation._cache, use_cache=True, logits_to_keep=1, **kwargs
-        )
-        return out.logits[0, -1]  # (V,)
-
-    def _ensure_adapter(self, adapter: AdapterRef | None) -> str:
-        """Load an adapter version the first time a request names it; return its peft name."""
-        if adapter is None:
-            return BASE_ADAPTER
-        if adapter.name not in self._adapters:
-            from peft import PeftModel
-
-            if not self._adapters:
-                self.model = PeftModel.from_pretrained(self.model, adapter.path, adapter_name=adapter.name)
-            else:
-                self.model.load_adapter(adapter.path, adapter_name=adapter.name)
-            self.model.eval()
-            self._adapters[adapter.name] = adapter.path
-            logger.info("loaded adapter %s from %s", adapter.name, adapter.path)
-        return adapter.name
+    def _finish(self, generation: Generation, reason: str, error: BaseException | None = None) -> None:
+        generation.finish_reason = reason
+        slot = generation._slot
+        if slot >= 0:
+            if reason in ("stop", "length") and self.engine.can_save:
+                self.prefix_cache.store(self._adapter_key(generation), generation._tokens[: generation._cached],
+                                        self.engine.save(slot, generation._cached))
+            # Keep the slots dense: decoding ones in [0, _decoding), prompts in progress after them.
+            if slot < self._decoding:
+                self._swap(slot, self._decoding - 1)
+                self._decoding -= 1
+                slot = generation._slot
+            self._swap(slot, len(self._slots) - 1)
+            self._slots.pop()
+            self.engine.free(len(self._slots))
+            generation._slot = -1
+        if error is not None:
+            generation._emit(error)
+        generation._emit(_DONE)
 
     def _flush_text(self, generation: Generation, *, final: bool) -> None:
         """Emit the new text since the last flush; hold back a trailing partial UTF-8 character."""

@@ -87,15 +87,24 @@ async def test_a_consumer_that_stops_frees_its_slot(worker):
     assert generation.finish_reason == "cancelled"
 
 
-async def test_stops_at_end_of_sequence(worker):
-    eos = worker.tokenizer.eos_token_id
-    # Steer the tiny model to EOS by making the lm_head favour it overwhelmingly.
-    with torch.no_grad():
-        worker.model.get_output_embeddings().weight[eos] *= 0
-        worker.model.get_output_embeddings().weight[eos] += 5.0
-    generation = await worker.submit(prompt(worker), GenerationParams(max_new_tokens=50, temperature=0.0))
-    assert await generation.text() == ""
-    assert generation.finish_reason == "stop"
+async def test_stops_at_end_of_sequence(tiny_model_dir):
+    def load_eos_loving_model():
+        model, tokenizer = load_model(tiny_model_dir, torch.float32)
+        with torch.no_grad():  # steer the tiny model to EOS by making the lm_head favour it overwhelmingly
+            weight = model.get_output_embeddings().weight
+            weight[tokenizer.eos_token_id] = 0
+            weight[tokenizer.eos_token_id, 0] = 50.0
+            model.model.norm.weight.fill_(1.0)
+        return model, tokenizer
+
+    worker = ModelWorker(load_eos_loving_model, threads=1)
+    try:
+        worker.wait_ready(60)
+        generation = await worker.submit(prompt(worker), GenerationParams(max_new_tokens=50, temperature=0.0))
+        assert await generation.text() == ""
+        assert generation.finish_reason == "stop"
+    finally:
+        worker.close()
 
 
 async def test_adapter_is_chosen_per_request(worker, tiny_model_dir, tmp_path):

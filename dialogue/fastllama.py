@@ -1,0 +1,262 @@
+"""A batched inference forward for Llama-family models: many sequences, one pass, each its own adapter.
+
+transformers' forward serves one batch with one cache. Serving wants every active conversation in the same
+pass whatever its length, a prompt chunk beside them, and each row on its own LoRA version. This module
+runs the same maths on the same weights, laid out for that:
+- q/k/v and gate/up fused into one matmul each (4 weight reads a layer instead of 7);
+- a preallocated KV arena, one slot per sequence, written in place (no per-step concatenation);
+- decode attention for all decoding slots as one batched matmul with a length mask;
+- int8 weight-only matmuls (per-output-channel scales) for decode steps, where reading the weights is
+  the cost; prompt chunks, where compute is, keep the 16-bit weights;
+- LoRA deltas added per row group, from each adapter's own matrices: a row can only meet its own adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dialogue.errors import GenerationError
+
+INT8_MAX_ROWS = 64  # up to this many rows a matmul is bound by reading weights: int8 halves that
+LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+                      r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+def supports(config) -> bool:
+    """True for the architectures this forward reproduces exactly (Llama, SmolLM, TinyLlama, ...)."""
+    return (getattr(config, "model_type", None) == "llama" and not getattr(config, "attention_bias", False)
+            and not getattr(config, "mlp_bias", False) and getattr(config, "hidden_act", "silu") == "silu"
+            and getattr(config, "pretraining_tp", 1) == 1)
+
+
+class Linear:
+    """y = x W^T with 16-bit weights, and an int8 copy for row counts where weight reads dominate."""
+
+    def __init__(self, weight: torch.Tensor, *, int8: bool) -> None:
+        self.weight = weight.contiguous()  # (N, K)
+        self.q8 = self.scale = None
+        if int8:
+            w = weight.float()
+            scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (N,)
+            self.q8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            self.scale = scale.to(weight.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q8 is not None and x.shape[0] <= INT8_MAX_ROWS:
+            return torch._weight_int8pack_mm(x.contiguous(), self.q8, self.scale)
+        return F.linear(x, self.weight)
+
+
+@dataclass
+class LoraAdapter:
+    """One adapter version's low-rank matrices: (layer, projection) -> (A (r, in), B·scale (out, r))."""
+
+    name: str
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, name: str, path: Path, dtype: torch.dtype) -> LoraAdapter:
+        from safetensors.torch import load_file
+
+        config = json.loads((path / "adapter_config.json").read_text())
+        unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save") if config.get(k)]
+        if config.get("bias", "none") != "none" or config.get("fan_in_fan_out"):
+            unsupported.append("bias/fan_in_fan_out")
+        if unsupported:
+            raise GenerationError(f"adapter {name}: {', '.join(unsupported)} is not supported by the runtime")
+        r, alpha = config["r"], config["lora_alpha"]
+        scale = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
+        tensors = load_file(path / "adapter_model.safetensors")
+        pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            match = LORA_KEY.search(key)
+            if match is None:
+                raise GenerationError(f"adapter {name}: unexpected tensor {key}")
+            layer, proj, which = int(match[1]), match[2].removesuffix("_proj"), match[3]
+            pairs.setdefault((layer, proj), {})[which] = tensor
+        adapter = cls(name)
+        for key, pair in pairs.items():
+            adapter.weights[key] = (pair["A"].to(dtype).contiguous(), (pair["B"].float() * scale).to(dtype).contiguous())
+        return adapter
+
+
+@dataclass
+class Batch:
+    """One forward: rows [0, n_decode) are one token for each of slots [0, n_decode); the rest, if any,
+    are a prompt chunk for `chunk_slot` starting at position `chunk_start`."""
+
+    tokens: torch.Tensor  # (N,) long
+    positions: torch.Tensor  # (N,) long
+    n_decode: int
+    chunk_slot: int | None
+    chunk_start: int
+    logit_rows: torch.Tensor  # (n,) long: rows whose next-token logits are wanted
+    lora: list[tuple[LoraAdapter, torch.Tensor]]  # (adapter, its rows); rows of no group use the base model
+
+
+class KVArena:
+    """Keys and values of every slot: (layers, 2, slots, kv_heads, length, head_dim), grown on demand."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        self.shape = (layers, 2, kv_heads, head_dim)
+        self.dtype = dtype
+        self.kv = torch.zeros(layers, 2, 0, kv_heads, 0, head_dim, dtype=dtype)
+
+    @property
+    def slots(self) -> int:
+        return self.kv.shape[2]
+
+    @property
+    def length(self) -> int:
+        return self.kv.shape[4]
+
+    def reserve(self, slots: int, length: int) -> None:
+        if slots <= self.slots and length <= self.length:
+            return
+        layers, two, heads, dim = self.shape
+        new_slots = max(slots, self.slots)
+        new_length = max(self.length, 256)
+        while new_length < length:
+            new_length *= 2
+        grown = torch.zeros(layers, two, new_slots, heads, new_length, dim, dtype=self.dtype)
+        grown[:, :, : self.slots, :, : self.length] = self.kv
+        self.kv = grown
+
+    def read(self, slot: int, length: int) -> torch.Tensor:
+        """A copy of one slot's first `length` positions: (layers, 2, kv_heads, length, head_dim)."""
+        return self.kv[:, :, slot, :, :length].clone()
+
+    def write(self, slot: int, kv: torch.Tensor) -> None:
+        self.kv[:, :, slot, :, : kv.shape[3]] = kv
+
+    def move(self, source: int, target: int, length: int) -> None:
+        self.kv[:, :, target, :, :length] = self.kv[:, :, source, :, :length]
+
+
+class FastLlama:
+    """The inference forward over a KV arena; built from a loaded transformers Llama's weights."""
+
+    def __init__(self, model, *, int8: bool) -> None:
+        config = model.config
+        if not supports(config):
+            raise ValueError(f"unsupported architecture: {config.model_type}")
+        self.config = config
+        self.dtype = model.dtype
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scaling = self.head_dim ** -0.5
+        self.eps = config.rms_norm_eps
+        self.vocab_size = config.vocab_size
+        state = model.state_dict()
+        self.embed = state["model.embed_tokens.weight"].contiguous()  # (V, H)
+        self.lm_head = Linear(state.get("lm_head.weight", self.embed), int8=int8)
+        self.norm = state["model.norm.weight"]
+        self.layers = []
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            attn, mlp = p + "self_attn.", p + "mlp."
+            qkv = torch.cat([state[attn + "q_proj.weight"], state[attn + "k_proj.weight"], state[attn + "v_proj.weight"]])
+            gate_up = torch.cat([state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]])
+            self.layers.append({
+                "in_norm": state[p + "input_layernorm.weight"], "post_norm": state[p + "post_attention_layernorm.weight"],
+                "qkv": Linear(qkv, int8=int8), "o": Linear(state[attn + "o_proj.weight"], int8=int8),
+                "gate_up": Linear(gate_up, int8=int8), "down": Linear(state[mlp + "down_proj.weight"], int8=int8),
+            })
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        inter = config.intermediate_size
+        # Where each LoRA-able projection lands in the fused outputs: name -> (fused matrix, offset, size).
+        self.slices = {"q": ("qkv", 0, q), "k": ("qkv", q, kv), "v": ("qkv", q + kv, kv), "o": ("o", 0, config.hidden_size),
+                       "gate": ("gate_up", 0, inter), "up": ("gate_up", inter, inter), "down": ("down", 0, config.hidden_size)}
+        # Rotary tables from the model's own module, so every rope variant it knows is honoured.
+        positions = torch.arange(config.max_position_embeddings)[None]
+        with torch.no_grad():
+            cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=self.dtype), positions)
+        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # (P, D)
+        self.arena = KVArena(config.num_hidden_layers, self.kv_heads, self.head_dim, self.dtype)
+
+    @property
+    def max_positions(self) -> int:
+        return self.cos.shape[0]
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(x.dtype)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _project(self, layer: int, name: str, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        out = self.layers[layer][name](x)
+        for adapter, rows in batch.lora:
+            for proj, (fused, offset, size) in self.slices.items():
+                if fused != name or (layer, proj) not in adapter.weights:
+                    continue
+                a, b = adapter.weights[(layer, proj)]
+                out[rows, offset:offset + size] += (x[rows] @ a.T) @ b.T
+        return out
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Next-token logits (len(batch.logit_rows), V) for the rows asked for; writes the rows' keys and values."""
+        n_dec, heads, kv_heads, dim = batch.n_decode, self.heads, self.kv_heads, self.head_dim
+        groups = heads // kv_heads
+        x = self.embed[batch.tokens]  # (N, H)
+        cos = self.cos[batch.positions][:, None]  # (N, 1, D)
+        sin = self.sin[batch.positions][:, None]
+        dec_pos = batch.positions[:n_dec]
+        dec_slots = torch.arange(n_dec)
+        kv_len = int(dec_pos.max()) + 1 if n_dec else 0
+        dec_mask = None
+        if n_dec:  # (B, 1, 1, L): -inf past each row's own position
+            beyond = torch.arange(kv_len)[None, :] > dec_pos[:, None]
+            dec_mask = torch.zeros(n_dec, kv_len).masked_fill_(beyond, float("-inf"))[:, None, None]
+        n_chunk = x.shape[0] - n_dec
+        chunk_end = batch.chunk_start + n_chunk
+        chunk_mask = None
+        if n_chunk and batch.chunk_start:  # a later chunk sees every earlier position, and itself causally
+            rows = torch.arange(n_chunk)[:, None] + batch.chunk_start
+            chunk_mask = torch.arange(chunk_end)[None, :] <= rows
+        q_size, kv_size = heads * dim, kv_heads * dim
+        for i, layer in enumerate(self.layers):
+            kv = self.arena.kv[i]  # (2, S, Hkv, L, D)
+            h = self._rms(x, layer["in_norm"])
+            qkv = self._project(i, "qkv", h, batch)
+            q = self._rope(qkv[:, :q_size].view(-1, heads, dim), cos, sin)  # (N, H, D)
+            k = self._rope(qkv[:, q_size:q_size + kv_size].view(-1, kv_heads, dim), cos, sin)  # (N, Hkv, D)
+            v = qkv[:, q_size + kv_size:].view(-1, kv_heads, dim)
+            outs = []
+            if n_dec:
+                kv[0][dec_slots, :, dec_pos] = k[:n_dec]
+                kv[1][dec_slots, :, dec_pos] = v[:n_dec]
+                keys, values = kv[0, :n_dec, :, :kv_len], kv[1, :n_dec, :, :kv_len]  # (B, Hkv, L, D)
+                qd = q[:n_dec].view(n_dec, kv_heads, groups, dim)
+                scores = torch.matmul(qd, keys.transpose(-1, -2)).float() * self.scaling + dec_mask  # (B, Hkv, G, L)
+                probs = torch.softmax(scores, dim=-1).to(self.dtype)
+                outs.append(torch.matmul(probs, values).reshape(n_dec, q_size))
+            if n_chunk:
+                s, start = batch.chunk_slot, batch.chunk_start
+                kv[0, s, :, start:chunk_end] = k[n_dec:].transpose(0, 1)
+                kv[1, s, :, start:chunk_end] = v[n_dec:].transpose(0, 1)
+                keys, values = kv[0, s:s + 1, :, :chunk_end], kv[1, s:s + 1, :, :chunk_end]  # (1, Hkv, L, D)
+                qc = q[n_dec:].transpose(0, 1)[None]  # (1, H, T, D)
+                out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=chunk_mask, is_causal=chunk_mask is None,
+                                                     scale=self.scaling, enable_gqa=True)
+                outs.append(out[0].transpose(0, 1).reshape(n_chunk, q_size))
+            attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+            x = x + self._project(i, "o", attn, batch)
+            h = self._rms(x, layer["post_norm"])
+            gate_up = self._project(i, "gate_up", h, batch)
+            inter = gate_up.shape[1] // 2
+            x = x + self._project(i, "down", F.silu(gate_up[:, :inter]) * gate_up[:, inter:], batch)
+        last = self._rms(x[batch.logit_rows], self.norm)
+        return self.lm_head(last)

@@ -1,8 +1,13 @@
-"""`rapport bench gen`: time to first token, decode speed and turn time on the configured model."""
+"""`rapport bench gen`: time to first token, decode speed and turn time on the configured model.
+
+Every measured prompt is new to the worker (a distinct leading salt), so the prefix cache cannot flatter
+the cold numbers; the second turn of the same conversation is measured separately, as `second_turn_*`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import resource
 import statistics
 import time
 
@@ -14,11 +19,12 @@ FILLER = (
     "Rapport keeps notes about each conversation so that it can answer questions about earlier days, "
     "look up the shop's opening hours, and hand a customer over to a colleague when it is unsure. "
 )
+FOLLOW_UP = " Thank you. And what about next Saturday, are you open in the afternoon as well?"
 
 
 def prompt_ids(backend: LocalBackend, n_tokens: int, salt: int = 0) -> list[int]:
-    """Exactly `n_tokens` ids of ordinary English; `salt` makes concurrent prompts differ."""
-    ids = backend.tokenizer.encode(f"Request {salt}. " + FILLER * (n_tokens // 20 + 2), add_special_tokens=False)
+    """Exactly `n_tokens` ids of ordinary English, different from the first token on for each `salt`."""
+    ids = backend.tokenizer.encode(f"{salt} Request {salt}. " + FILLER * (n_tokens // 20 + 2), add_special_tokens=False)
     return ids[:n_tokens]
 
 
@@ -34,36 +40,50 @@ async def one_turn(backend: LocalBackend, ids: list[int], new_tokens: int) -> di
     first = first or end
     decoded = max(generation.completion_tokens - 1, 1)
     return {"ttft_s": first - start, "decode_tok_s": decoded / max(end - first, 1e-9), "turn_s": end - start,
-            "tokens": generation.completion_tokens}
+            "tokens": generation.completion_tokens, "generated": generation.generated,
+            "reused_tokens": generation.reused_tokens}
+
+
+def median(rows: list[dict], key: str, digits: int = 4) -> float:
+    return round(statistics.median(r[key] for r in rows), digits)
 
 
 async def run_async(settings: Settings, prompt_tokens: int, new_tokens: int, concurrency: int, repeats: int) -> dict:
     backend = LocalBackend(settings)
     try:
         await backend.ready()
-        await one_turn(backend, prompt_ids(backend, 32), 4)  # warm-up: first-call allocations
+        await one_turn(backend, prompt_ids(backend, 32, -1), 4)  # warm-up: first-call allocations
         runs = []
-        for _ in range(repeats):
+        for repeat in range(repeats):
+            prompts = [prompt_ids(backend, prompt_tokens, repeat * concurrency + i) for i in range(concurrency)]
             start = time.perf_counter()
-            results = await asyncio.gather(*(one_turn(backend, prompt_ids(backend, prompt_tokens, i), new_tokens)
-                                             for i in range(concurrency)))
-            wall = time.perf_counter() - start
-            runs.append((results, wall))
-        flat = [r for results, _ in runs for r in results]
+            results = await asyncio.gather(*(one_turn(backend, ids, new_tokens) for ids in prompts))
+            runs.append((results, time.perf_counter() - start, prompts))
+        flat = [r for results, _, _ in runs for r in results]
         out = {
             "model": backend.model_id,
             "dtype": str(backend.dtype).removeprefix("torch."),
+            "quantize": settings.quantize,
+            "threads": settings.threads,
             "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens,
             "concurrency": concurrency,
             "repeats": repeats,
-            "ttft_s": round(statistics.median(r["ttft_s"] for r in flat), 4),
-            "decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in flat), 2),
-            "turn_s": round(statistics.median(r["turn_s"] for r in flat), 4),
+            "ttft_s": median(flat, "ttft_s"),
+            "decode_tok_s": median(flat, "decode_tok_s", 2),
+            "turn_s": median(flat, "turn_s"),
         }
         if concurrency > 1:
             out["aggregate_tok_s"] = round(statistics.median(
-                sum(r["tokens"] for r in results) / wall for results, wall in runs), 2)
+                sum(r["tokens"] for r in results) / wall for results, wall, _ in runs), 2)
+        # The next turn of the first conversation: its prompt extends the first turn's prompt and reply.
+        results, _, prompts = runs[-1]
+        follow = backend.tokenizer.encode(FOLLOW_UP, add_special_tokens=False)
+        second = await one_turn(backend, prompts[0] + results[0]["generated"] + follow, new_tokens)
+        out["second_turn_ttft_s"] = round(second["ttft_s"], 4)
+        out["second_turn_s"] = round(second["turn_s"], 4)
+        out["second_turn_reused_tokens"] = second["reused_tokens"]
+        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         return out
     finally:
         backend.close()

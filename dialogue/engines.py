@@ -52,11 +52,11 @@ class FastEngine:
     def free(self, slot: int) -> None:
         """Nothing to do: a slot's stale positions are masked until it is written again."""
 
-    def save(self, slot: int, length: int) -> torch.Tensor:
+    def save(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.arena.read(slot, length)
 
-    def load(self, slot: int, state: torch.Tensor, length: int) -> None:
-        self.model.arena.write(slot, state[:, :, :, :length])
+    def load(self, slot: int, state: tuple[torch.Tensor, torch.Tensor], length: int) -> None:
+        self.model.arena.write(slot, state, length)
 
 
 class TransformersEngine:

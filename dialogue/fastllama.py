@@ -101,42 +101,50 @@ class Batch:
 
 
 class KVArena:
-    """Keys and values of every slot: (layers, 2, slots, kv_heads, length, head_dim), grown on demand."""
+    """Keys and values of every slot, grown on demand. Keys are stored transposed, (layers, slots, kv_heads,
+    head_dim, length), so that q·Kᵀ over a slot range reads them in place (3x faster than a transposed view);
+    values as (layers, slots, kv_heads, length, head_dim)."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
-        self.shape = (layers, 2, kv_heads, head_dim)
+        self.dims = (layers, kv_heads, head_dim)
         self.dtype = dtype
-        self.kv = torch.zeros(layers, 2, 0, kv_heads, 0, head_dim, dtype=dtype)
+        self.k = torch.zeros(layers, 0, kv_heads, head_dim, 0, dtype=dtype)
+        self.v = torch.zeros(layers, 0, kv_heads, 0, head_dim, dtype=dtype)
 
     @property
     def slots(self) -> int:
-        return self.kv.shape[2]
+        return self.k.shape[1]
 
     @property
     def length(self) -> int:
-        return self.kv.shape[4]
+        return self.k.shape[4]
 
     def reserve(self, slots: int, length: int) -> None:
         if slots <= self.slots and length <= self.length:
             return
-        layers, two, heads, dim = self.shape
-        new_slots = max(slots, self.slots)
-        new_length = max(self.length, 256)
+        layers, heads, dim = self.dims
+        new_slots, new_length = max(slots, self.slots), max(self.length, 256)
         while new_length < length:
             new_length *= 2
-        grown = torch.zeros(layers, two, new_slots, heads, new_length, dim, dtype=self.dtype)
-        grown[:, :, : self.slots, :, : self.length] = self.kv
-        self.kv = grown
+        k = torch.zeros(layers, new_slots, heads, dim, new_length, dtype=self.dtype)
+        v = torch.zeros(layers, new_slots, heads, new_length, dim, dtype=self.dtype)
+        k[:, : self.slots, :, :, : self.length] = self.k
+        v[:, : self.slots, :, : self.length] = self.v
+        self.k, self.v = k, v
 
-    def read(self, slot: int, length: int) -> torch.Tensor:
-        """A copy of one slot's first `length` positions: (layers, 2, kv_heads, length, head_dim)."""
-        return self.kv[:, :, slot, :, :length].clone()
+    def read(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of one slot's first `length` positions."""
+        return self.k[:, slot, :, :, :length].clone(), self.v[:, slot, :, :length].clone()
 
-    def write(self, slot: int, kv: torch.Tensor) -> None:
-        self.kv[:, :, slot, :, : kv.shape[3]] = kv
+    def write(self, slot: int, state: tuple[torch.Tensor, torch.Tensor], length: int | None = None) -> None:
+        k, v = state
+        length = k.shape[-1] if length is None else length
+        self.k[:, slot, :, :, :length] = k[..., :length]
+        self.v[:, slot, :, :length] = v[:, :, :length]
 
     def move(self, source: int, target: int, length: int) -> None:
-        self.kv[:, :, target, :, :length] = self.kv[:, :, source, :, :length]
+        self.k[:, target, :, :, :length] = self.k[:, source, :, :, :length]
+        self.v[:, target, :, :length] = self.v[:, source, :, :length]
 
 
 class FastLlama:
@@ -228,26 +236,27 @@ class FastLlama:
             chunk_mask = torch.arange(chunk_end)[None, :] <= rows
         q_size, kv_size = heads * dim, kv_heads * dim
         for i, layer in enumerate(self.layers):
-            kv = self.arena.kv[i]  # (2, S, Hkv, L, D)
+            k_arena, v_arena = self.arena.k[i], self.arena.v[i]  # (S, Hkv, D, L), (S, Hkv, L, D)
             h = self._rms(x, layer["in_norm"])
             qkv = self._project(i, "qkv", h, batch)
-            q = self._rope(qkv[:, :q_size].view(-1, heads, dim), cos, sin)  # (N, H, D)
-            k = self._rope(qkv[:, q_size:q_size + kv_size].view(-1, kv_heads, dim), cos, sin)  # (N, Hkv, D)
+            qk = self._rope(qkv[:, : q_size + kv_size].view(-1, heads + kv_heads, dim), cos, sin)  # (N, H + Hkv, D)
+            q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, q_size + kv_size:].view(-1, kv_heads, dim)
             outs = []
             if n_dec:
-                kv[0][dec_slots, :, dec_pos] = k[:n_dec]
-                kv[1][dec_slots, :, dec_pos] = v[:n_dec]
-                keys, values = kv[0, :n_dec, :, :kv_len], kv[1, :n_dec, :, :kv_len]  # (B, Hkv, L, D)
-                qd = q[:n_dec].view(n_dec, kv_heads, groups, dim)
-                scores = torch.matmul(qd, keys.transpose(-1, -2)).float() * self.scaling + dec_mask  # (B, Hkv, G, L)
+                k_arena[dec_slots, :, :, dec_pos] = k[:n_dec]
+                v_arena[dec_slots, :, dec_pos] = v[:n_dec]
+                keys, values = k_arena[:n_dec, :, :, :kv_len], v_arena[:n_dec, :, :kv_len]
+                qd = q[:n_dec].reshape(n_dec, kv_heads, groups, dim)
+                scores = torch.matmul(qd, keys).float() * self.scaling + dec_mask  # (B, Hkv, G, L)
                 probs = torch.softmax(scores, dim=-1).to(self.dtype)
                 outs.append(torch.matmul(probs, values).reshape(n_dec, q_size))
             if n_chunk:
                 s, start = batch.chunk_slot, batch.chunk_start
-                kv[0, s, :, start:chunk_end] = k[n_dec:].transpose(0, 1)
-                kv[1, s, :, start:chunk_end] = v[n_dec:].transpose(0, 1)
-                keys, values = kv[0, s:s + 1, :, :chunk_end], kv[1, s:s + 1, :, :chunk_end]  # (1, Hkv, L, D)
+                k_arena[s, :, :, start:chunk_end] = k[n_dec:].permute(1, 2, 0)
+                v_arena[s, :, start:chunk_end] = v[n_dec:].transpose(0, 1)
+                keys = k_arena[s:s + 1, :, :, :chunk_end].transpose(-1, -2)  # (1, Hkv, L, D)
+                values = v_arena[s:s + 1, :, :chunk_end]
                 qc = q[n_dec:].transpose(0, 1)[None]  # (1, H, T, D)
                 out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=chunk_mask, is_causal=chunk_mask is None,
                                                      scale=self.scaling, enable_gqa=True)

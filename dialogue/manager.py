@@ -13,7 +13,7 @@ from typing import Any
 
 from dialogue.backend import Backend
 from dialogue.errors import GenerationError, InvalidInput
-from dialogue.prompt import PromptParts, build_prompt, fit_history, system_message
+from dialogue.prompt import PromptParts, build_prompt, context_message, fit_history, system_message
 from dialogue.runtime import AdapterRef, Generation, GenerationParams
 from dialogue.settings import Settings
 from dialogue.store import Turn, TranscriptStore, new_id, utcnow
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")
 # C0/C1 controls and DEL, except tab and newline; escape sequences lose their ESC and cannot act.
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-CHAT_MARKUP_TOKENS = 16  # per-message role markers and the assistant header, with margin
+CHAT_MARKUP_TOKENS = 20  # per-message role markers (up to two system messages) and the assistant header, with margin
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ class DialogueManager:
                             memories=context.memories, faq=context.faq)
         notices: list[str] = []
         budget = self.settings.context_budget - params.max_new_tokens - CHAT_MARKUP_TOKENS
-        budget -= self.backend.count_tokens(system_message(parts))
+        budget -= self.backend.count_tokens(system_message(parts)) + self.backend.count_tokens(context_message(parts))
         user_tokens = self.backend.count_tokens(text)
         max_user_tokens = max(budget // 2, 32)
         if user_tokens > max_user_tokens:

@@ -52,11 +52,17 @@ def persona_section(persona: dict[str, Any]) -> str:
 
 
 def system_message(parts: PromptParts) -> str:
-    """The system prompt with its optional sections, in a fixed order."""
+    """The opening system message: what holds for the whole conversation (instructions, who the user is)."""
     sections = [parts.system.strip()]
     persona = persona_section(parts.persona)
     if persona:
         sections.append("## About the user\n" + persona)
+    return "\n\n".join(sections)
+
+
+def context_message(parts: PromptParts) -> str:
+    """What was recalled for this message (memories, FAQ entries); empty when nothing was."""
+    sections = []
     if parts.memories:
         lines = [f"- {m['text']}" for m in parts.memories]
         sections.append("## What the user told you before\n" + "\n".join(lines))
@@ -70,10 +76,16 @@ def system_message(parts: PromptParts) -> str:
 
 
 def build_prompt(parts: PromptParts) -> list[Message]:
-    """Chat messages for the model: system, the history window, then the user's message."""
+    """Chat messages for the model: system, the history window, what was recalled, then the user's message.
+
+    What changes from turn to turn (recalled memories, FAQ entries) comes after the history, so the next
+    turn's prompt starts with this turn's and the runtime's prefix cache skips re-reading it.
+    """
+    context = context_message(parts)
     return [
         {"role": "system", "content": system_message(parts)},
         *parts.history,
+        *([{"role": "system", "content": context}] if context else []),
         {"role": "user", "content": parts.user_text},
     ]
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 
-from dialogue.prompt import system_message
+from dialogue.prompt import build_prompt
 from memory.faq_text import UNKNOWN_REPLY
 
 FAQ = Path(__file__).resolve().parent.parent / "examples" / "faq" / "bikeshop.jsonl"
@@ -22,7 +22,7 @@ async def test_persona_and_memories_reach_the_prompt_of_their_owner_only(service
     await say(services, "Hi! My name is Lena and I live in Porto.")
     await say(services, "My bike is a green Gazelle with a basket.")
     mine = await say(services, "What colour is my bike?")
-    prompt = system_message(mine.parts)
+    prompt = "\n".join(m["content"] for m in build_prompt(mine.parts))
     assert "Name: Lena" in prompt and "Porto" in prompt and "green Gazelle" in prompt
     assert any(s.kind == "memory" for s in mine.sources)
 

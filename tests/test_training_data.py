@@ -146,7 +146,7 @@ def test_dataset_sources_labels_and_exact_prompts(any_store):
     assert by_source[("correction", disliked.id)].completion == "Of course, what do you need?"
     example = by_source[("liked", liked.id)]
     assert example.messages == turn_messages(liked, SYSTEM)  # the recorded parts, not today's system prompt
-    assert example.messages[0]["content"].startswith("live system") and "likes tea" in example.messages[0]["content"]
+    assert example.messages[0]["content"].startswith("live system") and "likes tea" in example.messages[-2]["content"]
 
 
 def test_dataset_redacts_before_training_and_deduplicates(store):
@@ -188,7 +188,7 @@ def test_erased_users_are_left_out_and_faq_entries_become_grounded_examples(stor
     held_ids = {e["id"] for e in data.faq_eval}
     assert held_ids and not held_ids & {e.turn_id.removeprefix("faq:") for e in faq_train}
     assert len(faq_train) == 2 * (12 - len(held_ids))  # question and alternate
-    assert "## Business FAQ" in faq_train[0].messages[0]["content"] and faq_train[0].completion.startswith("At ")
+    assert "## Business FAQ" in faq_train[0].messages[-2]["content"] and faq_train[0].completion.startswith("At ")
 
 
 def test_rating_rates_per_version_come_from_live_turns(any_store):

@@ -140,6 +140,7 @@ async def test_a_long_stream_is_edited_about_once_a_second_and_split_past_4096(s
         elapsed = time.monotonic() - started
     sends, edits = standin.calls_to("sendMessage", ANN), standin.calls_to("editMessageText", ANN)
     assert len(sends) == 2  # split in two messages
+    assert edits and sends[0].at < edits[0].at  # shown early, then grown: not one send at the end
     assert len(sends) + len(edits) <= elapsed / 1.0 + 3  # ~1 update a second, plus the final one and the split
     shown = [m.text for m in standin.sent_to(ANN)]
     assert all(utf16_len(t) <= MESSAGE_LIMIT for t in shown)

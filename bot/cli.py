@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import threading
+from pathlib import Path
 
 import click
 
@@ -73,6 +74,37 @@ def bench_gen(prompt_tokens: int, new_tokens: int, concurrency: int, repeats: in
     from bench.gen import run
 
     emit_json(run(load_settings(), prompt_tokens, new_tokens, concurrency, repeats))
+
+
+@bench.command("compare")
+@click.option("--prompt-tokens", default=800, show_default=True, type=click.IntRange(1, 3000))
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 20))
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
+def bench_compare(prompt_tokens: int, new_tokens: int, repeats: int, as_json: bool) -> None:
+    """This runtime beside llama.cpp on the same GGUF and prompts: {"rapport", "llama_cpp", "ratios"}."""
+    from bench.compare import run
+
+    emit_json(run(load_settings(), prompt_tokens, new_tokens, repeats))
+
+
+@bench.command("sweep")
+@click.option("--levels", default="1,2,4,8,16", show_default=True, help="comma-separated concurrency levels")
+@click.option("--prompt-tokens", default=800, show_default=True, type=click.IntRange(1, 16384))
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="also write a PNG chart here")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
+def bench_sweep(levels: str, prompt_tokens: int, new_tokens: int, plot: Path | None, as_json: bool) -> None:
+    """Aggregate decode throughput against concurrency: {"levels": [{"concurrency", "aggregate_tok_s", ...}]}."""
+    from bench.sweep import run
+
+    try:
+        parsed = [int(v) for v in levels.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter("levels must be whole numbers, e.g. 1,4,16") from None
+    if not parsed or min(parsed) < 1 or max(parsed) > 256:
+        raise click.BadParameter("levels must be between 1 and 256")
+    emit_json(run(load_settings(), parsed, prompt_tokens, new_tokens, plot))
 
 
 # -- command groups that live in their own modules --------------------------------------------------

@@ -85,7 +85,8 @@ class LocalBackend:
 
 def open_backend(settings: Settings, *, eager: bool = True) -> Backend:
     """The configured backend; `eager` starts loading the model now instead of at the first request."""
-    if settings.backend != "local":
-        raise ModelNotFound(f"RAPPORT_BACKEND={settings.backend} is not supported by this version yet; "
-                            "unset it to run the model in this process")
+    if settings.backend == "openai":
+        from dialogue.backend_openai import OpenAIBackend
+
+        return OpenAIBackend(settings)
     return LocalBackend(settings, eager=eager)

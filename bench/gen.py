@@ -33,15 +33,27 @@ async def one_turn(backend: LocalBackend, ids: list[int], new_tokens: int) -> di
     start = time.perf_counter()
     generation = await backend.worker.submit(ids, params)
     first = None
+    stamps = []
     async for _ in generation:
+        stamps.append(time.perf_counter())
         if first is None:
-            first = time.perf_counter()
+            first = stamps[0]
     end = time.perf_counter()
     first = first or end
     decoded = max(generation.completion_tokens - 1, 1)
     return {"ttft_s": first - start, "decode_tok_s": decoded / max(end - first, 1e-9), "turn_s": end - start,
             "tokens": generation.completion_tokens, "generated": generation.generated,
-            "reused_tokens": generation.reused_tokens}
+            "reused_tokens": generation.reused_tokens, "stamps": stamps}
+
+
+def steady_rate(results: list[dict]) -> float:
+    """Tokens per second over all conversations while every one of them is decoding (after the last prompt
+    was read, before the first reply ends): the decode throughput of a full batch."""
+    start = max(r["stamps"][0] for r in results)
+    end = min(r["stamps"][-1] for r in results)
+    if end <= start:
+        return 0.0
+    return sum(start < t <= end for r in results for t in r["stamps"]) / (end - start)
 
 
 def median(rows: list[dict], key: str, digits: int = 4) -> float:
@@ -74,7 +86,8 @@ async def run_async(settings: Settings, prompt_tokens: int, new_tokens: int, con
             "turn_s": median(flat, "turn_s"),
         }
         if concurrency > 1:
-            out["aggregate_tok_s"] = round(statistics.median(
+            out["aggregate_tok_s"] = round(statistics.median(steady_rate(results) for results, _, _ in runs), 2)
+            out["end_to_end_tok_s"] = round(statistics.median(  # prompts read included
                 sum(r["tokens"] for r in results) / wall for results, wall, _ in runs), 2)
         # The next turn of the first conversation: its prompt extends the first turn's prompt and reply.
         results, _, prompts = runs[-1]

@@ -15,6 +15,7 @@ def run(settings: Settings, levels: list[int], prompt_tokens: int, new_tokens: i
     for concurrency in levels:
         result = asyncio.run(run_async(settings, prompt_tokens, new_tokens, concurrency, 1))
         rows.append({"concurrency": concurrency, "aggregate_tok_s": result.get("aggregate_tok_s", result["decode_tok_s"]),
+                     "end_to_end_tok_s": result.get("end_to_end_tok_s", result["decode_tok_s"]),
                      "decode_tok_s": result["decode_tok_s"], "ttft_s": result["ttft_s"], "turn_s": result["turn_s"]})
     if plot is not None:
         draw(rows, plot, f"{prompt_tokens}-token prompts, {new_tokens} new tokens, quantize={settings.quantize}")
@@ -29,8 +30,9 @@ def draw(rows: list[dict], path: Path, subtitle: str) -> None:
 
     x = [r["concurrency"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(x, [r["aggregate_tok_s"] for r in rows], marker="o", label="Rapport, all conversations")
-    ax.plot(x, [r["decode_tok_s"] for r in rows], marker="s", label="Rapport, each conversation")
+    ax.plot(x, [r["aggregate_tok_s"] for r in rows], marker="o", label="decode, all conversations together")
+    ax.plot(x, [r["end_to_end_tok_s"] for r in rows], marker="^", label="end to end (prompts read included)")
+    ax.plot(x, [r["decode_tok_s"] for r in rows], marker="s", label="decode, each conversation")
     ax.set_xscale("log", base=2)
     ax.set_xticks(x, [str(v) for v in x])
     ax.set_xlabel("concurrent conversations")

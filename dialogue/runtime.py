@@ -13,9 +13,9 @@ import asyncio
 import logging
 import os
 import queue
-from collections import OrderedDict
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,8 +213,12 @@ class PrefixCache:
         self._entries.move_to_end(best_key)
         return best, self._entries[best_key][2]
 
+    def wants(self, length: int) -> bool:
+        """Whether a sequence of `length` tokens would be kept (so its state is worth copying out)."""
+        return self.min_reuse <= length <= self.max_tokens
+
     def store(self, adapter: str, tokens: list[int], state: object) -> None:
-        if len(tokens) < self.min_reuse or len(tokens) > self.max_tokens:
+        if not self.wants(len(tokens)):
             return
         new = torch.tensor(tokens)
         for key, (name, old, _) in list(self._entries.items()):
@@ -447,7 +451,7 @@ class ModelWorker:
         generation.finish_reason = reason
         slot = generation._slot
         if slot >= 0:
-            if reason in ("stop", "length") and self.engine.can_save:
+            if reason in ("stop", "length") and self.engine.can_save and self.prefix_cache.wants(generation._cached):
                 self.prefix_cache.store(self._adapter_key(generation), generation._tokens[: generation._cached],
                                         self.engine.save(slot, generation._cached))
             # Keep the slots dense: decoding ones in [0, _decoding), prompts in progress after them.

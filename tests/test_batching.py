@@ -61,11 +61,15 @@ def test_the_fast_engine_serves_llama_and_the_fallback_everything_else(tiny_mode
     assert isinstance(open_engine(model), TransformersEngine)
 
 
-async def test_batched_greedy_equals_unbatched_token_for_token(worker):
-    alone = [(await run(worker, text)).generated for text in TEXTS]
-    together = await asyncio.gather(*(run(worker, text) for text in TEXTS))
+async def assert_batched_equals_alone(worker, texts=TEXTS) -> None:
+    alone = [(await run(worker, text)).generated for text in texts]
+    together = await asyncio.gather(*(run(worker, text) for text in texts))
     assert [g.generated for g in together] == alone
     assert worker.queue_depth == 0
+
+
+async def test_batched_greedy_equals_unbatched_token_for_token(worker):
+    await assert_batched_equals_alone(worker)
 
 
 async def test_requests_joining_mid_stream_do_not_change_anyones_output(worker):
@@ -169,10 +173,8 @@ async def test_adapters_share_a_batch_and_never_see_each_others_weights(worker, 
 
 async def test_int8_decode_is_deterministic_across_batch_shapes(tiny_model_dir):
     worker = make_worker(tiny_model_dir, quantize="int8", chunk_tokens=16, prefix_cache_tokens=0)
-    try:
-        alone = [(await run(worker, text)).generated for text in TEXTS]
-        together = await asyncio.gather(*(run(worker, text) for text in TEXTS))
-        assert [g.generated for g in together] == alone
+    try:  # six rows: every decode step stays on the int8 weights, batched or not
+        await assert_batched_equals_alone(worker)
     finally:
         worker.close()
 
@@ -180,9 +182,7 @@ async def test_int8_decode_is_deterministic_across_batch_shapes(tiny_model_dir):
 async def test_more_requests_than_slots_wait_their_turn(tiny_model_dir):
     worker = make_worker(tiny_model_dir, max_batch=2, prefix_cache_tokens=0)
     try:
-        alone = [(await run(worker, text)).generated for text in TEXTS]
-        together = await asyncio.gather(*(run(worker, text) for text in TEXTS))
-        assert [g.generated for g in together] == alone
+        await assert_batched_equals_alone(worker)
     finally:
         worker.close()
 

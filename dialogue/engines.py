@@ -33,7 +33,7 @@ class FastEngine:
         if ref is None:
             return None
         if ref.name not in self._adapters:
-            self._adapters[ref.name] = LoraAdapter.load(ref.name, ref.path, self.model.dtype)
+            self._adapters[ref.name] = LoraAdapter.load(ref.name, ref.path, self.model.dtype, self.model.slices)
             logger.info("loaded adapter %s from %s", ref.name, ref.path)
         return self._adapters[ref.name]
 
@@ -93,7 +93,7 @@ class TransformersEngine:
 
         names = {}
         for name, rows in batch.lora:
-            names.update(dict.fromkeys(rows.tolist(), name))
+            names.update(dict.fromkeys(range(len(batch.tokens))[rows] if isinstance(rows, slice) else rows.tolist(), name))
         wanted = set(batch.logit_rows.tolist())
         logits = {}
         runs = [(slot, slot, slot + 1) for slot in range(batch.n_decode)]  # (slot, first row, end row)

@@ -57,13 +57,17 @@ class Linear:
 
 @dataclass
 class LoraAdapter:
-    """One adapter version's low-rank matrices: (layer, projection) -> (A (r, in), B·scale (out, r))."""
+    """One adapter version's low-rank matrices, laid out for the fused projections: for each
+    (layer, fused matrix), the A matrices of its LoRA-wrapped parts stacked (R, in) and, per part,
+    (output offset, output size, its rows of the stacked A, B·scale (size, r))."""
 
     name: str
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    weights: dict[tuple[int, str], tuple[torch.Tensor, list[tuple[int, int, int, int, torch.Tensor]]]] = field(
+        default_factory=dict)
 
     @classmethod
-    def load(cls, name: str, path: Path, dtype: torch.dtype) -> LoraAdapter:
+    def load(cls, name: str, path: Path, dtype: torch.dtype, slices: dict[str, tuple[str, int, int]]) -> LoraAdapter:
+        """Read a peft LoRA directory; `slices` maps a projection (q, k, ...) to (fused matrix, offset, size)."""
         from safetensors.torch import load_file
 
         config = json.loads((path / "adapter_config.json").read_text())
@@ -74,17 +78,24 @@ class LoraAdapter:
             raise GenerationError(f"adapter {name}: {', '.join(unsupported)} is not supported by the runtime")
         r, alpha = config["r"], config["lora_alpha"]
         scale = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
-        tensors = load_file(path / "adapter_model.safetensors")
         pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
+        for key, tensor in load_file(path / "adapter_model.safetensors").items():
             match = LORA_KEY.search(key)
             if match is None:
                 raise GenerationError(f"adapter {name}: unexpected tensor {key}")
-            layer, proj, which = int(match[1]), match[2].removesuffix("_proj"), match[3]
-            pairs.setdefault((layer, proj), {})[which] = tensor
+            pairs.setdefault((int(match[1]), match[2].removesuffix("_proj")), {})[match[3]] = tensor
+        grouped: dict[tuple[int, str], list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}
+        for (layer, proj), pair in sorted(pairs.items()):
+            fused, offset, size = slices[proj]
+            grouped.setdefault((layer, fused), []).append((offset, size, pair["A"], pair["B"]))
         adapter = cls(name)
-        for key, pair in pairs.items():
-            adapter.weights[key] = (pair["A"].to(dtype).contiguous(), (pair["B"].float() * scale).to(dtype).contiguous())
+        for key, parts in grouped.items():
+            stacked, laid_out, row = [], [], 0
+            for offset, size, a, b in parts:
+                stacked.append(a)
+                laid_out.append((offset, size, row, row + a.shape[0], (b.float() * scale).to(dtype).contiguous()))
+                row += a.shape[0]
+            adapter.weights[key] = (torch.cat(stacked).to(dtype).contiguous(), laid_out)
         return adapter
 
 
@@ -99,7 +110,7 @@ class Batch:
     chunk_slot: int | None
     chunk_start: int
     logit_rows: torch.Tensor  # (n,) long: rows whose next-token logits are wanted
-    lora: list[tuple[LoraAdapter, torch.Tensor]]  # (adapter, its rows); rows of no group use the base model
+    lora: list[tuple[LoraAdapter, torch.Tensor | slice]]  # (adapter, its rows); rows of no group use the base model
 
 
 class KVArena:
@@ -210,11 +221,13 @@ class FastLlama:
     def _project(self, layer: int, name: str, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         out = self.layers[layer][name](x)
         for adapter, rows in batch.lora:
-            for proj, (fused, offset, size) in self.slices.items():
-                if fused != name or (layer, proj) not in adapter.weights:
-                    continue
-                a, b = adapter.weights[(layer, proj)]
-                out[rows, offset:offset + size] += (x[rows] @ a.T) @ b.T
+            entry = adapter.weights.get((layer, name))
+            if entry is None:
+                continue
+            stacked, parts = entry
+            low = x[rows] @ stacked.T  # (n, R): one matmul for every wrapped part of this fused matrix
+            for offset, size, first, end, b in parts:
+                out[rows, offset:offset + size] += low[:, first:end] @ b.T
         return out
 
     @torch.inference_mode()

@@ -116,6 +116,13 @@ def sample_next(
 _DONE = object()
 
 
+def row_index(rows: list[int]) -> torch.Tensor | slice:
+    """Rows as a slice when they are consecutive (a view, no gather), else as an index tensor."""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows)
+
+
 class Generation:
     """One streamed reply: async-iterate it for text deltas; its counters are final once iteration ends."""
 
@@ -401,7 +408,7 @@ class ModelWorker:
         batch = Batch(tokens=torch.tensor(tokens), positions=torch.tensor(positions), n_decode=len(decoding),
                       chunk_slot=prompt._slot if prompt is not None else None, chunk_start=chunk_start,
                       logit_rows=torch.tensor(rows, dtype=torch.long),
-                      lora=[(lora, torch.tensor(r)) for lora, r in groups.values()])
+                      lora=[(lora, row_index(r)) for lora, r in groups.values()])
         try:
             logits = self.engine.forward(batch)  # (len(rows), V)
         except Exception as exc:

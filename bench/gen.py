@@ -75,7 +75,7 @@ async def run_async(settings: Settings, prompt_tokens: int, new_tokens: int, con
         out = {
             "model": backend.model_id,
             "dtype": str(backend.dtype).removeprefix("torch."),
-            "quantize": settings.quantize,
+            "quantize": backend.quantize,
             "threads": settings.threads,
             "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens,

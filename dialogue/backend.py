@@ -38,7 +38,11 @@ class LocalBackend:
         self.settings = settings
         self.model_id = settings.model or EMBEDDED_NAME
         self.dtype = choose_dtype(settings.dtype)
-        self.worker = ModelWorker(self._load, threads=settings.threads, eager=eager, quantize=settings.quantize,
+        quantize = settings.quantize
+        if quantize == "auto":  # the embedded GGUF's layer weights are Q4_1: int4 in the same groups loses nothing
+            quantize = "int8" if settings.model else "int4"
+        self.quantize = quantize
+        self.worker = ModelWorker(self._load, threads=settings.threads, eager=eager, quantize=quantize,
                                   max_batch=settings.max_batch, chunk_tokens=settings.chunk_tokens,
                                   prefix_cache_tokens=settings.prefix_cache_tokens)
 

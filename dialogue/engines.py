@@ -23,8 +23,8 @@ class FastEngine:
 
     can_save = True
 
-    def __init__(self, model, *, int8: bool) -> None:
-        self.model = FastLlama(model, int8=int8)
+    def __init__(self, model, *, quantize: str = "none") -> None:
+        self.model = FastLlama(model, quantize=quantize)
         self.max_positions = self.model.max_positions
         self._adapters: dict[str, LoraAdapter] = {}
 
@@ -124,6 +124,6 @@ class TransformersEngine:
 def open_engine(model, *, quantize: str = "none"):
     """The fast engine where the architecture allows it, else the transformers fallback."""
     if supports(model.config):
-        return FastEngine(model, int8=quantize == "int8")
+        return FastEngine(model, quantize=quantize)
     logger.info("%s runs through transformers' own forward (one sequence per pass)", model.config.model_type)
     return TransformersEngine(model)

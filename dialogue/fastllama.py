@@ -6,8 +6,8 @@ runs the same maths on the same weights, laid out for that:
 - q/k/v and gate/up fused into one matmul each (4 weight reads a layer instead of 7);
 - a preallocated KV arena, one slot per sequence, written in place (no per-step concatenation);
 - decode attention for all decoding slots as one batched matmul with a length mask;
-- int8 weight-only matmuls (per-output-channel scales) for decode steps, where reading the weights is
-  the cost; prompt chunks, where compute is, keep the 16-bit weights;
+- weight-only quantised matmuls (int8 per output channel, or int4 in GGUF's groups of 32) for decode steps,
+  where reading the weights is the cost; prompt chunks, where compute is, keep the 16-bit weights;
 - LoRA deltas added per row group, from each adapter's own matrices: a row can only meet its own adapter.
 """
 
@@ -23,9 +23,11 @@ import torch.nn.functional as F
 
 from dialogue.errors import GenerationError
 
-# Up to this many rows a matmul is bound by reading the weights, and int8 halves that; past it torch's int8
-# kernel costs more than the bf16 GEMM (measured: 1 row 60 vs 147 us, 4 rows 115 vs 211, 8 rows 228 vs 198).
-INT8_MAX_ROWS = 6
+# Up to this many rows a matmul is bound by reading the weights, which quantised weights cut; past it torch's
+# int8 kernel costs more than the bf16 GEMM (measured: 1 row 60 vs 147 us, 4 rows 115 vs 211, 8 rows 228 vs 198).
+QUANT_MAX_ROWS = 6
+INT4_GROUP = 32  # GGUF's Q4 block size: the embedded model's layer weights are Q4_1, so int4 in these groups fits them
+BITS = {"none": None, "int8": 8, "int4": 4}
 LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
                       r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
@@ -38,20 +40,32 @@ def supports(config) -> bool:
 
 
 class Linear:
-    """y = x W^T with 16-bit weights, and an int8 copy for row counts where weight reads dominate."""
+    """y = x W^T with 16-bit weights, and a quantised copy (int8 per channel, or int4 in groups of 32 along
+    the input) for row counts where reading the weights is the cost."""
 
-    def __init__(self, weight: torch.Tensor, *, int8: bool) -> None:
+    def __init__(self, weight: torch.Tensor, *, bits: int | None) -> None:
         self.weight = weight.contiguous()  # (N, K)
-        self.q8 = self.scale = None
-        if int8:
-            w = weight.float()
+        self.bits = bits if bits != 4 or weight.shape[1] % INT4_GROUP == 0 else 8
+        self.packed = self.scale = None
+        w = weight.float()
+        if self.bits == 8:
             scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (N,)
-            self.q8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            self.packed = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
             self.scale = scale.to(weight.dtype)
+        elif self.bits == 4:  # asymmetric, as GGUF's Q4_1 blocks: w = (q - 8)·scale + zero per group
+            groups = w.reshape(w.shape[0], -1, INT4_GROUP)
+            low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+            scale = (high - low).clamp(min=1e-8) / 15
+            q = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).reshape(w.shape)
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            zero = low + 8 * scale
+            self.scale = torch.stack([scale[..., 0], zero[..., 0]], dim=-1).transpose(0, 1).contiguous().to(weight.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q8 is not None and x.shape[0] <= INT8_MAX_ROWS:
-            return torch._weight_int8pack_mm(x.contiguous(), self.q8, self.scale)
+        if self.packed is not None and x.shape[0] <= QUANT_MAX_ROWS:
+            if self.bits == 4:
+                return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, INT4_GROUP, self.scale)
+            return torch._weight_int8pack_mm(x.contiguous(), self.packed, self.scale)
         return F.linear(x, self.weight)
 
 
@@ -165,7 +179,7 @@ class KVArena:
 class FastLlama:
     """The inference forward over a KV arena; built from a loaded transformers Llama's weights."""
 
-    def __init__(self, model, *, int8: bool) -> None:
+    def __init__(self, model, *, quantize: str = "none") -> None:
         config = model.config
         if not supports(config):
             raise ValueError(f"unsupported architecture: {config.model_type}")
@@ -179,7 +193,9 @@ class FastLlama:
         self.vocab_size = config.vocab_size
         state = model.state_dict()
         self.embed = state["model.embed_tokens.weight"].contiguous()  # (V, H)
-        self.lm_head = Linear(state.get("lm_head.weight", self.embed), int8=int8)
+        bits = BITS[quantize]
+        # The output matrix is the (tied) embedding, which GGUF keeps at 8 bits: int4 would lose there.
+        self.lm_head = Linear(state.get("lm_head.weight", self.embed), bits=8 if bits else None)
         self.norm = state["model.norm.weight"]
         self.layers = []
         for i in range(config.num_hidden_layers):
@@ -189,8 +205,8 @@ class FastLlama:
             gate_up = torch.cat([state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]])
             self.layers.append({
                 "in_norm": state[p + "input_layernorm.weight"], "post_norm": state[p + "post_attention_layernorm.weight"],
-                "qkv": Linear(qkv, int8=int8), "o": Linear(state[attn + "o_proj.weight"], int8=int8),
-                "gate_up": Linear(gate_up, int8=int8), "down": Linear(state[mlp + "down_proj.weight"], int8=int8),
+                "qkv": Linear(qkv, bits=bits), "o": Linear(state[attn + "o_proj.weight"], bits=bits),
+                "gate_up": Linear(gate_up, bits=bits), "down": Linear(state[mlp + "down_proj.weight"], bits=bits),
             })
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         inter = config.intermediate_size

@@ -50,8 +50,9 @@ class Settings(BaseSettings):
 
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="auto = bf16 when the CPU has it")
     threads: int | None = Field(None, ge=1, description="torch threads; unset = all cores")
-    quantize: Literal["none", "int8"] = Field(
-        "int8", description="int8 weight-only matmuls for decode steps (the prompt is read with the full weights)")
+    quantize: Literal["auto", "none", "int8", "int4"] = Field(
+        "auto", description="weight-only quantised matmuls for decode steps (prompts are read with the full weights); "
+                            "auto = int4 for the embedded model (its layers are 4-bit already), int8 for others")
     max_batch: int = Field(16, ge=1, le=256, description="conversations generating at once; more wait in line")
     chunk_tokens: int = Field(256, ge=16, description="prompt tokens read per step while other replies stream")
     prefix_cache_tokens: int = Field(16384, ge=0, description="tokens of finished turns kept for reuse by the next")

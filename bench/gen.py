@@ -33,27 +33,24 @@ async def one_turn(backend: LocalBackend, ids: list[int], new_tokens: int) -> di
     start = time.perf_counter()
     generation = await backend.worker.submit(ids, params)
     first = None
-    stamps = []
     async for _ in generation:
-        stamps.append(time.perf_counter())
         if first is None:
-            first = stamps[0]
+            first = time.perf_counter()
     end = time.perf_counter()
     first = first or end
     decoded = max(generation.completion_tokens - 1, 1)
     return {"ttft_s": first - start, "decode_tok_s": decoded / max(end - first, 1e-9), "turn_s": end - start,
             "tokens": generation.completion_tokens, "generated": generation.generated,
-            "reused_tokens": generation.reused_tokens, "stamps": stamps}
+            "reused_tokens": generation.reused_tokens}
 
 
-def steady_rate(results: list[dict]) -> float:
-    """Tokens per second over all conversations while every one of them is decoding (after the last prompt
-    was read, before the first reply ends): the decode throughput of a full batch."""
-    start = max(r["stamps"][0] for r in results)
-    end = min(r["stamps"][-1] for r in results)
-    if end <= start:
-        return 0.0
-    return sum(start < t <= end for r in results for t in r["stamps"]) / (end - start)
+def full_batch_rate(steps: list[tuple[int, int, float]], concurrency: int) -> tuple[float | None, int]:
+    """(tokens/s, steps) over the worker's steps that decoded every conversation and read no prompt: the
+    decode throughput of a full batch, sampling and streaming included."""
+    full = [seconds for rows, prompt_tokens, seconds in steps if rows == concurrency and not prompt_tokens]
+    if not full:
+        return None, 0
+    return concurrency * len(full) / sum(full), len(full)
 
 
 def median(rows: list[dict], key: str, digits: int = 4) -> float:
@@ -66,11 +63,13 @@ async def run_async(settings: Settings, prompt_tokens: int, new_tokens: int, con
         await backend.ready()
         await one_turn(backend, prompt_ids(backend, 32, -1), 4)  # warm-up: first-call allocations
         runs = []
+        backend.worker.steps.clear()
         for repeat in range(repeats):
             prompts = [prompt_ids(backend, prompt_tokens, repeat * concurrency + i) for i in range(concurrency)]
             start = time.perf_counter()
             results = await asyncio.gather(*(one_turn(backend, ids, new_tokens) for ids in prompts))
             runs.append((results, time.perf_counter() - start, prompts))
+        rate, full_steps = full_batch_rate(list(backend.worker.steps), concurrency)
         flat = [r for results, _, _ in runs for r in results]
         out = {
             "model": backend.model_id,
@@ -86,7 +85,8 @@ async def run_async(settings: Settings, prompt_tokens: int, new_tokens: int, con
             "turn_s": median(flat, "turn_s"),
         }
         if concurrency > 1:
-            out["aggregate_tok_s"] = round(statistics.median(steady_rate(results) for results, _, _ in runs), 2)
+            out["aggregate_tok_s"] = round(rate, 2) if rate else None
+            out["full_batch_steps"] = full_steps  # how many steps that figure rests on
             out["end_to_end_tok_s"] = round(statistics.median(  # prompts read included
                 sum(r["tokens"] for r in results) / wall for results, wall, _ in runs), 2)
         # The next turn of the first conversation: its prompt extends the first turn's prompt and reply.

@@ -14,7 +14,7 @@ def run(settings: Settings, levels: list[int], prompt_tokens: int, new_tokens: i
     rows = []
     for concurrency in levels:
         result = asyncio.run(run_async(settings, prompt_tokens, new_tokens, concurrency, 1))
-        rows.append({"concurrency": concurrency, "aggregate_tok_s": result.get("aggregate_tok_s", result["decode_tok_s"]),
+        rows.append({"concurrency": concurrency, "aggregate_tok_s": result.get("aggregate_tok_s") or result["decode_tok_s"],
                      "end_to_end_tok_s": result.get("end_to_end_tok_s", result["decode_tok_s"]),
                      "decode_tok_s": result["decode_tok_s"], "ttft_s": result["ttft_s"], "turn_s": result["turn_s"]})
     if plot is not None:

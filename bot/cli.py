@@ -91,7 +91,8 @@ def bench_compare(prompt_tokens: int, new_tokens: int, repeats: int, as_json: bo
 @bench.command("sweep")
 @click.option("--levels", default="1,2,4,8,16", show_default=True, help="comma-separated concurrency levels")
 @click.option("--prompt-tokens", default=800, show_default=True, type=click.IntRange(1, 16384))
-@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--new-tokens", default=192, show_default=True, type=click.IntRange(1, 4096),
+              help="long enough that every conversation decodes at once for a while")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="also write a PNG chart here")
 @click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
 def bench_sweep(levels: str, prompt_tokens: int, new_tokens: int, plot: Path | None, as_json: bool) -> None:

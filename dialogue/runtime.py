@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,6 +257,7 @@ class ModelWorker:
         self._waiting: list[Generation] = []
         self._slots: list[Generation] = []  # slot i holds _slots[i]: decoding ones first, then prompts in progress
         self._decoding = 0
+        self.steps: deque[tuple[int, int, float]] = deque(maxlen=4096)  # (decoding rows, prompt tokens, seconds)
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self.engine = None
@@ -409,6 +410,7 @@ class ModelWorker:
                       chunk_slot=prompt._slot if prompt is not None else None, chunk_start=chunk_start,
                       logit_rows=torch.tensor(rows, dtype=torch.long),
                       lora=[(lora, row_index(r)) for lora, r in groups.values()])
+        started = time.perf_counter()
         try:
             logits = self.engine.forward(batch)  # (len(rows), V)
         except Exception as exc:
@@ -425,6 +427,7 @@ class ModelWorker:
                 self._decoding += 1
         for row, generation in enumerate(owners):
             self._advance(generation, logits[row])
+        self.steps.append((len(decoding), chunk_len, time.perf_counter() - started))
 
     def _advance(self, generation: Generation, logits: torch.Tensor) -> None:
         try:

@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Batch", "FastEngine", "TransformersEngine", "open_engine"]
 
+PEFT_NO_ADAPTER = "__base__"  # peft's name for "no adapter" in a per-row adapter batch
+
 
 class FastEngine:
     """FastLlama plus its adapters; prefix states are copies of a slot's keys and values."""
@@ -92,8 +94,8 @@ class TransformersEngine:
         from transformers import DynamicCache
 
         names = {}
-        for name, rows in batch.lora:
-            names.update(dict.fromkeys(range(len(batch.tokens))[rows] if isinstance(rows, slice) else rows.tolist(), name))
+        for name, rows in batch.lora:  # rows are a slice or an index tensor
+            names.update(dict.fromkeys(torch.arange(len(batch.tokens))[rows].tolist(), name))
         wanted = set(batch.logit_rows.tolist())
         logits = {}
         runs = [(slot, slot, slot + 1) for slot in range(batch.n_decode)]  # (slot, first row, end row)
@@ -103,7 +105,7 @@ class TransformersEngine:
             cache = self._caches.setdefault(slot, DynamicCache())
             kwargs = {}
             if self._adapters:
-                kwargs["adapter_names"] = [names.get(first, "__base__")]
+                kwargs["adapter_names"] = [names.get(first, PEFT_NO_ADAPTER)]
             out = self.model(input_ids=batch.tokens[first:end][None], cache=cache, use_cache=True, logits_to_keep=1,
                              **kwargs)
             if end - 1 in wanted:

@@ -183,14 +183,12 @@ class FastLlama:
         config = model.config
         if not supports(config):
             raise ValueError(f"unsupported architecture: {config.model_type}")
-        self.config = config
         self.dtype = model.dtype
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scaling = self.head_dim ** -0.5
         self.eps = config.rms_norm_eps
-        self.vocab_size = config.vocab_size
         state = model.state_dict()
         self.embed = state["model.embed_tokens.weight"].contiguous()  # (V, H)
         bits = BITS[quantize]

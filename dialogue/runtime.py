@@ -27,7 +27,7 @@ from dialogue.errors import GenerationError
 
 logger = logging.getLogger(__name__)
 
-BASE_ADAPTER = "__base__"  # the base model's key in the prefix cache (and peft's name for no adapter)
+BASE_ADAPTER = "__base__"  # the base model's key in the prefix cache (adapter names are "vNNNN-<hash>")
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,21 @@ async def test_fast_engine_matches_the_transformers_forward(tiny_model_dir):
         slow.close()
 
 
+async def test_the_fallback_serves_adapters_per_row_like_the_fast_engine(tiny_model_dir, tmp_path):
+    save_random_lora(tiny_model_dir, tmp_path / "a", seed=1)
+    adapter = AdapterRef("a-1", tmp_path / "a")
+    fast = make_worker(tiny_model_dir, prefix_cache_tokens=0)
+    slow = make_worker(tiny_model_dir)
+    slow.engine = TransformersEngine(load_model(tiny_model_dir, torch.float32)[0])
+    try:
+        plan = [(TEXTS[0], adapter), (TEXTS[2], None), (TEXTS[4], adapter)]
+        together = await asyncio.gather(*(run(slow, text, adapter=ref) for text, ref in plan))
+        assert [g.generated for g in together] == [(await run(fast, text, adapter=ref)).generated for text, ref in plan]
+    finally:
+        fast.close()
+        slow.close()
+
+
 async def test_a_long_prompt_is_read_in_chunks_while_other_streams_go_on(worker):
     params = GenerationParams(max_new_tokens=30, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
     streaming = await worker.submit(ids(worker, TEXTS[0]), params)

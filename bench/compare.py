@@ -12,9 +12,8 @@ import subprocess
 from pathlib import Path
 
 from bench.gen import prompt_ids, run_async
-from dialogue.backend import LocalBackend
 from dialogue.errors import GenerationError
-from dialogue.model_files import embedded_gguf
+from dialogue.model_files import embedded_gguf, resolve_model_dir
 from dialogue.settings import Settings
 
 PROBE = Path(__file__).with_name("llamacpp_probe.py")
@@ -24,11 +23,10 @@ DEFAULT_PYTHON = Path(__file__).parents[1] / ".venv-llama" / "bin" / "python"
 def llamacpp(settings: Settings, prompt_tokens: int, new_tokens: int, repeats: int, python: Path) -> dict:
     if not python.exists():
         raise GenerationError(f"llama-cpp-python is not installed at {python}: run `make llama-server`")
-    backend = LocalBackend(settings)
-    try:
-        prompts = [prompt_ids(backend, prompt_tokens, 1000 + i) for i in range(repeats)]
-    finally:
-        backend.close()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(settings.model, settings.models_dir))
+    prompts = [prompt_ids(tokenizer, prompt_tokens, salt) for salt in range(repeats)]  # the ones bench gen times
     job = {"gguf": str(embedded_gguf()), "prompts": prompts, "new_tokens": new_tokens,
            "threads": settings.threads or os.cpu_count()}
     done = subprocess.run([str(python), str(PROBE)], input=json.dumps(job), capture_output=True, text=True, timeout=1800)

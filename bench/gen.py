@@ -22,9 +22,9 @@ FILLER = (
 FOLLOW_UP = " Thank you. And what about next Saturday, are you open in the afternoon as well?"
 
 
-def prompt_ids(backend: LocalBackend, n_tokens: int, salt: int = 0) -> list[int]:
+def prompt_ids(tokenizer, n_tokens: int, salt: int = 0) -> list[int]:
     """Exactly `n_tokens` ids of ordinary English, different from the first token on for each `salt`."""
-    ids = backend.tokenizer.encode(f"{salt} Request {salt}. " + FILLER * (n_tokens // 20 + 2), add_special_tokens=False)
+    ids = tokenizer.encode(f"{salt} Request {salt}. " + FILLER * (n_tokens // 20 + 2), add_special_tokens=False)
     return ids[:n_tokens]
 
 
@@ -61,11 +61,11 @@ async def run_async(settings: Settings, prompt_tokens: int, new_tokens: int, con
     backend = LocalBackend(settings)
     try:
         await backend.ready()
-        await one_turn(backend, prompt_ids(backend, 32, -1), 4)  # warm-up: first-call allocations
+        await one_turn(backend, prompt_ids(backend.tokenizer, 32, -1), 4)  # warm-up: first-call allocations
         runs = []
         backend.worker.steps.clear()
         for repeat in range(repeats):
-            prompts = [prompt_ids(backend, prompt_tokens, repeat * concurrency + i) for i in range(concurrency)]
+            prompts = [prompt_ids(backend.tokenizer, prompt_tokens, repeat * concurrency + i) for i in range(concurrency)]
             start = time.perf_counter()
             results = await asyncio.gather(*(one_turn(backend, ids, new_tokens) for ids in prompts))
             runs.append((results, time.perf_counter() - start, prompts))

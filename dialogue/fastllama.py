@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dialogue import kernels
 from dialogue.errors import GenerationError
 
 # Up to this many rows a matmul is bound by reading the weights, which quantised weights cut; past it torch's
@@ -179,7 +180,7 @@ class KVArena:
 class FastLlama:
     """The inference forward over a KV arena; built from a loaded transformers Llama's weights."""
 
-    def __init__(self, model, *, quantize: str = "none") -> None:
+    def __init__(self, model, *, quantize: str = "none", fused: bool = True) -> None:
         config = model.config
         if not supports(config):
             raise ValueError(f"unsupported architecture: {config.model_type}")
@@ -217,20 +218,46 @@ class FastLlama:
             cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=self.dtype), positions)
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # (P, D)
         self.arena = KVArena(config.num_hidden_layers, self.kv_heads, self.head_dim, self.dtype)
+        # The fused kernels of kernels.cpp where they are built, else the same maths in plain PyTorch ops.
+        self.fused = fused and self.dtype in (torch.float32, torch.bfloat16) and kernels.load()
 
     @property
     def max_positions(self) -> int:
         return self.cos.shape[0]
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return torch.ops.rapport.rms_norm(x, weight, self.eps)
         h = x.float()  # as transformers does it; F.rms_norm measured slower here (it copies around its kernel)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (N, heads, D) rotated to each row's position; in place when fused."""
+        if self.fused:
+            torch.ops.rapport.rope_(x, self.cos, self.sin, positions)
+            return x
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (N, 1, D)
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
+
+    def _decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Rows [0, B) are slots [0, B) at `positions`: store their keys and values, attend over each slot's own
+        positions. q (B, heads, D), k and v (B, kv_heads, D); returns (B, heads * D)."""
+        k_arena, v_arena = self.arena.k[layer], self.arena.v[layer]  # (S, Hkv, D, L), (S, Hkv, L, D)
+        if self.fused:
+            return torch.ops.rapport.decode_attention(q, k, v, k_arena, v_arena, positions, self.scaling)
+        n, kv_len = q.shape[0], mask.shape[-1]
+        slots = torch.arange(n)
+        k_arena[slots, :, :, positions] = k
+        v_arena[slots, :, positions] = v
+        keys, values = k_arena[:n, :, :, :kv_len], v_arena[:n, :, :kv_len]
+        qd = q.reshape(n, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        scores = torch.matmul(qd, keys).float() * self.scaling + mask  # (B, Hkv, G, L)
+        probs = torch.softmax(scores, dim=-1).to(self.dtype)
+        return torch.matmul(probs, values).reshape(n, -1)
 
     def _project(self, layer: int, name: str, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         out = self.layers[layer][name](x)
@@ -248,15 +275,11 @@ class FastLlama:
     def forward(self, batch: Batch) -> torch.Tensor:
         """Next-token logits (len(batch.logit_rows), V) for the rows asked for; writes the rows' keys and values."""
         n_dec, heads, kv_heads, dim = batch.n_decode, self.heads, self.kv_heads, self.head_dim
-        groups = heads // kv_heads
         x = self.embed[batch.tokens]  # (N, H)
-        cos = self.cos[batch.positions][:, None]  # (N, 1, D)
-        sin = self.sin[batch.positions][:, None]
         dec_pos = batch.positions[:n_dec]
-        dec_slots = torch.arange(n_dec)
-        kv_len = int(dec_pos.max()) + 1 if n_dec else 0
         dec_mask = None
-        if n_dec:  # (B, 1, 1, L): -inf past each row's own position
+        if n_dec and not self.fused:  # (B, 1, 1, L): -inf past each row's own position
+            kv_len = int(dec_pos.max()) + 1
             beyond = torch.arange(kv_len)[None, :] > dec_pos[:, None]
             dec_mask = torch.zeros(n_dec, kv_len).masked_fill_(beyond, float("-inf"))[:, None, None]
         n_chunk = x.shape[0] - n_dec
@@ -270,18 +293,12 @@ class FastLlama:
             k_arena, v_arena = self.arena.k[i], self.arena.v[i]  # (S, Hkv, D, L), (S, Hkv, L, D)
             h = self._rms(x, layer["in_norm"])
             qkv = self._project(i, "qkv", h, batch)
-            qk = self._rope(qkv[:, : q_size + kv_size].view(-1, heads + kv_heads, dim), cos, sin)  # (N, H + Hkv, D)
+            qk = self._rope(qkv[:, : q_size + kv_size].view(-1, heads + kv_heads, dim), batch.positions)  # (N, H + Hkv, D)
             q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, q_size + kv_size:].view(-1, kv_heads, dim)
             outs = []
             if n_dec:
-                k_arena[dec_slots, :, :, dec_pos] = k[:n_dec]
-                v_arena[dec_slots, :, dec_pos] = v[:n_dec]
-                keys, values = k_arena[:n_dec, :, :, :kv_len], v_arena[:n_dec, :, :kv_len]
-                qd = q[:n_dec].reshape(n_dec, kv_heads, groups, dim)
-                scores = torch.matmul(qd, keys).float() * self.scaling + dec_mask  # (B, Hkv, G, L)
-                probs = torch.softmax(scores, dim=-1).to(self.dtype)
-                outs.append(torch.matmul(probs, values).reshape(n_dec, q_size))
+                outs.append(self._decode_attention(i, q[:n_dec], k[:n_dec], v[:n_dec], dec_pos, dec_mask))
             if n_chunk:
                 s, start = batch.chunk_slot, batch.chunk_start
                 k_arena[s, :, :, start:chunk_end] = k[n_dec:].permute(1, 2, 0)

@@ -11,7 +11,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -122,6 +127,188 @@ void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at:
   }
 }
 
+// One (slot, kv head) of decode attention: `groups` query rows attend over positions [0, length) of keys stored
+// transposed (dim rows of `kstride`) and values stored by position (rows of `vstride`). Scores and softmax in
+// float32; probabilities rounded to T before they weigh the values, as ATen's bfloat16 matmul path does.
+struct Item {
+  int64_t groups, dim, length, kstride, vstride;
+  float scale;
+};
+
+template <typename T>
+void softmax_rows(const Item& it, float* scores) {
+  for (int64_t g = 0; g < it.groups; ++g) {
+    float* s = scores + g * it.length;
+    float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+    for (int64_t l = 0; l < it.length; ++l) top = std::max(top, s[l]);
+    for (int64_t l = 0; l < it.length; ++l) s[l] = exp_neg(s[l] - top);
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t l = 0; l < it.length; ++l) total += s[l];
+    const float norm = 1.0f / total;
+    for (int64_t l = 0; l < it.length; ++l) s[l] = to_float(round_to<T>(s[l] * norm));
+  }
+}
+
+// Portable path: any T, any shape. `query` (groups, dim) float, `scores` (groups, length), `acc` (groups, dim).
+template <typename T>
+void attend_portable(const Item& it, const T* kb, const T* vb, const float* query, float* scores, float* acc, T* out) {
+  const int64_t groups = it.groups, dim = it.dim, length = it.length;
+  std::fill(scores, scores + groups * length, 0.0f);
+  int64_t d = 0;
+  for (; d + 4 <= dim; d += 4) {  // four key rows a pass
+    const T* k0 = kb + d * it.kstride;
+    const T* k1 = k0 + it.kstride;
+    const T* k2 = k1 + it.kstride;
+    const T* k3 = k2 + it.kstride;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* qg = query + g * dim + d;
+      const float q0 = qg[0], q1 = qg[1], q2 = qg[2], q3 = qg[3];
+      float* s = scores + g * length;
+      for (int64_t l = 0; l < length; ++l) {
+        s[l] += q0 * to_float(k0[l]) + q1 * to_float(k1[l]) + q2 * to_float(k2[l]) + q3 * to_float(k3[l]);
+      }
+    }
+  }
+  for (; d < dim; ++d) {
+    const T* krow = kb + d * it.kstride;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float qd = query[g * dim + d];
+      float* s = scores + g * length;
+      for (int64_t l = 0; l < length; ++l) s[l] += qd * to_float(krow[l]);
+    }
+  }
+  for (int64_t i = 0; i < groups * length; ++i) scores[i] *= it.scale;
+  softmax_rows<T>(it, scores);
+  std::fill(acc, acc + groups * dim, 0.0f);
+  for (int64_t l = 0; l < length; ++l) {
+    const T* vrow = vb + l * it.vstride;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float p = scores[g * length + l];
+      float* a = acc + g * dim;
+      for (int64_t e = 0; e < dim; ++e) a[e] += p * to_float(vrow[e]);
+    }
+  }
+  for (int64_t i = 0; i < groups * dim; ++i) out[i] = round_to<T>(acc[i]);
+}
+
+#if defined(__AVX512BF16__)
+// bfloat16 on CPUs with AVX512-BF16: pairs of bfloat16 multiplied and summed into float32 lanes in one instruction
+// (vdpbf16ps). Two key rows (dimensions d, d+1) interleaved by unpacklo/hi give the pairs for 32 positions; two
+// value rows (positions l, l+1) the pairs for 32 dimensions. Unpacking works within 128-bit lanes, so float lane
+// 4k+j of the "lo" half holds element 8k+j and of the "hi" half element 8k+4+j: put back in order at the end.
+inline uint32_t bf16_bits(float x) { return c10::BFloat16(x).x; }
+
+inline void unscramble(__m512 lo, __m512 hi, float* out, float scale) {  // 32 values, in order, times scale
+  alignas(64) float a[16], b[16];
+  _mm512_store_ps(a, lo);
+  _mm512_store_ps(b, hi);
+  for (int k = 0; k < 4; ++k) {
+    for (int j = 0; j < 4; ++j) {
+      out[8 * k + j] = a[4 * k + j] * scale;
+      out[8 * k + 4 + j] = b[4 * k + j] * scale;
+    }
+  }
+}
+
+template <int G, int DV>  // G query rows per kv head, DV blocks of 32 dimensions
+void attend_bf16(const Item& it, const c10::BFloat16* kb_, const c10::BFloat16* vb_, const c10::BFloat16* const* qrows,
+                 float* scores, uint32_t* pairs, c10::BFloat16* out) {
+  constexpr int64_t dim = 32 * DV;
+  const int64_t length = it.length;
+  const uint16_t* kb = reinterpret_cast<const uint16_t*>(kb_);
+  const uint16_t* vb = reinterpret_cast<const uint16_t*>(vb_);
+  // Scores: query pairs (q[2p], q[2p+1]) against key pairs, 32 positions a block.
+  for (int g = 0; g < G; ++g) {
+    const uint16_t* q = reinterpret_cast<const uint16_t*>(qrows[g]);
+    for (int64_t p = 0; p < dim / 2; ++p) pairs[g * (dim / 2) + p] = q[2 * p] | (uint32_t(q[2 * p + 1]) << 16);
+  }
+  const int64_t full = length / 32 * 32;
+  for (int64_t l0 = 0; l0 < full; l0 += 32) {
+    __m512 lo[G], hi[G];
+    for (int g = 0; g < G; ++g) lo[g] = hi[g] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < dim / 2; ++p) {
+      const __m512i r0 = _mm512_loadu_si512(kb + 2 * p * it.kstride + l0);
+      const __m512i r1 = _mm512_loadu_si512(kb + (2 * p + 1) * it.kstride + l0);
+      const __m512bh a = (__m512bh)_mm512_unpacklo_epi16(r0, r1), b = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
+      for (int g = 0; g < G; ++g) {
+        const __m512bh qq = (__m512bh)_mm512_set1_epi32(pairs[g * (dim / 2) + p]);
+        lo[g] = _mm512_dpbf16_ps(lo[g], a, qq);
+        hi[g] = _mm512_dpbf16_ps(hi[g], b, qq);
+      }
+    }
+    for (int g = 0; g < G; ++g) unscramble(lo[g], hi[g], scores + g * length + l0, it.scale);
+  }
+  for (int64_t l = full; l < length; ++l) {  // the last positions, one by one
+    for (int g = 0; g < G; ++g) {
+      float sum = 0.0f;
+      for (int64_t d = 0; d < dim; ++d) sum += to_float(qrows[g][d]) * to_float(kb_[d * it.kstride + l]);
+      scores[g * length + l] = sum * it.scale;
+    }
+  }
+  softmax_rows<c10::BFloat16>(it, scores);
+  // Values: probability pairs (p[l], p[l+1]) against value pairs, all dimensions at once.
+  const int64_t half = length / 2;
+  for (int g = 0; g < G; ++g) {
+    const float* s = scores + g * length;
+    for (int64_t i = 0; i < half; ++i) pairs[g * half + i] = bf16_bits(s[2 * i]) | (bf16_bits(s[2 * i + 1]) << 16);
+  }
+  __m512 lo[G][DV], hi[G][DV];
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < DV; ++v) lo[g][v] = hi[g][v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < half; ++i) {
+    const uint16_t* v0 = vb + 2 * i * it.vstride;
+    const uint16_t* v1 = v0 + it.vstride;
+    for (int v = 0; v < DV; ++v) {
+      const __m512i r0 = _mm512_loadu_si512(v0 + 32 * v), r1 = _mm512_loadu_si512(v1 + 32 * v);
+      const __m512bh a = (__m512bh)_mm512_unpacklo_epi16(r0, r1), b = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
+      for (int g = 0; g < G; ++g) {
+        const __m512bh pp = (__m512bh)_mm512_set1_epi32(pairs[g * half + i]);
+        lo[g][v] = _mm512_dpbf16_ps(lo[g][v], a, pp);
+        hi[g][v] = _mm512_dpbf16_ps(hi[g][v], b, pp);
+      }
+    }
+  }
+  alignas(64) float acc[dim];
+  for (int g = 0; g < G; ++g) {
+    for (int v = 0; v < DV; ++v) unscramble(lo[g][v], hi[g][v], acc + 32 * v, 1.0f);
+    if (length % 2) {  // an odd last position
+      const float p = scores[g * length + length - 1];
+      const c10::BFloat16* vrow = vb_ + (length - 1) * it.vstride;
+      for (int64_t e = 0; e < dim; ++e) acc[e] += p * to_float(vrow[e]);
+    }
+    for (int64_t e = 0; e < dim; ++e) out[g * dim + e] = c10::BFloat16(acc[e]);
+  }
+}
+
+using Bf16Kernel = void (*)(const Item&, const c10::BFloat16*, const c10::BFloat16*, const c10::BFloat16* const*, float*,
+                            uint32_t*, c10::BFloat16*);
+
+template <int G>
+Bf16Kernel pick_dv(int64_t dim) {
+  switch (dim) {
+    case 32: return &attend_bf16<G, 1>;
+    case 64: return &attend_bf16<G, 2>;
+    case 128: return G <= 4 ? &attend_bf16<G, 4> : nullptr;  // more would not fit in the registers
+    default: return nullptr;
+  }
+}
+
+Bf16Kernel pick_bf16_kernel(int64_t groups, int64_t dim) {
+  switch (groups) {
+    case 1: return pick_dv<1>(dim);
+    case 2: return pick_dv<2>(dim);
+    case 3: return pick_dv<3>(dim);
+    case 4: return pick_dv<4>(dim);
+    case 5: return pick_dv<5>(dim);
+    case 6: return pick_dv<6>(dim);
+    case 8: return pick_dv<8>(dim);
+    default: return nullptr;
+  }
+}
+#endif
+
 // Decode attention for slots [0, B): row b is slot b's token at position positions[b]. Its key and value are
 // first written into the arena; then its queries attend over the slot's positions [0, positions[b]], reading
 // the arena in place. q (B, heads, dim); k, v (B, kv_heads, dim); keys (slots, kv_heads, dim, length) and
@@ -143,88 +330,36 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
   int64_t longest = 0;
   for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, P[b] + 1);
   T* O = out.data_ptr<T>();
+#if defined(__AVX512BF16__)
+  Bf16Kernel fast = nullptr;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) fast = pick_bf16_kernel(groups, dim);
+#endif
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(groups * longest), query(groups * dim), acc(groups * dim);
+    std::vector<uint32_t> pairs(groups * std::max(dim, longest));
+    std::vector<const T*> qrows(groups);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / kv_heads, h = item % kv_heads, pos = P[b], length = pos + 1;
+      const int64_t b = item / kv_heads, h = item % kv_heads, pos = P[b];
       T* kb = K + b * ks[0] + h * ks[1];
       T* vb = V + b * vs[0] + h * vs[1];
       for (int64_t d = 0; d < dim; ++d) {
         kb[d * ks[2] + pos] = KN[b * kns0 + h * kns1 + d];
         vb[pos * vs[2] + d] = VN[b * vns0 + h * vns1 + d];
       }
-      for (int64_t g = 0; g < groups; ++g) {
-        const T* qrow = Q + b * qs0 + (h * groups + g) * qs1;
-        for (int64_t d = 0; d < dim; ++d) query[g * dim + d] = to_float(qrow[d]);
-      }
-      std::fill(scores.begin(), scores.begin() + groups * length, 0.0f);
-      // Keys are stored transposed, one contiguous row per dimension: scores += q[d] * row d, four rows a pass.
-      int64_t d = 0;
-      for (; d + 4 <= dim; d += 4) {
-        const T* k0 = kb + d * ks[2];
-        const T* k1 = k0 + ks[2];
-        const T* k2 = k1 + ks[2];
-        const T* k3 = k2 + ks[2];
-        for (int64_t g = 0; g < groups; ++g) {
-          const float* qg = query.data() + g * dim + d;
-          const float q0 = qg[0], q1 = qg[1], q2 = qg[2], q3 = qg[3];
-          float* s = scores.data() + g * length;
-          for (int64_t l = 0; l < length; ++l) {
-            s[l] += q0 * to_float(k0[l]) + q1 * to_float(k1[l]) + q2 * to_float(k2[l]) + q3 * to_float(k3[l]);
-          }
+      const Item it{groups, dim, pos + 1, ks[2], vs[2], static_cast<float>(scale)};
+      for (int64_t g = 0; g < groups; ++g) qrows[g] = Q + b * qs0 + (h * groups + g) * qs1;
+      T* o = O + b * heads * dim + h * groups * dim;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (fast != nullptr) {
+          fast(it, kb, vb, qrows.data(), scores.data(), pairs.data(), o);
+          continue;
         }
       }
-      for (; d < dim; ++d) {
-        const T* krow = kb + d * ks[2];
-        for (int64_t g = 0; g < groups; ++g) {
-          const float qd = query[g * dim + d];
-          float* s = scores.data() + g * length;
-          for (int64_t l = 0; l < length; ++l) s[l] += qd * to_float(krow[l]);
-        }
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t g = 0; g < groups; ++g) {
-        float* s = scores.data() + g * length;
-        float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-        for (int64_t l = 0; l < length; ++l) {
-          s[l] *= static_cast<float>(scale);
-          top = std::max(top, s[l]);
-        }
-        for (int64_t l = 0; l < length; ++l) s[l] = exp_neg(s[l] - top);
-        float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t l = 0; l < length; ++l) total += s[l];
-        const float norm = 1.0f / total;
-        for (int64_t l = 0; l < length; ++l) s[l] *= norm;
-      }
-      int64_t l = 0;
-      for (; l + 4 <= length; l += 4) {  // four value rows a pass
-        const T* v0 = vb + l * vs[2];
-        const T* v1 = v0 + vs[2];
-        const T* v2 = v1 + vs[2];
-        const T* v3 = v2 + vs[2];
-        for (int64_t g = 0; g < groups; ++g) {
-          const float* p = scores.data() + g * length + l;
-          const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
-          float* a = acc.data() + g * dim;
-          for (int64_t e = 0; e < dim; ++e) {
-            a[e] += p0 * to_float(v0[e]) + p1 * to_float(v1[e]) + p2 * to_float(v2[e]) + p3 * to_float(v3[e]);
-          }
-        }
-      }
-      for (; l < length; ++l) {
-        const T* vrow = vb + l * vs[2];
-        for (int64_t g = 0; g < groups; ++g) {
-          const float p = scores[g * length + l];
-          float* a = acc.data() + g * dim;
-          for (int64_t e = 0; e < dim; ++e) a[e] += p * to_float(vrow[e]);
-        }
-      }
-      for (int64_t g = 0; g < groups; ++g) {
-        T* orow = O + b * heads * dim + (h * groups + g) * dim;
-        for (int64_t d = 0; d < dim; ++d) orow[d] = round_to<T>(acc[g * dim + d]);
-      }
+#endif
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t d = 0; d < dim; ++d) query[g * dim + d] = to_float(qrows[g][d]);
+      attend_portable<T>(it, kb, vb, query.data(), scores.data(), acc.data(), o);
     }
   });
 }

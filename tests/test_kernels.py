@@ -136,3 +136,16 @@ def test_without_the_kernels_the_model_runs_the_plain_path(tiny_model_dir, monke
     finally:
         kernels._state.clear()
         kernels._state.update(saved)
+
+
+def test_a_bfloat16_linear_in_onednn_blocked_layout_equals_the_plain_matmul():
+    from dialogue.fastllama import Linear
+
+    torch.manual_seed(3)
+    weight = torch.randn(96, 64, dtype=torch.bfloat16)
+    linear = Linear(weight, bits=None)
+    if linear.blocked is None:
+        pytest.skip("oneDNN is not available in this torch build")
+    for rows in (1, 7, 16, 300):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        torch.testing.assert_close(linear(x).float(), torch.nn.functional.linear(x, weight).float(), atol=0.05, rtol=0.02)

@@ -45,6 +45,37 @@ def test_top_p_never_samples_outside_the_nucleus():
     assert {sample_next(logits, [], params, rng) for _ in range(50)} == {0}
 
 
+def test_top_p_beyond_the_shortlist_sorts_the_whole_vocabulary():
+    from dialogue.runtime import SHORTLIST
+
+    logits = -torch.arange(1000, dtype=torch.float32) / 500  # a gentle slope: the nucleus is hundreds wide
+    params = GenerationParams(temperature=1.0, top_p=0.9, repetition_penalty=1.0)
+    probs = torch.softmax(logits, dim=-1)
+    nucleus = int(((torch.cumsum(probs, 0) - probs) < 0.9).sum())
+    assert nucleus > SHORTLIST
+    rng = torch.Generator().manual_seed(0)
+    drawn = {sample_next(logits, [], params, rng) for _ in range(300)}
+    assert max(drawn) >= SHORTLIST and max(drawn) < nucleus
+
+
+def test_a_batch_of_rows_samples_as_each_row_alone():
+    from dialogue.runtime import sample_tokens
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300) * 3
+    params = [GenerationParams(temperature=0.0), GenerationParams(temperature=0.3, top_p=0.9),
+              GenerationParams(temperature=1.0, top_p=1.0), GenerationParams(temperature=0.7, top_p=0.5,
+                                                                               repetition_penalty=1.3),
+              GenerationParams(temperature=0.0, repetition_penalty=2.0)]
+    histories = [[1, 2], [], [5], [int(logits[3].argmax())], [int(logits[4].argmax())]]
+    for seed in range(5):
+        batched = sample_tokens(logits, histories, params, [torch.Generator().manual_seed(seed) for _ in params])
+        alone = [sample_next(logits[row], histories[row], params[row], torch.Generator().manual_seed(seed))
+                 for row in range(len(params))]
+        assert batched == alone
+    assert batched[0] == int(logits[0].argmax())
+
+
 async def test_worker_greedy_matches_transformers_generate(worker, tiny_model_dir):
     """The hand-written KV-cache decode loop produces exactly what `generate` does."""
     ids = prompt(worker)

@@ -56,7 +56,31 @@ class StoreLock:
 def chroma_settings():
     from chromadb.config import Settings as ChromaSettings
 
+    fresh_pages_for_large_buffers()
     return ChromaSettings(anonymized_telemetry=False, allow_reset=False)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def fresh_pages_for_large_buffers() -> None:
+    """Serve every allocation of 128 KiB or more from fresh (zeroed) pages of the kernel, not from recycled heap.
+
+    Chroma's HNSW index mallocs its whole capacity (100 vectors and up: 167 KB and up) and writes all of it to
+    `data_level0.bin`, used or not. A CI run found bytes of a deleted user's collection metadata (its owner id)
+    in the unused capacity of another user's index file: most likely recycled heap, since glibc raises its mmap
+    threshold as the process frees large blocks. Pinning the threshold at 128 KiB keeps such buffers on fresh
+    pages. (Not reproduced on demand; the erasure tests in tests/test_memory.py guard it.) Elsewhere than glibc
+    this does nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass
 
 
 class ChromaHandle:

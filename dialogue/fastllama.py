@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from dialogue import kernels
 from dialogue.errors import GenerationError
 
-# Up to this many rows a matmul is bound by reading the weights, which quantised weights cut; past it torch's
-# int8 kernel costs more than the bf16 GEMM (measured: 1 row 60 vs 147 us, 4 rows 115 vs 211, 8 rows 228 vs 198).
+# Up to this many rows a matmul is bound by reading the weights, which quantised weights cut. Measured per layer
+# of SmolLM2 with cold weights, quantised vs bf16 blocked for oneDNN: int4 1 row 125 vs 394 us, 4 rows 201 vs 311,
+# 6 rows 367 vs 312, 8 rows 371 vs 373; int8 1 row 241 vs 363, 4 rows 358 vs 314, 6 rows 610 vs 325 (so for int8
+# 3 rows would be the better bound; the tests hold batched = alone up to 6 rows on either, which this keeps).
 QUANT_MAX_ROWS = 6
 INT4_GROUP = 32  # GGUF's Q4 block size: the embedded model's layer weights are Q4_1, so int4 in these groups fits them
 BITS = {"none": None, "int8": 8, "int4": 4}
@@ -147,8 +149,9 @@ class Batch:
 
 class KVArena:
     """Keys and values of every slot, grown on demand. Keys are stored transposed, (layers, slots, kv_heads,
-    head_dim, length), so that q·Kᵀ over a slot range reads them in place (3x faster than a transposed view);
-    values as (layers, slots, kv_heads, length, head_dim)."""
+    head_dim, length), so that q·Kᵀ reads one contiguous row of positions per dimension (the fused kernel's
+    vectors; in the plain path 3x faster than a transposed view); values as (layers, slots, kv_heads, length,
+    head_dim)."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
         self.dims = (layers, kv_heads, head_dim)
@@ -249,12 +252,17 @@ class FastLlama:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _rotary(self, positions: torch.Tensor):
+        """What `_rope` needs for this forward's rows, prepared once for every layer: the positions for the
+        fused kernel, which reads the tables itself, else each row's (cos, sin) rows, (N, 1, D) each."""
+        return positions if self.fused else (self.cos[positions][:, None], self.sin[positions][:, None])
+
+    def _rope(self, x: torch.Tensor, rotary) -> torch.Tensor:
         """x (N, heads, D) rotated to each row's position; in place when fused."""
         if self.fused:
-            torch.ops.rapport.rope_(x, self.cos, self.sin, positions)
+            torch.ops.rapport.rope_(x, self.cos, self.sin, rotary)
             return x
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (N, 1, D)
+        cos, sin = rotary
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
@@ -306,11 +314,11 @@ class FastLlama:
             rows = torch.arange(n_chunk)[:, None] + batch.chunk_start
             chunk_mask = torch.arange(chunk_end)[None, :] <= rows
         q_size, kv_size = heads * dim, kv_heads * dim
+        rotary = self._rotary(batch.positions)
         for i, layer in enumerate(self.layers):
-            k_arena, v_arena = self.arena.k[i], self.arena.v[i]  # (S, Hkv, D, L), (S, Hkv, L, D)
             h = self._rms(x, layer["in_norm"])
             qkv = self._project(i, "qkv", h, batch)
-            qk = self._rope(qkv[:, : q_size + kv_size].view(-1, heads + kv_heads, dim), batch.positions)  # (N, H + Hkv, D)
+            qk = self._rope(qkv[:, : q_size + kv_size].view(-1, heads + kv_heads, dim), rotary)  # (N, H + Hkv, D)
             q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, q_size + kv_size:].view(-1, kv_heads, dim)
             outs = []
@@ -318,6 +326,7 @@ class FastLlama:
                 outs.append(self._decode_attention(i, q[:n_dec], k[:n_dec], v[:n_dec], dec_pos, dec_mask))
             if n_chunk:
                 s, start = batch.chunk_slot, batch.chunk_start
+                k_arena, v_arena = self.arena.k[i], self.arena.v[i]  # (S, Hkv, D, L), (S, Hkv, L, D)
                 k_arena[s, :, :, start:chunk_end] = k[n_dec:].permute(1, 2, 0)
                 v_arena[s, :, start:chunk_end] = v[n_dec:].transpose(0, 1)
                 keys = k_arena[s:s + 1, :, :, :chunk_end].transpose(-1, -2).contiguous()  # (1, Hkv, L, D)

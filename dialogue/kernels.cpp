@@ -28,7 +28,8 @@ inline T round_to(float x) { return static_cast<T>(x); }  // bfloat16: round to 
 
 // exp for x <= 0 (softmax after subtracting the maximum), written so that the compiler vectorises it:
 // 2^(x·log2 e) split into an integer power (built in the exponent bits) and a polynomial for the fraction.
-// Relative error about 2e-7, below float32's softmax noise.
+// Relative error at most 1.1e-5 over [-87, 0] (measured against float64 on 2M points; mostly the float32
+// argument reduction), far below the bfloat16 rounding the probabilities get next (3.9e-3).
 inline float exp_neg(float x) {
   x = x < -87.0f ? -87.0f : x;
   const float t = x * 1.44269504088896341f;

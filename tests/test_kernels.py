@@ -113,7 +113,7 @@ def test_the_fused_forward_equals_the_plain_forward(tiny_model_dir, dtype):
         results[engine.fused] = [engine.forward(batch) for batch in steps]
     assert set(results) == {True, False}
     for got, want in zip(results[True], results[False]):
-        torch.testing.assert_close(got.float(), want.float(), atol=TOLERANCE[dtype] * 5, rtol=TOLERANCE[dtype] * 5)
+        torch.testing.assert_close(got.float(), want.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
 def test_without_the_kernels_the_model_runs_the_plain_path(tiny_model_dir, monkeypatch, tmp_path, caplog):

@@ -31,7 +31,20 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-class LocalBackend:
+class TokenizerText:
+    """Token counting and cutting for a backend with a `tokenizer` of its model (local or remote alike)."""
+
+    tokenizer: object
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
+        return self.tokenizer.decode(ids).strip()
+
+
+class LocalBackend(TokenizerText):
     """The model in this process, behind one `ModelWorker`; loading starts at once in the background."""
 
     def __init__(self, settings: Settings, *, eager: bool = True) -> None:
@@ -67,13 +80,6 @@ class LocalBackend:
 
     def is_ready(self) -> bool:
         return self.worker.is_ready
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
-        return self.tokenizer.decode(ids).strip()
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

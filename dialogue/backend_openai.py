@@ -12,10 +12,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 
+from dialogue.backend import Message, TokenizerText
 from dialogue.errors import GenerationError
 from dialogue.model_files import EMBEDDED_NAME, resolve_model_dir
 from dialogue.runtime import AdapterRef, GenerationParams
@@ -23,21 +24,28 @@ from dialogue.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-Message = dict[str, str]
 FINISH = {"stop": "stop", "length": "length", "eos": "stop"}
 
 
 class RemoteGeneration:
     """One streamed reply from the server; the same surface as the local `Generation`."""
 
-    def __init__(self, response: httpx.Response, prompt_tokens: int, started: float) -> None:
+    def __init__(self, response: httpx.Response, estimate_prompt_tokens: Callable[[], int], started: float) -> None:
         self._response = response
-        self.prompt_tokens = prompt_tokens
+        self._estimate_prompt_tokens = estimate_prompt_tokens
+        self._prompt_tokens: int | None = None  # the server's count, once its usage arrives
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.ttft_s: float | None = None
         self.reused_tokens = 0
         self.started_at = started
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The server's count; where it sends none, our tokenizer's estimate (counted once, only then)."""
+        if self._prompt_tokens is None:
+            self._prompt_tokens = self._estimate_prompt_tokens()
+        return self._prompt_tokens
 
     def cancel(self) -> None:
         """Closing the stream tells the server to stop and frees its slot."""
@@ -59,7 +67,7 @@ class RemoteGeneration:
                 if chunk.get("error"):
                     raise GenerationError(f"the generation server failed: {chunk['error']}")
                 usage = chunk.get("usage") or {}
-                self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+                self._prompt_tokens = usage.get("prompt_tokens", self._prompt_tokens)
                 self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
                 for choice in chunk.get("choices") or []:
                     if choice.get("finish_reason"):
@@ -81,7 +89,7 @@ class RemoteGeneration:
         return "".join([chunk async for chunk in self])
 
 
-class OpenAIBackend:
+class OpenAIBackend(TokenizerText):
     """Sends each turn's messages to `RAPPORT_BACKEND_URL` (…/v1) as a streamed chat completion."""
 
     def __init__(self, settings: Settings) -> None:
@@ -108,13 +116,6 @@ class OpenAIBackend:
     def is_ready(self) -> bool:
         return self._tokenizer is not None
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
-        return self.tokenizer.decode(ids).strip()
-
     async def generate(self, messages: list[Message], params: GenerationParams,
                        adapter: AdapterRef | None = None) -> RemoteGeneration:
         await self.ready()
@@ -135,8 +136,7 @@ class OpenAIBackend:
             detail = (await response.aread()).decode("utf-8", "replace")[:200]
             await response.aclose()
             raise GenerationError(f"the generation server answered {response.status_code}: {detail}")
-        prompt_tokens = sum(self.count_tokens(m["content"]) + 4 for m in messages)
-        return RemoteGeneration(response, prompt_tokens, started)
+        return RemoteGeneration(response, lambda: sum(self.count_tokens(m["content"]) + 4 for m in messages), started)
 
     def close(self) -> None:
         try:

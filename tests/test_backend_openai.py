@@ -109,14 +109,14 @@ async def test_a_consumer_that_stops_closes_the_stream(remote_settings):
     await backend._client.aclose()
 
 
-def recording_backend(settings, answer: list[str], seen: list[dict], status: int = 200) -> OpenAIBackend:
+def recording_backend(settings, answer: list[str], seen: list[dict], status: int = 200, usage: bool = True) -> OpenAIBackend:
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(json.loads(request.content))
         if status != 200:
             return httpx.Response(status, json={"error": {"message": "model not found"}})
         events = [{"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]} for piece in answer]
         events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
-                       "usage": {"prompt_tokens": 11, "completion_tokens": len(answer)}})
+                       **({"usage": {"prompt_tokens": 11, "completion_tokens": len(answer)}} if usage else {})})
         body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
         return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
 
@@ -138,6 +138,15 @@ async def test_an_adapter_version_is_asked_for_by_its_registry_name(tiny_setting
     await tuned.text()
     assert [body["model"] for body in seen] == ["smollm2", "v0002-1a2b3c4d"]
     assert seen[0]["stream"] is True and seen[0]["max_tokens"] == 24 and seen[0]["temperature"] == 0.0
+
+
+async def test_without_the_servers_usage_the_counts_are_estimated_here(tiny_settings):
+    settings = tiny_settings.model_copy(update={"backend": "openai", "backend_url": "http://127.0.0.1:9/v1"})
+    backend = recording_backend(settings, ["Hel", "lo", "!"], [], usage=False)
+    generation = await backend.generate([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                                        PARAMS)
+    assert await generation.text() == "Hello!"
+    assert (generation.prompt_tokens, generation.completion_tokens) == ((2 + 4) + (1 + 4), 3)
 
 
 async def test_server_errors_become_generation_errors(tiny_settings):

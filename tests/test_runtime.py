@@ -76,6 +76,25 @@ def test_a_batch_of_rows_samples_as_each_row_alone():
     assert batched[0] == int(logits[0].argmax())
 
 
+def test_streamed_text_is_the_decoded_reply_and_never_half_a_character(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from dialogue.runtime import Generation, ModelWorker
+
+    worker = ModelWorker(lambda: None, eager=False)
+    worker.tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # byte-level: 🚲 and 日 span several tokens
+    reply = "Ça va? Your 🚲 is at 日本 street, don't worry . ok"
+    ids = worker.tokenizer.encode(reply, add_special_tokens=False)
+    generation = Generation([1], GenerationParams(), None)
+    deltas: list[str] = []
+    generation._emit = deltas.append
+    for n, token in enumerate(ids, start=1):
+        generation.generated.append(token)
+        worker._flush_text(generation, final=n == len(ids))
+    assert "".join(deltas) == worker.tokenizer.decode(ids) == reply
+    assert len(deltas) > 10 and not any("\ufffd" in d for d in deltas)
+
+
 async def test_worker_greedy_matches_transformers_generate(worker, tiny_model_dir):
     """The hand-written KV-cache decode loop produces exactly what `generate` does."""
     ids = prompt(worker)

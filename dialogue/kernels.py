@@ -36,16 +36,17 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "rapport" / "kernels"
 
 
-def _cpu_signature() -> str:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (avx512_bf16, amx_bf16, ...); empty where unknown."""
     try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+        line = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
-        flags = ""
-    return platform.machine() + flags
+        return set()
+    return set(line.partition(":")[2].split())
 
 
 def library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_signature().encode()).hexdigest()
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + (platform.machine() + " ".join(sorted(cpu_flags()))).encode()).hexdigest()
     return cache_dir() / f"rapport_kernels_{digest[:16]}.so"
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from dialogue import kernels
 from dialogue.engines import Batch, open_engine
 from dialogue.errors import GenerationError
 
@@ -52,11 +53,7 @@ class AdapterRef:
 
 def cpu_has_bf16() -> bool:
     """True when the CPU computes bf16 natively (avx512_bf16 or AMX); elsewhere bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(kernels.cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def choose_dtype(setting: str) -> torch.dtype:

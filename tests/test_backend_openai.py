@@ -18,12 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.compare import DEFAULT_PYTHON
 from dialogue.backend import open_backend
 from dialogue.backend_openai import OpenAIBackend
 from dialogue.errors import GenerationError
 from dialogue.runtime import AdapterRef, GenerationParams
 
-LLAMA_PYTHON = os.environ.get("RAPPORT_TEST_LLAMA_PYTHON", str(Path(__file__).parents[1] / ".venv-llama/bin/python"))
+LLAMA_PYTHON = os.environ.get("RAPPORT_TEST_LLAMA_PYTHON", str(DEFAULT_PYTHON))
 PARAMS = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.1)
 
 

@@ -73,8 +73,7 @@ async def run_async(settings: Settings, prompt_tokens: int, new_tokens: int, con
         flat = [r for results, _, _ in runs for r in results]
         out = {
             "model": backend.model_id,
-            "dtype": str(backend.dtype).removeprefix("torch."),
-            "quantize": backend.quantize,
+            **{k: v for k, v in backend.path().items() if not k.endswith("_us")},  # the path that ran, and why
             "threads": settings.threads,
             "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens,
@@ -96,6 +95,7 @@ async def run_async(settings: Settings, prompt_tokens: int, new_tokens: int, con
         out["second_turn_ttft_s"] = round(second["ttft_s"], 4)
         out["second_turn_s"] = round(second["turn_s"], 4)
         out["second_turn_reused_tokens"] = second["reused_tokens"]
+        out["calibration_us"] = {k: v for k, v in backend.path().items() if k.endswith("_us")}
         out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         return out
     finally:

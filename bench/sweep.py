@@ -18,7 +18,7 @@ def run(settings: Settings, levels: list[int], prompt_tokens: int, new_tokens: i
                      "end_to_end_tok_s": result.get("end_to_end_tok_s", result["decode_tok_s"]),
                      "decode_tok_s": result["decode_tok_s"], "ttft_s": result["ttft_s"], "turn_s": result["turn_s"]})
     if plot is not None:
-        draw(rows, plot, f"{prompt_tokens}-token prompts, {new_tokens} new tokens, quantize={result['quantize']}")
+        draw(rows, plot, f"{prompt_tokens}-token prompts, {new_tokens} new tokens, {result['cpu_class']}, {result['dtype']}, decode weights {result['decode_weights']}")
     return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "levels": rows}
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from typing import Protocol
 
+from dialogue import calibrate, kernels
 from dialogue.model_files import EMBEDDED_NAME, ModelNotFound, resolve_model_dir
-from dialogue.runtime import AdapterRef, Generation, GenerationParams, ModelWorker, choose_dtype, load_model
+from dialogue.runtime import AdapterRef, Generation, GenerationParams, ModelWorker, load_model
 from dialogue.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -45,30 +47,54 @@ class TokenizerText:
 
 
 class LocalBackend(TokenizerText):
-    """The model in this process, behind one `ModelWorker`; loading starts at once in the background."""
+    """The model in this process, behind one `ModelWorker`; loading starts at once in the background.
+
+    The compute dtype and the decode weights are chosen by measurement on this CPU (dialogue.calibrate), cached
+    under `$RAPPORT_HOME/calibration/`; `path()` says what was chosen and why."""
 
     def __init__(self, settings: Settings, *, eager: bool = True) -> None:
         self.settings = settings
         self.model_id = settings.model or EMBEDDED_NAME
-        self.dtype = choose_dtype(settings.dtype)
-        quantize = settings.quantize
-        if quantize == "auto":  # the embedded GGUF's layer weights are Q4_1: int4 in the same groups loses nothing
-            quantize = "int8" if settings.model else "int4"
-        self.quantize = quantize
-        self.worker = ModelWorker(self._load, threads=settings.threads, eager=eager, quantize=quantize,
+        self.dtype = None  # known once loaded
+        self.dtype_us: dict = {}
+        self._cache = calibrate.CalibrationCache(settings.home / "calibration")
+        self._decode_record: list[dict] = []
+        decide = calibrate.calibrator(settings.quantize, settings.model is None, self._cache, self._decode_record)
+        self.worker = ModelWorker(self._load, threads=settings.threads, eager=eager, decode=decide,
                                   max_batch=settings.max_batch, chunk_tokens=settings.chunk_tokens,
                                   prefix_cache_tokens=settings.prefix_cache_tokens)
+
+    def path(self) -> dict:
+        """The compute path in use: CPU class, dtype, decode weights, and the measurements behind them."""
+        self.worker.wait_ready()
+        engine = self.worker.engine
+        plan = getattr(getattr(engine, "model", None), "plan", None)
+        decode = self._decode_record[-1] if self._decode_record else {}
+        return {"cpu_class": kernels.cpu_class(), "dtype": str(self.dtype).removeprefix("torch."),
+                "kernels": bool(getattr(getattr(engine, "model", None), "fused", False)),
+                "decode_weights": plan.fmt if plan else None, "quantised_up_to_rows": plan.max_rows if plan else 0,
+                "head_weights": plan.head_fmt if plan else None, "head_quantised_up_to_rows": plan.head_max_rows if plan else 0,
+                "why": decode.get("reason", ""), "dtype_us": self.dtype_us,
+                "layers_us": decode.get("layers_us", {}), "head_us": decode.get("head_us", {})}
+
+    def _choose_dtype(self, directory) -> None:
+        config = json.loads((directory / "config.json").read_text())
+        self.dtype, self.dtype_us = calibrate.pick_dtype(self.settings.dtype, config["hidden_size"],
+                                                         config["intermediate_size"], self._cache)
 
     def _load(self):
         directory = resolve_model_dir(self.settings.model, self.settings.models_dir)
         try:
+            self._choose_dtype(directory)
             return load_model(directory, self.dtype)
         except Exception as exc:  # safetensors, json and torch each raise their own kinds on a damaged file
             if self.settings.model:  # a user's own directory is never deleted
                 raise ModelNotFound(f"RAPPORT_MODEL={self.settings.model}: cannot load it ({exc})") from exc
             logger.warning("model cache at %s is unreadable (%s); rebuilding it", directory, exc)
             shutil.rmtree(directory, ignore_errors=True)
-            return load_model(resolve_model_dir(None, self.settings.models_dir), self.dtype)
+            directory = resolve_model_dir(None, self.settings.models_dir)
+            self._choose_dtype(directory)
+            return load_model(directory, self.dtype)
 
     @property
     def tokenizer(self):

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from dialogue.fastllama import Batch, FastLlama, LoraAdapter, supports
+from dialogue.fastllama import Batch, DecodePlan, FastLlama, LoraAdapter, supports
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +25,8 @@ class FastEngine:
 
     can_save = True
 
-    def __init__(self, model, *, quantize: str = "none") -> None:
-        self.model = FastLlama(model, quantize=quantize)
+    def __init__(self, model, *, decode=DecodePlan()) -> None:
+        self.model = FastLlama(model, decode=decode)
         self.max_positions = self.model.max_positions
         self._adapters: dict[str, LoraAdapter] = {}
 
@@ -123,9 +123,10 @@ class TransformersEngine:
         self._caches.pop(slot, None)
 
 
-def open_engine(model, *, quantize: str = "none"):
-    """The fast engine where the architecture allows it, else the transformers fallback."""
+def open_engine(model, *, decode=DecodePlan()):
+    """The fast engine where the architecture allows it, else the transformers fallback. `decode` is a
+    `DecodePlan` or a function that measures the engine and returns one."""
     if supports(model.config):
-        return FastEngine(model, quantize=quantize)
+        return FastEngine(model, decode=decode)
     logger.info("%s runs through transformers' own forward (one sequence per pass)", model.config.model_type)
     return TransformersEngine(model)

@@ -6,8 +6,9 @@ runs the same maths on the same weights, laid out for that:
 - q/k/v and gate/up fused into one matmul each (4 weight reads a layer instead of 7);
 - a preallocated KV arena, one slot per sequence, written in place (no per-step concatenation);
 - decode attention for all decoding slots as one batched matmul with a length mask;
-- weight-only quantised matmuls (int8 per output channel, or int4 in GGUF's groups of 32) for decode steps,
-  where reading the weights is the cost; prompt chunks, where compute is, keep the 16-bit weights;
+- weight-only quantised matmuls (int8 or int4 in GGUF's groups of 32) for decode steps of a few rows, where
+  reading the weights is the cost, in the format and up to the row count measured fastest on this CPU
+  (`DecodePlan`, chosen by dialogue.calibrate); prompt chunks, where compute is, keep the full weights;
 - LoRA deltas added per row group, from each adapter's own matrices: a row can only meet its own adapter.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import json
 import re
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,13 +27,12 @@ import torch.nn.functional as F
 from dialogue import kernels
 from dialogue.errors import GenerationError
 
-# Up to this many rows a matmul is bound by reading the weights, which quantised weights cut. Measured per layer
-# of SmolLM2 with cold weights, quantised vs bf16 blocked for oneDNN: int4 1 row 125 vs 394 us, 4 rows 201 vs 311,
-# 6 rows 367 vs 312, 8 rows 371 vs 373; int8 1 row 241 vs 363, 4 rows 358 vs 314, 6 rows 610 vs 325 (so for int8
-# 3 rows would be the better bound; the tests hold batched = alone up to 6 rows on either, which this keeps).
-QUANT_MAX_ROWS = 6
+logger = logging.getLogger(__name__)
+
 INT4_GROUP = 32  # GGUF's Q4 block size: the embedded model's layer weights are Q4_1, so int4 in these groups fits them
-BITS = {"none": None, "int8": 8, "int4": 4}
+# Weight formats for decode steps: our kernels (kernels.cpp qlinear, fast on any x86 with AVX2 or better) and ATen's
+# int4 matmul (fast where the CPU has AVX512-BF16, slower than fp32 elsewhere). `dialogue.calibrate` picks one.
+FORMATS = ("int4", "int8", "torch-int4")
 LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
                       r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
@@ -42,39 +44,94 @@ def supports(config) -> bool:
             and getattr(config, "pretraining_tp", 1) == 1)
 
 
-class Linear:
-    """y = x W^T with 16-bit weights, and a quantised copy (int8 per channel, or int4 in groups of 32 along
-    the input) for row counts where reading the weights is the cost."""
+def quantize_weight(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scales) of an (N, K) weight in groups of 32 along K, as `torch.ops.rapport.qlinear` reads them:
+    int8 (GGUF Q8_0): w = q·d; int4 (GGUF Q4_1): w = q·d + m, q in [0, 15], group byte i = element i | element i+16 << 4;
+    torch-int4: ATen's packed layout, w = (q - 8)·d + z."""
+    w = weight.float()
+    n, k = w.shape
+    groups = w.reshape(n, k // INT4_GROUP, INT4_GROUP)
+    if fmt == "int8":
+        d = groups.abs().amax(-1).clamp(min=1e-12) / 127
+        return torch.round(groups / d[..., None]).clamp(-127, 127).to(torch.int8).reshape(n, k), d.contiguous()
+    low, high = groups.amin(-1), groups.amax(-1)
+    d = (high - low).clamp(min=1e-12) / 15
+    q = torch.round((groups - low[..., None]) / d[..., None]).clamp(0, 15)
+    if fmt == "int4":
+        q = q.to(torch.uint8)
+        return (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2).contiguous(), torch.stack([d, low], -1).contiguous()
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).reshape(n, k), 1)
+    return packed, torch.stack([d, low + 8 * d], -1).transpose(0, 1).contiguous().to(weight.dtype)
 
-    def __init__(self, weight: torch.Tensor, *, bits: int | None) -> None:
+
+class QuantWeight:
+    """A weight-only quantised copy of an (N, K) weight, for matmuls of a few rows, where reading it is the cost."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown weight format {fmt!r}")
+        self.fmt = fmt
+        self.q, self.scales = quantize_weight(weight, fmt)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt == "torch-int4":
+            return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.q, INT4_GROUP, self.scales)
+        return torch.ops.rapport.qlinear(x, self.q, self.scales, 4 if self.fmt == "int4" else 8)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Which weights serve decode steps: the layers' matmuls of up to `max_rows` rows in `fmt`, the output matrix's
+    of up to `head_max_rows` in `head_fmt`; None or 0 rows means the full weights always."""
+
+    fmt: str | None = None
+    max_rows: int = 0
+    head_fmt: str | None = None
+    head_max_rows: int = 0
+
+    @classmethod
+    def fixed(cls, quantize: str, max_rows: int = 6) -> DecodePlan:
+        """A plan by name, without measuring: "none", "int8", "int4" or "torch-int4" for the layers; the output
+        matrix is the (tied) embedding, which GGUF keeps at 8 bits, so int4 would lose there: int8."""
+        if quantize in (None, "none"):
+            return cls()
+        return cls(quantize, max_rows, "int8", max_rows)
+
+
+class Linear:
+    """y = x W^T with 16- or 32-bit weights, and optionally a quantised copy used for up to `max_rows` rows."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.source = weight  # kept until the decode plan is applied (`release`)
         self.weight = weight.contiguous()  # (N, K)
         self.blocked = _onednn_pack(self.weight)
         if self.blocked is not None:
             self.weight = None  # the blocked copy replaces it
-        self.bits = bits if bits != 4 or weight.shape[1] % INT4_GROUP == 0 else 8
-        self.packed = self.scale = None
-        w = weight.float()
-        if self.bits == 8:
-            scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (N,)
-            self.packed = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-            self.scale = scale.to(weight.dtype)
-        elif self.bits == 4:  # asymmetric, as GGUF's Q4_1 blocks: w = (q - 8)·scale + zero per group
-            groups = w.reshape(w.shape[0], -1, INT4_GROUP)
-            low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-            scale = (high - low).clamp(min=1e-8) / 15
-            q = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).reshape(w.shape)
-            self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-            zero = low + 8 * scale
-            self.scale = torch.stack([scale[..., 0], zero[..., 0]], dim=-1).transpose(0, 1).contiguous().to(weight.dtype)
+        self.quant: QuantWeight | None = None
+        self.max_rows = 0
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] <= QUANT_MAX_ROWS:
-            if self.bits == 4:
-                return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, INT4_GROUP, self.scale)
-            return torch._weight_int8pack_mm(x.contiguous(), self.packed, self.scale)
+    def can_quantize(self) -> bool:
+        return self.source.shape[1] % INT4_GROUP == 0
+
+    def quantize(self, fmt: str | None, max_rows: int) -> None:
+        """Serve matmuls of up to `max_rows` rows from a copy in `fmt` (None: always the full weights)."""
+        if fmt is None or max_rows <= 0 or not self.can_quantize():
+            self.quant, self.max_rows = None, 0
+        else:
+            self.quant, self.max_rows = QuantWeight(self.source, fmt), max_rows
+
+    def release(self) -> None:
+        self.source = None
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocked is not None:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.blocked, None, "none", [None], "")
         return F.linear(x, self.weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None and x.shape[0] <= self.max_rows:
+            return self.quant(x)
+        return self.full(x)
 
 
 def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -200,7 +257,9 @@ class KVArena:
 class FastLlama:
     """The inference forward over a KV arena; built from a loaded transformers Llama's weights."""
 
-    def __init__(self, model, *, quantize: str = "none", fused: bool = True) -> None:
+    def __init__(self, model, *, decode: DecodePlan | Callable[[FastLlama], DecodePlan] = DecodePlan(),
+                 fused: bool = True) -> None:
+        """`decode` is a plan, or a function that measures this engine and returns one (`dialogue.calibrate`)."""
         config = model.config
         if not supports(config):
             raise ValueError(f"unsupported architecture: {config.model_type}")
@@ -212,9 +271,7 @@ class FastLlama:
         self.eps = config.rms_norm_eps
         state = model.state_dict()
         self.embed = state["model.embed_tokens.weight"].contiguous()  # (V, H)
-        bits = BITS[quantize]
-        # The output matrix is the (tied) embedding, which GGUF keeps at 8 bits: int4 would lose there.
-        self.lm_head = Linear(state.get("lm_head.weight", self.embed), bits=8 if bits else None)
+        self.lm_head = Linear(state.get("lm_head.weight", self.embed))
         self.norm = state["model.norm.weight"]
         self.layers = []
         for i in range(config.num_hidden_layers):
@@ -224,8 +281,8 @@ class FastLlama:
             gate_up = torch.cat([state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]])
             self.layers.append({
                 "in_norm": state[p + "input_layernorm.weight"], "post_norm": state[p + "post_attention_layernorm.weight"],
-                "qkv": Linear(qkv, bits=bits), "o": Linear(state[attn + "o_proj.weight"], bits=bits),
-                "gate_up": Linear(gate_up, bits=bits), "down": Linear(state[mlp + "down_proj.weight"], bits=bits),
+                "qkv": Linear(qkv), "o": Linear(state[attn + "o_proj.weight"]),
+                "gate_up": Linear(gate_up), "down": Linear(state[mlp + "down_proj.weight"]),
             })
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         inter = config.intermediate_size
@@ -240,6 +297,31 @@ class FastLlama:
         self.arena = KVArena(config.num_hidden_layers, self.kv_heads, self.head_dim, self.dtype)
         # The fused kernels of kernels.cpp where they are built, else the same maths in plain PyTorch ops.
         self.fused = fused and self.dtype in (torch.float32, torch.bfloat16) and kernels.load()
+        self.plan = self.apply(decode(self) if callable(decode) else decode)
+        for linear in self.linears():
+            linear.release()
+
+    LAYER_MATRICES = ("qkv", "o", "gate_up", "down")
+
+    def linears(self) -> list[Linear]:
+        return [layer[name] for layer in self.layers for name in self.LAYER_MATRICES] + [self.lm_head]
+
+    def apply(self, plan: DecodePlan) -> DecodePlan:
+        """Quantise the weights as `plan` says; formats that need the fused kernels fall back to the full weights
+        where they are not built. Returns the plan in force."""
+        def usable(fmt):
+            return fmt if fmt is None or fmt == "torch-int4" or self.fused else None
+
+        if (usable(plan.fmt), usable(plan.head_fmt)) != (plan.fmt, plan.head_fmt):
+            logger.warning("decode weights %s/%s need the fused kernels, which are not built: full weights instead",
+                           plan.fmt, plan.head_fmt)
+        plan = DecodePlan(usable(plan.fmt), plan.max_rows if usable(plan.fmt) else 0,
+                          usable(plan.head_fmt), plan.head_max_rows if usable(plan.head_fmt) else 0)
+        for layer in self.layers:
+            for name in self.LAYER_MATRICES:
+                layer[name].quantize(plan.fmt, plan.max_rows)
+        self.lm_head.quantize(plan.head_fmt, plan.head_max_rows)
+        return plan
 
     @property
     def max_positions(self) -> int:

@@ -14,7 +14,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512BF16__)
+#if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
@@ -395,6 +395,162 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+
+// Weight-only quantised matmul for the few rows of a decode step: out (R, N) = x (R, K) · Wᵀ, with W stored in
+// groups of 32 along K, as GGUF's Q8_0 and Q4_1 blocks are:
+//   int8: q (N, K) int8, scales (N, K/32) float32:          w = q·d
+//   int4: q (N, K/2) uint8, scales (N, K/32, 2) float32:    w = q·d + m, q in [0, 15]; byte j of a group holds
+//         element j in its low nibble and element j + 16 in its high one.
+// Each weight group is read once, dequantised in registers (float32) and multiplied into every row, so the
+// bytes read per step are the quantised ones. Written with GCC vector types of the target's width: one source
+// that the compiler turns into AVX-512F, AVX2 or SSE code, whichever the build targets. Every (row, output) sum is accumulated in
+// the same order whatever the number of rows, so a row's result does not depend on what it is batched with.
+#if defined(__AVX512F__)
+constexpr int W = 16;  // floats a vector: one zmm register
+#elif defined(__AVX2__)
+constexpr int W = 8;  // one ymm register
+#else
+constexpr int W = 4;  // one xmm register
+#endif
+typedef float fvec __attribute__((vector_size(4 * W)));
+typedef int32_t ivec __attribute__((vector_size(4 * W)));
+
+constexpr int64_t QGROUP = 32;
+constexpr int CHUNKS = QGROUP / W;  // vectors a group
+
+inline fvec loadv(const float* p) {
+  fvec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// W bytes widened to 32-bit lanes, signed or not. GCC's own conversion of a byte vector goes element by element,
+// so on x86 the widening load is the instruction that does it (vpmovsxbd / vpmovzxbd).
+template <bool SIGNED>
+inline ivec widen(const uint8_t* p) {
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (ivec)(SIGNED ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (ivec)(SIGNED ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+#elif defined(__SSE4_1__)
+  int32_t word;
+  std::memcpy(&word, p, sizeof word);
+  const __m128i b = _mm_cvtsi32_si128(word);
+  return (ivec)(SIGNED ? _mm_cvtepi8_epi32(b) : _mm_cvtepu8_epi32(b));
+#else
+  ivec v;
+  for (int i = 0; i < W; ++i) v[i] = SIGNED ? int32_t(int8_t(p[i])) : int32_t(p[i]);
+  return v;
+#endif
+}
+
+inline fvec to_fvec(ivec v) { return __builtin_convertvector(v, fvec); }
+
+inline float hsum(fvec v) {  // a fixed order: the same bits for the same inputs
+  float s[W];
+  std::memcpy(s, &v, sizeof s);
+  float a = 0.0f;
+  for (int i = 0; i < W; ++i) a += s[i];
+  return a;
+}
+
+// Group g of output row n, dequantised: w[j] holds elements [jW, jW + W).
+template <int BITS>
+inline void dequant(const uint8_t* q, const float* scales, int64_t groups, int64_t n, int64_t g, fvec* w) {
+  const int64_t block = n * groups + g;
+  if constexpr (BITS == 8) {
+    const uint8_t* p = q + block * QGROUP;
+    const float d = scales[block];
+    for (int j = 0; j < CHUNKS; ++j) w[j] = to_fvec(widen<true>(p + j * W)) * d;
+  } else {  // byte i: element i (low nibble) and element i + 16 (high nibble)
+    const uint8_t* p = q + block * (QGROUP / 2);
+    const float d = scales[2 * block], m = scales[2 * block + 1];
+    for (int j = 0; j < CHUNKS / 2; ++j) {
+      const ivec bytes = widen<false>(p + j * W);
+      w[j] = to_fvec(bytes & 0x0F) * d + m;
+      w[j + CHUNKS / 2] = to_fvec(bytes >> 4) * d + m;
+    }
+  }
+}
+
+// Outputs [n0, n0 + NT) for R rows of x (float32, row stride K).
+template <int BITS, int R, int NT>
+inline void qtile(const float* x, int64_t K, const uint8_t* q, const float* scales, int64_t n0, float* out, int64_t N) {
+  const int64_t groups = K / QGROUP;
+  fvec acc[NT][R];
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = fvec{};
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int t = 0; t < NT; ++t) {
+      fvec w[CHUNKS];
+      dequant<BITS>(q, scales, groups, n0 + t, g, w);
+      for (int r = 0; r < R; ++r) {
+        const float* xr = x + r * K + g * QGROUP;
+        for (int j = 0; j < CHUNKS; ++j) acc[t][r] += w[j] * loadv(xr + j * W);
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < R; ++r) out[r * N + n0 + t] = hsum(acc[t][r]);
+}
+
+template <int BITS, int R>
+void qmatmul_rows(const float* x, int64_t K, const uint8_t* q, const float* scales, int64_t N, float* out) {
+  constexpr int NT = R <= 2 ? 4 : (R <= 4 ? 2 : 1);  // accumulators NT·R fit the registers
+  const int64_t tiles = N / NT;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, 2048 / (NT * R * std::max<int64_t>(1, K / 256))),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) qtile<BITS, R, NT>(x, K, q, scales, i * NT, out, N);
+  });
+  for (int64_t n = tiles * NT; n < N; ++n) qtile<BITS, R, 1>(x, K, q, scales, n, out, N);
+}
+
+template <int BITS>
+void qmatmul_dispatch(int64_t rows, const float* x, int64_t K, const uint8_t* q, const float* scales, int64_t N, float* out) {
+  switch (rows) {
+    case 1: return qmatmul_rows<BITS, 1>(x, K, q, scales, N, out);
+    case 2: return qmatmul_rows<BITS, 2>(x, K, q, scales, N, out);
+    case 3: return qmatmul_rows<BITS, 3>(x, K, q, scales, N, out);
+    case 4: return qmatmul_rows<BITS, 4>(x, K, q, scales, N, out);
+    default: break;
+  }
+  for (int64_t r = 0; r < rows; r += 4) {  // more rows: four at a time (the same sums, row by row)
+    const int64_t take = std::min<int64_t>(4, rows - r);
+    std::vector<float> part(take * N);
+    qmatmul_dispatch<BITS>(take, x + r * K, K, q, scales, N, part.data());
+    for (int64_t i = 0; i < take; ++i) std::memcpy(out + (r + i) * N, part.data() + i * N, N * sizeof(float));
+  }
+}
+
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, int64_t bits) {
+  TORCH_CHECK(bits == 8 || bits == 4, "qlinear: bits must be 8 or 4");
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && q.is_contiguous() && scales.is_contiguous() &&
+              scales.scalar_type() == at::kFloat, "qlinear: x (rows, K), q (N, K or K/2) contiguous, float32 scales");
+  const int64_t rows = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(K % QGROUP == 0, "qlinear: K must be a multiple of 32");
+  if (bits == 8) {
+    TORCH_CHECK(q.scalar_type() == at::kChar && q.size(1) == K && scales.numel() == N * (K / QGROUP),
+                "qlinear: int8 weights must be (N, K) int8 with (N, K/32) scales");
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kByte && q.size(1) == K / 2 && scales.numel() == N * (K / QGROUP) * 2,
+                "qlinear: int4 weights must be (N, K/2) uint8 with (N, K/32, 2) scales");
+  }
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "qlinear: float32 or bfloat16 x");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({rows, N}, x.options().dtype(at::kFloat));
+  if (rows > 0) {
+    const uint8_t* qp = reinterpret_cast<const uint8_t*>(q.data_ptr());
+    if (bits == 8) {
+      qmatmul_dispatch<8>(rows, xf.data_ptr<float>(), K, qp, scales.data_ptr<float>(), N, out.data_ptr<float>());
+    } else {
+      qmatmul_dispatch<4>(rows, xf.data_ptr<float>(), K, qp, scales.data_ptr<float>(), N, out.data_ptr<float>());
+    }
+  }
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rapport, m) {
@@ -402,4 +558,5 @@ TORCH_LIBRARY(rapport, m) {
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin, Tensor positions) -> ()", &rope_);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor positions, "
         "float scale) -> Tensor", &decode_attention);
+  m.def("qlinear(Tensor x, Tensor q, Tensor scales, int bits) -> Tensor", &qlinear);
 }

@@ -1,8 +1,9 @@
 """Build and load the fused CPU kernels of kernels.cpp (torch.ops.rapport.*).
 
 `make setup` builds them once (`python -m dialogue.kernels`), with the machine's compiler against the installed
-torch, for this CPU (-march=native). The library is named by a hash of the source, torch's version and the
-CPU, so a change of any of them builds afresh. Where no compiler is found or the build fails, `load()` returns
+torch, for this CPU (-march=native), or for the lesser CPU class the process is capped to (`cpu_class`). The library
+is named by a hash of the source, torch's version and the CPU class and flags, so a change of any of them builds
+afresh. Where no compiler is found or the build fails, `load()` returns
 False and the model runs its plain-PyTorch path (the same maths, slower): a missing compiler costs speed only.
 """
 
@@ -36,7 +37,22 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "rapport" / "kernels"
 
 
-def cpu_flags() -> set[str]:
+# CPU classes from least to most capable, as the engine chooses paths for them. A machine can be told to act as a
+# lesser class with the variables torch itself reads (ONEDNN_MAX_CPU_ISA for oneDNN, ATEN_CPU_CAPABILITY for ATen's
+# own kernels): the kernels are then built for that class too, and calibration sees what such a CPU would run.
+CLASSES = ("default", "avx2", "avx512", "avx512_bf16")
+ABOVE = {  # flags a CPU of the class does not have although a better one does
+    "default": {"avx", "avx2", "fma", "f16c"},
+    "avx2": {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"},
+    "avx512": {"avx512_bf16", "avx512_vnni", "avx512_fp16", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile"},
+}
+MARCH = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "default": "x86-64-v2"}  # -march for a capped class
+ONEDNN_CAP = {"SSE41": "default", "AVX": "default", "AVX2": "avx2", "AVX2_VNNI": "avx2", "AVX2_VNNI_2": "avx2",
+              "AVX512_CORE": "avx512", "AVX512_CORE_VNNI": "avx512"}
+ATEN_CAP = {"default": "default", "avx2": "avx2"}
+
+
+def native_flags() -> set[str]:
     """The CPU's feature flags as Linux lists them (avx512_bf16, amx_bf16, ...); empty where unknown."""
     try:
         line = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
@@ -45,8 +61,43 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+def class_of(flags: set[str]) -> str:
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return "avx512_bf16"
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return "default"
+
+
+def cpu_class() -> str:
+    """The class this process runs as: the CPU's own, or a lesser one that ONEDNN_MAX_CPU_ISA or
+    ATEN_CPU_CAPABILITY caps it to."""
+    caps = [class_of(native_flags()), ONEDNN_CAP.get(os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper(), "avx512_bf16"),
+            ATEN_CAP.get(os.environ.get("ATEN_CPU_CAPABILITY", "").lower(), "avx512_bf16")]
+    return min(caps, key=CLASSES.index)
+
+
+def cpu_flags() -> set[str]:
+    """The flags of the class this process runs as: the CPU's own, less those above a cap."""
+    flags, cls = native_flags(), cpu_class()
+    for capped in CLASSES[CLASSES.index(cls):]:
+        flags -= ABOVE.get(capped, set())
+    return flags
+
+
+def march() -> str:
+    """The compiler's target: this CPU, or the baseline of the class it is capped to."""
+    cls = cpu_class()
+    if cls == class_of(native_flags()) or platform.machine() not in ("x86_64", "AMD64"):
+        return "native"
+    return MARCH[cls]
+
+
 def library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + (platform.machine() + " ".join(sorted(cpu_flags()))).encode()).hexdigest()
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
+                            + (platform.machine() + march() + " ".join(sorted(cpu_flags()))).encode()).hexdigest()
     return cache_dir() / f"rapport_kernels_{digest[:16]}.so"
 
 
@@ -56,7 +107,7 @@ def build(target: Path) -> None:
 
     torch_lib = Path(torch.__file__).parent / "lib"
     compiler = os.environ.get("CXX", "c++")
-    command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
+    command = [compiler, "-O3", f"-march={march()}", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                *[f"-I{path}" for path in cpp_extension.include_paths()], str(SOURCE),
                f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]

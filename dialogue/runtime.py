@@ -24,6 +24,7 @@ import torch
 
 from dialogue import kernels
 from dialogue.engines import Batch, open_engine
+from dialogue.fastllama import DecodePlan
 from dialogue.errors import GenerationError
 
 logger = logging.getLogger(__name__)
@@ -271,11 +272,11 @@ class ModelWorker:
     """Owns the model on one thread; runs every active `Generation` in one batched step at a time."""
 
     def __init__(self, load: Callable[[], tuple[object, object]], *, threads: int | None = None, eager: bool = True,
-                 quantize: str = "none", max_batch: int = 16, chunk_tokens: int = 256,
+                 decode: DecodePlan | Callable = DecodePlan(), max_batch: int = 16, chunk_tokens: int = 256,
                  prefix_cache_tokens: int = 16384) -> None:
         self._load = load
         self._threads = threads
-        self._quantize = quantize
+        self._decode = decode  # a DecodePlan, or a function of the engine that measures one (dialogue.calibrate)
         self.max_batch = max_batch
         self.chunk_tokens = chunk_tokens
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
@@ -349,7 +350,7 @@ class ModelWorker:
         try:
             model, self.tokenizer = self._load()
             self.stop_ids = stop_token_ids(self.tokenizer, model)
-            self.engine = open_engine(model, quantize=self._quantize)
+            self.engine = open_engine(model, decode=self._decode)
             del model
         except BaseException as exc:  # surfaced to every caller of ready()
             self._load_error = exc

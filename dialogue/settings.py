@@ -48,11 +48,12 @@ class Settings(BaseSettings):
     backend_model: str | None = Field(None, description="the base model's name on that server; unset = RAPPORT_MODEL")
     backend_api_key: str | None = Field(None, description="bearer key for that server, if it wants one")
 
-    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="auto = bf16 when the CPU has it")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="auto = the faster here, measured once (dialogue.calibrate)")
     threads: int | None = Field(None, ge=1, description="torch threads; unset = all cores")
     quantize: Literal["auto", "none", "int8", "int4"] = Field(
         "auto", description="weight-only quantised matmuls for decode steps (prompts are read with the full weights); "
-                            "auto = int4 for the embedded model (its layers are 4-bit already), int8 for others")
+                            "auto = whichever of int4 (embedded model only: its layers are 4-bit already), int8 and "
+                            "the full weights is measured fastest on this CPU, for as many rows as it stays fastest")
     max_batch: int = Field(16, ge=1, le=256, description="conversations generating at once; more wait in line")
     chunk_tokens: int = Field(256, ge=16, description="prompt tokens read per step while other replies stream")
     prefix_cache_tokens: int = Field(16384, ge=0, description="tokens of finished turns kept for reuse by the next")

@@ -188,7 +188,9 @@ async def test_adapters_share_a_batch_and_never_see_each_others_weights(worker, 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 async def test_quantised_decode_is_deterministic_across_batch_shapes(tiny_model_dir, quantize):
-    worker = make_worker(tiny_model_dir, quantize=quantize, chunk_tokens=16, prefix_cache_tokens=0)
+    from dialogue.fastllama import DecodePlan
+
+    worker = make_worker(tiny_model_dir, decode=DecodePlan.fixed(quantize, 6), chunk_tokens=16, prefix_cache_tokens=0)
     try:  # six rows: every decode step stays on the quantised weights, batched or not
         await assert_batched_equals_alone(worker)
     finally:
@@ -228,11 +230,16 @@ def test_int4_reproduces_weights_already_on_a_4_bit_grid():
     """GGUF Q4_1 blocks (w = q·d + m, 32 along the input, q spanning 0..15) survive int4 exactly; int8 does not."""
     from dialogue.fastllama import Linear
 
+    def error(fmt):
+        linear = Linear(w)
+        linear.quantize(fmt, 8)
+        return ((linear(x) - exact).abs().max() / exact.abs().max()).item()
+
     torch.manual_seed(0)
     q = torch.randint(0, 16, (64, 4, 32)).float()
     q[..., 0], q[..., 1] = 0, 15
     w = (q * (torch.rand(64, 4, 1) * 0.01 + 0.001) - torch.rand(64, 4, 1) * 0.05).reshape(64, 128)
     x = torch.randn(3, 128)
     exact = x @ w.T
-    error = lambda bits: ((Linear(w, bits=bits)(x) - exact).abs().max() / exact.abs().max()).item()  # noqa: E731
-    assert error(4) < 1e-5 < error(8) < 2e-2
+    assert error("int4") < 1e-5 < error("int8") < 2e-2
+    assert error("torch-int4") < 1e-5

@@ -143,7 +143,7 @@ def test_a_bfloat16_linear_in_onednn_blocked_layout_equals_the_plain_matmul():
 
     torch.manual_seed(3)
     weight = torch.randn(96, 64, dtype=torch.bfloat16)
-    linear = Linear(weight, bits=None)
+    linear = Linear(weight)
     if linear.blocked is None:
         pytest.skip("oneDNN is not available in this torch build")
     for rows in (1, 7, 16, 300):

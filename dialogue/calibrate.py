@@ -1,0 +1,198 @@
+"""Choose the model's compute dtype and decode weights for this CPU by measuring them, once, at first start.
+
+Which matmul is fastest depends on the CPU far more than on the model: ATen's int4 matmul is quick where the CPU
+has AVX512-BF16 and ten times slower than fp32 elsewhere; bf16 is quick with AVX512-BF16 and emulated (slow)
+without it. So each candidate is timed on this machine, on the model's own weights (all layers, so they are
+read from memory as in a decode step), and the fastest wins. The result is cached in `$RAPPORT_HOME/calibration/`
+under a key of the CPU class and flags, torch's version, the kernels' build, the threads and the model's shapes:
+a new CPU, torch or kernel build measures again; the same one reads the file (milliseconds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dialogue import kernels
+from dialogue.fastllama import DecodePlan, FastLlama, QuantWeight, _onednn_pack
+
+logger = logging.getLogger(__name__)
+
+ROWS = (1, 2, 4, 8, 16)  # decode-step row counts measured; a plan serves up to the largest one that won
+PASSES = 3  # timed passes a measurement (the fastest counts: the machine is shared)
+WIN = 0.95  # a candidate must be at least 5% faster to replace the full weights or fp32
+
+
+def _best_of(fn, passes: int = PASSES) -> float:
+    """Microseconds of the fastest of `passes` calls, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(passes):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e6
+
+
+def cache_key(*parts: object) -> str:
+    flags = " ".join(sorted(kernels.cpu_flags()))
+    text = json.dumps([kernels.cpu_class(), flags, torch.__version__, kernels.library_path().name,
+                       torch.get_num_threads(), *parts], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class CalibrationCache:
+    """JSON files under a directory, one a key; an unreadable file counts as missing."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+
+    def get(self, key: str) -> dict | None:
+        if self.directory is None:
+            return None
+        try:
+            return json.loads((self.directory / f"{key}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str, value: dict) -> None:
+        if self.directory is None:
+            return
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            partial = self.directory / f".{key}.{os.getpid()}.tmp"
+            partial.write_text(json.dumps(value, indent=1))
+            os.replace(partial, self.directory / f"{key}.json")
+        except OSError as exc:
+            logger.warning("could not cache the calibration in %s: %s", self.directory, exc)
+
+
+def measure_dtype(hidden: int, intermediate: int, rows: int = 256) -> dict[str, float]:
+    """µs of one prompt-chunk matmul (rows x hidden -> 2 x intermediate) in float32 and in bfloat16 as the engine
+    would run it (blocked for oneDNN where it can be), on random weights: compute decides this, not memory."""
+    torch.manual_seed(0)
+    weight = torch.randn(2 * intermediate, hidden)
+    x = torch.randn(rows, hidden)
+    out = {"float32": _best_of(lambda: F.linear(x, weight))}
+    wb, xb = weight.bfloat16(), x.bfloat16()
+    blocked = _onednn_pack(wb)
+    if blocked is not None:
+        out["bfloat16"] = _best_of(lambda: torch.ops.mkldnn._linear_pointwise(xb, blocked, None, "none", [None], ""))
+    else:
+        out["bfloat16"] = _best_of(lambda: F.linear(xb, wb))
+    return out
+
+
+def pick_dtype(setting: str, hidden: int, intermediate: int, cache: CalibrationCache) -> tuple[torch.dtype, dict]:
+    """The compute dtype: the setting when it names one, else the faster of fp32 and bf16 here (bf16 only when
+    clearly faster: it also rounds more)."""
+    if setting != "auto":
+        return getattr(torch, setting), {}
+    key = cache_key("dtype", hidden, intermediate)
+    timings = cache.get(key)
+    if timings is None:
+        timings = measure_dtype(hidden, intermediate)
+        cache.put(key, timings)
+    chosen = "bfloat16" if timings["bfloat16"] < WIN * timings["float32"] else "float32"
+    return getattr(torch, chosen), timings
+
+
+def _time_layers(engine: FastLlama, quant: dict | None, rows: int) -> float:
+    """µs for every layer matmul of one decode step of `rows` rows: the full weights, or the quantised copies."""
+    dims = {linear.source.shape[1] for linear in engine.linears()}
+    x = {k: torch.randn(rows, k, dtype=engine.dtype) for k in dims}
+    names = engine.LAYER_MATRICES
+
+    def step():
+        for i, layer in enumerate(engine.layers):
+            for name in names:
+                linear = layer[name]
+                k = linear.source.shape[1]
+                if quant is None:
+                    linear.full(x[k])
+                else:
+                    quant[i, name](x[k])
+
+    return _best_of(step)
+
+
+def _time_head(engine: FastLlama, quant: QuantWeight | None, rows: int) -> float:
+    x = torch.randn(rows, engine.lm_head.source.shape[1], dtype=engine.dtype)
+    return _best_of(lambda: engine.lm_head.full(x) if quant is None else quant(x))
+
+
+def _serves_up_to(full: dict, candidate: dict) -> int:
+    """The largest measured row count up to which the candidate beat the full weights at every measured count."""
+    best = 0
+    for rows in ROWS:
+        if candidate[rows] >= WIN * full[rows]:
+            break
+        best = rows
+    return best
+
+
+def measure_decode(engine: FastLlama, formats: list[str]) -> tuple[DecodePlan, dict, dict, str]:
+    """Time the full weights and each format on the engine's own layers at each row count; the plan uses the
+    format fastest for one row, for as many rows as it keeps winning."""
+    torch.manual_seed(0)
+    layers_us = {"full": {rows: _time_layers(engine, None, rows) for rows in ROWS}}
+    for fmt in formats:
+        quant = {(i, name): QuantWeight(layer[name].source, fmt)
+                 for i, layer in enumerate(engine.layers) for name in engine.LAYER_MATRICES}
+        layers_us[fmt] = {rows: _time_layers(engine, quant, rows) for rows in ROWS}
+        del quant
+    head_us = {"full": {rows: _time_head(engine, None, rows) for rows in ROWS}}
+    if "int8" in formats or "int4" in formats:  # the output matrix: int8 (GGUF keeps it at 8 bits)
+        head = QuantWeight(engine.lm_head.source, "int8")
+        head_us["int8"] = {rows: _time_head(engine, head, rows) for rows in ROWS}
+    winners = [fmt for fmt in formats if _serves_up_to(layers_us["full"], layers_us[fmt])]
+    fmt = min(winners, key=lambda f: layers_us[f][1], default=None)
+    max_rows = _serves_up_to(layers_us["full"], layers_us[fmt]) if fmt else 0
+    head_rows = _serves_up_to(head_us["full"], head_us["int8"]) if "int8" in head_us else 0
+    plan = DecodePlan(fmt, max_rows, "int8" if head_rows else None, head_rows)
+    one = {name: round(t[1]) for name, t in layers_us.items()}
+    reason = (f"one-row step, all layers (µs): {one}; {fmt or 'full weights'} wins"
+              + (f" up to {max_rows} rows" if fmt else ""))
+    return plan, layers_us, head_us, reason
+
+
+def candidate_formats(quantize: str, embedded: bool, dtype: torch.dtype) -> list[str]:
+    """The weight formats worth measuring for a setting: `auto` tries int4 only on the embedded model (its weights
+    are Q4_1 already, so int4 loses nothing there), int8 on any; ATen's int4 kernel takes bf16 activations."""
+    if quantize == "none":
+        return []
+    fused = kernels.load()
+    ours = {"auto": ["int4", "int8"] if embedded else ["int8"], "int4": ["int4"], "int8": ["int8"]}.get(quantize, [])
+    formats = [f for f in ours if fused]
+    if dtype == torch.bfloat16 and (quantize == "int4" or (quantize == "auto" and embedded)):
+        formats.append("torch-int4")
+    return formats
+
+
+def calibrator(quantize: str, embedded: bool, cache: CalibrationCache, record: list):
+    """The `decode` function for FastLlama: reads the cached plan for this CPU and model, or measures one.
+    Appends what was measured and chosen to `record` so the caller can report it."""
+
+    def decide(engine: FastLlama) -> DecodePlan:
+        formats = candidate_formats(quantize, embedded, engine.dtype)
+        shapes = [tuple(linear.source.shape) for linear in engine.linears()[:5]] + [len(engine.layers)]
+        key = cache_key("decode", str(engine.dtype), formats, shapes, engine.fused)
+        found = cache.get(key)
+        if found is None:
+            start = time.perf_counter()
+            plan, layers_us, head_us, reason = measure_decode(engine, formats) if formats else (DecodePlan(), {}, {}, "no quantised format")
+            found = {"plan": asdict(plan), "layers_us": layers_us, "head_us": head_us, "reason": reason}
+            cache.put(key, found)
+            logger.info("calibrated decode weights in %.1f s: %s", time.perf_counter() - start, reason)
+        record.append(found)
+        return DecodePlan(**found["plan"])
+
+    return decide

@@ -3,7 +3,8 @@ once more (avoiding the copied words) when they fail, then replaced by a short h
 
 Outcomes recorded on the turn (`Turn.guard`): None (clean), "<kind>:regenerated" (the second try passed),
 "<kind>:fallback" (both failed; the fixed reply was shown), "late:<kind>" (the check on the whole reply
-failed after its start had been streamed). Fallback and late replies are left out of later prompts.
+failed after its start had been streamed), "empty" (a blank reply, not retried: each channel has its own
+answer to one, Chatwoot hands over to a person). Fallback and late replies are left out of later prompts.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def fallback_reply(user_text: str) -> str:
 
 def excluded_from_history(guard: str | None) -> bool:
     """Whether a turn's reply must stay out of later prompts (one bad turn must not seed the next)."""
-    return bool(guard) and (guard.endswith(":fallback") or guard.startswith("late:"))
+    return bool(guard) and (guard == "empty" or guard.endswith(":fallback") or guard.startswith("late:"))
 
 
 def history_messages(turns) -> list[dict[str, str]]:
@@ -123,6 +124,9 @@ class GuardedGeneration:
         for attempt in (1, 2):
             text = await (await self._start(params)).text()
             verdict = self.inputs.check(text)
+            if verdict.kind == "empty":
+                self.outcome = "empty"
+                return text
             if verdict.ok:
                 self.outcome = f"{self.verdicts[0].kind}:regenerated" if self.verdicts else None
                 return text
@@ -143,6 +147,12 @@ class GuardedGeneration:
                     break
             opening = "".join(held)
             verdict = self.inputs.check(opening)
+            if verdict.kind == "empty":  # the whole reply was blank (it ended inside the hold-back)
+                # not retried: each channel has its answer to a blank reply (Chatwoot hands over to a person)
+                self.outcome = "empty"
+                if opening:
+                    yield opening
+                return
             if verdict.ok:
                 break
             await stream.aclose()  # frees the model's slot at its next step

@@ -67,3 +67,38 @@ def test_imported_memories_are_kept_as_given(services):
     memory = services.memory.for_user("imp")
     ids = memory.add([MemoryItem(text="What is my name?"), MemoryItem(text="Thanks!")])
     assert len(ids) == 2 and {m.text for m in memory.list()} == {"What is my name?", "Thanks!"}
+
+
+# -- questions about the user, answered from what they said (memory/personal.py) --------------------------
+
+async def test_questions_about_the_user_are_answered_from_profile_and_memories_in_a_new_conversation(services):
+    async def say(text, conversation):
+        reply = await services.manager.respond(user_id="mia", conversation_id=conversation, text=text, channel="test")
+        await reply.complete()
+        return reply
+
+    for statement in ("Hello! My name is Mia and I live in Porto.", "I moved to Porto last year with my husband Marco.",
+                      "I'm learning the cello and I have a dog called Biscuit.", "My birthday is on the 3rd of May."):
+        await say(statement, "c-told")
+    answers = {q: await say(q, "c-asked") for q in (
+        "What's my name and where do I live?", "What's my dog called?", "When is my birthday?",
+        "Which instrument am I learning?", "What's my husband's name?", "What do I do for a living?")}
+    both = answers["What's my name and where do I live?"]
+    assert "Mia" in both.text and "Porto" in both.text and both.sources[0].kind == "persona"
+    assert "Biscuit" in answers["What's my dog called?"].text
+    assert "3rd of May" in answers["When is my birthday?"].text
+    assert answers["Which instrument am I learning?"].text == "You're learning the cello."
+    assert "Marco" in answers["What's my husband's name?"].text
+    assert answers["What do I do for a living?"].text == "You haven't told me what you do yet."
+    dog = answers["What's my dog called?"]
+    assert dog.sources[0].kind == "memory" and "Biscuit" in services.memory.for_user("mia").list()[
+        [m.id for m in services.memory.for_user("mia").list()].index(dog.sources[0].id)].text
+
+
+@pytest.mark.parametrize("message", ["Can you suggest a weekend trip from my city?", "What is the capital of France?",
+                                     "What should I cook tonight?", "I live in Porto."])
+def test_other_messages_are_left_to_the_model(message):
+    from memory.personal import answer_about_user
+    from memory.persona import Persona
+
+    assert answer_about_user(Persona(name="Lena"), [], message) is None

@@ -4,7 +4,7 @@ once more (avoiding the copied words) when they fail, then replaced by a short h
 Outcomes recorded on the turn (`Turn.guard`): None (clean), "<kind>:regenerated" (the second try passed),
 "<kind>:fallback" (both failed; the fixed reply was shown), "late:<kind>" (the check on the whole reply
 failed after its start had been streamed), "empty" (a blank reply, not retried: each channel has its own
-answer to one, Chatwoot hands over to a person). Fallback and late replies are left out of later prompts.
+answer to one, Chatwoot hands over to a person; kept in the history as before). Fallback and late replies are left out of later prompts.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from memory.facts import memory_text
 logger = logging.getLogger(__name__)
 
 HOLD_WORDS = 16  # words held back before streaming starts: echoes and repeats show in the opening
+HOLD_CHUNKS = 24  # and at most this many deltas (a reply of blank lines has no words to wait for)
 RETRY_TEMPERATURE = 0.7  # a greedy or cool first try would only say the same again
 RETRY_REPETITION_PENALTY = 1.3
 FALLBACK_STATEMENT = "Thanks, I'll remember that."  # honest: a statement is kept in memory (memory.facts)
@@ -48,7 +49,7 @@ def fallback_reply(user_text: str) -> str:
 
 def excluded_from_history(guard: str | None) -> bool:
     """Whether a turn's reply must stay out of later prompts (one bad turn must not seed the next)."""
-    return bool(guard) and (guard == "empty" or guard.endswith(":fallback") or guard.startswith("late:"))
+    return bool(guard) and (guard.endswith(":fallback") or guard.startswith("late:"))
 
 
 def history_messages(turns) -> list[dict[str, str]]:
@@ -141,13 +142,17 @@ class GuardedGeneration:
             held: list[str] = []
             verdict = Verdict()
             stream = generation.__aiter__()
+            finished = True
             async for chunk in stream:
                 held.append(chunk)
-                if len(words("".join(held))) >= HOLD_WORDS:
+                if len(held) >= HOLD_CHUNKS or len(words("".join(held))) >= HOLD_WORDS:
+                    finished = False
                     break
             opening = "".join(held)
             verdict = self.inputs.check(opening)
-            if verdict.kind == "empty":  # the whole reply was blank (it ended inside the hold-back)
+            if verdict.kind == "empty" and not finished:
+                verdict = Verdict()  # blank so far: nothing to judge yet, stream on
+            if verdict.kind == "empty":  # the whole reply was blank
                 # not retried: each channel has its answer to a blank reply (Chatwoot hands over to a person)
                 self.outcome = "empty"
                 if opening:

@@ -85,7 +85,7 @@ async def test_a_repeat_of_an_earlier_reply_is_regenerated(services):
     backend = QueuedBackend(services.backend, [first, first, "Your name is Lena and you live in Porto."])
     services.manager.backend = backend
     await turn(services, LENA)
-    reply, _ = await turn(services, "What is my name and where do I live?")
+    reply, _ = await turn(services, "Tell me more about Porto, please.")
     assert reply.text.strip() == "Your name is Lena and you live in Porto."
     assert services.store.get_turn(reply.turn_id).guard == "repeat:regenerated"
 
@@ -95,7 +95,7 @@ async def test_role_confusion_is_caught_from_recalled_memories(services):
                                                "You're learning the cello."])
     services.manager.backend = backend
     await turn(services, "I'm learning the cello.", conversation="c-a")
-    reply, _ = await turn(services, "Which instrument am I learning?", conversation="c-b")
+    reply, _ = await turn(services, "What could I practise on the cello today?", conversation="c-b")
     assert reply.text.strip() == "You're learning the cello."
     stored = services.store.get_turn(reply.turn_id)
     assert stored.guard == "role_confusion:regenerated"

@@ -36,7 +36,7 @@ TurnId = Annotated[str, Path(pattern=TURN_ID)]
 
 
 class SourceOut(BaseModel):
-    kind: str = Field(description='"faq" | "memory"')
+    kind: str = Field(description='"faq" | "memory" | "persona" (id: the profile field)')
     id: str
     score: float
 

@@ -126,6 +126,8 @@ class OpenAIBackend(TokenizerText):
                 "repetition_penalty": params.repetition_penalty, "repeat_penalty": params.repetition_penalty}
         if params.seed is not None:
             body["seed"] = params.seed
+        if params.banned_token_ids:
+            body["logit_bias"] = {str(token): -100 for token in params.banned_token_ids}
         started = time.perf_counter()
         try:
             request = self._client.build_request("POST", f"{self.url}/chat/completions", json=body)

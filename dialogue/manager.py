@@ -13,6 +13,7 @@ from typing import Any
 
 from dialogue.backend import Backend
 from dialogue.errors import GenerationError, InvalidInput
+from dialogue.guarded import GuardedGeneration, GuardInputs, history_messages
 from dialogue.prompt import PromptParts, build_prompt, context_message, fit_history, system_message
 from dialogue.runtime import AdapterRef, Generation, GenerationParams
 from dialogue.settings import Settings
@@ -74,8 +75,10 @@ class Reply:
     """A reply in the making: async-iterate it for text deltas; the turn is on disk when iteration ends."""
 
     def __init__(self, manager: DialogueManager, turn: Turn, parts: PromptParts, *, context: Context,
-                 params: GenerationParams, adapter: AdapterRef | None, notices: list[str]) -> None:
+                 params: GenerationParams, adapter: AdapterRef | None, notices: list[str],
+                 guard: GuardInputs | None = None) -> None:
         self._manager = manager
+        self._guard = guard or GuardInputs(user_text=parts.user_text)
         self._turn = turn
         self.parts = parts
         self.sources = context.sources
@@ -113,6 +116,7 @@ class Reply:
         started = time.perf_counter()
         pieces: list[str] = []
         generation: Generation | None = None
+        guarded: GuardedGeneration | None = None
         try:
             if self._answer is not None:
                 pieces.append(self._answer)
@@ -121,9 +125,11 @@ class Reply:
             else:
                 for attempt in (1, 2):
                     try:
-                        generation = await self._manager.backend.generate(build_prompt(self.parts), self.params, self.adapter)
+                        # every generated reply passes the degeneration guard (dialogue/guarded.py)
+                        guarded = GuardedGeneration(self._manager.backend, build_prompt(self.parts), self.params,
+                                                    self.adapter, self._guard)
                         if self._check is not None:
-                            text = await generation.text()
+                            text = await guarded.text()
                             replacement = self._check(text)
                             if replacement is not None:
                                 text, self.handoff = replacement
@@ -131,7 +137,7 @@ class Reply:
                             pieces.append(text)
                             yield text
                             break
-                        async for chunk in generation:
+                        async for chunk in guarded:
                             pieces.append(chunk)
                             yield chunk
                         break
@@ -139,9 +145,10 @@ class Reply:
                         if pieces or attempt == 2:
                             raise
                         logger.warning("generation failed; retrying once")
-                self.finish_reason = generation.finish_reason
+                generation, self._turn.guard = guarded.generation, guarded.outcome
+                self.finish_reason = "stop" if guarded.fell_back else generation.finish_reason
             self.text = "".join(pieces)
-            self._fill_turn(generation, started)
+            self._fill_turn(generation, started, guarded)
             await asyncio.to_thread(self._manager.store.record_turn, self._turn)
             self.recorded = True
             await self._manager.after_turn(self._turn)
@@ -149,7 +156,7 @@ class Reply:
             # Stopped by the user mid-reply: what was shown is kept, marked as cut short.
             if pieces and not self.recorded:
                 self.text, self.finish_reason = "".join(pieces), "cancelled"
-                self._fill_turn(generation, started)
+                self._fill_turn(guarded.generation if guarded else generation, started, guarded)
                 self._manager.store.record_turn(self._turn)
                 self.recorded = True
             raise
@@ -160,7 +167,7 @@ class Reply:
             pass
         return self.text
 
-    def _fill_turn(self, generation: Generation | None, started: float) -> None:
+    def _fill_turn(self, generation: Generation | None, started: float, guarded: GuardedGeneration | None = None) -> None:
         turn = self._turn
         turn.reply = self.text
         turn.finish_reason = self.finish_reason or "stop"
@@ -168,7 +175,7 @@ class Reply:
         turn.finished_at = utcnow()
         if generation is not None:
             turn.prompt_tokens = generation.prompt_tokens
-            turn.completion_tokens = generation.completion_tokens
+            turn.completion_tokens = guarded.total_completion_tokens if guarded else generation.completion_tokens
             turn.ttft_ms = int(generation.ttft_s * 1000) if generation.ttft_s is not None else None
 
 
@@ -214,10 +221,13 @@ class DialogueManager:
             notices.append(f"Your message was cut to its first {max_user_tokens} tokens (of {user_tokens}) to fit.")
             user_tokens = max_user_tokens
         turns = await asyncio.to_thread(self.store.history, conversation_id=conversation_id, user_id=user_id)
-        # Messages the bot never answered (it was silent during a handoff) would read as empty replies.
-        history = [m for t in turns if t.finish_reason != "handoff" for m in ({"role": "user", "content": t.user_text},
-                                                                  {"role": "assistant", "content": t.reply})]
+        # Without unanswered messages (a handoff) and without replies the guard caught (dialogue/guarded.py).
+        history = history_messages(turns)
         parts.history = fit_history(history, budget=budget - user_tokens, count_tokens=self.backend.count_tokens)
+        persona = context.persona or {}
+        guard = GuardInputs(user_text=parts.user_text, earlier_replies=tuple(t.reply for t in turns if t.reply),
+                            memories=tuple(m["text"] for m in context.memories) + tuple(persona.get("facts") or ()),
+                            user_name=persona.get("name") or persona.get("address_as") or None)
 
         adapter = self.adapter_for(user_id) if self.adapter_for else None
         turn = Turn(
@@ -226,7 +236,7 @@ class DialogueManager:
             sources=json.dumps([asdict(s) for s in context.sources]), handoff=context.handoff,
             model_id=self.backend.model_id, adapter_version=adapter.name if adapter else None,
         )
-        return Reply(self, turn, parts, context=context, params=params, adapter=adapter, notices=notices)
+        return Reply(self, turn, parts, context=context, params=params, adapter=adapter, notices=notices, guard=guard)
 
     async def after_turn(self, turn: Turn) -> None:
         for hook in self.after_turn_hooks:

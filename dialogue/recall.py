@@ -16,6 +16,7 @@ from dialogue.manager import Context, Source
 from dialogue.settings import Settings
 from dialogue.store import Turn
 from memory.persona import answer_from_profile
+from memory.personal import answer_about_user
 
 if TYPE_CHECKING:
     from dialogue.services import Services
@@ -48,7 +49,15 @@ class TurnRecall:
             context.max_new_tokens = max(24, int(self.settings.max_new_tokens * VERBOSITY_TOKENS[persona.verbosity]))
         context.memories = [{"id": m.id, "text": m.text, "timestamp": m.timestamp} for m in memories]
         context.sources = [Source("memory", m.id, round(m.score, 4)) for m in memories]
-        context.answer = answer_from_profile(persona, text)  # "What is my name?": the profile, not the model
+        # "What's my name and where do I live?": the profile and memories, not the model (memory/personal.py)
+        about = answer_about_user(persona, memories, text)
+        if about is not None:
+            context.answer, found = about
+            used = [Source(f.kind, f.id, 1.0) for f in found if f.kind == "persona"]
+            first = {f.id for f in found if f.kind == "memory"}
+            context.sources = used + sorted(context.sources, key=lambda s: s.id not in first)
+        else:
+            context.answer = answer_from_profile(persona, text)
         if decision is not None and context.answer is None:
             self._apply_faq(context, decision)
         return context

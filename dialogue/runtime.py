@@ -42,6 +42,7 @@ class GenerationParams:
     repetition_penalty: float = 1.1
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks force exactly max_new_tokens
+    banned_token_ids: tuple[int, ...] = ()  # never sampled (the guard's retry avoids the copied words)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ def sample_tokens(logits: torch.Tensor, histories: list[list[int]], params: list
             seen = torch.tensor(sorted(set(generated)), dtype=torch.long)
             scores = logits[row, seen]
             logits[row, seen] = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
+        if p.banned_token_ids:
+            logits[row, list(p.banned_token_ids)] = float("-inf")
     tokens = [0] * len(params)
     greedy = [row for row, p in enumerate(params) if p.temperature <= 0]
     if greedy:

@@ -70,6 +70,7 @@ class Turn(SQLModel, table=True):
     ttft_ms: int | None = None
     finish_reason: str = Field(default="stop", max_length=16)  # stop|length|cancelled|agent
     reply_to: str | None = Field(default=None, max_length=64)  # agent turns: the turn whose customer message they answer
+    guard: str | None = Field(default=None, max_length=32)  # what the degeneration guard did: "echo:regenerated", "repeat:fallback", "late:echo"
     created_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime = Field(default_factory=utcnow)
 
@@ -121,10 +122,15 @@ def _handoff_events_personas(conn: Connection) -> None:
     SQLModel.metadata.create_all(conn, tables=[InboundEvent.__table__, PersonaRow.__table__])
 
 
+def _turn_guard(conn: Connection) -> None:
+    add_column(conn, "turns", "guard", "VARCHAR(32)")
+
+
 # Named, add-only, applied in order, each once. Append new steps; never edit or remove old ones.
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("0001_initial", _initial),
     ("0002_handoff_events_personas", _handoff_events_personas),
+    ("0003_turn_guard", _turn_guard),
 ]
 
 

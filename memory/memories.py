@@ -29,6 +29,7 @@ import numpy as np
 
 from memory.embeddings import DIMENSIONS
 from memory.errors import InvalidInput, NotFound, StoreUnavailable
+from memory.facts import memory_text
 from memory.lexical import LexicalIndex, tokenize
 
 logger = logging.getLogger(__name__)
@@ -463,8 +464,9 @@ class UserMemory:
 
     def remember_turn(self, *, turn_id: str, user_text: str, reply: str, timestamp: datetime) -> list[str]:
         """Keep the user's side of a finished turn; the reply is the assistant's, never evidence, so not kept.
-        Greetings and thanks (no content terms) are not worth remembering; long messages are split."""
-        text = CONTROL_CHARS.sub("", user_text or "").strip()
+        Only its statements are kept (`memory.facts`): questions, requests and small talk tell nothing lasting
+        about the user. Long messages are split. (Imported memories, `add`, are kept as given.)"""
+        text = memory_text(CONTROL_CHARS.sub("", user_text or "").strip()) or ""
         if not tokenize(text):
             return []
         items = [MemoryItem(text=chunk, speaker="user", timestamp=timestamp, turn_id=turn_id)

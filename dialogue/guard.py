@@ -1,0 +1,134 @@
+"""The degeneration guard: is a candidate reply an echo, a repeat, or the user's life told as the bot's own?
+
+Pure functions of text, defined by word overlap and grammatical person (thresholds measured on
+`tests/test_guard.py`'s examples, many of them real SmolLM2-135M outputs):
+
+- **echo**: the reply copies the user's message: a shared run of at least 3 words that carries the user's
+  person or question form (I/my/you… or the opening "what/can you…"), covering at least 60% of the user's
+  words or making up at least 60% of the reply. "The capital of France is…" after "What's the capital of
+  France?" shares words but no person or question form: an answer. "Your name is Lena" after "My name is
+  Lena" changes the person: an answer.
+- **repeat**: at least 60% of the reply's word trigrams appear in one earlier bot reply of the conversation.
+- **role_confusion**: a sentence in the first person only (I/my, no you/your) shares at least half of a
+  recalled memory clause's content words (two at least, or the single one of a one-word fact), or claims the
+  user's name ("I'm Lena").
+- **empty**: nothing but whitespace and punctuation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from memory.lexical import tokenize
+
+WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+FIRST = frozenset("i i'm i've i'd i'll me my mine myself we we're our ours us".split())
+SECOND = frozenset("you you're you've you'd you'll your yours yourself".split())
+QUESTION_OPENERS = frozenset("what what's where when why how which who whose can could would will should do does "
+                             "did is are am".split())
+FACT_CLAUSE = re.compile(r"(?<=[.!?])\s+|\s*[,;]\s*|\s+(?:and|but|so)\s+", re.I)
+MIN_RUN = 3
+ECHO_SHARE = 0.6
+REPEAT_SHARE = 0.6
+ROLE_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The guard's finding: `kind` None means the reply may be shown; `copied` is the copied words."""
+
+    kind: str | None = None  # None | "echo" | "repeat" | "role_confusion" | "empty"
+    score: float = 0.0
+    copied: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.kind is None
+
+
+def words(text: str) -> list[str]:
+    return WORD.findall(text.lower().replace("’", "'"))
+
+
+def longest_run(a: list[str], b: list[str]) -> tuple[int, int]:
+    """(length, start in `a`) of the longest run of consecutive words that `a` and `b` share."""
+    best, start = 0, 0
+    previous = [0] * (len(b) + 1)
+    for i, word in enumerate(a):
+        current = [0] * (len(b) + 1)
+        for j, other in enumerate(b):
+            if word == other:
+                current[j + 1] = previous[j] + 1
+                if current[j + 1] > best:
+                    best, start = current[j + 1], i + 1 - current[j + 1]
+        previous = current
+    return best, start
+
+
+def trigrams(tokens: list[str]) -> set[tuple[str, ...]]:
+    return {tuple(tokens[i:i + 3]) for i in range(len(tokens) - 2)}
+
+
+def echo(reply: list[str], user: list[str]) -> Verdict:
+    if len(user) < MIN_RUN:
+        return Verdict()
+    length, start = longest_run(reply, user)
+    if length < MIN_RUN:
+        return Verdict()
+    run = reply[start:start + length]
+    asks = user[0] in QUESTION_OPENERS
+    voiced = any(w in FIRST or w in SECOND for w in run) or (asks and run[0] == user[0])
+    share = max(length / len(user), length / len(reply))
+    if voiced and share >= ECHO_SHARE:
+        return Verdict("echo", round(share, 3), tuple(run))
+    return Verdict()
+
+
+def repeat(reply: list[str], earlier: list[str]) -> Verdict:
+    mine = trigrams(reply)
+    if not mine:
+        return Verdict()
+    best, copied = 0.0, ()
+    for text in earlier:
+        before = words(text)
+        share = len(mine & trigrams(before)) / len(mine)
+        if share > best:
+            length, start = longest_run(reply, before)
+            best, copied = share, tuple(reply[start:start + length])
+    if best >= REPEAT_SHARE:
+        return Verdict("repeat", round(best, 3), copied)
+    return Verdict()
+
+
+def role_confusion(reply: str, memories: list[str], user_name: str | None) -> Verdict:
+    # a memory often holds several facts ("I'm learning the cello and I have a dog"): each clause is one
+    facts = [set(tokenize(part)) for text in memories for part in FACT_CLAUSE.split(text)]
+    name = (user_name or "").split()[0].lower() if user_name and user_name.strip() else ""
+    for sentence in SENTENCE.split(reply):
+        tokens = words(sentence)
+        if not any(w in FIRST for w in tokens) or any(w in SECOND for w in tokens):
+            continue
+        if name and re.search(rf"\b(?:i'm|i am|my name is|my name's|call me)\s+{re.escape(name)}\b", " ".join(tokens)):
+            return Verdict("role_confusion", 1.0, tuple(tokens))
+        said = set(tokenize(sentence))
+        for fact in facts:
+            shared = len(said & fact)
+            if fact and shared / len(fact) >= ROLE_SHARE and (shared >= 2 or len(fact) == 1):
+                return Verdict("role_confusion", round(shared / len(fact), 3), tuple(tokens))
+    return Verdict()
+
+
+def check_reply(reply: str, *, user_text: str, earlier_replies: list[str] = (), memories: list[str] = (),
+                user_name: str | None = None) -> Verdict:
+    """The first thing wrong with `reply` (empty, echo, repeat, role confusion), or an ok Verdict."""
+    tokens = words(reply)
+    if not tokens:
+        return Verdict("empty", 1.0)
+    # what the user says in this very message is their fact too ("I work as a writer" → "I'm a writer")
+    for verdict in (echo(tokens, words(user_text)), repeat(tokens, list(earlier_replies)),
+                    role_confusion(reply, [*memories, user_text], user_name)):
+        if not verdict.ok:
+            return verdict
+    return Verdict()

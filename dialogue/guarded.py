@@ -1,0 +1,186 @@
+"""A generation that passes the degeneration guard: held back until its first words are checked, generated
+once more (avoiding the copied words) when they fail, then replaced by a short honest reply. Never loops.
+
+Outcomes recorded on the turn (`Turn.guard`): None (clean), "<kind>:regenerated" (the second try passed),
+"<kind>:fallback" (both failed; the fixed reply was shown), "late:<kind>" (the check on the whole reply
+failed after its start had been streamed), "empty" (a blank reply, not retried: each channel has its own
+answer to one, Chatwoot hands over to a person; kept in the history as before). Fallback and late replies are left out of later prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from dialogue.guard import FIRST, Verdict, check_reply, words
+from dialogue.runtime import AdapterRef, GenerationParams
+from memory.facts import memory_text
+
+logger = logging.getLogger(__name__)
+
+HOLD_WORDS = 16  # words held back before streaming starts: echoes and repeats show in the opening
+HOLD_CHUNKS = 24  # and at most this many deltas (a reply of blank lines has no words to wait for)
+RETRY_TEMPERATURE = 0.7  # a greedy or cool first try would only say the same again
+RETRY_REPETITION_PENALTY = 1.3
+FALLBACK_STATEMENT = "Thanks, I'll remember that."  # honest: a statement is kept in memory (memory.facts)
+FALLBACK_OTHER = "Sorry, I don't have a good answer to that. Could you put it another way?"
+COMMON = frozenset("the a an to of and in is it that this for on with".split())
+
+
+@dataclass(frozen=True)
+class GuardInputs:
+    """What a reply is checked against: the user's message, the bot's earlier replies, the recalled facts."""
+
+    user_text: str
+    earlier_replies: tuple[str, ...] = ()
+    memories: tuple[str, ...] = ()
+    user_name: str | None = None
+
+    def check(self, reply: str) -> Verdict:
+        return check_reply(reply, user_text=self.user_text, earlier_replies=list(self.earlier_replies),
+                           memories=list(self.memories), user_name=self.user_name)
+
+
+def fallback_reply(user_text: str) -> str:
+    return FALLBACK_STATEMENT if memory_text(user_text) else FALLBACK_OTHER
+
+
+def excluded_from_history(guard: str | None) -> bool:
+    """Whether a turn's reply must stay out of later prompts (one bad turn must not seed the next)."""
+    return bool(guard) and (guard.endswith(":fallback") or guard.startswith("late:"))
+
+
+def history_messages(turns) -> list[dict[str, str]]:
+    """Chat messages of earlier turns: unanswered ones (handoff) left out, degenerate replies left out."""
+    messages = []
+    for turn in turns:
+        if turn.finish_reason == "handoff":  # the bot was silent: it would read as an empty reply
+            continue
+        messages.append({"role": "user", "content": turn.user_text})
+        if not excluded_from_history(getattr(turn, "guard", None)):
+            messages.append({"role": "assistant", "content": turn.reply})
+    return messages
+
+
+def banned_tokens(backend, verdict: Verdict, keep: str | None) -> tuple[int, ...]:
+    """Token ids that start the copied words (the run's first word, its first-person words), in the
+    spellings a reply uses; the user's name is never banned."""
+    tokenizer = getattr(backend, "tokenizer", None)
+    if tokenizer is None or not verdict.copied:
+        return ()
+    chosen = [w for w in verdict.copied[:1] if w not in COMMON]
+    chosen += [w for w in verdict.copied if w in FIRST]
+    protected = set(words(keep or ""))
+    ids: set[int] = set()
+    for word in dict.fromkeys(chosen):
+        if word in protected:
+            continue
+        for spelling in {word, word.capitalize(), "I" + word[1:] if word.startswith("i") else word}:
+            for text in (spelling, " " + spelling):
+                encoded = tokenizer.encode(text, add_special_tokens=False)
+                if encoded:
+                    ids.add(int(encoded[0]))
+    return tuple(sorted(ids))
+
+
+def retry_params(params: GenerationParams, banned: tuple[int, ...]) -> GenerationParams:
+    return replace(params, temperature=max(params.temperature, RETRY_TEMPERATURE),
+                   repetition_penalty=max(params.repetition_penalty, RETRY_REPETITION_PENALTY),
+                   seed=int.from_bytes(os.urandom(4), "little"), banned_token_ids=banned)
+
+
+class GuardedGeneration:
+    """Iterate for text deltas (streaming with hold-back) or await `text()` (the whole reply checked first)."""
+
+    def __init__(self, backend, messages: list[dict[str, str]], params: GenerationParams,
+                 adapter: AdapterRef | None, inputs: GuardInputs) -> None:
+        self.backend, self.messages, self.params, self.adapter, self.inputs = backend, messages, params, adapter, inputs
+        self.generation = None  # the last one made (its counters go on the turn)
+        self.completion_tokens = 0  # over every try
+        self.outcome: str | None = None
+        self.verdicts: list[Verdict] = []
+
+    async def _start(self, params: GenerationParams):
+        if self.generation is not None:
+            self.completion_tokens += self.generation.completion_tokens
+        self.generation = await self.backend.generate(self.messages, params, self.adapter)
+        return self.generation
+
+    def _retry(self, verdict: Verdict) -> GenerationParams:
+        self.verdicts.append(verdict)
+        logger.info("guard caught %s (%.2f); generating again", verdict.kind, verdict.score)
+        return retry_params(self.params, banned_tokens(self.backend, verdict, self.inputs.user_name))
+
+    def _fallback(self, verdict: Verdict) -> str:
+        self.verdicts.append(verdict)
+        self.outcome = f"{self.verdicts[0].kind}:fallback"
+        logger.info("guard caught %s again; falling back", verdict.kind)
+        return fallback_reply(self.inputs.user_text)
+
+    async def text(self) -> str:
+        """The whole reply, checked; for replies that are checked again after (grounded FAQ answers)."""
+        params = self.params
+        for attempt in (1, 2):
+            text = await (await self._start(params)).text()
+            verdict = self.inputs.check(text)
+            if verdict.kind == "empty":
+                self.outcome = "empty"
+                return text
+            if verdict.ok:
+                self.outcome = f"{self.verdicts[0].kind}:regenerated" if self.verdicts else None
+                return text
+            if attempt == 1:
+                params = self._retry(verdict)
+        return self._fallback(verdict)
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        params = self.params
+        for attempt in (1, 2):
+            generation = await self._start(params)
+            held: list[str] = []
+            verdict = Verdict()
+            stream = generation.__aiter__()
+            finished = True
+            async for chunk in stream:
+                held.append(chunk)
+                if len(held) >= HOLD_CHUNKS or len(words("".join(held))) >= HOLD_WORDS:
+                    finished = False
+                    break
+            opening = "".join(held)
+            verdict = self.inputs.check(opening)
+            if verdict.kind == "empty" and not finished:
+                verdict = Verdict()  # blank so far: nothing to judge yet, stream on
+            if verdict.kind == "empty":  # the whole reply was blank
+                # not retried: each channel has its answer to a blank reply (Chatwoot hands over to a person)
+                self.outcome = "empty"
+                if opening:
+                    yield opening
+                return
+            if verdict.ok:
+                break
+            await stream.aclose()  # frees the model's slot at its next step
+            if attempt == 1:
+                params = self._retry(verdict)
+        else:
+            yield self._fallback(verdict)
+            return
+        self.outcome = f"{self.verdicts[0].kind}:regenerated" if self.verdicts else None
+        yield opening
+        shown = [opening]
+        async for chunk in stream:
+            shown.append(chunk)
+            yield chunk
+        late = self.inputs.check("".join(shown))
+        if not late.ok:  # shown already; keep it out of the next prompts at least
+            self.outcome = f"late:{late.kind}"
+            self.verdicts.append(late)
+
+    @property
+    def fell_back(self) -> bool:
+        return bool(self.outcome) and self.outcome.endswith(":fallback")
+
+    @property
+    def total_completion_tokens(self) -> int:
+        return self.completion_tokens + (self.generation.completion_tokens if self.generation else 0)

@@ -1,0 +1,156 @@
+"""Questions about the user ("What's my name and where do I live?") answered from their profile and memories.
+
+A 135M model tells the user's facts back as its own or misses them; like a FAQ entry, the stored statement is
+the source of truth. Each part of a compound question is matched to one clause of the profile or of a
+recalled memory (by what the part asks for, then by shared words), and that clause is told back in the
+second person ("I moved to Lyon" → "You moved to Lyon."). A part that nothing answers is said to be unknown
+when the question kind is clear; otherwise the whole message is left to the model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from memory.facts import kind_of
+from memory.lexical import tokenize
+
+PARTS = re.compile(r"\s*(?:,|;|\?|\band\b(?= (?:what|where|when|which|who|how|do|did|am|is|what's)\b))\s*", re.I)
+PREFIX = re.compile(r"^(?:(?:remind me|tell me|so|and|also|ok|hey|please|can you tell me|do you (?:know|remember)|"
+                    r"you know)\b[,:]?\s*)+", re.I)
+# asking for help or advice, not about what the user said ("Can you suggest a trip from my city?")
+ADVICE = re.compile(r"^(?:can|could|would|will) you\b|^(?:what|how|where|which|when) (?:should|could|can|shall) i\b|"
+                    r"^should i\b|^any\b", re.I)
+ABOUT_ME = re.compile(r"\b(?:my|i|i'm|am i|me|mine)\b", re.I)
+CLAUSE = re.compile(r"(?<=[.!?])\s+|\s*[,;]\s+|\s+(?:and|but)\s+(?=(?:i|i'm|i've|my|we|we're|our)\b)", re.I)
+PEOPLE_PETS = ("husband|wife|partner|boyfriend|girlfriend|sister|brother|son|daughter|kids?|children|mum|mom|mother|"
+               "dad|father|grandmother|grandma|grandfather|grandpa|aunt|uncle|cousin|friend|boss|roommate|neighbour|"
+               "neighbor|dog|cat|pet|parrot|hamster|rabbit|horse|puppy|kitten")
+
+# (kind, what the question asks, what an answering statement says)
+ASKS: list[tuple[str, re.Pattern[str], re.Pattern[str]]] = [
+    ("name", re.compile(r"\bmy name\b|\bwho am i\b|\bcall me\b", re.I),
+     re.compile(r"\bmy name(?: is|'s)\b|\bi(?:'m| am) called\b|\bcall me\b|^(?:hi|hello|hey)?[,!]?\s*i(?:'m| am) [A-Z]", re.I)),
+    ("home", re.compile(r"\bwhere (?:do|did) i (?:live|move)|\bwhere am i from\b|\b(?:which|what) (?:city|town|country)\b|"
+                        r"\bmy (?:city|town|hometown)\b|\bwhere i live\b|\bmove to\b", re.I),
+     re.compile(r"\b(?:i|we) (?:live|moved|grew up|am from|'m from)\b|\bi(?:'m| am) from\b|\bmy hometown\b|\bliving in\b|"
+                r"\b(?:lives in|from) [A-Z]", re.I)),
+    ("birthday", re.compile(r"\bbirthday\b|\bwhen was i born\b|\bhow old am i\b|\bmy age\b", re.I),
+     re.compile(r"\bbirthday\b|\bborn\b|\byears old\b|\bi(?:'m| am) \d+\b", re.I)),
+    ("job", re.compile(r"\bfor a living\b|\bmy (?:job|work|profession|occupation)\b|\bwhere do i work\b|\bwhat do i do\b|"
+                       r"\bwhat is my job\b", re.I),
+     re.compile(r"\bi work\b|\bworks as\b|\bmy job\b|\bi teach\b|\bi study\b|\bi(?:'m| am) an? [a-z]*(?:er|or|ist|ian|nurse|"
+                r"chef|vet|student|teacher|doctor|engineer|writer)\b", re.I)),
+    ("instrument", re.compile(r"\binstrument\b|\bwhat do i play\b", re.I),
+     re.compile(r"\b(?:play|playing|learning|learn)\b (?:the )?(?:cello|guitar|piano|violin|drums|flute|bass|"
+                r"saxophone|trumpet|ukulele|harp|clarinet|viola)\b", re.I)),
+]
+RELATION = re.compile(rf"\bmy ({PEOPLE_PETS})(?:'s)?\b", re.I)
+SECOND_PERSON = {"i": "you", "i'm": "you're", "im": "you're", "i've": "you've", "i'd": "you'd", "i'll": "you'll",
+                 "me": "you", "my": "your", "mine": "yours", "myself": "yourself", "am": "are", "was": "were",
+                 "we": "you", "we're": "you're", "we've": "you've", "our": "your", "ours": "yours", "us": "you"}
+
+
+@dataclass(frozen=True)
+class Found:
+    """One part's answer: the statement told back, and where it came from ("persona", field) or ("memory", id)."""
+
+    text: str
+    kind: str
+    id: str
+
+
+def second_person(clause: str) -> str:
+    """"I moved to Lyon with my husband" → "You moved to Lyon with your husband" (sentence-initial capital)."""
+    def swap(match: re.Match[str]) -> str:
+        word = match.group(0)
+        return SECOND_PERSON.get(word.lower().replace("’", "'"), word)
+
+    text = re.sub(r"\b[A-Za-z]+(?:['’][a-z]+)?\b", swap, clause.strip().rstrip(".!"))
+    text = re.sub(r"\bare\b(?= \w+ years old)", "are", text)
+    text = re.sub(r"\byou (?:was|is)\b", "you were", text)
+    return text[:1].upper() + text[1:] + "."
+
+
+def question_parts(text: str) -> list[str] | None:
+    """The parts of a message that asks only about the user, or None when it asks (or says) anything else."""
+    body = PREFIX.sub("", text.strip())
+    parts = [PREFIX.sub("", p).strip() for p in PARTS.split(body)]
+    parts = [p for p in parts if p and re.search(r"\w", p)]
+    if not parts or not text.rstrip().endswith("?") and not re.match(r"(?i)(?:what|where|when|which|who|how)\b", body):
+        return None
+    for part in parts:
+        if not ABOUT_ME.search(part) or ADVICE.match(part) or kind_of(part, asks=True) != "question":
+            return None
+    return parts
+
+
+def terms(text: str) -> set[str]:
+    """Content terms, with a final "e" dropped so that "move" meets "moved" (stemmed to "mov")."""
+    return {t.rstrip("e") or t for t in tokenize(text)}
+
+
+def clauses(text: str) -> list[str]:
+    return [c.strip() for c in CLAUSE.split(text) if c and c.strip()]
+
+
+def answer_part(part: str, persona, memories: list) -> tuple[Found | None, str | None]:
+    """(the answer, the kind asked for) for one question part; kind None when the part is not understood."""
+    kind = next((k for k, asks, _ in ASKS if asks.search(part)), None)
+    relation = RELATION.search(part)
+    if kind == "name" and getattr(persona, "name", ""):
+        return Found(f"Your name is {persona.name}.", "persona", "name"), kind
+    if kind == "home":
+        for fact in getattr(persona, "facts", []):
+            if fact.startswith("lives in "):
+                return Found(f"You live in {fact[9:]}.", "persona", "facts"), kind
+    says = next((s for k, _, s in ASKS if k == kind), None)
+    asked = terms(part) - {"name", "call"}
+    best, best_score = None, 0.0
+    for memory in memories:
+        for clause in clauses(memory.text):
+            if not re.search(r"\b(?:i|i'm|i've|my|we|we're|our)\b", clause, re.I):
+                continue
+            score = 0.0
+            if says is not None and says.search(clause):
+                score += 2
+            if relation and re.search(rf"\b{relation.group(1)}\b", clause, re.I):
+                score += 2
+            score += 0.5 * len(asked & terms(clause))
+            if score > best_score:
+                best, best_score = Found(second_person(clause), "memory", memory.id), score
+    if best is not None and best_score >= 2:
+        return best, kind or (relation and "relation")
+    if kind == "home":
+        for fact in getattr(persona, "facts", []):
+            if fact.startswith("from "):
+                return Found(f"You're from {fact[5:]}.", "persona", "facts"), kind
+    return None, kind or ("relation" if relation else None)
+
+
+UNKNOWN = {"name": "your name", "home": "where you live", "birthday": "your birthday", "job": "what you do",
+           "instrument": "which instrument you play", "relation": "that"}
+
+
+def answer_about_user(persona, memories: list, text: str) -> tuple[str, list[Found]] | None:
+    """(reply, its sources) for a message that only asks about the user, or None to leave it to the model."""
+    parts = question_parts(text)
+    if not parts:
+        return None
+    found: list[Found] = []
+    missing: list[str] = []
+    for part in parts:
+        answer, kind = answer_part(part, persona, memories)
+        if answer is not None:
+            if all(answer.text != f.text for f in found):
+                found.append(answer)
+        elif kind is None:
+            return None  # a part we do not understand: the model (with the memories in its prompt) answers
+        else:
+            missing.append(UNKNOWN[kind])
+    if not found and not missing:
+        return None
+    lines = [f.text for f in found]
+    if missing:
+        lines.append(f"You haven't told me {' or '.join(missing)} yet.")
+    return " ".join(lines), found

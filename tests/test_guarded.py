@@ -1,0 +1,129 @@
+"""The guard in the turn pipeline: queued replies (a stand-in generator) around the real stores and tokenizer,
+and the banned-token sampling on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from dialogue.guarded import FALLBACK_OTHER, FALLBACK_STATEMENT, HOLD_WORDS
+from dialogue.runtime import GenerationParams, sample_tokens
+
+LENA = "Hello! My name is Lena and I live in Porto."
+
+
+class QueuedGeneration:
+    def __init__(self, text):
+        self.chunks = [w + " " for w in text.split()]
+        self.finish_reason, self.prompt_tokens, self.completion_tokens, self.ttft_s = None, 10, 0, 0.01
+        self.yielded = 0
+
+    async def __aiter__(self):
+        for chunk in self.chunks:
+            self.yielded += 1
+            self.completion_tokens += 1
+            yield chunk
+        self.finish_reason = "stop"
+
+    async def text(self):
+        return "".join([c async for c in self])
+
+
+class QueuedBackend:
+    """The real backend for tokens; `generate` hands out the queued replies and records the params asked for."""
+
+    def __init__(self, inner, replies):
+        self.inner, self.replies, self.params, self.made = inner, list(replies), [], []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def generate(self, messages, params, adapter=None):
+        self.params.append(params)
+        self.made.append(QueuedGeneration(self.replies.pop(0)))
+        return self.made[-1]
+
+
+async def turn(services, text, conversation="c1", user="lena"):
+    reply = await services.manager.respond(user_id=user, conversation_id=conversation, text=text, channel="test")
+    chunks = [chunk async for chunk in reply]
+    return reply, chunks
+
+
+async def test_an_echo_is_never_shown_and_the_retry_avoids_the_copied_words(services):
+    backend = QueuedBackend(services.backend, [LENA + " Nice to meet you all.", "Nice to meet you, Lena! Porto is lovely."])
+    services.manager.backend = backend
+    reply, chunks = await turn(services, LENA)
+    assert "".join(chunks).strip() == "Nice to meet you, Lena! Porto is lovely." == reply.text.strip()
+    retry = backend.params[1]
+    assert retry.temperature >= 0.7 and retry.repetition_penalty >= 1.3 and retry.banned_token_ids
+    lena_ids = set(services.backend.tokenizer.encode(" Lena", add_special_tokens=False))
+    assert not lena_ids & set(retry.banned_token_ids), "the user's name stays sayable"
+    stored = services.store.get_turn(reply.turn_id)
+    assert stored.guard == "echo:regenerated" and stored.completion_tokens > 0
+    assert backend.made[0].yielded <= HOLD_WORDS + 1, "the echo was stopped while held back"
+
+
+async def test_a_second_failure_falls_back_and_stays_out_of_the_next_prompt(services):
+    backend = QueuedBackend(services.backend, [LENA, LENA, "Sure, here is an idea for a weekend trip."])
+    services.manager.backend = backend
+    reply, chunks = await turn(services, LENA)
+    assert chunks == [FALLBACK_STATEMENT] and services.store.get_turn(reply.turn_id).guard == "echo:fallback"
+    nxt, _ = await turn(services, "Can you suggest a weekend trip from my city?")
+    contents = [m["content"] for m in nxt.parts.history]
+    assert LENA in contents and FALLBACK_STATEMENT not in contents  # the user's words stay, the fallback does not
+    assert len(backend.params) == 3, "never more than one retry"
+    # a question gets the other honest fallback
+    backend.replies += ["What is the capital of Peru?"] * 2
+    asked, chunks = await turn(services, "What is the capital of Peru?")
+    assert chunks == [FALLBACK_OTHER]
+
+
+async def test_a_repeat_of_an_earlier_reply_is_regenerated(services):
+    first = "Hello, Lena! Welcome to my blog. I'm so glad you're here and happy to help you."
+    backend = QueuedBackend(services.backend, [first, first, "Your name is Lena and you live in Porto."])
+    services.manager.backend = backend
+    await turn(services, LENA)
+    reply, _ = await turn(services, "Tell me more about Porto, please.")
+    assert reply.text.strip() == "Your name is Lena and you live in Porto."
+    assert services.store.get_turn(reply.turn_id).guard == "repeat:regenerated"
+
+
+async def test_role_confusion_is_caught_from_recalled_memories(services):
+    backend = QueuedBackend(services.backend, ["Great to meet you!", "I'm learning the cello.",
+                                               "You're learning the cello."])
+    services.manager.backend = backend
+    await turn(services, "I'm learning the cello.", conversation="c-a")
+    reply, _ = await turn(services, "What could I practise on the cello today?", conversation="c-b")
+    assert reply.text.strip() == "You're learning the cello."
+    stored = services.store.get_turn(reply.turn_id)
+    assert stored.guard == "role_confusion:regenerated"
+    assert any(s["kind"] == "memory" for s in json.loads(stored.sources))
+
+
+async def test_a_late_catch_is_recorded_and_kept_out_of_the_history(services):
+    opening = " ".join(f"word{i}" for i in range(HOLD_WORDS + 2))
+    backend = QueuedBackend(services.backend, [opening + " " + LENA + " " + LENA, "Fine."])
+    services.manager.backend = backend
+    reply, chunks = await turn(services, LENA)
+    assert services.store.get_turn(reply.turn_id).guard == "late:echo"
+    nxt, _ = await turn(services, "Thanks!")
+    assert all(m["role"] == "user" for m in nxt.parts.history)
+
+
+def test_banned_tokens_are_never_sampled():
+    logits = torch.zeros(2, 50)
+    logits[:, 7] = 10.0  # the overwhelming favourite
+    params = [GenerationParams(temperature=0.0, banned_token_ids=(7,)), GenerationParams(temperature=1.0, top_p=1.0,
+                                                                                          banned_token_ids=(7, 8))]
+    rngs = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)]
+    for _ in range(20):
+        tokens = sample_tokens(logits, [[], []], params, rngs)
+        assert tokens[0] != 7 and tokens[1] not in (7, 8)
+    assert sample_tokens(logits, [[]], [GenerationParams(temperature=0.0)], rngs[:1]) == [7]
+
+
+async def test_the_tiny_model_streams_through_the_guard(services):
+    reply, chunks = await turn(services, "Can you help me plan a trip?")
+    assert "".join(chunks) == reply.text and services.store.get_turn(reply.turn_id).reply == reply.text

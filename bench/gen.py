@@ -104,3 +104,12 @@ async def run_async(settings: Settings, prompt_tokens: int, new_tokens: int, con
 
 def run(settings: Settings, prompt_tokens: int = 800, new_tokens: int = 64, concurrency: int = 1, repeats: int = 3) -> dict:
     return asyncio.run(run_async(settings, prompt_tokens, new_tokens, concurrency, repeats))
+
+
+if __name__ == "__main__":  # `python -m bench.gen '[prompt_tokens, new_tokens, concurrency, repeats]'` (bench compare)
+    import json
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.WARNING)
+    print(json.dumps(run(Settings(), *json.loads(sys.argv[1]))))

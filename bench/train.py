@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from dialogue.model_files import resolve_model_dir
+from dialogue.model.files import resolve_model_dir
 from dialogue.prompt import PromptParts, build_prompt
 from dialogue.settings import Settings
 from dialogue.store import TranscriptStore
 
 if TYPE_CHECKING:  # torch is imported only when a benchmark runs, not by every `rapport` command
-    from dialogue.runtime import AdapterRef
+    from dialogue.model.worker import AdapterRef
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ def has_style(reply: str) -> bool:
 
 
 async def _replies(settings: Settings, prompts: list[str], adapter: AdapterRef | None, max_new_tokens: int) -> list[str]:
-    from dialogue.backend import LocalBackend
-    from dialogue.runtime import GenerationParams
+    from dialogue.model.backend import LocalBackend
+    from dialogue.model.worker import GenerationParams
 
     backend = LocalBackend(settings)
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=settings.repetition_penalty)

@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from dialogue.backend import Backend
+from dialogue.model.backend import Backend
 from dialogue.errors import GenerationError, InvalidInput
 from dialogue.prompt import PromptParts, build_prompt, context_message, fit_history, system_message
-from dialogue.runtime import AdapterRef, Generation, GenerationParams
+from dialogue.model.worker import AdapterRef, Generation, GenerationParams
 from dialogue.settings import Settings
 from dialogue.store import Turn, TranscriptStore, new_id, utcnow
 

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from dialogue.backend import Backend, open_backend
+from dialogue.model.backend import Backend, open_backend
 from dialogue.manager import DialogueManager
 from dialogue.recall import TurnRecall
 from dialogue.settings import Settings

@@ -88,7 +88,7 @@ async def services(tiny_settings):
 @pytest.fixture(scope="session")
 def real_models_dir(tmp_path_factory) -> Path:
     """The embedded SmolLM2 converted once per test session (about 15 s), shared by every e2e test."""
-    from dialogue.model_files import resolve_model_dir
+    from dialogue.model.files import resolve_model_dir
 
     models = Path(os.environ.get("RAPPORT_TEST_MODELS") or tmp_path_factory.mktemp("models"))
     resolve_model_dir(None, models)

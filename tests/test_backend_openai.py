@@ -19,10 +19,10 @@ import httpx
 import pytest
 
 from bench.compare import DEFAULT_PYTHON
-from dialogue.backend import open_backend
-from dialogue.backend_openai import OpenAIBackend
+from dialogue.model.backend import open_backend
+from dialogue.model.openai_backend import OpenAIBackend
 from dialogue.errors import GenerationError
-from dialogue.runtime import AdapterRef, GenerationParams
+from dialogue.model.worker import AdapterRef, GenerationParams
 
 LLAMA_PYTHON = os.environ.get("RAPPORT_TEST_LLAMA_PYTHON", str(DEFAULT_PYTHON))
 PARAMS = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.1)
@@ -37,7 +37,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def llama_server():
     """llama.cpp's OpenAI-compatible server on the embedded GGUF, on loopback, for this module."""
-    from dialogue.model_files import embedded_gguf
+    from dialogue.model.files import embedded_gguf
 
     if not Path(LLAMA_PYTHON).exists():
         pytest.skip(f"llama-cpp-python is not installed at {LLAMA_PYTHON}: run `make llama-server`")

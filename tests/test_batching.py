@@ -8,8 +8,8 @@ import asyncio
 import pytest
 import torch
 
-from dialogue.engines import FastEngine, TransformersEngine, open_engine
-from dialogue.runtime import AdapterRef, GenerationParams, ModelWorker, load_model
+from dialogue.model.engines import FastEngine, TransformersEngine, open_engine
+from dialogue.model.worker import AdapterRef, GenerationParams, ModelWorker, load_model
 
 GREEDY = GenerationParams(max_new_tokens=16, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
 TEXTS = ["Hello! How can I help you today?", "My name is Lena and I live in Porto. " * 6, "What is my name?",
@@ -226,7 +226,7 @@ async def test_a_prompt_longer_than_the_model_is_refused_plainly(worker):
 
 def test_int4_reproduces_weights_already_on_a_4_bit_grid():
     """GGUF Q4_1 blocks (w = q·d + m, 32 along the input, q spanning 0..15) survive int4 exactly; int8 does not."""
-    from dialogue.fastllama import Linear
+    from dialogue.model.fastllama import Linear
 
     torch.manual_seed(0)
     q = torch.randint(0, 16, (64, 4, 32)).float()

@@ -282,7 +282,7 @@ def test_cli_errors_are_one_line_without_a_traceback(home):
 
 async def test_hot_swap_a_running_manager_follows_promote_and_rollback(loaded):
     """Every turn records the adapter that produced it; promote and rollback reach a running manager."""
-    from dialogue.backend import LocalBackend
+    from dialogue.model.backend import LocalBackend
     from dialogue.manager import DialogueManager
 
     settings, store = loaded

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dialogue.runtime import AdapterRef
+from dialogue.model.worker import AdapterRef
 from memory.errors import InvalidInput, NotFound, RapportError, StoreUnavailable
 
 logger = logging.getLogger(__name__)

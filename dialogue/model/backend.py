@@ -6,8 +6,8 @@ import logging
 import shutil
 from typing import Protocol
 
-from dialogue.model_files import EMBEDDED_NAME, ModelNotFound, resolve_model_dir
-from dialogue.runtime import AdapterRef, Generation, GenerationParams, ModelWorker, choose_dtype, load_model
+from dialogue.model.files import EMBEDDED_NAME, ModelNotFound, resolve_model_dir
+from dialogue.model.worker import AdapterRef, Generation, GenerationParams, ModelWorker, choose_dtype, load_model
 from dialogue.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class LocalBackend(TokenizerText):
 def open_backend(settings: Settings, *, eager: bool = True) -> Backend:
     """The configured backend; `eager` starts loading the model now instead of at the first request."""
     if settings.backend == "openai":
-        from dialogue.backend_openai import OpenAIBackend
+        from dialogue.model.openai_backend import OpenAIBackend
 
         return OpenAIBackend(settings)
     return LocalBackend(settings, eager=eager)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from dialogue import kernels
-from dialogue.engines import Batch, open_engine
+from dialogue.model import kernels
+from dialogue.model.engines import Batch, open_engine
 from dialogue.errors import GenerationError
 
 logger = logging.getLogger(__name__)

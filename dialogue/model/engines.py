@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from dialogue.fastllama import Batch, FastLlama, LoraAdapter, supports
+from dialogue.model.fastllama import Batch, FastLlama, LoraAdapter, supports
 
 logger = logging.getLogger(__name__)
 

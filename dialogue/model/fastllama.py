@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dialogue import kernels
+from dialogue.model import kernels
 from dialogue.errors import GenerationError
 
 # Up to this many rows a matmul is bound by reading the weights, which quantised weights cut. Measured per layer

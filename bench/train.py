@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import click
 
 from dialogue.model.files import resolve_model_dir
 from dialogue.prompt import PromptParts, build_prompt
@@ -123,19 +122,6 @@ def run(settings: Settings, *, conversations: int = 160, prompts: int = 20, pois
             out["poisoned"] = {"version": bad["version"], "status": bad["status"], "gate": bad["gate"],
                                "train_s": bad["metrics"]["train_s"]}
     return out
-
-
-@click.command("train")
-@click.option("--conversations", type=click.IntRange(4, 10000), default=160, show_default=True)
-@click.option("--prompts", type=click.IntRange(1, 200), default=20, show_default=True, help="fresh prompts for style")
-@click.option("--poison", is_flag=True, help="also train on the poisoned set (the gate must reject it)")
-@click.option("--epochs", type=click.FloatRange(0.1, 50), default=None)
-@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
-def bench_train(conversations: int, prompts: int, poison: bool, epochs, as_json: bool) -> None:
-    """The learning loop on the house-style scenario: style rate before/after, train + gate time, tokens/s."""
-    from bot.cli_common import emit_json, load_settings
-
-    emit_json(run(load_settings(), conversations=conversations, prompts=prompts, poison=poison, epochs=epochs))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from dialogue.errors import RapportError, StoreUnavailable
 from dialogue.manager import CONTROL_CHARS, Reply
-from dialogue.services import Services
+from bot.services import Services
 from dialogue.store import new_id
 
 HELP = """\

@@ -18,7 +18,7 @@ from dialogue.store import Turn
 from memory.persona import answer_from_profile
 
 if TYPE_CHECKING:
-    from dialogue.services import Services
+    from bot.services import Services
 
 logger = logging.getLogger(__name__)
 

@@ -77,7 +77,7 @@ def tiny_settings(home, tiny_model_dir):
 @pytest.fixture
 async def services(tiny_settings):
     """A process's services (stores in a temp home) over the tiny model, loaded."""
-    from dialogue.services import open_services
+    from bot.services import open_services
 
     services = open_services(tiny_settings)
     await services.backend.ready()

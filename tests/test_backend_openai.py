@@ -75,7 +75,7 @@ def remote_settings(real_home, llama_server):
 
 @pytest.mark.e2e
 async def test_a_turn_through_the_llama_cpp_server_is_streamed_and_recorded(remote_settings):
-    from dialogue.services import open_services
+    from bot.services import open_services
 
     services = open_services(remote_settings)
     try:

@@ -243,7 +243,7 @@ def test_erased_user_turns_never_reach_a_new_version(loaded):
 def test_cli_import_train_list_promote_rollback_report(tiny_settings, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from bot.cli import cli
+    from bot.cli.main import cli
 
     for name, value in {"RAPPORT_MODEL": tiny_settings.model, "RAPPORT_DTYPE": "float32", "RAPPORT_THREADS": "1"}.items():
         monkeypatch.setenv(name, value)
@@ -311,7 +311,7 @@ async def test_hot_swap_a_running_manager_follows_promote_and_rollback(loaded):
 
 
 def test_erasing_a_user_through_the_services_flags_their_versions(tiny_settings, tmp_path):
-    from dialogue.services import open_services
+    from bot.services import open_services
 
     registry = Registry(tiny_settings.adapters_dir)
     trained_on_ann = fake_version(registry, tmp_path, b"1", users=["ann"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bot.cli_common import emit_json, services
+from bot.cli.common import emit_json, services
 
 
 @click.group("users")

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from bench.compare import DEFAULT_PYTHON
-from dialogue.model.backend import open_backend
+from bot.services import open_backend
 from dialogue.model.openai_backend import OpenAIBackend
 from dialogue.errors import GenerationError
 from dialogue.model.worker import AdapterRef, GenerationParams

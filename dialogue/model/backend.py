@@ -91,12 +91,3 @@ class LocalBackend(TokenizerText):
 
     def close(self) -> None:
         self.worker.close()
-
-
-def open_backend(settings: Settings, *, eager: bool = True) -> Backend:
-    """The configured backend; `eager` starts loading the model now instead of at the first request."""
-    if settings.backend == "openai":
-        from dialogue.model.openai_backend import OpenAIBackend
-
-        return OpenAIBackend(settings)
-    return LocalBackend(settings, eager=eager)

@@ -93,6 +93,7 @@ def run_scenario(settings: Settings, lines: list[bytes], config) -> dict:
 
 def run(settings: Settings, *, conversations: int = 160, prompts: int = 20, poison: bool = False,
         epochs: float | None = None) -> dict:
+    from dialogue.model.worker import AdapterRef
     from training.registry import AdapterSelector, Registry
     from training.train import TrainConfig
 
@@ -110,7 +111,7 @@ def run(settings: Settings, *, conversations: int = 160, prompts: int = 20, pois
                     "train_plus_gate_s": round(metrics["train_s"] + metrics["gate_s"], 1),
                     "tokens_per_s": metrics["tokens_per_s"], "train_tokens": metrics["train_tokens"],
                     "examples": metrics["examples"], "steps": metrics["steps"]})
-        registry, selector = Registry(s.adapters_dir), AdapterSelector(s, interval_s=0)
+        registry, selector = Registry(s.adapters_dir), AdapterSelector(s, make_ref=AdapterRef, interval_s=0)
         if result["gate"]["passed"]:
             registry.promote(result["version"])
             out["style_after"] = style_rate(s, fresh, selector.adapter_for("fresh-user"))

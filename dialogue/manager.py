@@ -176,13 +176,13 @@ class DialogueManager:
     """Owns a turn: builds the prompt within the token budget, streams the reply, records it."""
 
     def __init__(self, settings: Settings, backend: Backend, store: TranscriptStore, *, recall: Recall | None = None,
-                 adapter_for: AdapterChooser | None = None) -> None:
+                 after_turn: list[AfterTurn] | None = None, adapter_for: AdapterChooser | None = None) -> None:
         self.settings = settings
         self.backend = backend
         self.store = store
         self.recall = recall
         self.adapter_for = adapter_for
-        self.after_turn_hooks: list[AfterTurn] = []
+        self.after_turn_hooks: list[AfterTurn] = list(after_turn or [])
 
     def default_params(self) -> GenerationParams:
         s = self.settings

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from sqlmodel import select
 
 from dialogue.errors import NotFound
-from dialogue.manager import clean_text
 from dialogue.store import Rating, TranscriptStore, Turn, new_id, utcnow
+from memory.text import clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class HandoffDesk:
 
     async def record_agent_reply(self, *, conversation_id: str, text: str) -> Turn:
         """A human agent's message, linked to the latest customer turn it answers (the training gold)."""
-        text = clean_text(text)
+        text = clean_text(text, "the message")
         conversation = await asyncio.to_thread(self.store.get_conversation, conversation_id)
         if conversation is None:
             raise NotFound(f"no conversation {conversation_id!r}")
@@ -208,7 +208,7 @@ class HandoffDesk:
 
     async def _record(self, conversation_id: str, user_id: str, channel: str, text: str, *, reply: str,
                       model_id: str, finish_reason: str, handoff: bool) -> Turn:
-        text = clean_text(text)
+        text = clean_text(text, "the message")
         await asyncio.to_thread(self.store.ensure_conversation, conversation_id=conversation_id, user_id=user_id,
                                 channel=channel)
         turns = await asyncio.to_thread(self.store.history, conversation_id=conversation_id, user_id=user_id, limit=1)

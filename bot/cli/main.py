@@ -39,7 +39,7 @@ def cli(verbose: bool) -> None:
 def chat(user_id: str) -> None:
     """Talk with the assistant (streamed replies; /help lists the commands)."""
     from bot.repl import ChatSession, run_interactive, run_piped
-    from dialogue.manager import validate_id
+    from memory.text import validate_id
     from bot.services import open_services
 
     validate_id(user_id, "--user")

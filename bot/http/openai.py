@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from bot.http.auth import Caller, CallerDep
 from bot.http.turns import EventStream, Fixed, open_turn, stream_reply
 from dialogue.errors import InvalidInput
-from dialogue.manager import ID_PATTERN, Reply, validate_id
+from dialogue.manager import Reply
+from memory.text import ID_PATTERN, validate_id
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

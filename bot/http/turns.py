@@ -22,8 +22,9 @@ from starlette.types import Receive, Scope, Send
 from bot.http.auth import CallerDep
 from dialogue.handoff import wants_human
 from dialogue.errors import InvalidInput, NotFound
-from dialogue.manager import ID_PATTERN, Reply
+from dialogue.manager import Reply
 from dialogue.store import Turn
+from memory.text import ID_PATTERN
 
 logger = logging.getLogger(__name__)
 

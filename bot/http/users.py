@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from bot.http.auth import AdminDep, CallerDep
 from dialogue.errors import InvalidInput, NotFound, StoreUnavailable
-from dialogue.manager import ID_PATTERN
+from memory.text import ID_PATTERN
 
 logger = logging.getLogger(__name__)
 

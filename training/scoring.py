@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 
 from dialogue.model.files import resolve_model_dir
+from dialogue.prompt import Message
 from dialogue.settings import Settings
-
-Message = dict[str, str]
 
 
 @dataclass(frozen=True)

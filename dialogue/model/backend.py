@@ -8,11 +8,10 @@ from typing import Protocol
 
 from dialogue.model.files import EMBEDDED_NAME, ModelNotFound, resolve_model_dir
 from dialogue.model.worker import AdapterRef, Generation, GenerationParams, ModelWorker, choose_dtype, load_model
+from dialogue.prompt import Message
 from dialogue.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 
 
 class Backend(Protocol):

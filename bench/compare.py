@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.gen import prompt_ids, run_async
 from dialogue.errors import GenerationError
-from dialogue.model_files import embedded_gguf, resolve_model_dir
+from dialogue.model.files import embedded_gguf, resolve_model_dir
 from dialogue.settings import Settings
 
 PROBE = Path(__file__).with_name("llamacpp_probe.py")

@@ -5,25 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from dialogue.backend import Backend
+from dialogue.model.backend import Backend
 from dialogue.errors import GenerationError, InvalidInput
 from dialogue.guarded import GuardedGeneration, GuardInputs, history_messages
 from dialogue.prompt import PromptParts, build_prompt, context_message, fit_history, system_message
-from dialogue.runtime import AdapterRef, Generation, GenerationParams
+from dialogue.model.worker import AdapterRef, Generation, GenerationParams
 from dialogue.settings import Settings
 from dialogue.store import Turn, TranscriptStore, new_id, utcnow
+from memory.text import clean_text, validate_id
 
 logger = logging.getLogger(__name__)
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")
-# C0/C1 controls and DEL, except tab and newline; escape sequences lose their ESC and cannot act.
-CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 CHAT_MARKUP_TOKENS = 20  # per-message role markers (up to two system messages) and the assistant header, with margin
 
 
@@ -53,22 +50,6 @@ class Context:
 Recall = Callable[[str, str], Awaitable[Context]]  # (user_id, text) -> Context
 AfterTurn = Callable[[Turn], Awaitable[None]]
 AdapterChooser = Callable[[str], AdapterRef | None]  # user_id -> adapter version to serve, or base
-
-
-def validate_id(value: object, what: str) -> str:
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
-        raise InvalidInput(f"{what} must be 1-128 characters of letters, digits and _.:@+- (got {str(value)[:40]!r})")
-    return value
-
-
-def clean_text(value: object) -> str:
-    """The user's message with control characters removed; empty after that is an error."""
-    if not isinstance(value, str):
-        raise InvalidInput("text must be a string")
-    text = CONTROL_CHARS.sub("", value.replace("\r\n", "\n")).strip()
-    if not text:
-        raise InvalidInput("the message is empty")
-    return text
 
 
 class Reply:
@@ -183,13 +164,13 @@ class DialogueManager:
     """Owns a turn: builds the prompt within the token budget, streams the reply, records it."""
 
     def __init__(self, settings: Settings, backend: Backend, store: TranscriptStore, *, recall: Recall | None = None,
-                 adapter_for: AdapterChooser | None = None) -> None:
+                 after_turn: list[AfterTurn] | None = None, adapter_for: AdapterChooser | None = None) -> None:
         self.settings = settings
         self.backend = backend
         self.store = store
         self.recall = recall
         self.adapter_for = adapter_for
-        self.after_turn_hooks: list[AfterTurn] = []
+        self.after_turn_hooks: list[AfterTurn] = list(after_turn or [])
 
     def default_params(self) -> GenerationParams:
         s = self.settings
@@ -200,7 +181,7 @@ class DialogueManager:
         """Prepare the reply to `text`; iterate the returned `Reply` to generate and record it."""
         user_id = validate_id(user_id, "user_id")
         conversation_id = validate_id(conversation_id, "conversation_id")
-        text = clean_text(text)
+        text = clean_text(text, "the message")
         await self.backend.ready()
         await asyncio.to_thread(self.store.ensure_conversation, conversation_id=conversation_id, user_id=user_id,
                                 channel=channel)

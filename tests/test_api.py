@@ -14,9 +14,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from dialogue.api import create_app
-from dialogue.api_handoff import WebhookNotifier
-from dialogue.services import open_services
+from bot.http.app import create_app
+from bot.http.webhook import WebhookNotifier
+from bot.services import open_services
 
 ADMIN, PLAIN = "admin-key-0123456789", "plain-key-0123456789"
 

@@ -15,12 +15,12 @@ import httpx
 import pytest
 from telegram import Bot
 
-from bot.telegram import COMMANDS, TelegramBot, Webhook, run_bot
-from bot.telegram_net import RetryingRequest
-from bot.telegram_format import MESSAGE_LIMIT, split_message, to_html, utf16_len
-from bot.telegram_stream import ReplyStream
+from bot.telegram.handlers import COMMANDS, TelegramBot, Webhook, run_bot
+from bot.telegram.net import RetryingRequest
+from bot.telegram.format import MESSAGE_LIMIT, split_message, to_html, utf16_len
+from bot.telegram.stream import ReplyStream
 from dialogue.manager import Context
-from dialogue.services import open_services
+from bot.services import open_services
 from tests.telegram_standin import ApiError, Standin, free_port, parse_html
 
 pytestmark = pytest.mark.timeout(120)
@@ -464,7 +464,7 @@ def test_the_cli_runs_against_the_standin_and_never_logs_the_token(tiny_settings
 def test_the_cli_refuses_a_missing_or_malformed_token(home, monkeypatch):
     from click.testing import CliRunner
 
-    from bot.cli import cli
+    from bot.cli.main import cli
 
     monkeypatch.delenv("TELEGRAM_BOT_TOKEN", raising=False)
     for args, expected in (([], "no bot token"), (["--token", "not a token"], "does not look like a bot token")):

@@ -21,10 +21,11 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from dialogue.api_auth import Caller, CallerDep
-from dialogue.api_turns import EventStream, Fixed, open_turn, stream_reply
+from bot.http.auth import Caller, CallerDep
+from bot.http.turns import EventStream, Fixed, open_turn, stream_reply
 from dialogue.errors import InvalidInput
-from dialogue.manager import ID_PATTERN, Reply, validate_id
+from dialogue.manager import Reply
+from memory.text import ID_PATTERN, validate_id
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

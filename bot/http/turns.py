@@ -19,11 +19,12 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
-from dialogue.api_auth import CallerDep
-from dialogue.api_handoff import wants_human
+from bot.http.auth import CallerDep
+from dialogue.handoff import wants_human
 from dialogue.errors import InvalidInput, NotFound
-from dialogue.manager import ID_PATTERN, Reply
+from dialogue.manager import Reply
 from dialogue.store import Turn
+from memory.text import ID_PATTERN
 
 logger = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, HTTPException, Request
 
-from dialogue.api_handoff import HandoffDesk, HandoffEvent, wants_human
+from dialogue.handoff import HandoffDesk, HandoffEvent, wants_human
 from dialogue.errors import RapportError
-from dialogue.services import Services
+from bot.services import Services
 
 logger = logging.getLogger(__name__)
 

@@ -41,11 +41,11 @@ from telegram.ext import (
     filters,
 )
 
-from bot.telegram_format import escape, scrub, split_message
-from bot.telegram_net import ChatOrderedProcessor, RetryingRequest
-from bot.telegram_stream import ReplyStream, keep_typing
+from bot.telegram.format import escape, scrub, split_message
+from bot.telegram.net import ChatOrderedProcessor, RetryingRequest
+from bot.telegram.stream import ReplyStream, keep_typing
 from dialogue.errors import GenerationError, InvalidInput, NotFound, RapportError, StoreUnavailable
-from dialogue.services import Services
+from bot.services import Services
 from dialogue.store import Conversation
 
 logger = logging.getLogger(__name__)

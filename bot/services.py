@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from bot.http.webhook import WebhookNotifier
+from dialogue.handoff import HandoffDesk
 from dialogue.manager import DialogueManager
 from dialogue.model.backend import Backend, LocalBackend
 from dialogue.model.worker import AdapterRef
@@ -31,14 +33,19 @@ class Services:
     store: TranscriptStore
     closers: list = field(default_factory=list)
     manager: DialogueManager = field(init=False)
+    desk: HandoffDesk = field(init=False)  # the handoff gate's desk: every channel's turns pass it
 
     def __post_init__(self) -> None:
         recall = TurnRecall(self.settings, self.personas, memory=lambda: self.memory, faq=lambda: self.faq,
                             count_tokens=self.backend.count_tokens)
         # The registry reader: a promotion or rollback reaches running channels within a second.
         selector = AdapterSelector(self.settings, make_ref=AdapterRef)
-        self.manager = DialogueManager(self.settings, self.backend, self.store, recall=recall,
-                                       after_turn=[recall.remember], adapter_for=selector.adapter_for)
+        s = self.settings
+        self.desk = HandoffDesk(self.store, system_prompt=s.system_prompt, after_negative=s.handoff_after_negative_ratings)
+        if s.handoff_webhook_url:
+            self.desk.listeners.append(WebhookNotifier(s.handoff_webhook_url, s.handoff_webhook_secret))
+        self.manager = DialogueManager(s, self.backend, self.store, recall=recall, after_turn=[recall.remember],
+                                       adapter_for=selector.adapter_for, desk=self.desk)
 
     @cached_property
     def embedder(self) -> Embedder:

@@ -101,13 +101,12 @@ def follow_on_prompt(last: Turn | None, system: str, text: str) -> str:
 class HandoffDesk:
     """Performs handoffs and records what happens while a person has the conversation."""
 
-    def __init__(self, store: TranscriptStore, *, system_prompt: str = "", after_negative: int = 2,
-                 on_handoff: Callable[[str], None] | None = None) -> None:
+    def __init__(self, store: TranscriptStore, *, system_prompt: str = "", after_negative: int = 2) -> None:
         self.store = store
         self.system_prompt = system_prompt
         self.after_negative = after_negative
-        self.listeners: list[Listener] = []
-        self._on_handoff = on_handoff  # metrics: reason -> None
+        self.listeners: list[Listener] = []  # told of each handoff (webhook, Chatwoot, Telegram operators' chat)
+        self.counters: list[Callable[[str], None]] = []  # reason -> None, called at once (metrics)
         self._tasks: set[asyncio.Task] = set()
 
     # -- state -----------------------------------------------------------------------------------
@@ -128,8 +127,8 @@ class HandoffDesk:
                              reason=reason, turn_id=turn_id, summary=summarise(reason, transcript),
                              transcript=transcript, at=utcnow().isoformat())
         logger.info("conversation %s handed off (%s)", conversation_id, reason)
-        if self._on_handoff:
-            self._on_handoff(reason)
+        for count in self.counters:
+            count(reason)
         if background:
             task = asyncio.create_task(self._notify(event))
             self._tasks.add(task)

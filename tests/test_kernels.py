@@ -1,4 +1,4 @@
-"""The fused kernels (dialogue/kernels.cpp) compute what the plain PyTorch path computes, refuse bad operands with
+"""The fused kernels (dialogue/model/kernels.cpp) compute what the plain PyTorch path computes, refuse bad operands with
 a clear error, and their absence costs speed only."""
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Routes live in `turns` (messages, ratings, handoff), `openai` (`/v1/chat/complet
 `users` (persona, memories, export/erasure, FAQ, adapters); auth and rate limits in `auth`; the
 JSON error edge, request ids and the body limit in `errors`; metrics in `metrics`; the handoff desk in
 `dialogue.handoff`. Channels with their own webhooks (Chatwoot) mount a router on the app and listen to
-`app.state.desk` for handoffs.
+`services.desk` (also `app.state.desk`) for handoffs.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from sqlalchemy import text
 from bot.http import openai, turns, users
 from bot.http.auth import ApiKeys, RateLimiter
 from bot.http.errors import EdgeMiddleware, install_error_handlers
-from bot.http.webhook import WebhookNotifier
-from dialogue.handoff import HandoffDesk
 from bot.http.metrics import ApiMetrics
 from bot.services import Services
 
@@ -86,11 +84,8 @@ def create_app(services: Services) -> FastAPI:
     app = FastAPI(title="Rapport", version="1", lifespan=lifespan,
                   description="Dialogue API: grounded, persona-aware replies with sources; OpenAI-compatible chat.")
     metrics = ApiMetrics(queue_depth(services))
-    desk = HandoffDesk(services.store, system_prompt=settings.system_prompt,
-                       after_negative=settings.handoff_after_negative_ratings,
-                       on_handoff=lambda reason: metrics.handoffs.labels(reason).inc())
-    if settings.handoff_webhook_url:
-        desk.listeners.append(WebhookNotifier(settings.handoff_webhook_url, settings.handoff_webhook_secret))
+    desk = services.desk
+    desk.counters.append(lambda reason: metrics.handoffs.labels(reason).inc())
     app.state.services = services
     app.state.metrics = metrics
     app.state.desk = desk

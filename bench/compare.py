@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.gen import prompt_ids, run_async
 from dialogue.errors import GenerationError
-from dialogue.model_files import embedded_gguf, resolve_model_dir
+from dialogue.model.files import embedded_gguf, resolve_model_dir
 from dialogue.settings import Settings
 
 PROBE = Path(__file__).with_name("llamacpp_probe.py")
@@ -41,6 +41,7 @@ CLASS_ENV = {"native": {},
              "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "ATEN_CPU_CAPABILITY": "avx512"},
              "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
 AGGREGATE_CONVERSATIONS = 16
+AGGREGATE_NEW_TOKENS = 192  # as bench sweep: long enough that all 16 decode together after the last prompt is read
 
 
 def ours_as(cpu_class: str, prompt_tokens: int, new_tokens: int, concurrency: int, repeats: int) -> dict:
@@ -80,7 +81,7 @@ def run(settings: Settings, prompt_tokens: int = 800, new_tokens: int = 64, repe
     out = {"llama_cpp": theirs, "classes": {}}
     for cpu_class in classes:
         ours = ours_as(cpu_class, prompt_tokens, new_tokens, 1, repeats)
-        crowd = ours_as(cpu_class, prompt_tokens, new_tokens, AGGREGATE_CONVERSATIONS, 1)
+        crowd = ours_as(cpu_class, prompt_tokens, AGGREGATE_NEW_TOKENS, AGGREGATE_CONVERSATIONS, 1)
         ours["aggregate_tok_s"] = crowd.get("aggregate_tok_s")
         ours["aggregate_conversations"] = AGGREGATE_CONVERSATIONS
         out["classes"][cpu_class] = {"rapport": ours, "ratios": ratios(ours, theirs)}

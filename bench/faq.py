@@ -15,7 +15,6 @@ import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import click
 import numpy as np
 
 from memory.faq import BM25_HALF, BM25_WEIGHT, DEFAULT_MODEL, DecisionModel, FaqIndex, normalise
@@ -212,15 +211,3 @@ def run(directory: Path | None = None, *, do_calibrate: bool = False, threads: i
     report["search_p95_ms"] = report["latency"]["search_ms"]["p95"]
     return report
 
-
-@click.command("faq")
-@click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-              help="a directory laid out like examples/faq (bikeshop.jsonl, paraphrases.jsonl, out_of_scope.jsonl)")
-@click.option("--calibrate", "do_calibrate", is_flag=True, help="fit the decision model on the calibration halves first")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64), help="torch threads")
-@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
-def bench_faq(directory: Path | None, do_calibrate: bool, threads: int, as_json: bool) -> None:
-    """FAQ: top-1 source accuracy, answer policy on in-/out-of-scope test messages, search latency."""
-    from bot.cli_common import emit_json
-
-    emit_json(run(directory, do_calibrate=do_calibrate, threads=threads))

@@ -11,8 +11,8 @@ import resource
 import statistics
 import time
 
-from dialogue.backend import LocalBackend
-from dialogue.runtime import GenerationParams
+from dialogue.model.backend import LocalBackend
+from dialogue.model.worker import GenerationParams
 from dialogue.settings import Settings
 
 FILLER = (

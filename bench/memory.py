@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import click
 import numpy as np
 
 from bench.memory_data import FACTS, FILLER, NAMES, generate
@@ -179,17 +178,3 @@ def run(sizes: list[int] = (10_000, 100_000), recall: bool = True) -> dict:
     out["latency"] = [latency_benchmark(size, embedder) for size in sizes]
     return out
 
-
-@click.command("memory")
-@click.option("--sizes", default="10000,100000", show_default=True, help="memories of one user, for latency")
-@click.option("--no-recall", is_flag=True, help="only the latency runs")
-@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
-def bench_memory(sizes: str, no_recall: bool, as_json: bool) -> None:
-    """Memory: evidence recall@5/@10 (dense, BM25, hybrid) and search latency p50/p95 per size."""
-    from bot.cli_common import emit_json
-
-    try:
-        parsed = [int(size) for size in sizes.split(",") if size.strip()]
-    except ValueError:
-        raise click.BadParameter("sizes must be comma-separated integers") from None
-    emit_json(run(parsed, recall=not no_recall))

@@ -16,15 +16,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import click
 
-from dialogue.model_files import resolve_model_dir
+from dialogue.model.files import resolve_model_dir
 from dialogue.prompt import PromptParts, build_prompt
 from dialogue.settings import Settings
 from dialogue.store import TranscriptStore
 
 if TYPE_CHECKING:  # torch is imported only when a benchmark runs, not by every `rapport` command
-    from dialogue.runtime import AdapterRef
+    from dialogue.model.worker import AdapterRef
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +44,8 @@ def has_style(reply: str) -> bool:
 
 
 async def _replies(settings: Settings, prompts: list[str], adapter: AdapterRef | None, max_new_tokens: int) -> list[str]:
-    from dialogue.backend import LocalBackend
-    from dialogue.runtime import GenerationParams
+    from dialogue.model.backend import LocalBackend
+    from dialogue.model.worker import GenerationParams
 
     backend = LocalBackend(settings)
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=settings.repetition_penalty)
@@ -94,6 +93,7 @@ def run_scenario(settings: Settings, lines: list[bytes], config) -> dict:
 
 def run(settings: Settings, *, conversations: int = 160, prompts: int = 20, poison: bool = False,
         epochs: float | None = None) -> dict:
+    from dialogue.model.worker import AdapterRef
     from training.registry import AdapterSelector, Registry
     from training.train import TrainConfig
 
@@ -111,7 +111,7 @@ def run(settings: Settings, *, conversations: int = 160, prompts: int = 20, pois
                     "train_plus_gate_s": round(metrics["train_s"] + metrics["gate_s"], 1),
                     "tokens_per_s": metrics["tokens_per_s"], "train_tokens": metrics["train_tokens"],
                     "examples": metrics["examples"], "steps": metrics["steps"]})
-        registry, selector = Registry(s.adapters_dir), AdapterSelector(s, interval_s=0)
+        registry, selector = Registry(s.adapters_dir), AdapterSelector(s, make_ref=AdapterRef, interval_s=0)
         if result["gate"]["passed"]:
             registry.promote(result["version"])
             out["style_after"] = style_rate(s, fresh, selector.adapter_for("fresh-user"))
@@ -123,19 +123,6 @@ def run(settings: Settings, *, conversations: int = 160, prompts: int = 20, pois
             out["poisoned"] = {"version": bad["version"], "status": bad["status"], "gate": bad["gate"],
                                "train_s": bad["metrics"]["train_s"]}
     return out
-
-
-@click.command("train")
-@click.option("--conversations", type=click.IntRange(4, 10000), default=160, show_default=True)
-@click.option("--prompts", type=click.IntRange(1, 200), default=20, show_default=True, help="fresh prompts for style")
-@click.option("--poison", is_flag=True, help="also train on the poisoned set (the gate must reject it)")
-@click.option("--epochs", type=click.FloatRange(0.1, 50), default=None)
-@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
-def bench_train(conversations: int, prompts: int, poison: bool, epochs, as_json: bool) -> None:
-    """The learning loop on the house-style scenario: style rate before/after, train + gate time, tokens/s."""
-    from bot.cli_common import emit_json, load_settings
-
-    emit_json(run(load_settings(), conversations=conversations, prompts=prompts, poison=poison, epochs=epochs))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from dialogue.errors import RapportError, StoreUnavailable
-from dialogue.manager import CONTROL_CHARS, Reply
-from dialogue.services import Services
+from dialogue.manager import Reply
+from bot.services import Services
 from dialogue.store import new_id
+from memory.text import CONTROL_CHARS
 
 HELP = """\
 Commands:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from dialogue.guard import FIRST, Verdict, check_reply, words
-from dialogue.runtime import AdapterRef, GenerationParams
+from dialogue.model.worker import AdapterRef, GenerationParams
 from memory.facts import memory_text
 
 logger = logging.getLogger(__name__)

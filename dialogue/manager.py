@@ -1,29 +1,32 @@
-"""The turn pipeline: recall → prompt → generate → record. Channels call `DialogueManager.respond`."""
+"""The turn pipeline: gate → recall → prompt → generate → record. Channels call `DialogueManager.respond`.
+
+The gate is the one place that decides whether the bot speaks at all: a conversation a person has taken
+over gets no bot reply, "let me talk to a human" hands it over, and a reply that says `handoff` (the FAQ
+does not cover the question) hands it over once it is recorded. Every channel passes it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from dialogue.backend import Backend
+from dialogue.model.backend import Backend
 from dialogue.errors import GenerationError, InvalidInput
 from dialogue.guarded import GuardedGeneration, GuardInputs, history_messages
+from dialogue.handoff import HandoffDesk, wants_human
 from dialogue.prompt import PromptParts, build_prompt, context_message, fit_history, system_message
-from dialogue.runtime import AdapterRef, Generation, GenerationParams
+from dialogue.model.worker import AdapterRef, Generation, GenerationParams
 from dialogue.settings import Settings
 from dialogue.store import Turn, TranscriptStore, new_id, utcnow
+from memory.text import clean_text, validate_id
 
 logger = logging.getLogger(__name__)
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")
-# C0/C1 controls and DEL, except tab and newline; escape sequences lose their ESC and cannot act.
-CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 CHAT_MARKUP_TOKENS = 20  # per-message role markers (up to two system messages) and the assistant header, with margin
 
 
@@ -55,22 +58,6 @@ AfterTurn = Callable[[Turn], Awaitable[None]]
 AdapterChooser = Callable[[str], AdapterRef | None]  # user_id -> adapter version to serve, or base
 
 
-def validate_id(value: object, what: str) -> str:
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
-        raise InvalidInput(f"{what} must be 1-128 characters of letters, digits and _.:@+- (got {str(value)[:40]!r})")
-    return value
-
-
-def clean_text(value: object) -> str:
-    """The user's message with control characters removed; empty after that is an error."""
-    if not isinstance(value, str):
-        raise InvalidInput("text must be a string")
-    text = CONTROL_CHARS.sub("", value.replace("\r\n", "\n")).strip()
-    if not text:
-        raise InvalidInput("the message is empty")
-    return text
-
-
 class Reply:
     """A reply in the making: async-iterate it for text deltas; the turn is on disk when iteration ends."""
 
@@ -96,6 +83,11 @@ class Reply:
     @property
     def turn_id(self) -> str:
         return self._turn.id
+
+    @property
+    def status(self) -> str:
+        """"human" when a person has (or is now asked to take) the conversation."""
+        return "human" if self.handoff else "bot"
 
     @property
     def conversation_id(self) -> str:
@@ -152,6 +144,9 @@ class Reply:
             await asyncio.to_thread(self._manager.store.record_turn, self._turn)
             self.recorded = True
             await self._manager.after_turn(self._turn)
+            if self.handoff and self._manager.desk is not None:  # the gate's last word: hand over what we can't answer
+                await self._manager.desk.hand_off(conversation_id=self.conversation_id, user_id=self._turn.user_id,
+                                                  reason="low_confidence", turn_id=self.turn_id, background=True)
         except (asyncio.CancelledError, GeneratorExit):
             # Stopped by the user mid-reply: what was shown is kept, marked as cut short.
             if pieces and not self.recorded:
@@ -179,17 +174,48 @@ class Reply:
             turn.ttft_ms = int(generation.ttft_s * 1000) if generation.ttft_s is not None else None
 
 
+class HandedOff(Reply):
+    """A turn the gate answered without the model, already recorded: a person has, or was just asked to take,
+    the conversation. Its text is the handover line, or empty while a person has it."""
+
+    def __init__(self, turn: Turn, notices: list[str]) -> None:
+        self._turn = turn
+        self.parts = None
+        self.sources = []
+        self.handoff = True
+        self.params = None
+        self.adapter = None
+        self.notices = notices
+        self.text = turn.reply
+        self.finish_reason = turn.finish_reason
+        self.recorded = True
+        self._consumed = False
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": 0, "completion_tokens": 0}
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        if self._consumed:
+            raise RuntimeError("a reply can be streamed once")
+        self._consumed = True
+        if self.text:
+            yield self.text
+
+
 class DialogueManager:
     """Owns a turn: builds the prompt within the token budget, streams the reply, records it."""
 
     def __init__(self, settings: Settings, backend: Backend, store: TranscriptStore, *, recall: Recall | None = None,
-                 adapter_for: AdapterChooser | None = None) -> None:
+                 after_turn: list[AfterTurn] | None = None, adapter_for: AdapterChooser | None = None,
+                 desk: HandoffDesk | None = None) -> None:
         self.settings = settings
+        self.desk = desk
         self.backend = backend
         self.store = store
         self.recall = recall
         self.adapter_for = adapter_for
-        self.after_turn_hooks: list[AfterTurn] = []
+        self.after_turn_hooks: list[AfterTurn] = list(after_turn or [])
 
     def default_params(self) -> GenerationParams:
         s = self.settings
@@ -200,7 +226,14 @@ class DialogueManager:
         """Prepare the reply to `text`; iterate the returned `Reply` to generate and record it."""
         user_id = validate_id(user_id, "user_id")
         conversation_id = validate_id(conversation_id, "conversation_id")
-        text = clean_text(text)
+        text = clean_text(text, "the message")
+        notices: list[str] = []
+        limit = self.settings.max_message_chars
+        if len(text) > limit:  # the one length rule, for every channel
+            notices.append(f"Your message was cut to its first {limit} characters (of {len(text)}).")
+            text = text[:limit].rstrip()
+        if self.desk is not None and (gated := await self._gate(user_id, conversation_id, text, channel, notices)):
+            return gated
         await self.backend.ready()
         await asyncio.to_thread(self.store.ensure_conversation, conversation_id=conversation_id, user_id=user_id,
                                 channel=channel)
@@ -211,7 +244,6 @@ class DialogueManager:
 
         parts = PromptParts(system=self.settings.system_prompt, user_text=text, persona=context.persona,
                             memories=context.memories, faq=context.faq)
-        notices: list[str] = []
         budget = self.settings.context_budget - params.max_new_tokens - CHAT_MARKUP_TOKENS
         budget -= self.backend.count_tokens(system_message(parts)) + self.backend.count_tokens(context_message(parts))
         user_tokens = self.backend.count_tokens(text)
@@ -238,6 +270,20 @@ class DialogueManager:
         )
         return Reply(self, turn, parts, context=context, params=params, adapter=adapter, notices=notices, guard=guard)
 
+    async def _gate(self, user_id: str, conversation_id: str, text: str, channel: str,
+                    notices: list[str]) -> HandedOff | None:
+        """A reply without the model when a person has the conversation or is asked for; else None."""
+        desk = self.desk
+        if await desk.is_handed_off(conversation_id):
+            turn = await desk.record_waiting(conversation_id=conversation_id, user_id=user_id, channel=channel, text=text)
+            return HandedOff(turn, notices)
+        if wants_human(text):
+            turn = await desk.answer_request(conversation_id=conversation_id, user_id=user_id, channel=channel, text=text)
+            await desk.hand_off(conversation_id=conversation_id, user_id=user_id, reason="customer_request",
+                                turn_id=turn.id, background=True)
+            return HandedOff(turn, notices)
+        return None
+
     async def after_turn(self, turn: Turn) -> None:
         for hook in self.after_turn_hooks:
             try:
@@ -246,6 +292,10 @@ class DialogueManager:
                 logger.exception("after-turn hook %s failed", getattr(hook, "__name__", hook))
 
     async def rate(self, *, turn_id: str, rating: int, user_id: str | None = None, comment: str | None = None,
-                   correction: str | None = None):
-        return await asyncio.to_thread(self.store.rate, turn_id=turn_id, rating=rating, user_id=user_id,
-                                       comment=comment, correction=correction)
+                   correction: str | None = None) -> bool:
+        """Store a rating; True when it handed the conversation to a person (repeated thumbs-down)."""
+        await asyncio.to_thread(self.store.rate, turn_id=turn_id, rating=rating, user_id=user_id,
+                                comment=comment, correction=correction)
+        if self.desk is None:
+            return False
+        return await self.desk.after_rating(turn_id=turn_id, rating=rating) is not None

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-Message = dict[str, str]
+Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}; the one definition
 
 
 @dataclass

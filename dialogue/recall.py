@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -15,11 +16,12 @@ from typing import TYPE_CHECKING
 from dialogue.manager import Context, Source
 from dialogue.settings import Settings
 from dialogue.store import Turn
-from memory.persona import answer_from_profile
+from memory.persona import PersonaStore, answer_from_profile
 from memory.personal import answer_about_user
 
 if TYPE_CHECKING:
-    from dialogue.services import Services
+    from memory.faq import FaqIndex
+    from memory.memories import MemoryStore
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +32,17 @@ GROUNDING_ENTRIES = 3
 
 @dataclass
 class TurnRecall:
-    """The dialogue manager's `recall` hook and the after-turn memory write, bound to one process's stores."""
+    """The dialogue manager's `recall` hook and the after-turn memory write, bound to one process's stores.
 
-    services: Services  # its stores open on first use: a command that never talks never opens Chroma
+    The Chroma-backed stores are handed in as functions that open them, called on first use: a command
+    that never talks never opens Chroma.
+    """
 
-    @property
-    def settings(self) -> Settings:
-        return self.services.settings
+    settings: Settings
+    personas: PersonaStore
+    memory: Callable[[], MemoryStore]
+    faq: Callable[[], FaqIndex]
+    count_tokens: Callable[[str], int]
 
     async def __call__(self, user_id: str, text: str) -> Context:
         persona, memories, decision = await asyncio.gather(
@@ -63,14 +69,14 @@ class TurnRecall:
         return context
 
     def _persona(self, user_id: str, text: str):
-        self.services.personas.learn(user_id, text)  # what the user just said counts for this very reply
-        return self.services.personas.get(user_id)
+        self.personas.learn(user_id, text)  # what the user just said counts for this very reply
+        return self.personas.get(user_id)
 
     def _memories(self, user_id: str, text: str) -> list:
-        hits = self.services.memory.for_user(user_id).recall(text)
+        hits = self.memory().for_user(user_id).recall(text)
         kept, used = [], 0
         for hit in hits:  # best first: keep what fits the budget
-            cost = self.services.backend.count_tokens(hit.text) + 4
+            cost = self.count_tokens(hit.text) + 4
             if used + cost > MEMORY_BUDGET_TOKENS:
                 continue
             kept.append(hit)
@@ -78,7 +84,7 @@ class TurnRecall:
         return kept
 
     def _faq(self, text: str):
-        faq = self.services.faq
+        faq = self.faq()
         return None if faq.is_empty() else faq.decide(text)
 
     def _apply_faq(self, context: Context, decision) -> None:
@@ -112,5 +118,5 @@ class TurnRecall:
         if turn.finish_reason == "agent":
             return
         when = turn.created_at if turn.created_at.tzinfo else turn.created_at.replace(tzinfo=UTC)
-        await asyncio.to_thread(self.services.memory.for_user(turn.user_id).remember_turn, turn_id=turn.id,
+        await asyncio.to_thread(self.memory().for_user(turn.user_id).remember_turn, turn_id=turn.id,
                                 user_text=turn.user_text, reply=turn.reply, timestamp=when or datetime.now(UTC))

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     backend_model: str | None = Field(None, description="the base model's name on that server; unset = RAPPORT_MODEL")
     backend_api_key: str | None = Field(None, description="bearer key for that server, if it wants one")
 
-    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="auto = the faster here, measured once (dialogue.calibrate)")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="auto = the faster here, measured once (dialogue.model.calibrate)")
     threads: int | None = Field(None, ge=1, description="torch threads; unset = all cores")
     quantize: Literal["auto", "none", "int8", "int4"] = Field(
         "auto", description="weight-only quantised matmuls for decode steps (prompts are read with the full weights); "

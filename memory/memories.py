@@ -31,13 +31,13 @@ from memory.embeddings import DIMENSIONS
 from memory.errors import InvalidInput, NotFound, StoreUnavailable
 from memory.facts import memory_text
 from memory.lexical import LexicalIndex, tokenize
+from memory.text import clean_text, strip_controls, validate_id
 
 logger = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 4000
 MAX_META_CHARS = 8000
 MAX_SPEAKER_CHARS = 64
-MAX_USER_ID_CHARS = 256
 # speakers whose words are context, never evidence about the user
 ASSISTANT_SPEAKERS = frozenset({"assistant", "bot", "system", "rapport", "ai", "model", "agent"})
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.); ranks beyond ~50 barely count
@@ -49,31 +49,12 @@ RECALL_MIN_SIMILARITY = 0.2  # below this cosine, with no shared word, off-topic
 DUPLICATE_COSINE = 0.85  # with identical content terms (numbers, names, negations): a rephrasing
 COLLECTION_PREFIX = "mem-"
 ERASED_VECTOR = np.full(DIMENSIONS, DIMENSIONS ** -0.5, dtype=np.float32)  # written over a vector before deletion
-CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 UUID_DIR = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 def collection_name(user_id: str) -> str:
     """A Chroma-safe name for any user id (`telegram:123`, emails, unicode): a hash, never the id itself."""
     return COLLECTION_PREFIX + hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:48]
-
-
-def check_user_id(user_id: object) -> str:
-    if not isinstance(user_id, str) or not user_id.strip() or len(user_id) > MAX_USER_ID_CHARS \
-            or CONTROL_CHARS.search(user_id):
-        raise InvalidInput(f"user id must be 1-{MAX_USER_ID_CHARS} printable characters")
-    return user_id
-
-
-def clean_text(value: object, what: str = "text") -> str:
-    if not isinstance(value, str):
-        raise InvalidInput(f"{what} must be a string")
-    text = CONTROL_CHARS.sub("", value.replace("\r\n", "\n")).strip()
-    if not text:
-        raise InvalidInput(f"{what} is empty")
-    if len(text) > MAX_TEXT_CHARS:
-        raise InvalidInput(f"{what} is {len(text)} characters; the limit is {MAX_TEXT_CHARS}")
-    return text
 
 
 def parse_timestamp(value: object) -> datetime | None:
@@ -111,7 +92,7 @@ class MemoryItem:
     turn_id: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "text", clean_text(self.text))
+        object.__setattr__(self, "text", clean_text(self.text, max_chars=MAX_TEXT_CHARS))
         speaker = self.speaker if self.speaker is not None else "user"
         if not isinstance(speaker, str) or not speaker.strip() or len(speaker) > MAX_SPEAKER_CHARS:
             raise InvalidInput(f"speaker must be a non-empty string of at most {MAX_SPEAKER_CHARS} characters")
@@ -281,11 +262,11 @@ class MemoryStore:
 
     def for_user(self, user_id: str) -> UserMemory:
         """The one way to reach a user's memories."""
-        return UserMemory(self, check_user_id(user_id))
+        return UserMemory(self, validate_id(user_id, "user id"))
 
     def delete_user(self, user_id: str) -> int:
         """Erase every memory of a user: the collection, its vectors, and their traces on disk."""
-        user_id = check_user_id(user_id)
+        user_id = validate_id(user_id, "user id")
         with self._lock:
             self._cache.pop(user_id, None)
         name = collection_name(user_id)
@@ -466,7 +447,7 @@ class UserMemory:
         """Keep the user's side of a finished turn; the reply is the assistant's, never evidence, so not kept.
         Only its statements are kept (`memory.facts`): questions, requests and small talk tell nothing lasting
         about the user. Long messages are split. (Imported memories, `add`, are kept as given.)"""
-        text = memory_text(CONTROL_CHARS.sub("", user_text or "").strip()) or ""
+        text = memory_text(strip_controls(user_text or "").strip()) or ""
         if not tokenize(text):
             return []
         items = [MemoryItem(text=chunk, speaker="user", timestamp=timestamp, turn_id=turn_id)
@@ -478,7 +459,7 @@ class UserMemory:
     def search(self, query: str, k: int = 5, *, mode: str = "hybrid") -> list[MemoryHit]:
         """The user's own statements that best match `query`, best first: BM25 and dense ranks fused (RRF);
         `mode` "dense" or "lexical" uses one retriever alone (for benchmarks)."""
-        query = clean_text(query, "query")
+        query = clean_text(query, "query", max_chars=MAX_TEXT_CHARS)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 100:
             raise InvalidInput("k must be an integer from 1 to 100")
         if mode not in ("hybrid", "dense", "lexical"):
@@ -532,7 +513,7 @@ class UserMemory:
         if not isinstance(query, str) or not query.strip():
             return []
         try:
-            query = clean_text(query[:MAX_TEXT_CHARS], "query")
+            query = clean_text(query[:MAX_TEXT_CHARS], "query", max_chars=MAX_TEXT_CHARS)
         except InvalidInput:
             return []
         state = self._state(create=False)

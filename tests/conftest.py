@@ -77,7 +77,7 @@ def tiny_settings(home, tiny_model_dir):
 @pytest.fixture
 async def services(tiny_settings):
     """A process's services (stores in a temp home) over the tiny model, loaded."""
-    from dialogue.services import open_services
+    from bot.services import open_services
 
     services = open_services(tiny_settings)
     await services.backend.ready()
@@ -88,7 +88,7 @@ async def services(tiny_settings):
 @pytest.fixture(scope="session")
 def real_models_dir(tmp_path_factory) -> Path:
     """The embedded SmolLM2 converted once per test session (about 15 s), shared by every e2e test."""
-    from dialogue.model_files import resolve_model_dir
+    from dialogue.model.files import resolve_model_dir
 
     models = Path(os.environ.get("RAPPORT_TEST_MODELS") or tmp_path_factory.mktemp("models"))
     resolve_model_dir(None, models)

@@ -14,9 +14,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from dialogue.api import create_app
-from dialogue.api_handoff import WebhookNotifier
-from dialogue.services import open_services
+from bot.http.app import create_app
+from bot.http.webhook import WebhookNotifier
+from bot.services import open_services
 
 ADMIN, PLAIN = "admin-key-0123456789", "plain-key-0123456789"
 
@@ -188,7 +188,6 @@ HOSTILE = [
     ("post", "/v1/conversations/c1/messages", {"json": {"user_id": 5, "text": ["a"]}}),
     ("post", "/v1/conversations/c1/messages", {"json": ["not", "an", "object"]}),
     ("post", "/v1/conversations/c1/messages", {"json": {"user_id": "u1", "text": "\x00\x1b\x07\x00 \x7f"}}),
-    ("post", "/v1/conversations/c1/messages", {"json": {"user_id": "u1", "text": "a" * 9000}}),
     ("post", "/v1/conversations/c1/messages", {"json": {"user_id": "../../etc/passwd", "text": "hi"}}),
     ("post", "/v1/conversations/..%2F..%2Fetc%2Fpasswd/messages", {"json": {"user_id": "u1", "text": "hi"}}),
     ("post", "/v1/conversations/c1/messages", {"json": {"user_id": "u2", "text": "hi"}}),  # u1's conversation
@@ -218,6 +217,13 @@ def test_hostile_requests_get_json_4xx_and_keep_earlier_data(client, services):
     assert client.get("/healthz").json() == {"ok": True}
     assert services.store.get_turn(first["turn_id"]).reply == first["reply"]
     assert say(client, "Still there?").status_code == 200
+
+
+def test_a_message_over_the_length_limit_is_cut_with_a_notice_as_in_every_channel(client, services):
+    """One length rule in the core: longer than RAPPORT_MAX_MESSAGE_CHARS (8000) is cut to it, and the reply says so."""
+    body = say(client, "a" * 9000).json()
+    assert any("cut to its first 8000 characters" in n for n in body["notices"])
+    assert len(services.store.get_turn(body["turn_id"]).user_text) <= 8000
 
 
 def test_control_characters_are_stripped_not_stored(client, services):

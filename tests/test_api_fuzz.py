@@ -10,8 +10,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from dialogue.api import create_app
-from dialogue.services import open_services
+from bot.http.app import create_app
+from bot.services import open_services
 from dialogue.settings import Settings
 from test_api import LiveServer, wait_for
 

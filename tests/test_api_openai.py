@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from dialogue.api import create_app
-from dialogue.services import open_services
+from bot.http.app import create_app
+from bot.services import open_services
 from test_api import LiveServer, free_port, wait_for
 
 KEY = "test-key-abcdef0123456789"

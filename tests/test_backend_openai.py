@@ -19,10 +19,10 @@ import httpx
 import pytest
 
 from bench.compare import DEFAULT_PYTHON
-from dialogue.backend import open_backend
-from dialogue.backend_openai import OpenAIBackend
+from bot.services import open_backend
+from dialogue.model.openai_backend import OpenAIBackend
 from dialogue.errors import GenerationError
-from dialogue.runtime import AdapterRef, GenerationParams
+from dialogue.model.worker import AdapterRef, GenerationParams
 
 LLAMA_PYTHON = os.environ.get("RAPPORT_TEST_LLAMA_PYTHON", str(DEFAULT_PYTHON))
 PARAMS = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.1)
@@ -37,7 +37,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def llama_server():
     """llama.cpp's OpenAI-compatible server on the embedded GGUF, on loopback, for this module."""
-    from dialogue.model_files import embedded_gguf
+    from dialogue.model.files import embedded_gguf
 
     if not Path(LLAMA_PYTHON).exists():
         pytest.skip(f"llama-cpp-python is not installed at {LLAMA_PYTHON}: run `make llama-server`")
@@ -75,7 +75,7 @@ def remote_settings(real_home, llama_server):
 
 @pytest.mark.e2e
 async def test_a_turn_through_the_llama_cpp_server_is_streamed_and_recorded(remote_settings):
-    from dialogue.services import open_services
+    from bot.services import open_services
 
     services = open_services(remote_settings)
     try:

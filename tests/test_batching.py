@@ -8,8 +8,8 @@ import asyncio
 import pytest
 import torch
 
-from dialogue.engines import FastEngine, TransformersEngine, open_engine
-from dialogue.runtime import AdapterRef, GenerationParams, ModelWorker, load_model
+from dialogue.model.engines import FastEngine, TransformersEngine, open_engine
+from dialogue.model.worker import AdapterRef, GenerationParams, ModelWorker, load_model
 
 GREEDY = GenerationParams(max_new_tokens=16, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
 TEXTS = ["Hello! How can I help you today?", "My name is Lena and I live in Porto. " * 6, "What is my name?",
@@ -188,7 +188,7 @@ async def test_adapters_share_a_batch_and_never_see_each_others_weights(worker, 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 async def test_quantised_decode_is_deterministic_across_batch_shapes(tiny_model_dir, quantize):
-    from dialogue.fastllama import DecodePlan
+    from dialogue.model.fastllama import DecodePlan
 
     worker = make_worker(tiny_model_dir, decode=DecodePlan.fixed(quantize, 6), chunk_tokens=16, prefix_cache_tokens=0)
     try:  # six rows: every decode step stays on the quantised weights, batched or not
@@ -228,7 +228,7 @@ async def test_a_prompt_longer_than_the_model_is_refused_plainly(worker):
 
 def test_int4_reproduces_weights_already_on_a_4_bit_grid():
     """GGUF Q4_1 blocks (w = q·d + m, 32 along the input, q spanning 0..15) survive int4 exactly; int8 does not."""
-    from dialogue.fastllama import Linear
+    from dialogue.model.fastllama import Linear
 
     def error(fmt):
         linear = Linear(w)

@@ -7,9 +7,9 @@ import time
 import httpx
 import pytest
 
-from bot.cli_serve import build_app
+from bot.cli.serve import build_app
 from dialogue.manager import Context
-from dialogue.services import open_services
+from bot.services import open_services
 from test_api import LiveServer, recorder_app, wait_for
 
 SECRET, TOKEN = "hook-secret-123", "bot-token-456"

@@ -14,9 +14,9 @@ import textwrap
 import pytest
 import torch
 
-from dialogue import calibrate, kernels
-from dialogue.fastllama import DecodePlan, FastLlama, Linear, quantize_weight
-from dialogue.runtime import load_model
+from dialogue.model import calibrate, kernels
+from dialogue.model.fastllama import DecodePlan, FastLlama, Linear, quantize_weight
+from dialogue.model.worker import load_model
 from tests.conftest import REPO
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
@@ -116,9 +116,9 @@ def test_quantised_layers_fall_back_to_full_weights_without_the_kernels(tiny_mod
 
 CLASS_CHECK = textwrap.dedent("""
     import json, sys, torch
-    from dialogue import kernels
-    from dialogue.fastllama import Batch, DecodePlan, FastLlama
-    from dialogue.runtime import load_model
+    from dialogue.model import kernels
+    from dialogue.model.fastllama import Batch, DecodePlan, FastLlama
+    from dialogue.model.worker import load_model
     assert kernels.load(), "kernels did not build for this class"
     model, _ = load_model(sys.argv[1], torch.float32)
 

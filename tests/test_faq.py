@@ -291,7 +291,7 @@ def test_checked_reply_falls_back_when_the_model_invents():
 
 
 def test_cli_import_list_search_ask(home):
-    from bot.cli_faq import faq_group
+    from bot.cli.faq import faq_group
 
     runner = CliRunner()
     result = runner.invoke(faq_group, ["import", str(EXAMPLES / "bikeshop-sample.csv")], catch_exceptions=False)
@@ -308,7 +308,7 @@ def test_cli_import_list_search_ask(home):
 
 
 def test_cli_errors_are_one_line(home, tmp_path, monkeypatch, capsys):
-    from bot.cli import main
+    from bot.cli.main import main
 
     bad = write(tmp_path, "bad.jsonl", '{"id": "a", "question": "Q?", "answer": "A"}\nnot json\n')
     for argv, message in ((["faq", "import", str(bad)],

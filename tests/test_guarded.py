@@ -8,7 +8,7 @@ import json
 import torch
 
 from dialogue.guarded import FALLBACK_OTHER, FALLBACK_STATEMENT, HOLD_WORDS
-from dialogue.runtime import GenerationParams, sample_tokens
+from dialogue.model.worker import GenerationParams, sample_tokens
 
 LENA = "Hello! My name is Lena and I live in Porto."
 

@@ -1,4 +1,4 @@
-"""The fused kernels (dialogue/kernels.cpp) compute what the plain PyTorch path computes, refuse bad operands with
+"""The fused kernels (dialogue/model/kernels.cpp) compute what the plain PyTorch path computes, refuse bad operands with
 a clear error, and their absence costs speed only."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from dialogue import kernels
-from dialogue.fastllama import Batch, FastLlama
-from dialogue.runtime import load_model
+from dialogue.model import kernels
+from dialogue.model.fastllama import Batch, FastLlama
+from dialogue.model.worker import load_model
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
 
@@ -139,7 +139,7 @@ def test_without_the_kernels_the_model_runs_the_plain_path(tiny_model_dir, monke
 
 
 def test_a_bfloat16_linear_in_onednn_blocked_layout_equals_the_plain_matmul():
-    from dialogue.fastllama import Linear
+    from dialogue.model.fastllama import Linear
 
     torch.manual_seed(3)
     weight = torch.randn(96, 64, dtype=torch.bfloat16)

@@ -348,7 +348,7 @@ def test_memories_survive_a_restart(chroma_dir, embedder):
 
 
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from bot.cli import main
+    from bot.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["rapport", *args])
     code = 0

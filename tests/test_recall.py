@@ -64,7 +64,9 @@ async def test_faq_policy_answers_grounds_or_hands_off(services):
     stored = services.store.get_turn(unknown.turn_id)
     assert stored.handoff and stored.reply == UNKNOWN_REPLY
 
-    chat = await say(services, "Thanks, have a lovely evening!")
+    assert services.store.get_conversation("c-lena").status == "human"  # the gate handed it to a person
+
+    chat = await say(services, "Thanks, have a lovely evening!", conversation="c-lena-2")
     assert not chat.handoff and not chat.parts.faq
 
 

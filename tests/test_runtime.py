@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from dialogue.runtime import AdapterRef, GenerationParams, ModelWorker, load_model, sample_next
+from dialogue.model.worker import AdapterRef, GenerationParams, ModelWorker, load_model, sample_next
 
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
 
@@ -46,7 +46,7 @@ def test_top_p_never_samples_outside_the_nucleus():
 
 
 def test_top_p_beyond_the_shortlist_sorts_the_whole_vocabulary():
-    from dialogue.runtime import SHORTLIST
+    from dialogue.model.worker import SHORTLIST
 
     logits = -torch.arange(1000, dtype=torch.float32) / 500  # a gentle slope: the nucleus is hundreds wide
     params = GenerationParams(temperature=1.0, top_p=0.9, repetition_penalty=1.0)
@@ -59,7 +59,7 @@ def test_top_p_beyond_the_shortlist_sorts_the_whole_vocabulary():
 
 
 def test_a_batch_of_rows_samples_as_each_row_alone():
-    from dialogue.runtime import sample_tokens
+    from dialogue.model.worker import sample_tokens
 
     torch.manual_seed(0)
     logits = torch.randn(5, 300) * 3
@@ -79,7 +79,7 @@ def test_a_batch_of_rows_samples_as_each_row_alone():
 def test_streamed_text_is_the_decoded_reply_and_never_half_a_character(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from dialogue.runtime import Generation, ModelWorker
+    from dialogue.model.worker import Generation, ModelWorker
 
     worker = ModelWorker(lambda: None, eager=False)
     worker.tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # byte-level: 🚲 and 日 span several tokens

@@ -15,12 +15,12 @@ import httpx
 import pytest
 from telegram import Bot
 
-from bot.telegram import COMMANDS, TelegramBot, Webhook, run_bot
-from bot.telegram_net import RetryingRequest
-from bot.telegram_format import MESSAGE_LIMIT, split_message, to_html, utf16_len
-from bot.telegram_stream import ReplyStream
+from bot.telegram.handlers import COMMANDS, TelegramBot, Webhook, run_bot
+from bot.telegram.net import RetryingRequest
+from bot.telegram.format import MESSAGE_LIMIT, split_message, to_html, utf16_len
+from bot.telegram.stream import ReplyStream
 from dialogue.manager import Context
-from dialogue.services import open_services
+from bot.services import open_services
 from tests.telegram_standin import ApiError, Standin, free_port, parse_html
 
 pytestmark = pytest.mark.timeout(120)
@@ -237,6 +237,59 @@ async def test_a_thumbs_down_asks_for_a_better_reply_and_keeps_it_as_a_correctio
     data = services.store.export_user(f"telegram:{ANN}")
     assert [(r["rating"], r["correction"]) for r in data["ratings"]] == [(-1, "Your name is Ann.")]
     assert len(data["turns"]) == 1  # the correction was not answered as a new message
+
+
+async def test_asking_for_a_person_hands_off_and_the_bot_stays_silent_until_handed_back(services, standin):
+    services.manager.recall = fixed_answer("Happy to help.")
+    events = []
+
+    async def operators(event) -> None:  # what the handoff webhook (or an operators' chat) is told
+        events.append(event)
+
+    services.desk.listeners.append(operators)
+    conversation = f"telegram:{ANN}:1"
+    async with Running(services, standin):
+        standin.message("Hi there", chat_id=ANN)
+        await wait_replies(standin, ANN)
+        standin.message("Can I talk to a real person please?", chat_id=ANN)
+        told = await standin.wait_for(lambda: [m for m in standin.sent_to(ANN) if "colleague" in m.text], what="handover")
+        assert not _has_rating(told[0])  # the handover line is not the bot's answer to rate
+        await standin.wait_for(lambda: events, what="the handoff event")
+        assert services.store.get_conversation(conversation).status == "human"
+        sent = len(standin.sent_to(ANN))
+
+        standin.message("Hello? Anyone?", chat_id=ANN)
+        user = f"telegram:{ANN}"
+        await standin.wait_for(lambda: len(services.store.history(conversation_id=conversation, user_id=user)) == 3,
+                               what="the waiting turn")
+        await asyncio.sleep(0.5)
+        assert len(standin.sent_to(ANN)) == sent  # silent while a person has the conversation
+
+        await services.desk.resume(conversation)
+        standin.message("Thanks, back to you", chat_id=ANN)
+        await wait_replies(standin, ANN, count=2)
+    [event] = events
+    assert (event.reason, event.channel, event.user_id) == ("customer_request", "telegram", f"telegram:{ANN}")
+    turns = services.store.history(conversation_id=conversation, user_id=f"telegram:{ANN}")
+    assert [t.finish_reason for t in turns] == ["stop", "stop", "handoff", "stop"]
+    assert turns[2].reply == "" and turns[3].reply == "Happy to help."
+
+
+async def test_two_thumbs_down_in_a_row_hand_the_conversation_to_a_person(services, standin):
+    services.manager.recall = fixed_answer("Happy to help.")
+    async with Running(services, standin):
+        for n, text in enumerate(["First question", "Second question"], start=1):
+            standin.message(text, chat_id=ANN)
+            reply = (await wait_replies(standin, ANN))[-1]  # the one reply still carrying its buttons
+            turn_id = reply.reply_markup["inline_keyboard"][0][1]["callback_data"].split(":")[1]
+            standin.press(reply.message_id, f"rate:{turn_id}:-1", user_id=ANN)
+            asked = await standin.wait_for(lambda: [m for m in standin.sent_to(ANN) if "better reply" in m.text][n - 1:],
+                                           what="the question for a better reply")
+            standin.press(asked[0].message_id, "skip", user_id=ANN)  # no correction: the next message is a question
+            await standin.wait_for(lambda: len(services.store.export_user(f"telegram:{ANN}")["ratings"]) == n,
+                                   what="the rating")
+        await services.desk.drain()
+    assert services.store.get_conversation(f"telegram:{ANN}:1").status == "human"
 
 
 async def test_nobody_else_can_rate_my_reply_in_a_group(services, standin):
@@ -464,7 +517,7 @@ def test_the_cli_runs_against_the_standin_and_never_logs_the_token(tiny_settings
 def test_the_cli_refuses_a_missing_or_malformed_token(home, monkeypatch):
     from click.testing import CliRunner
 
-    from bot.cli import cli
+    from bot.cli.main import cli
 
     monkeypatch.delenv("TELEGRAM_BOT_TOKEN", raising=False)
     for args, expected in (([], "no bot token"), (["--token", "not a token"], "does not look like a bot token")):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dialogue.model.worker import AdapterRef
 from dialogue.store import TranscriptStore
 from training.datasets import build_dataset
 from training.gate import GateConfig, verdict
@@ -150,7 +151,7 @@ def test_ab_share_is_sticky_per_user_and_roughly_the_share(tmp_path):
     v1, v2 = fake_version(registry, tmp_path, b"a"), fake_version(registry, tmp_path, b"b")
     registry.promote(v1)
     registry.promote(v2, share=0.2)
-    selector = AdapterSelector(registry.directory, interval_s=0)
+    selector = AdapterSelector(registry.directory, make_ref=AdapterRef, interval_s=0)
     users = [f"user-{i}" for i in range(2000)]
     first = {u: selector.adapter_for(u).name for u in users}
     assert first == {u: selector.adapter_for(u).name for u in users}  # sticky
@@ -164,13 +165,13 @@ def test_ab_share_is_sticky_per_user_and_roughly_the_share(tmp_path):
 
 def test_selector_picks_up_changes_and_survives_a_broken_file(tmp_path):
     registry = Registry(tmp_path / "adapters")
-    selector = AdapterSelector(registry.directory, interval_s=0)
+    selector = AdapterSelector(registry.directory, make_ref=AdapterRef, interval_s=0)
     assert selector.adapter_for("u") is None  # no registry yet: the base model
     v1 = fake_version(registry, tmp_path, b"x")
     registry.promote(v1)
     ref = selector.adapter_for("u")
     assert ref.name.startswith("v0001-") and ref.path == registry.directory / "v0001"
-    cached = AdapterSelector(registry.directory, interval_s=3600)
+    cached = AdapterSelector(registry.directory, make_ref=AdapterRef, interval_s=3600)
     assert cached.adapter_for("u") == ref  # reads once ...
     registry.rollback()
     assert cached.adapter_for("u") == ref and selector.adapter_for("u") is None  # ... and not again for a while
@@ -204,7 +205,7 @@ def test_concurrent_writers_from_other_processes_never_leave_a_broken_state(tmp_
                for v in (v1, v2)]
     for w in workers:
         w.start()
-    selector = AdapterSelector(registry.directory, interval_s=0)
+    selector = AdapterSelector(registry.directory, make_ref=AdapterRef, interval_s=0)
     while any(w.is_alive() for w in workers):
         read_state(registry.directory)  # never a half-written file
         selector.adapter_for("u")
@@ -243,7 +244,7 @@ def test_erased_user_turns_never_reach_a_new_version(loaded):
 def test_cli_import_train_list_promote_rollback_report(tiny_settings, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from bot.cli import cli
+    from bot.cli.main import cli
 
     for name, value in {"RAPPORT_MODEL": tiny_settings.model, "RAPPORT_DTYPE": "float32", "RAPPORT_THREADS": "1"}.items():
         monkeypatch.setenv(name, value)
@@ -282,7 +283,7 @@ def test_cli_errors_are_one_line_without_a_traceback(home):
 
 async def test_hot_swap_a_running_manager_follows_promote_and_rollback(loaded):
     """Every turn records the adapter that produced it; promote and rollback reach a running manager."""
-    from dialogue.backend import LocalBackend
+    from dialogue.model.backend import LocalBackend
     from dialogue.manager import DialogueManager
 
     settings, store = loaded
@@ -294,7 +295,7 @@ async def test_hot_swap_a_running_manager_follows_promote_and_rollback(loaded):
             state.versions[result["version"]].status = "candidate"
     backend = LocalBackend(settings)
     manager = DialogueManager(settings, backend, store,
-                              adapter_for=AdapterSelector(settings, interval_s=0).adapter_for)
+                              adapter_for=AdapterSelector(settings, make_ref=AdapterRef, interval_s=0).adapter_for)
     try:
         async def turn(text: str):
             reply = await manager.respond(user_id="live", conversation_id="live-1", text=text)
@@ -311,7 +312,7 @@ async def test_hot_swap_a_running_manager_follows_promote_and_rollback(loaded):
 
 
 def test_erasing_a_user_through_the_services_flags_their_versions(tiny_settings, tmp_path):
-    from dialogue.services import open_services
+    from bot.services import open_services
 
     registry = Registry(tiny_settings.adapters_dir)
     trained_on_ann = fake_version(registry, tmp_path, b"1", users=["ann"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench.train import SCENARIO, has_style, scenario_lines, style_rate
+from dialogue.model.worker import AdapterRef
 from dialogue.settings import Settings
 from dialogue.store import TranscriptStore
 from training.importer import import_lines
@@ -28,7 +29,7 @@ def test_house_style_is_learned_gated_promoted_and_rolled_back(real_home):
     assert result["gate"]["passed"], result["gate"]
     registry = Registry(settings.adapters_dir)
     registry.promote(result["version"])
-    selector = AdapterSelector(settings, interval_s=0)
+    selector = AdapterSelector(settings, make_ref=AdapterRef, interval_s=0)
     served = selector.adapter_for("new-customer")
     assert served.name == result["name"]
     prompts = (SCENARIO / "fresh_prompts.txt").read_text().splitlines()[:5]

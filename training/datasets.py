@@ -18,13 +18,12 @@ from typing import Any
 
 from sqlmodel import select
 
-from dialogue.prompt import PromptParts, build_prompt
+from dialogue.prompt import Message, PromptParts, build_prompt
 from dialogue.store import Rating, TranscriptStore, Turn
 from training.redact import redact, redact_messages
 
 logger = logging.getLogger(__name__)
 
-Message = dict[str, str]
 HELDOUT_FRACTION = 0.15
 SKIPPED_FINISH = {"cancelled", "error", "handoff"}  # cut short, failed, or no bot reply at all
 

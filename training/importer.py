@@ -17,10 +17,10 @@ from typing import Any
 
 from sqlmodel import select
 
-from dialogue.manager import clean_text, validate_id
 from dialogue.prompt import PromptParts
 from dialogue.store import Conversation, Rating, TranscriptStore, Turn
 from memory.errors import InvalidInput
+from memory.text import clean_text, validate_id
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def parse_line(raw: bytes, max_chars: int) -> tuple[str, str, list[ImportedTurn]
 
 
 def _text(value: object, max_chars: int, what: str) -> str:
-    text = clean_text(value)
+    text = clean_text(value, what)
     if len(text) > max_chars:
         raise InvalidInput(f"{what} is over {max_chars} characters")
     return text

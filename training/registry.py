@@ -16,15 +16,16 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from dialogue.runtime import AdapterRef
 from memory.errors import InvalidInput, NotFound, RapportError, StoreUnavailable
+
+Ref = TypeVar("Ref")  # the runtime's adapter reference, built by the `make_ref` an `AdapterSelector` is handed
 
 logger = logging.getLogger(__name__)
 
@@ -286,16 +287,21 @@ def flag_user_erased(adapters_dir: Path, user_id: str) -> list[str]:
     return flagged
 
 
-class AdapterSelector:
-    """What the runtime asks every turn: which adapter serves this user. Re-reads the registry when it changes."""
+class AdapterSelector(Generic[Ref]):
+    """What the runtime asks every turn: which adapter serves this user. Re-reads the registry when it changes.
 
-    def __init__(self, source, *, interval_s: float = 1.0) -> None:
+    `make_ref(name, path)` builds the runtime's adapter reference (`dialogue.model.worker.AdapterRef`); it is
+    handed in so that reading the registry never loads the model runtime.
+    """
+
+    def __init__(self, source, *, make_ref: Callable[[str, Path], Ref], interval_s: float = 1.0) -> None:
         self.directory = Path(getattr(source, "adapters_dir", source))  # Settings or the adapters dir itself
+        self.make_ref = make_ref
         self.interval_s = interval_s
         self._checked = float("-inf")
         self._signature: tuple | None = None
-        self._active: AdapterRef | None = None
-        self._ab: tuple[AdapterRef, float, str] | None = None
+        self._active: Ref | None = None
+        self._ab: tuple[Ref, float, str] | None = None
 
     def _refresh(self) -> None:
         clock = time.monotonic()
@@ -316,21 +322,21 @@ class AdapterSelector:
             self._signature = signature
             return
         self._signature = signature
-        self._active = _ref(state.versions.get(state.active)) if state.active else None
+        self._active = self._ref(state.versions.get(state.active)) if state.active else None
         self._ab = None
-        if state.ab and (ref := _ref(state.versions.get(state.ab["version"]))):
+        if state.ab and (ref := self._ref(state.versions.get(state.ab["version"]))):
             self._ab = (ref, float(state.ab["share"]), state.ab["version"])
         logger.info("serving adapter %s%s", self._active.name if self._active else "base",
                     f", A/B {self._ab[0].name} at {self._ab[1]:.0%}" if self._ab else "")
 
-    def adapter_for(self, user_id: str) -> AdapterRef | None:
+    def _ref(self, item: AdapterVersion | None) -> Ref | None:
+        if item is None or not Path(item.path, "adapter_model.safetensors").is_file():
+            return None
+        return self.make_ref(item.name, Path(item.path))
+
+    def adapter_for(self, user_id: str) -> Ref | None:
         self._refresh()
         if self._ab and ab_bucket(user_id, self._ab[2]) < self._ab[1]:
             return self._ab[0]
         return self._active
 
-
-def _ref(item: AdapterVersion | None) -> AdapterRef | None:
-    if item is None or not Path(item.path, "adapter_model.safetensors").is_file():
-        return None
-    return AdapterRef(name=item.name, path=Path(item.path))

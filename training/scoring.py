@@ -7,10 +7,9 @@ from pathlib import Path
 
 import torch
 
-from dialogue.model_files import resolve_model_dir
+from dialogue.model.files import resolve_model_dir
+from dialogue.prompt import Message
 from dialogue.settings import Settings
-
-Message = dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -84,14 +83,14 @@ def base_model_dir(settings: Settings) -> Path:
 
 def training_dtype(settings: Settings) -> torch.dtype:
     """bf16 only where the CPU has it natively: elsewhere (AVX2 only) it is emulated and 4-5x slower than fp32."""
-    from dialogue.runtime import choose_dtype
+    from dialogue.model.worker import choose_dtype
 
     return choose_dtype(settings.dtype)
 
 
 def load_base(settings: Settings):
     """(model, tokenizer) of the base model, in eval mode, with every weight frozen."""
-    from dialogue.runtime import load_model
+    from dialogue.model.worker import load_model
 
     model, tokenizer = load_model(base_model_dir(settings), training_dtype(settings))
     for parameter in model.parameters():

@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from bot.cli_common import load_settings
+from bot.cli.common import load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -15,12 +15,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [req=%(request_id)s] %(message)
 
 def build_app(services):
     """The API app plus the channels that plug into it (Chatwoot when its URL, token and secret are set)."""
-    from dialogue.api import create_app
+    from bot.http.app import create_app
 
     app = create_app(services)
     settings = services.settings
     if settings.chatwoot_base_url and settings.chatwoot_bot_token:
-        from bot.chatwoot import ChatwootApi, ChatwootBot
+        from bot.http.chatwoot import ChatwootApi, ChatwootBot
 
         if not settings.chatwoot_webhook_secret:
             raise click.ClickException("RAPPORT_CHATWOOT_WEBHOOK_SECRET is required with the Chatwoot integration")
@@ -33,7 +33,7 @@ def build_app(services):
 
 def configure_access_log(verbose: bool) -> None:
     """One line per request with its request id; keys and bodies are never logged."""
-    from dialogue.api_errors import RequestIdFilter
+    from bot.http.errors import RequestIdFilter
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -54,7 +54,7 @@ def serve(host: str, port: int, log_level: str) -> None:
     """Serve the HTTP API (docs at /docs, schema at /openapi.json)."""
     import uvicorn
 
-    from dialogue.services import open_services
+    from bot.services import open_services
 
     settings = load_settings()
     if host not in ("127.0.0.1", "localhost", "::1") and not (settings.api_keys or settings.admin_keys):
@@ -67,16 +67,3 @@ def serve(host: str, port: int, log_level: str) -> None:
                     access_log=False, timeout_graceful_shutdown=10)
     finally:
         services.close()
-
-
-@click.command("serve")
-@click.option("--conversations", default=16, show_default=True, type=click.IntRange(1, 256))
-@click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(1, 3600), help="seconds")
-@click.option("--new-tokens", default=48, show_default=True, type=click.IntRange(1, 4096), help="reply budget")
-@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
-def bench_serve(conversations: int, duration: float, new_tokens: int, as_json: bool) -> None:
-    """API load: concurrent conversations against a real `rapport serve`; throughput, p50/p95, errors."""
-    from bench.serve import run
-    from bot.cli_common import emit_json
-
-    emit_json(run(load_settings(), conversations=conversations, duration_s=duration, new_tokens=new_tokens))

@@ -27,7 +27,7 @@ def emit_json(data: object) -> None:
 @contextmanager
 def services(*, load_model: bool = False) -> Iterator:
     """This process's services for one command, closed afterwards; the model loads only when used."""
-    from dialogue.services import open_services
+    from bot.services import open_services
 
     opened = open_services(load_settings(), load_model=load_model)
     try:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from dialogue import kernels
-from dialogue.engines import Batch, open_engine
-from dialogue.fastllama import DecodePlan
+from dialogue.model import kernels
+from dialogue.model.engines import Batch, open_engine
+from dialogue.model.fastllama import DecodePlan
 from dialogue.errors import GenerationError
 
 logger = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ class ModelWorker:
                  prefix_cache_tokens: int = 16384) -> None:
         self._load = load
         self._threads = threads
-        self._decode = decode  # a DecodePlan, or a function of the engine that measures one (dialogue.calibrate)
+        self._decode = decode  # a DecodePlan, or a function of the engine that measures one (dialogue.model.calibrate)
         self.max_batch = max_batch
         self.chunk_tokens = chunk_tokens
         self.prefix_cache = PrefixCache(prefix_cache_tokens)

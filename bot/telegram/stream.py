@@ -11,7 +11,7 @@ from telegram import Bot, InlineKeyboardMarkup, Message, ReplyParameters
 from telegram.constants import ChatAction, ParseMode
 from telegram.error import BadRequest
 
-from bot.telegram_format import split_message, to_html
+from bot.telegram.format import split_message, to_html
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ runs the same maths on the same weights, laid out for that:
 - decode attention for all decoding slots as one batched matmul with a length mask;
 - weight-only quantised matmuls (int8 or int4 in GGUF's groups of 32) for decode steps of a few rows, where
   reading the weights is the cost, in the format and up to the row count measured fastest on this CPU
-  (`DecodePlan`, chosen by dialogue.calibrate); prompt chunks, where compute is, keep the full weights;
+  (`DecodePlan`, chosen by dialogue.model.calibrate); prompt chunks, where compute is, keep the full weights;
 - LoRA deltas added per row group, from each adapter's own matrices: a row can only meet its own adapter.
 """
 
@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dialogue import kernels
+from dialogue.model import kernels
 from dialogue.errors import GenerationError
 
 logger = logging.getLogger(__name__)
 
 INT4_GROUP = 32  # GGUF's Q4 block size: the embedded model's layer weights are Q4_1, so int4 in these groups fits them
 # Weight formats for decode steps: our kernels (kernels.cpp qlinear, fast on any x86 with AVX2 or better) and ATen's
-# int4 matmul (fast where the CPU has AVX512-BF16, slower than fp32 elsewhere). `dialogue.calibrate` picks one.
+# int4 matmul (fast where the CPU has AVX512-BF16, slower than fp32 elsewhere). `dialogue.model.calibrate` picks one.
 FORMATS = ("int4", "int8", "torch-int4")
 LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
                       r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
@@ -259,7 +259,7 @@ class FastLlama:
 
     def __init__(self, model, *, decode: DecodePlan | Callable[[FastLlama], DecodePlan] = DecodePlan(),
                  fused: bool = True) -> None:
-        """`decode` is a plan, or a function that measures this engine and returns one (`dialogue.calibrate`)."""
+        """`decode` is a plan, or a function that measures this engine and returns one (`dialogue.model.calibrate`)."""
         config = model.config
         if not supports(config):
             raise ValueError(f"unsupported architecture: {config.model_type}")

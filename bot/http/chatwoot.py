@@ -31,9 +31,9 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, HTTPException, Request
 
-from dialogue.api_handoff import HandoffDesk, HandoffEvent, wants_human
+from dialogue.handoff import HandoffDesk, HandoffEvent
 from dialogue.errors import RapportError
-from dialogue.services import Services
+from bot.services import Services
 
 logger = logging.getLogger(__name__)
 
@@ -200,25 +200,15 @@ class ChatwootBot:
         return lock
 
     async def on_customer_message(self, account: int, conversation: int, contact: int, text: str) -> None:
-        """Answer the customer, unless a person has the conversation or is asked for."""
+        """Answer the customer through the core's handoff gate (silent while a person has the conversation)."""
         key, user = conversation_key(account, conversation), f"{CHANNEL}:{account}:{contact}"
-        text = text[: self.services.settings.max_message_chars]
         async with self._lock(key):
-            if await self.desk.is_handed_off(key):
-                await self.desk.record_waiting(conversation_id=key, user_id=user, channel=CHANNEL, text=text)
-                return
-            if wants_human(text):
-                turn = await self.desk.answer_request(conversation_id=key, user_id=user, channel=CHANNEL, text=text)
-                await self.api.post_message(account, conversation, turn.reply)
-                await self.desk.hand_off(conversation_id=key, user_id=user, reason="customer_request", turn_id=turn.id)
-                return
             reply = await self.services.manager.respond(user_id=user, conversation_id=key, text=text, channel=CHANNEL)
             answer = await reply.complete()
             if answer.strip():
                 await self.api.post_message(account, conversation, answer)
-            if reply.handoff or not answer.strip():  # a blank reply leaves the customer unanswered: get a person
-                await self.desk.hand_off(conversation_id=key, user_id=user, turn_id=reply.turn_id,
-                                         reason="low_confidence" if reply.handoff else "no_answer")
+            elif not reply.handoff:  # a blank model reply would leave the customer unanswered: get a person
+                await self.desk.hand_off(conversation_id=key, user_id=user, turn_id=reply.turn_id, reason="no_answer")
 
     async def on_agent_message(self, account: int, conversation: int, text: str) -> None:
         """A person wrote to the customer: keep it as training gold, and keep the bot out of their way."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bot.cli_common import emit_json, services
+from bot.cli.common import emit_json, services
 
 
 @click.group("users")
@@ -16,7 +16,7 @@ def users_group() -> None:
 @click.argument("user_id")
 def export_user(user_id: str) -> None:
     """Print everything stored about USER_ID (persona, memories, conversations, turns, ratings) as JSON."""
-    from dialogue.manager import validate_id
+    from memory.text import validate_id
 
     validate_id(user_id, "user id")
     with services() as opened:
@@ -28,7 +28,7 @@ def export_user(user_id: str) -> None:
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 def delete_user(user_id: str, yes: bool) -> None:
     """Erase everything stored about USER_ID: memories, persona, transcripts and ratings."""
-    from dialogue.manager import validate_id
+    from memory.text import validate_id
 
     validate_id(user_id, "user id")
     if not yes and click.get_text_stream("stdin").isatty():

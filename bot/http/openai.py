@@ -21,10 +21,11 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from dialogue.api_auth import Caller, CallerDep
-from dialogue.api_turns import EventStream, Fixed, open_turn, stream_reply
+from bot.http.auth import Caller, CallerDep
+from bot.http.turns import EventStream, open_turn, stream_reply
 from dialogue.errors import InvalidInput
-from dialogue.manager import ID_PATTERN, Reply, validate_id
+from dialogue.manager import HandedOff, Reply
+from memory.text import ID_PATTERN, validate_id
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -86,13 +87,9 @@ def usage_of(usage: dict[str, int]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def rapport_field(outcome: Reply | Fixed) -> dict:
-    if isinstance(outcome, Fixed):
-        return {"turn_id": outcome.turn.id, "sources": [], "adapter_version": None, "handoff": True,
-                "status": outcome.status}
+def rapport_field(outcome: Reply) -> dict:
     return {"turn_id": outcome.turn_id, "sources": [asdict(s) for s in outcome.sources],
-            "adapter_version": outcome.adapter_version, "handoff": outcome.handoff,
-            "status": "human" if outcome.handoff else "bot"}
+            "adapter_version": outcome.adapter_version, "handoff": outcome.handoff, "status": outcome.status}
 
 
 @router.post("/chat/completions")
@@ -106,8 +103,8 @@ async def chat_completions(request: Request, body: ChatRequest, caller: CallerDe
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return EventStream(_chunks(request, outcome, model, user_id, include_usage))
-    if isinstance(outcome, Fixed):
-        text, reason, usage = outcome.turn.reply, "stop", {}
+    if isinstance(outcome, HandedOff):
+        text, reason, usage = outcome.text, "stop", {}
     else:
         async for _ in stream_reply(request, outcome, user_id=user_id, channel="openai"):
             pass
@@ -120,7 +117,7 @@ async def chat_completions(request: Request, body: ChatRequest, caller: CallerDe
     }
 
 
-async def _chunks(request: Request, outcome: Reply | Fixed, model: str, user_id: str,
+async def _chunks(request: Request, outcome: Reply, model: str, user_id: str,
                   include_usage: bool) -> AsyncIterator[str]:
     cid, created = completion_id(), int(time.time())
 
@@ -130,9 +127,9 @@ async def _chunks(request: Request, outcome: Reply | Fixed, model: str, user_id:
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    if isinstance(outcome, Fixed):
-        if outcome.turn.reply:
-            yield chunk({"content": outcome.turn.reply})
+    if isinstance(outcome, HandedOff):
+        if outcome.text:
+            yield chunk({"content": outcome.text})
         reason, usage = "stop", {}
     else:
         try:

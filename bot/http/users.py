@@ -15,9 +15,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, Field
 
-from dialogue.api_auth import AdminDep, CallerDep
+from bot.http.auth import AdminDep, CallerDep
 from dialogue.errors import InvalidInput, NotFound, StoreUnavailable
-from dialogue.manager import ID_PATTERN
+from memory.text import ID_PATTERN
 
 logger = logging.getLogger(__name__)
 

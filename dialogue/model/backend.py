@@ -7,14 +7,13 @@ import logging
 import shutil
 from typing import Protocol
 
-from dialogue import calibrate, kernels
-from dialogue.model_files import EMBEDDED_NAME, ModelNotFound, resolve_model_dir
-from dialogue.runtime import AdapterRef, Generation, GenerationParams, ModelWorker, load_model
+from dialogue.model import calibrate, kernels
+from dialogue.model.files import EMBEDDED_NAME, ModelNotFound, resolve_model_dir
+from dialogue.model.worker import AdapterRef, Generation, GenerationParams, ModelWorker, load_model
+from dialogue.prompt import Message
 from dialogue.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 
 
 class Backend(Protocol):
@@ -49,7 +48,7 @@ class TokenizerText:
 class LocalBackend(TokenizerText):
     """The model in this process, behind one `ModelWorker`; loading starts at once in the background.
 
-    The compute dtype and the decode weights are chosen by measurement on this CPU (dialogue.calibrate), cached
+    The compute dtype and the decode weights are chosen by measurement on this CPU (dialogue.model.calibrate), cached
     under `$RAPPORT_HOME/calibration/`; `path()` says what was chosen and why."""
 
     def __init__(self, settings: Settings, *, eager: bool = True) -> None:
@@ -117,12 +116,3 @@ class LocalBackend(TokenizerText):
 
     def close(self) -> None:
         self.worker.close()
-
-
-def open_backend(settings: Settings, *, eager: bool = True) -> Backend:
-    """The configured backend; `eager` starts loading the model now instead of at the first request."""
-    if settings.backend == "openai":
-        from dialogue.backend_openai import OpenAIBackend
-
-        return OpenAIBackend(settings)
-    return LocalBackend(settings, eager=eager)

@@ -14,20 +14,17 @@ prompt: the learning loop trains on exactly what the model would have seen, answ
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
-import httpx
 from sqlmodel import select
 
 from dialogue.errors import NotFound
-from dialogue.manager import clean_text
 from dialogue.store import Rating, TranscriptStore, Turn, new_id, utcnow
+from memory.text import clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +101,12 @@ def follow_on_prompt(last: Turn | None, system: str, text: str) -> str:
 class HandoffDesk:
     """Performs handoffs and records what happens while a person has the conversation."""
 
-    def __init__(self, store: TranscriptStore, *, system_prompt: str = "", after_negative: int = 2,
-                 on_handoff: Callable[[str], None] | None = None) -> None:
+    def __init__(self, store: TranscriptStore, *, system_prompt: str = "", after_negative: int = 2) -> None:
         self.store = store
         self.system_prompt = system_prompt
         self.after_negative = after_negative
-        self.listeners: list[Listener] = []
-        self._on_handoff = on_handoff  # metrics: reason -> None
+        self.listeners: list[Listener] = []  # told of each handoff (webhook, Chatwoot, Telegram operators' chat)
+        self.counters: list[Callable[[str], None]] = []  # reason -> None, called at once (metrics)
         self._tasks: set[asyncio.Task] = set()
 
     # -- state -----------------------------------------------------------------------------------
@@ -131,8 +127,8 @@ class HandoffDesk:
                              reason=reason, turn_id=turn_id, summary=summarise(reason, transcript),
                              transcript=transcript, at=utcnow().isoformat())
         logger.info("conversation %s handed off (%s)", conversation_id, reason)
-        if self._on_handoff:
-            self._on_handoff(reason)
+        for count in self.counters:
+            count(reason)
         if background:
             task = asyncio.create_task(self._notify(event))
             self._tasks.add(task)
@@ -173,7 +169,7 @@ class HandoffDesk:
 
     async def record_agent_reply(self, *, conversation_id: str, text: str) -> Turn:
         """A human agent's message, linked to the latest customer turn it answers (the training gold)."""
-        text = clean_text(text)
+        text = clean_text(text, "the message")
         conversation = await asyncio.to_thread(self.store.get_conversation, conversation_id)
         if conversation is None:
             raise NotFound(f"no conversation {conversation_id!r}")
@@ -211,7 +207,7 @@ class HandoffDesk:
 
     async def _record(self, conversation_id: str, user_id: str, channel: str, text: str, *, reply: str,
                       model_id: str, finish_reason: str, handoff: bool) -> Turn:
-        text = clean_text(text)
+        text = clean_text(text, "the message")
         await asyncio.to_thread(self.store.ensure_conversation, conversation_id=conversation_id, user_id=user_id,
                                 channel=channel)
         turns = await asyncio.to_thread(self.store.history, conversation_id=conversation_id, user_id=user_id, limit=1)
@@ -219,32 +215,3 @@ class HandoffDesk:
                     reply=reply, prompt=follow_on_prompt(turns[-1] if turns else None, self.system_prompt, text),
                     model_id=model_id, finish_reason=finish_reason, handoff=handoff)
         return await asyncio.to_thread(self.store.record_turn, turn)
-
-
-class WebhookNotifier:
-    """POSTs each `HandoffEvent` as JSON to a URL; signs the body with HMAC-SHA256 when a secret is set."""
-
-    def __init__(self, url: str, secret: str | None = None, *, timeout: float = 5.0, attempts: int = 3) -> None:
-        self.url = url
-        self.secret = secret
-        self.timeout = timeout
-        self.attempts = attempts
-
-    async def __call__(self, event: HandoffEvent) -> None:
-        body = json.dumps(event.to_json(), ensure_ascii=False).encode()
-        headers = {"Content-Type": "application/json", "User-Agent": "rapport-handoff/1"}
-        if self.secret:
-            digest = hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
-            headers["X-Rapport-Signature"] = f"sha256={digest}"
-        async with httpx.AsyncClient(timeout=self.timeout) as client:
-            for attempt in range(1, self.attempts + 1):
-                try:
-                    response = await client.post(self.url, content=body, headers=headers)
-                    if response.status_code < 500:
-                        if response.status_code >= 400:
-                            logger.warning("handoff webhook refused the event: HTTP %s", response.status_code)
-                        return
-                except httpx.HTTPError as exc:
-                    logger.warning("handoff webhook attempt %d failed: %s", attempt, exc.__class__.__name__)
-                await asyncio.sleep(0.5 * 2 ** (attempt - 1))
-        logger.error("handoff webhook gave up on conversation %s", event.conversation_id)

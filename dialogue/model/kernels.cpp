@@ -1,4 +1,4 @@
-// Fused CPU kernels for the decode step of dialogue/fastllama.py, registered as torch.ops.rapport.*.
+// Fused CPU kernels for the decode step of dialogue/model/fastllama.py, registered as torch.ops.rapport.*.
 //
 // Each replaces a chain of small ATen ops whose dispatch costs more than their arithmetic at a batch of a few
 // rows, and decode attention also avoids the copy oneDNN makes of a KV-arena slice (it only takes dense

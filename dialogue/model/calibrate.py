@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dialogue import kernels
-from dialogue.fastllama import DecodePlan, FastLlama, QuantWeight, _onednn_pack
+from dialogue.model import kernels
+from dialogue.model.fastllama import DecodePlan, FastLlama, QuantWeight, _onednn_pack
 
 logger = logging.getLogger(__name__)
 

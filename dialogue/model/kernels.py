@@ -1,6 +1,6 @@
 """Build and load the fused CPU kernels of kernels.cpp (torch.ops.rapport.*).
 
-`make setup` builds them once (`python -m dialogue.kernels`), with the machine's compiler against the installed
+`make setup` builds them once (`python -m dialogue.model.kernels`), with the machine's compiler against the installed
 torch, for this CPU (-march=native), or for the lesser CPU class the process is capped to (`cpu_class`). The library
 is named by a hash of the source, torch's version and the CPU class and flags, so a change of any of them builds
 afresh. Where no compiler is found or the build fails, `load()` returns
@@ -144,7 +144,7 @@ def load(*, build_missing: bool = True) -> bool:
         return ok
 
 
-if __name__ == "__main__":  # `python -m dialogue.kernels`: build (or check) the library for this machine
+if __name__ == "__main__":  # `python -m dialogue.model.kernels`: build (or check) the library for this machine
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not load():
         sys.exit("fused kernels unavailable (see the message above); Rapport will run the plain PyTorch path")

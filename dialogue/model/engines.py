@@ -1,6 +1,6 @@
 """What the model worker runs a batched step on: the fast Llama forward, or any transformers model.
 
-An engine takes a `Batch` (see dialogue.fastllama) and returns the logits of the rows asked for, keeping
+An engine takes a `Batch` (see dialogue.model.fastllama) and returns the logits of the rows asked for, keeping
 each slot's keys and values between steps. `FastEngine` does the whole batch in one pass; `TransformersEngine`
 is the fallback for architectures the fast forward does not know: the same contract, one sequence at a time.
 """
@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from dialogue.fastllama import Batch, DecodePlan, FastLlama, LoraAdapter, supports
+from dialogue.model.fastllama import Batch, DecodePlan, FastLlama, LoraAdapter, supports
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from bot.cli_common import emit_json, services
+from bot.cli.common import emit_json, services
 
 
 @click.group("faq")

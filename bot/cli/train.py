@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from bot.cli_common import emit_json, load_settings, services
+from bot.cli.common import emit_json, load_settings, services
 from memory.errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """Native dialogue routes: a message in, a grounded reply out (JSON or server-sent events), ratings, handoff.
 
-`open_turn` is the one way a channel on this API starts a turn (the OpenAI route uses it too): it keeps
-the bot silent on conversations a person has taken over and honours "let me talk to a human".
+`open_turn` is the one way a route on this API starts a turn (the OpenAI route uses it too); the handoff
+gate it passes (silence while a person has the conversation, "let me talk to a human") is the dialogue
+core's, the same for every channel.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Request
@@ -19,11 +20,10 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
-from dialogue.api_auth import CallerDep
-from dialogue.api_handoff import wants_human
-from dialogue.errors import InvalidInput, NotFound
-from dialogue.manager import ID_PATTERN, Reply
-from dialogue.store import Turn
+from bot.http.auth import CallerDep
+from dialogue.errors import NotFound
+from dialogue.manager import HandedOff, Reply
+from memory.text import ID_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -89,49 +89,23 @@ class ConversationOut(BaseModel):
     status: Literal["bot", "human"]
 
 
-@dataclass
-class Fixed:
-    """A turn answered without the model (handed off, or the customer asked for a person)."""
-
-    turn: Turn
-    status: str = "human"
-
-    def to_json(self) -> dict:
-        return {"turn_id": self.turn.id, "reply": self.turn.reply, "sources": [], "handoff": True,
-                "adapter_version": None, "status": self.status, "finish_reason": self.turn.finish_reason,
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0}, "notices": []}
-
-
 def reply_json(reply: Reply) -> dict:
     """The native answer; a turn that asked for a person has already handed the conversation over."""
     return {"turn_id": reply.turn_id, "reply": reply.text, "sources": [asdict(s) for s in reply.sources],
             "handoff": reply.handoff, "adapter_version": reply.adapter_version,
-            "status": "human" if reply.handoff else "bot",
+            "status": reply.status,
             "finish_reason": reply.finish_reason or "stop", "usage": reply.usage, "notices": reply.notices}
 
 
-async def open_turn(request: Request, *, user_id: str, conversation_id: str, text: str,
-                    channel: str) -> Reply | Fixed:
-    """A `Reply` to stream, or a `Fixed` turn when a person has (or is asked to take) the conversation."""
-    state = request.app.state
-    limit = state.services.settings.max_message_chars
-    if len(text) > limit:
-        raise InvalidInput(f"the message is longer than {limit} characters")
-    desk = state.desk
-    if await desk.is_handed_off(conversation_id):
-        turn = await desk.record_waiting(conversation_id=conversation_id, user_id=user_id, channel=channel, text=text)
-        return Fixed(turn)
-    if wants_human(text):
-        turn = await desk.answer_request(conversation_id=conversation_id, user_id=user_id, channel=channel, text=text)
-        await desk.hand_off(conversation_id=conversation_id, user_id=user_id, reason="customer_request",
-                            turn_id=turn.id, background=True)
-        return Fixed(turn)
-    return await state.services.manager.respond(user_id=user_id, conversation_id=conversation_id, text=text,
-                                                channel=channel)
+async def open_turn(request: Request, *, user_id: str, conversation_id: str, text: str, channel: str) -> Reply:
+    """The reply to stream; the core's handoff gate answers with a `HandedOff` when a person has (or is
+    asked to take) the conversation."""
+    return await request.app.state.services.manager.respond(user_id=user_id, conversation_id=conversation_id,
+                                                            text=text, channel=channel)
 
 
 async def stream_reply(request: Request, reply: Reply, *, user_id: str, channel: str) -> AsyncIterator[str]:
-    """The reply's text deltas; afterwards metrics, and a handoff when the turn asked for one."""
+    """The reply's text deltas; afterwards the turn's metrics (a turn the gate answered has none)."""
     state = request.app.state
     started, ttft = time.perf_counter(), None
     try:
@@ -140,11 +114,8 @@ async def stream_reply(request: Request, reply: Reply, *, user_id: str, channel:
                 ttft = time.perf_counter() - started
             yield chunk
     finally:
-        if reply.recorded:
+        if reply.recorded and not isinstance(reply, HandedOff):
             state.metrics.observe_turn(reply, channel, time.perf_counter() - started, ttft)
-    if reply.handoff:
-        await state.desk.hand_off(conversation_id=reply.conversation_id, user_id=user_id,
-                                  reason="low_confidence", turn_id=reply.turn_id, background=True)
 
 
 def wants_stream(request: Request, flag: bool) -> bool:
@@ -180,22 +151,11 @@ async def post_message(request: Request, conversation_id: ConversationId, body: 
     """A user's message in; the reply with its sources, handoff flag and adapter version out."""
     outcome = await open_turn(request, user_id=body.user_id, conversation_id=conversation_id, text=body.text,
                               channel=body.channel)
-    streaming = wants_stream(request, body.stream)
-    if isinstance(outcome, Fixed):
-        if streaming:
-            return EventStream(_fixed_events(outcome))
-        return outcome.to_json()
-    if streaming:
+    if wants_stream(request, body.stream):
         return EventStream(_reply_events(request, outcome, user_id=body.user_id, channel=body.channel))
     async for _ in stream_reply(request, outcome, user_id=body.user_id, channel=body.channel):
         pass
     return reply_json(outcome)
-
-
-async def _fixed_events(outcome: Fixed) -> AsyncIterator[str]:
-    if outcome.turn.reply:
-        yield sse({"text": outcome.turn.reply}, "delta")
-    yield sse(outcome.to_json(), "done")
 
 
 async def _reply_events(request: Request, reply: Reply, *, user_id: str, channel: str) -> AsyncIterator[str]:
@@ -213,11 +173,10 @@ async def _reply_events(request: Request, reply: Reply, *, user_id: str, channel
 async def post_rating(request: Request, turn_id: TurnId, body: RatingIn, caller: CallerDep):
     """Thumbs up (1) or down (-1) on a turn; repeated downs hand the conversation to a person."""
     state = request.app.state
-    await state.services.manager.rate(turn_id=turn_id, rating=body.rating, user_id=body.user_id,
-                                      comment=body.comment, correction=body.correction)
+    handed_off = await state.services.manager.rate(turn_id=turn_id, rating=body.rating, user_id=body.user_id,
+                                                   comment=body.comment, correction=body.correction)
     state.metrics.ratings.labels(str(body.rating)).inc()
-    event = await state.desk.after_rating(turn_id=turn_id, rating=body.rating)
-    return {"turn_id": turn_id, "rating": body.rating, "handoff": event is not None}
+    return {"turn_id": turn_id, "rating": body.rating, "handoff": handed_off}
 
 
 async def _conversation(request: Request, conversation_id: str):

@@ -41,11 +41,12 @@ from telegram.ext import (
     filters,
 )
 
-from bot.telegram_format import escape, scrub, split_message
-from bot.telegram_net import ChatOrderedProcessor, RetryingRequest
-from bot.telegram_stream import ReplyStream, keep_typing
+from bot.telegram.format import escape, scrub, split_message
+from bot.telegram.net import ChatOrderedProcessor, RetryingRequest
+from bot.telegram.stream import ReplyStream, keep_typing
 from dialogue.errors import GenerationError, InvalidInput, NotFound, RapportError, StoreUnavailable
-from dialogue.services import Services
+from dialogue.manager import HandedOff
+from bot.services import Services
 from dialogue.store import Conversation
 
 logger = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ class TelegramBot:
         text = scrub(message.text or "")
         if context.bot.username:
             text = re.sub(rf"@{re.escape(context.bot.username)}\b", "", text, flags=re.I)
-        text = text.strip()[: self.settings.max_message_chars]
+        text = text.strip()  # the core cuts an over-long message, with a notice
         group = chat.type != ChatType.PRIVATE
         pending = self._corrections.pop((chat.id, user.id), None)
         if pending and text:
@@ -304,6 +305,10 @@ class TelegramBot:
                                                         text=text, channel=CHANNEL)
             for notice in reply.notices:
                 await context.bot.send_message(chat.id, notice, message_thread_id=thread_id)
+            if isinstance(reply, HandedOff):  # the gate: a person has (or is now asked to take) this conversation
+                if reply.text:  # the handover line; while a person has it, the bot stays silent
+                    await message.reply_text(reply.text, do_quote=group)
+                return
             async for chunk in reply:
                 await stream.add(chunk)
             await stream.finish(rating_buttons(reply.turn_id), empty="(no reply)")

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 
-from dialogue.backend import Message, TokenizerText
+from dialogue.model.backend import Message, TokenizerText
 from dialogue.errors import GenerationError
-from dialogue.model_files import EMBEDDED_NAME, resolve_model_dir
-from dialogue.runtime import AdapterRef, GenerationParams
+from dialogue.model.files import EMBEDDED_NAME, resolve_model_dir
+from dialogue.model.worker import AdapterRef, GenerationParams
 from dialogue.settings import Settings
 
 logger = logging.getLogger(__name__)

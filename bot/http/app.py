@@ -1,10 +1,10 @@
 """The HTTP dialogue API: `create_app(services)` builds the FastAPI app that `rapport serve` runs.
 
-Routes live in `api_turns` (messages, ratings, handoff), `api_openai` (`/v1/chat/completions`) and
-`api_users` (persona, memories, export/erasure, FAQ, adapters); auth and rate limits in `api_auth`; the
-JSON error edge, request ids and the body limit in `api_errors`; metrics in `api_metrics`; handoff in
-`api_handoff`. Channels with their own webhooks (Chatwoot) mount a router on the app and listen to
-`app.state.desk` for handoffs.
+Routes live in `turns` (messages, ratings, handoff), `openai` (`/v1/chat/completions`) and
+`users` (persona, memories, export/erasure, FAQ, adapters); auth and rate limits in `auth`; the
+JSON error edge, request ids and the body limit in `errors`; metrics in `metrics`; the handoff desk in
+`dialogue.handoff`. Channels with their own webhooks (Chatwoot) mount a router on the app and listen to
+`services.desk` (also `app.state.desk`) for handoffs.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
-from dialogue import api_openai, api_turns, api_users
-from dialogue.api_auth import ApiKeys, RateLimiter
-from dialogue.api_errors import EdgeMiddleware, install_error_handlers
-from dialogue.api_handoff import HandoffDesk, WebhookNotifier
-from dialogue.api_metrics import ApiMetrics
-from dialogue.services import Services
+from bot.http import openai, turns, users
+from bot.http.auth import ApiKeys, RateLimiter
+from bot.http.errors import EdgeMiddleware, install_error_handlers
+from bot.http.metrics import ApiMetrics
+from bot.services import Services
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +84,8 @@ def create_app(services: Services) -> FastAPI:
     app = FastAPI(title="Rapport", version="1", lifespan=lifespan,
                   description="Dialogue API: grounded, persona-aware replies with sources; OpenAI-compatible chat.")
     metrics = ApiMetrics(queue_depth(services))
-    desk = HandoffDesk(services.store, system_prompt=settings.system_prompt,
-                       after_negative=settings.handoff_after_negative_ratings,
-                       on_handoff=lambda reason: metrics.handoffs.labels(reason).inc())
-    if settings.handoff_webhook_url:
-        desk.listeners.append(WebhookNotifier(settings.handoff_webhook_url, settings.handoff_webhook_secret))
+    desk = services.desk
+    desk.counters.append(lambda reason: metrics.handoffs.labels(reason).inc())
     app.state.services = services
     app.state.metrics = metrics
     app.state.desk = desk
@@ -99,9 +95,9 @@ def create_app(services: Services) -> FastAPI:
 
     install_error_handlers(app)
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.api_max_body_bytes, on_done=metrics.observe_request)
-    app.include_router(api_turns.router)
-    app.include_router(api_openai.router)
-    app.include_router(api_users.router)
+    app.include_router(turns.router)
+    app.include_router(openai.router)
+    app.include_router(users.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict:

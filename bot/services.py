@@ -1,4 +1,4 @@
-"""Assembles one process's services from settings: backend, stores, dialogue manager."""
+"""The composition root: one process's settings wired to its backend, stores, dialogue manager and adapter selector."""
 
 from __future__ import annotations
 
@@ -6,14 +6,20 @@ import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from dialogue.backend import Backend, open_backend
+from bot.http.webhook import WebhookNotifier
+from dialogue.handoff import HandoffDesk
 from dialogue.manager import DialogueManager
+from dialogue.model.backend import Backend, LocalBackend
+from dialogue.model.worker import AdapterRef
 from dialogue.recall import TurnRecall
 from dialogue.settings import Settings
 from dialogue.store import TranscriptStore
 from memory.chroma import ChromaHandle, open_chroma
 from memory.embeddings import Embedder, shared_embedder
+from memory.faq import FaqIndex
+from memory.memories import MemoryStore
 from memory.persona import PersonaStore
+from training.registry import AdapterSelector, flag_user_erased
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +31,21 @@ class Services:
     settings: Settings
     backend: Backend
     store: TranscriptStore
-    manager: DialogueManager
     closers: list = field(default_factory=list)
+    manager: DialogueManager = field(init=False)
+    desk: HandoffDesk = field(init=False)  # the handoff gate's desk: every channel's turns pass it
+
+    def __post_init__(self) -> None:
+        recall = TurnRecall(self.settings, self.personas, memory=lambda: self.memory, faq=lambda: self.faq,
+                            count_tokens=self.backend.count_tokens)
+        # The registry reader: a promotion or rollback reaches running channels within a second.
+        selector = AdapterSelector(self.settings, make_ref=AdapterRef)
+        s = self.settings
+        self.desk = HandoffDesk(self.store, system_prompt=s.system_prompt, after_negative=s.handoff_after_negative_ratings)
+        if s.handoff_webhook_url:
+            self.desk.listeners.append(WebhookNotifier(s.handoff_webhook_url, s.handoff_webhook_secret))
+        self.manager = DialogueManager(s, self.backend, self.store, recall=recall, after_turn=[recall.remember],
+                                       adapter_for=selector.adapter_for, desk=self.desk)
 
     @cached_property
     def embedder(self) -> Embedder:
@@ -40,17 +59,13 @@ class Services:
         return handle
 
     @cached_property
-    def memory(self):
-        """Per-user long-term memory (`memory.memories.MemoryStore`)."""
-        from memory.memories import MemoryStore
-
+    def memory(self) -> MemoryStore:
+        """Per-user long-term memory."""
         return MemoryStore(self.chroma.client, self.embedder)
 
     @cached_property
-    def faq(self):
-        """The business FAQ (`memory.faq.FaqIndex`)."""
-        from memory.faq import FaqIndex
-
+    def faq(self) -> FaqIndex:
+        """The business FAQ."""
         return FaqIndex(self.chroma.client, self.embedder)
 
     @cached_property
@@ -68,10 +83,9 @@ class Services:
 
     def erase_user(self, user_id: str) -> dict[str, int]:
         """Erase every record about a user (memories, persona, transcripts, ratings); returns counts by kind."""
-        from training.registry import flag_user_erased  # lineage: versions trained on them can't be promoted
-
         counts = {"memories": self.memory.delete_user(user_id)}
         counts.update(self.store.delete_user(user_id))
+        # lineage: versions trained on their turns can no longer be promoted
         counts["adapter_versions_flagged"] = len(flag_user_erased(self.settings.adapters_dir, user_id))
         return counts
 
@@ -83,6 +97,15 @@ class Services:
                 logger.exception("closing %s failed", close)
 
 
+def open_backend(settings: Settings, *, eager: bool = True) -> Backend:
+    """The configured backend; `eager` starts loading the model now instead of at the first request."""
+    if settings.backend == "openai":
+        from dialogue.model.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(settings)
+    return LocalBackend(settings, eager=eager)
+
+
 def open_services(settings: Settings | None = None, *, backend: Backend | None = None,
                   load_model: bool = True) -> Services:
     """Everything a channel needs; with `load_model` the model starts loading in the background at once,
@@ -91,13 +114,4 @@ def open_services(settings: Settings | None = None, *, backend: Backend | None =
     settings.home.mkdir(parents=True, exist_ok=True)
     store = TranscriptStore(settings.db_url)
     backend = backend or open_backend(settings, eager=load_model)
-    manager = DialogueManager(settings, backend, store)
-    services = Services(settings=settings, backend=backend, store=store, manager=manager,
-                        closers=[store.close, backend.close])
-    recall = TurnRecall(services)
-    manager.recall = recall
-    manager.after_turn_hooks.append(recall.remember)
-    from training.registry import AdapterSelector  # the registry reader: promote/rollback reach running channels
-
-    manager.adapter_for = AdapterSelector(settings).adapter_for
-    return services
+    return Services(settings=settings, backend=backend, store=store, closers=[store.close, backend.close])

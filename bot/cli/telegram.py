@@ -9,7 +9,7 @@ import signal
 
 import click
 
-from bot.cli_common import load_settings
+from bot.cli.common import load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ def telegram_command(token: str | None, base_url: str | None, webhook_url: str |
     """Run the Telegram bot until Ctrl-C or SIGTERM."""
     from telegram.error import InvalidToken
 
-    from bot.telegram import TelegramBot, Webhook
-    from dialogue.services import open_services
+    from bot.telegram.handlers import TelegramBot, Webhook
+    from bot.services import open_services
 
     settings = load_settings()
     token = (token or settings.telegram_bot_token or "").strip()
@@ -74,7 +74,7 @@ def telegram_command(token: str | None, base_url: str | None, webhook_url: str |
 
 
 async def _run(bot, token: str, base_url: str | None, webhook) -> None:
-    from bot.telegram import run_bot
+    from bot.telegram.handlers import run_bot
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,5 @@
+"""`python -m bot.cli …` runs the `rapport` command."""
+
+from bot.cli.main import main
+
+main()

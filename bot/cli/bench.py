@@ -1,0 +1,116 @@
+"""`rapport bench …`: every benchmark command; the measuring itself lives in `bench/`, which never imports `bot`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from bot.cli.common import emit_json, load_settings
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks; each prints one JSON document."""
+
+
+@bench.command("gen")
+@click.option("--prompt-tokens", default=800, show_default=True, type=click.IntRange(1, 16384))
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 256))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100))
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
+def bench_gen(prompt_tokens: int, new_tokens: int, concurrency: int, repeats: int, as_json: bool) -> None:
+    """Generation speed: {"ttft_s", "decode_tok_s", "turn_s"} (+ "aggregate_tok_s" when concurrent)."""
+    from bench.gen import run
+
+    emit_json(run(load_settings(), prompt_tokens, new_tokens, concurrency, repeats))
+
+
+@bench.command("compare")
+@click.option("--prompt-tokens", default=800, show_default=True, type=click.IntRange(1, 3000))
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 20))
+@click.option("--isa", default="", help="CPU classes to run as, comma-separated: native, avx512, avx2 "
+                                        "(each in its own process, with the 16-conversation aggregate)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
+def bench_compare(prompt_tokens: int, new_tokens: int, repeats: int, isa: str, as_json: bool) -> None:
+    """This runtime beside llama.cpp on the same GGUF and prompts: {"rapport", "llama_cpp", "ratios"}, or with --isa
+    {"llama_cpp", "classes": {class: {"rapport", "ratios"}}}."""
+    from bench.compare import run
+
+    classes = [c.strip() for c in isa.split(",") if c.strip()]
+    emit_json(run(load_settings(), prompt_tokens, new_tokens, repeats, classes=classes or None))
+
+
+@bench.command("sweep")
+@click.option("--levels", default="1,2,4,8,16", show_default=True, help="comma-separated concurrency levels")
+@click.option("--prompt-tokens", default=800, show_default=True, type=click.IntRange(1, 16384))
+@click.option("--new-tokens", default=192, show_default=True, type=click.IntRange(1, 4096),
+              help="long enough that every conversation decodes at once for a while")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="also write a PNG chart here")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
+def bench_sweep(levels: str, prompt_tokens: int, new_tokens: int, plot: Path | None, as_json: bool) -> None:
+    """Aggregate decode throughput against concurrency: {"levels": [{"concurrency", "aggregate_tok_s", ...}]}."""
+    from bench.sweep import run
+
+    try:
+        parsed = [int(v) for v in levels.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter("levels must be whole numbers, e.g. 1,4,16") from None
+    if not parsed or min(parsed) < 1 or max(parsed) > 256:
+        raise click.BadParameter("levels must be between 1 and 256")
+    emit_json(run(load_settings(), parsed, prompt_tokens, new_tokens, plot))
+
+
+@bench.command("serve")
+@click.option("--conversations", default=16, show_default=True, type=click.IntRange(1, 256))
+@click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(1, 3600), help="seconds")
+@click.option("--new-tokens", default=48, show_default=True, type=click.IntRange(1, 4096), help="reply budget")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
+def bench_serve(conversations: int, duration: float, new_tokens: int, as_json: bool) -> None:
+    """API load: concurrent conversations against a real `rapport serve`; throughput, p50/p95, errors."""
+    from bench.serve import run
+
+    emit_json(run(load_settings(), conversations=conversations, duration_s=duration, new_tokens=new_tokens))
+
+
+@bench.command("faq")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="a directory laid out like examples/faq (bikeshop.jsonl, paraphrases.jsonl, out_of_scope.jsonl)")
+@click.option("--calibrate", "do_calibrate", is_flag=True, help="fit the decision model on the calibration halves first")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64), help="torch threads")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
+def bench_faq(directory: Path | None, do_calibrate: bool, threads: int, as_json: bool) -> None:
+    """FAQ: top-1 source accuracy, answer policy on in-/out-of-scope test messages, search latency."""
+    from bench.faq import run
+
+    emit_json(run(directory, do_calibrate=do_calibrate, threads=threads))
+
+
+@bench.command("memory")
+@click.option("--sizes", default="10000,100000", show_default=True, help="memories of one user, for latency")
+@click.option("--no-recall", is_flag=True, help="only the latency runs")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
+def bench_memory(sizes: str, no_recall: bool, as_json: bool) -> None:
+    """Memory: evidence recall@5/@10 (dense, BM25, hybrid) and search latency p50/p95 per size."""
+    from bench.memory import run
+
+    try:
+        parsed = [int(size) for size in sizes.split(",") if size.strip()]
+    except ValueError:
+        raise click.BadParameter("sizes must be comma-separated integers") from None
+    emit_json(run(parsed, recall=not no_recall))
+
+
+@bench.command("train")
+@click.option("--conversations", type=click.IntRange(4, 10000), default=160, show_default=True)
+@click.option("--prompts", type=click.IntRange(1, 200), default=20, show_default=True, help="fresh prompts for style")
+@click.option("--poison", is_flag=True, help="also train on the poisoned set (the gate must reject it)")
+@click.option("--epochs", type=click.FloatRange(0.1, 50), default=None)
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
+def bench_train(conversations: int, prompts: int, poison: bool, epochs, as_json: bool) -> None:
+    """The learning loop on the house-style scenario: style rate before/after, train + gate time, tokens/s."""
+    from bench.train import run
+
+    emit_json(run(load_settings(), conversations=conversations, prompts=prompts, poison=poison, epochs=epochs))

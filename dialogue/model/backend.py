@@ -91,7 +91,7 @@ class LocalBackend(TokenizerText):
                 raise ModelNotFound(f"RAPPORT_MODEL={self.settings.model}: cannot load it ({exc})") from exc
             logger.warning("model cache at %s is unreadable (%s); rebuilding it", directory, exc)
             shutil.rmtree(directory, ignore_errors=True)
-            directory = resolve_model_dir(None, self.settings.models_dir)
+            directory = resolve_model_dir(None, self.settings.models_dir, from_gguf=True)
             self._choose_dtype(directory)
             return load_model(directory, self.dtype)
 

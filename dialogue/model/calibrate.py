@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dialogue.model import kernels
-from dialogue.model.fastllama import DecodePlan, FastLlama, QuantWeight, _onednn_pack
+from dialogue.model.fastllama import DecodePlan, FastLlama, _onednn_pack
 
 logger = logging.getLogger(__name__)
 
@@ -105,35 +106,55 @@ def pick_dtype(setting: str, hidden: int, intermediate: int, cache: CalibrationC
     return getattr(torch, chosen), timings
 
 
-def _time_layers(engine: FastLlama, quant: dict | None, rows: int) -> float:
-    """µs for every layer matmul of one decode step of `rows` rows: the full weights, or the quantised copies."""
-    dims = {linear.source.shape[1] for linear in engine.linears()}
-    x = {k: torch.randn(rows, k, dtype=engine.dtype) for k in dims}
-    names = engine.LAYER_MATRICES
+def _layer_step(engine: FastLlama, fmt: str | None, rows: int) -> Callable[[], None]:
+    """Every layer matmul of one decode step of `rows` rows: the full weights, or the copies in `fmt`."""
+    x = {k: torch.randn(rows, k, dtype=engine.dtype) for k in {linear.source.shape[1] for linear in engine.linears()}}
+    matmuls = [(linear.full if fmt is None or not linear.can_quantize() else linear.copy_in(fmt), x[linear.source.shape[1]])
+               for layer in engine.layers for linear in (layer[name] for name in engine.LAYER_MATRICES)]
 
     def step():
-        for i, layer in enumerate(engine.layers):
-            for name in names:
-                linear = layer[name]
-                k = linear.source.shape[1]
-                if quant is None:
-                    linear.full(x[k])
-                else:
-                    quant[i, name](x[k])
+        for matmul, rows_in in matmuls:
+            matmul(rows_in)
 
-    return _best_of(step)
+    return step
 
 
-def _time_head(engine: FastLlama, quant: QuantWeight | None, rows: int) -> float:
+def _head_step(engine: FastLlama, fmt: str | None, rows: int) -> Callable[[], None]:
     x = torch.randn(rows, engine.lm_head.source.shape[1], dtype=engine.dtype)
-    return _best_of(lambda: engine.lm_head.full(x) if quant is None else quant(x))
+    matmul = engine.lm_head.full if fmt is None else engine.lm_head.copy_in(fmt)
+    return lambda: matmul(x)
+
+
+def _race(step_of: Callable[[str | None, int], Callable[[], None]], formats: list[str]) -> dict[str, dict[int, float]]:
+    """µs of the full weights and of each format at each row count in ROWS, fastest of PASSES. The candidates take
+    turns within each pass, so a burst of load on a shared machine falls on all of them alike; a format stops being
+    timed at the first row count where it loses (it cannot serve more rows than that), and the race ends when none
+    is left."""
+    timings: dict[str, dict[int, float]] = {"full": {}, **{fmt: {} for fmt in formats}}
+    alive = list(formats)
+    for rows in ROWS:
+        if not alive:
+            break
+        steps = {name: step_of(None if name == "full" else name, rows) for name in ["full", *alive]}
+        best = dict.fromkeys(steps, float("inf"))
+        for step in steps.values():
+            step()  # warm-up
+        for _ in range(PASSES):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                best[name] = min(best[name], time.perf_counter() - start)
+        for name, seconds in best.items():
+            timings[name][rows] = seconds * 1e6
+        alive = [fmt for fmt in alive if timings[fmt][rows] < WIN * timings["full"][rows]]
+    return timings
 
 
 def _serves_up_to(full: dict, candidate: dict) -> int:
     """The largest measured row count up to which the candidate beat the full weights at every measured count."""
     best = 0
     for rows in ROWS:
-        if candidate[rows] >= WIN * full[rows]:
+        if rows not in candidate or candidate[rows] >= WIN * full[rows]:
             break
         best = rows
     return best
@@ -141,22 +162,15 @@ def _serves_up_to(full: dict, candidate: dict) -> int:
 
 def measure_decode(engine: FastLlama, formats: list[str]) -> tuple[DecodePlan, dict, dict, str]:
     """Time the full weights and each format on the engine's own layers at each row count; the plan uses the
-    format fastest for one row, for as many rows as it keeps winning."""
+    format fastest for one row, for as many rows as it keeps winning. The copies made here are the ones served."""
     torch.manual_seed(0)
-    layers_us = {"full": {rows: _time_layers(engine, None, rows) for rows in ROWS}}
-    for fmt in formats:
-        quant = {(i, name): QuantWeight(layer[name].source, fmt)
-                 for i, layer in enumerate(engine.layers) for name in engine.LAYER_MATRICES}
-        layers_us[fmt] = {rows: _time_layers(engine, quant, rows) for rows in ROWS}
-        del quant
-    head_us = {"full": {rows: _time_head(engine, None, rows) for rows in ROWS}}
-    if "int8" in formats or "int4" in formats:  # the output matrix: int8 (GGUF keeps it at 8 bits)
-        head = QuantWeight(engine.lm_head.source, "int8")
-        head_us["int8"] = {rows: _time_head(engine, head, rows) for rows in ROWS}
+    layers_us = _race(lambda fmt, rows: _layer_step(engine, fmt, rows), formats)
+    head_formats = ["int8"] if "int8" in formats or "int4" in formats else []  # GGUF keeps the output matrix at 8 bits
+    head_us = _race(lambda fmt, rows: _head_step(engine, fmt, rows), head_formats)
     winners = [fmt for fmt in formats if _serves_up_to(layers_us["full"], layers_us[fmt])]
     fmt = min(winners, key=lambda f: layers_us[f][1], default=None)
     max_rows = _serves_up_to(layers_us["full"], layers_us[fmt]) if fmt else 0
-    head_rows = _serves_up_to(head_us["full"], head_us["int8"]) if "int8" in head_us else 0
+    head_rows = _serves_up_to(head_us["full"], head_us["int8"]) if head_formats else 0
     plan = DecodePlan(fmt, max_rows, "int8" if head_rows else None, head_rows)
     one = {name: round(t[1]) for name, t in layers_us.items()}
     reason = (f"one-row step, all layers (µs): {one}; {fmt or 'full weights'} wins"

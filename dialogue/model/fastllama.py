@@ -47,7 +47,11 @@ def supports(config) -> bool:
 def quantize_weight(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scales) of an (N, K) weight in groups of 32 along K, as `torch.ops.rapport.qlinear` reads them:
     int8 (GGUF Q8_0): w = q·d; int4 (GGUF Q4_1): w = q·d + m, q in [0, 15], group byte i = element i | element i+16 << 4;
-    torch-int4: ATen's packed layout, w = (q - 8)·d + z."""
+    torch-int4: ATen's packed layout, w = (q - 8)·d + z. The fused kernels' `quantize` computes the int8/int4 bytes
+    (a fraction of a second for the embedded model, against seconds for the tensor ops below, which give the same
+    bytes and serve where the kernels are not built)."""
+    if fmt in ("int8", "int4") and kernels.load():
+        return torch.ops.rapport.quantize(weight, 8 if fmt == "int8" else 4)
     w = weight.float()
     n, k = w.shape
     groups = w.reshape(n, k // INT4_GROUP, INT4_GROUP)
@@ -109,19 +113,28 @@ class Linear:
             self.weight = None  # the blocked copy replaces it
         self.quant: QuantWeight | None = None
         self.max_rows = 0
+        self._copies: dict[str, QuantWeight] = {}
 
     def can_quantize(self) -> bool:
         return self.source.shape[1] % INT4_GROUP == 0
+
+    def copy_in(self, fmt: str) -> QuantWeight:
+        """The weight in `fmt`, made once: the copies calibration times are the ones the plan then serves."""
+        if fmt not in self._copies:
+            self._copies[fmt] = QuantWeight(self.source, fmt)
+        return self._copies[fmt]
 
     def quantize(self, fmt: str | None, max_rows: int) -> None:
         """Serve matmuls of up to `max_rows` rows from a copy in `fmt` (None: always the full weights)."""
         if fmt is None or max_rows <= 0 or not self.can_quantize():
             self.quant, self.max_rows = None, 0
         else:
-            self.quant, self.max_rows = QuantWeight(self.source, fmt), max_rows
+            self.quant, self.max_rows = self.copy_in(fmt), max_rows
 
     def release(self) -> None:
+        """Drop the source weight and the copies the plan does not use."""
         self.source = None
+        self._copies.clear()
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocked is not None:

@@ -351,10 +351,13 @@ class ModelWorker:
         if self._threads:
             torch.set_num_threads(self._threads)
         try:
+            start = time.perf_counter()
             model, self.tokenizer = self._load()
+            loaded = time.perf_counter()
             self.stop_ids = stop_token_ids(self.tokenizer, model)
             self.engine = open_engine(model, decode=self._decode)
             del model
+            logger.info("model loaded in %.1f s, engine ready %.1f s later", loaded - start, time.perf_counter() - loaded)
         except BaseException as exc:  # surfaced to every caller of ready()
             self._load_error = exc
             self._ready.set()

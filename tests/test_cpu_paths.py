@@ -115,11 +115,43 @@ def test_calibration_measures_once_and_then_reads_its_cache(tiny_model_dir, tmp_
     assert record and set(record[0]["layers_us"]) == {"full", "int4", "int8"}
     assert engine.plan == DecodePlan(**record[0]["plan"]) and len(list((tmp_path / "calibration").glob("*.json"))) == 1
     monkeypatch.setattr(calibrate, "measure_decode", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(calibrate, "still_holds", lambda *a: (True, ""))  # the tiny model's timings are noise
     again = FastLlama(model, decode=calibrate.calibrator("auto", True, cache, record))
     assert again.plan == engine.plan
     dtype, timings = calibrate.pick_dtype("auto", 64, 128, cache)
     assert dtype in (torch.float32, torch.bfloat16) and set(timings) == {"float32", "bfloat16"}
     assert calibrate.pick_dtype("float32", 64, 128, cache)[0] == torch.float32
+
+
+@needs_compiler
+def test_a_cached_plan_that_a_one_row_recheck_contradicts_is_measured_again(tiny_model_dir, tmp_path, monkeypatch):
+    """A first start on a busy machine once timed int4 at 480 ms a step (full weights: 27 ms) and cached 'full
+    weights' for good: 25 tok/s where int4 gives 133. A cheap recheck at each start catches such a plan."""
+    model, _ = load_model(tiny_model_dir, torch.float32)
+    cache = calibrate.CalibrationCache(tmp_path / "calibration")
+    one_row = {"full": {1: 27000.0}, "int4": {1: 4000.0}, "int8": {1: 4150.0}}
+    monkeypatch.setattr(calibrate, "_race", lambda step_of, formats, row_counts=calibrate.ROWS: one_row)
+    stale = DecodePlan()
+    assert calibrate.still_holds(None, ["int4", "int8"], stale)[0] is False
+    assert calibrate.still_holds(None, ["int4", "int8"], DecodePlan("int4", 16))[0] is True
+    assert calibrate.still_holds(None, ["int4", "int8"], DecodePlan("int8", 16))[0] is True  # within the margin
+    one_row["int8"][1] = 3000.0
+    assert calibrate.still_holds(None, ["int4", "int8"], DecodePlan("int4", 16))[0] is False
+    measured = []
+
+    def measure(engine, formats):
+        measured.append(formats)
+        return DecodePlan("int8", 8), {}, {}, "measured again"
+
+    monkeypatch.setattr(calibrate, "measure_decode", measure)
+    record: list = []
+    first = FastLlama(model, decode=calibrate.calibrator("auto", True, cache, record))
+    assert first.plan.fmt == "int8" and len(measured) == 1
+    for path in (tmp_path / "calibration").glob("*.json"):  # as if a busy first start had cached the full weights
+        found = json.loads(path.read_text())
+        path.write_text(json.dumps({**found, "plan": {"fmt": None, "max_rows": 0, "head_fmt": None, "head_max_rows": 0}}))
+    again = FastLlama(model, decode=calibrate.calibrator("auto", True, cache, record))
+    assert again.plan.fmt == "int8" and len(measured) == 2
 
 
 def test_quantised_layers_fall_back_to_full_weights_without_the_kernels(tiny_model_dir, monkeypatch):

@@ -125,14 +125,15 @@ def _head_step(engine: FastLlama, fmt: str | None, rows: int) -> Callable[[], No
     return lambda: matmul(x)
 
 
-def _race(step_of: Callable[[str | None, int], Callable[[], None]], formats: list[str]) -> dict[str, dict[int, float]]:
-    """µs of the full weights and of each format at each row count in ROWS, fastest of PASSES. The candidates take
+def _race(step_of: Callable[[str | None, int], Callable[[], None]], formats: list[str],
+          row_counts: tuple[int, ...] = ROWS) -> dict[str, dict[int, float]]:
+    """µs of the full weights and of each format at each row count, fastest of PASSES. The candidates take
     turns within each pass, so a burst of load on a shared machine falls on all of them alike; a format stops being
     timed at the first row count where it loses (it cannot serve more rows than that), and the race ends when none
     is left."""
     timings: dict[str, dict[int, float]] = {"full": {}, **{fmt: {} for fmt in formats}}
     alive = list(formats)
-    for rows in ROWS:
+    for rows in row_counts:
         if not alive:
             break
         steps = {name: step_of(None if name == "full" else name, rows) for name in ["full", *alive]}
@@ -178,6 +179,18 @@ def measure_decode(engine: FastLlama, formats: list[str]) -> tuple[DecodePlan, d
     return plan, layers_us, head_us, reason
 
 
+def still_holds(engine: FastLlama, formats: list[str], plan: DecodePlan) -> tuple[bool, str]:
+    """A one-row race of the layers (a fraction of a second) against a cached plan: a calibration made while the
+    machine was busy can have timed every candidate slow but one, and would otherwise pick a slow path for good.
+    False when another choice is now clearly faster for one row (by the WIN margin) than the cached one."""
+    timings = _race(lambda fmt, rows: _layer_step(engine, fmt, rows), formats, row_counts=(1,))
+    one = {name: t[1] for name, t in timings.items() if 1 in t}
+    best = min(one, key=one.get)
+    cached = one.get(plan.fmt or "full", float("inf"))
+    holds = best == (plan.fmt or "full") or one[best] >= WIN * cached
+    return holds, f"one-row recheck (µs): { {name: round(t) for name, t in one.items()} }"
+
+
 def candidate_formats(quantize: str, embedded: bool, dtype: torch.dtype) -> list[str]:
     """The weight formats worth measuring for a setting: `auto` tries int4 only on the embedded model (its weights
     are Q4_1 already, so int4 loses nothing there), int8 on any; ATen's int4 kernel takes bf16 activations."""
@@ -200,6 +213,12 @@ def calibrator(quantize: str, embedded: bool, cache: CalibrationCache, record: l
         shapes = [tuple(linear.source.shape) for linear in engine.linears()[:5]] + [len(engine.layers)]
         key = cache_key("decode", str(engine.dtype), formats, shapes, engine.fused)
         found = cache.get(key)
+        if found is not None and formats:
+            holds, recheck = still_holds(engine, formats, DecodePlan(**found["plan"]))
+            if not holds:
+                logger.warning("the cached decode path no longer wins (%s; cached: %s): measuring again", recheck,
+                               found["reason"])
+                found = None
         if found is None:
             start = time.perf_counter()
             plan, layers_us, head_us, reason = measure_decode(engine, formats) if formats else (DecodePlan(), {}, {}, "no quantised format")

@@ -138,14 +138,17 @@ def test_without_the_kernels_the_model_runs_the_plain_path(tiny_model_dir, monke
         kernels._state.update(saved)
 
 
-def test_a_bfloat16_linear_in_onednn_blocked_layout_equals_the_plain_matmul():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_linear_in_onednn_blocked_layout_equals_the_plain_matmul(dtype):
     from dialogue.model.fastllama import Linear
 
     torch.manual_seed(3)
-    weight = torch.randn(96, 64, dtype=torch.bfloat16)
+    weight = torch.randn(96, 64, dtype=dtype)
     linear = Linear(weight)
     if linear.blocked is None:
         pytest.skip("oneDNN is not available in this torch build")
+    assert linear.weight is None  # the blocked copy replaces the plain one: no second copy in memory
+    tolerance = dict(atol=0.05, rtol=0.02) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
     for rows in (1, 7, 16, 300):
-        x = torch.randn(rows, 64, dtype=torch.bfloat16)
-        torch.testing.assert_close(linear(x).float(), torch.nn.functional.linear(x, weight).float(), atol=0.05, rtol=0.02)
+        x = torch.randn(rows, 64, dtype=dtype)
+        torch.testing.assert_close(linear(x).float(), torch.nn.functional.linear(x, weight).float(), **tolerance)

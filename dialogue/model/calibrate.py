@@ -82,13 +82,15 @@ def measure_dtype(hidden: int, intermediate: int, rows: int = 256) -> dict[str, 
     torch.manual_seed(0)
     weight = torch.randn(2 * intermediate, hidden)
     x = torch.randn(rows, hidden)
-    out = {"float32": _best_of(lambda: F.linear(x, weight))}
-    wb, xb = weight.bfloat16(), x.bfloat16()
-    blocked = _onednn_pack(wb)
-    if blocked is not None:
-        out["bfloat16"] = _best_of(lambda: torch.ops.mkldnn._linear_pointwise(xb, blocked, None, "none", [None], ""))
-    else:
-        out["bfloat16"] = _best_of(lambda: F.linear(xb, wb))
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        w, xd = weight.to(dtype), x.to(dtype)
+        blocked = _onednn_pack(w)
+        if blocked is not None:
+            out[str(dtype).removeprefix("torch.")] = _best_of(
+                lambda: torch.ops.mkldnn._linear_pointwise(xd, blocked, None, "none", [None], ""))
+        else:
+            out[str(dtype).removeprefix("torch.")] = _best_of(lambda: F.linear(xd, w))
     return out
 
 

@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup llama-server chat test test-fast bench clean
+.PHONY: setup llama-server llama-classes chat test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,29 @@ $(LLAMA_STAMP):
 	test -x $(LLAMA_VENV)/bin/python || $(PY) -m venv $(LLAMA_VENV)
 	$(LLAMA_VENV)/bin/pip install --quiet --disable-pip-version-check 'llama-cpp-python[server]==0.3.36'
 	touch $(LLAMA_STAMP)
+
+# llama.cpp's libraries built for the lesser CPU classes (AVX2; AVX-512F without VNNI or BF16), from the same
+# llama-cpp-python release, so `rapport bench compare --isa avx512,avx2` compares each class with llama.cpp built
+# for it. Not part of `make test` (about 10 minutes a class on 2 cores).
+LLAMA_SRC := $(LLAMA_VENV)/var/src
+LLAMA_COMMON := -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release \
+	-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF
+LLAMA_FLAGS_avx2 := -DGGML_AVX512=OFF
+LLAMA_FLAGS_avx512 := -DGGML_AVX512=ON -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX512_VBMI=OFF
+
+llama-classes: $(LLAMA_SRC)/build-avx2/bin/libllama.so $(LLAMA_SRC)/build-avx512/bin/libllama.so
+
+$(LLAMA_SRC)/.done: $(LLAMA_STAMP)
+	mkdir -p $(LLAMA_SRC)
+	$(LLAMA_VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+		llama-cpp-python==0.3.36 -d $(LLAMA_SRC)
+	tar xzf $(LLAMA_SRC)/llama_cpp_python-0.3.36.tar.gz -C $(LLAMA_SRC)
+	touch $@
+
+$(LLAMA_SRC)/build-%/bin/libllama.so: $(LLAMA_SRC)/.done
+	cmake -S $(LLAMA_SRC)/llama_cpp_python-0.3.36/vendor/llama.cpp -B $(LLAMA_SRC)/build-$* $(LLAMA_COMMON) $(LLAMA_FLAGS_$*) > /dev/null
+	cmake --build $(LLAMA_SRC)/build-$* --target llama -j2 > /dev/null
 
 chat: setup
 	$(BIN)/rapport chat

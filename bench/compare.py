@@ -2,6 +2,8 @@
 
 llama.cpp runs through llama-cpp-python in its own virtualenv (`make llama-server` builds it), on the same
 prompts (the same token ids), threads and token counts; both sides greedy, both forced to `new_tokens`.
+A lesser CPU class is compared with llama.cpp built for that class where `make llama-classes` has built it
+(`.venv-llama/var/src/build-<class>/bin/`, loaded through LLAMA_CPP_LIB_PATH), else with its native build.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ PROBE = Path(__file__).with_name("llamacpp_probe.py")
 DEFAULT_PYTHON = Path(__file__).parents[1] / ".venv-llama" / "bin" / "python"
 
 
-def llamacpp(settings: Settings, prompt_tokens: int, new_tokens: int, repeats: int, python: Path) -> dict:
+def class_build(python: Path, cpu_class: str) -> Path | None:
+    """The directory of llama.cpp's libraries built for `cpu_class` by `make llama-classes`, if there is one."""
+    directory = python.parents[1] / "var" / "src" / f"build-{cpu_class}" / "bin"
+    return directory if (directory / "libllama.so").exists() else None
+
+
+def llamacpp(settings: Settings, prompt_tokens: int, new_tokens: int, repeats: int, python: Path,
+             lib: Path | None = None) -> dict:
     if not python.exists():
         raise GenerationError(f"llama-cpp-python is not installed at {python}: run `make llama-server`")
     from transformers import AutoTokenizer
@@ -30,7 +39,9 @@ def llamacpp(settings: Settings, prompt_tokens: int, new_tokens: int, repeats: i
     prompts = [prompt_ids(tokenizer, prompt_tokens, salt) for salt in range(repeats)]  # the ones bench gen times
     job = {"gguf": str(embedded_gguf()), "prompts": prompts, "new_tokens": new_tokens,
            "threads": settings.threads or os.cpu_count()}
-    done = subprocess.run([str(python), str(PROBE)], input=json.dumps(job), capture_output=True, text=True, timeout=1800)
+    env = {**os.environ, **({"LLAMA_CPP_LIB_PATH": str(lib)} if lib else {})}
+    done = subprocess.run([str(python), str(PROBE)], input=json.dumps(job), capture_output=True, text=True,
+                          timeout=1800, env=env)
     if done.returncode != 0:
         raise GenerationError(f"llama.cpp probe failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -71,8 +82,8 @@ def ratios(ours: dict, theirs: dict) -> dict:
 def run(settings: Settings, prompt_tokens: int = 800, new_tokens: int = 64, repeats: int = 3,
         python: Path = DEFAULT_PYTHON, classes: list[str] | None = None) -> dict:
     """Without `classes`, this process as it is; with them, each class in a child process, and for each also the
-    16-conversation aggregate. llama.cpp runs once, on its own native build (no cap reaches it), so a lesser class
-    is compared with llama.cpp at its best on this CPU."""
+    16-conversation aggregate, beside llama.cpp built for that class (`llama_cpp_build` says which build ran: the
+    class's own, or the native one where no class build exists)."""
     import asyncio
 
     theirs = llamacpp(settings, prompt_tokens, new_tokens, repeats, python)
@@ -85,5 +96,9 @@ def run(settings: Settings, prompt_tokens: int = 800, new_tokens: int = 64, repe
         crowd = ours_as(cpu_class, prompt_tokens, AGGREGATE_NEW_TOKENS, AGGREGATE_CONVERSATIONS, 1)
         ours["aggregate_tok_s"] = crowd.get("aggregate_tok_s")
         ours["aggregate_conversations"] = AGGREGATE_CONVERSATIONS
-        out["classes"][cpu_class] = {"rapport": ours, "ratios": ratios(ours, theirs)}
+        lib = class_build(python, cpu_class) if cpu_class != "native" else None
+        same_class = llamacpp(settings, prompt_tokens, new_tokens, repeats, python, lib) if lib else theirs
+        out["classes"][cpu_class] = {"rapport": ours, "llama_cpp": same_class,
+                                     "llama_cpp_build": cpu_class if lib else "native",
+                                     "ratios": ratios(ours, same_class)}
     return out

@@ -129,6 +129,25 @@ void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at:
   }
 }
 
+// Vectors of the build target's width (GCC vector types): AVX-512F, AVX2 or SSE code from one source.
+#if defined(__AVX512F__)
+constexpr int W = 16;  // floats a vector: one zmm register
+#elif defined(__AVX2__)
+constexpr int W = 8;  // one ymm register
+#else
+constexpr int W = 4;  // one xmm register
+#endif
+typedef float fvec __attribute__((vector_size(4 * W)));
+typedef int32_t ivec __attribute__((vector_size(4 * W)));
+
+inline fvec loadv(const float* p) {
+  fvec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void storev(float* p, fvec v) { std::memcpy(p, &v, sizeof v); }
+
 // One (slot, kv head) of decode attention: `groups` query rows attend over positions [0, length) of keys stored
 // transposed (dim rows of `kstride`) and values stored by position (rows of `vstride`). Scores and softmax in
 // float32; probabilities rounded to T before they weigh the values, as ATen's bfloat16 matmul path does.
@@ -193,6 +212,64 @@ void attend_portable(const Item& it, const T* kb, const T* vb, const float* quer
     }
   }
   for (int64_t i = 0; i < groups * dim; ++i) out[i] = round_to<T>(acc[i]);
+}
+
+// float32: the same sums as attend_portable, arranged so that the accumulators stay in registers. Scores for W
+// positions of all G query rows at once, over every dimension (each key row is read once, not once a query row);
+// then the values weighted into G x 4 vectors of dimensions at a time. Needs dim a multiple of 4 W.
+template <int G>
+void attend_f32(const Item& it, const float* kb, const float* vb, const float* query, float* scores, float* out) {
+  const int64_t dim = it.dim, length = it.length;
+  int64_t l = 0;
+  for (; l + W <= length; l += W) {
+    fvec acc[G] = {};
+    for (int64_t d = 0; d < dim; ++d) {
+      const fvec k = loadv(kb + d * it.kstride + l);
+      for (int g = 0; g < G; ++g) acc[g] += query[g * dim + d] * k;
+    }
+    for (int g = 0; g < G; ++g) storev(scores + g * length + l, acc[g] * it.scale);
+  }
+  for (; l < length; ++l) {
+    for (int g = 0; g < G; ++g) {
+      float sum = 0.0f;
+      for (int64_t d = 0; d < dim; ++d) sum += query[g * dim + d] * kb[d * it.kstride + l];
+      scores[g * length + l] = sum * it.scale;
+    }
+  }
+  softmax_rows<float>(it, scores);
+  for (int64_t e = 0; e < dim; e += 4 * W) {
+    fvec acc[G][4] = {};
+    for (int64_t p = 0; p < length; ++p) {
+      const float* v = vb + p * it.vstride + e;
+      const fvec v0 = loadv(v), v1 = loadv(v + W), v2 = loadv(v + 2 * W), v3 = loadv(v + 3 * W);
+      for (int g = 0; g < G; ++g) {
+        const float w = scores[g * length + p];
+        acc[g][0] += w * v0;
+        acc[g][1] += w * v1;
+        acc[g][2] += w * v2;
+        acc[g][3] += w * v3;
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < 4; ++j) storev(out + g * dim + e + j * W, acc[g][j]);
+  }
+}
+
+using F32Kernel = void (*)(const Item&, const float*, const float*, const float*, float*, float*);
+
+inline F32Kernel pick_f32_kernel(int64_t groups, int64_t dim) {
+  if (dim % (4 * W) != 0) return nullptr;
+  switch (groups) {
+    case 1: return &attend_f32<1>;
+    case 2: return &attend_f32<2>;
+    case 3: return &attend_f32<3>;
+    case 4: return &attend_f32<4>;
+    case 5: return &attend_f32<5>;
+    case 6: return &attend_f32<6>;
+    case 7: return &attend_f32<7>;
+    case 8: return &attend_f32<8>;
+    default: return nullptr;
+  }
 }
 
 #if defined(__AVX512BF16__)
@@ -336,6 +413,8 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
   Bf16Kernel fast = nullptr;
   if constexpr (std::is_same_v<T, c10::BFloat16>) fast = pick_bf16_kernel(groups, dim);
 #endif
+  F32Kernel fast_f32 = nullptr;
+  if constexpr (std::is_same_v<T, float>) fast_f32 = pick_f32_kernel(groups, dim);
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(groups * longest), query(groups * dim), acc(groups * dim);
     std::vector<uint32_t> pairs(groups * std::max(dim, longest));
@@ -361,6 +440,12 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
 #endif
       for (int64_t g = 0; g < groups; ++g)
         for (int64_t d = 0; d < dim; ++d) query[g * dim + d] = to_float(qrows[g][d]);
+      if constexpr (std::is_same_v<T, float>) {
+        if (fast_f32 != nullptr) {
+          fast_f32(it, kb, vb, query.data(), scores.data(), o);
+          continue;
+        }
+      }
       attend_portable<T>(it, kb, vb, query.data(), scores.data(), acc.data(), o);
     }
   });
@@ -406,24 +491,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // bytes read per step are the quantised ones. Written with GCC vector types of the target's width: one source
 // that the compiler turns into AVX-512F, AVX2 or SSE code, whichever the build targets. Every (row, output) sum is accumulated in
 // the same order whatever the number of rows, so a row's result does not depend on what it is batched with.
-#if defined(__AVX512F__)
-constexpr int W = 16;  // floats a vector: one zmm register
-#elif defined(__AVX2__)
-constexpr int W = 8;  // one ymm register
-#else
-constexpr int W = 4;  // one xmm register
-#endif
-typedef float fvec __attribute__((vector_size(4 * W)));
-typedef int32_t ivec __attribute__((vector_size(4 * W)));
-
 constexpr int64_t QGROUP = 32;
 constexpr int CHUNKS = QGROUP / W;  // vectors a group
 
-inline fvec loadv(const float* p) {
-  fvec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 // W bytes widened to 32-bit lanes, signed or not. GCC's own conversion of a byte vector goes element by element,
 // so on x86 the widening load is the instruction that does it (vpmovsxbd / vpmovzxbd).

@@ -89,9 +89,11 @@ def test_bad_operands_get_a_clear_error(ops):
         ops.rms_norm(torch.zeros(1, 8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64), 1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_fused_forward_equals_the_plain_forward(tiny_model_dir, dtype):
-    """Decode rows of several slots beside prompt chunks (a first and a later one), through both paths."""
+@pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                            (torch.bfloat16, torch.bfloat16)])
+def test_the_fused_forward_equals_the_plain_forward(tiny_model_dir, dtype, kv_dtype):
+    """Decode rows of several slots beside prompt chunks (a first and a later one), through both paths, the arena
+    in the model's dtype or in bfloat16 beside float32 (the fused default there)."""
     model, _ = load_model(tiny_model_dir, dtype)
     torch.manual_seed(2)
     p0, p1, p2 = (torch.randint(3, 300, (n,)) for n in (9, 23, 6))
@@ -108,7 +110,8 @@ def test_the_fused_forward_equals_the_plain_forward(tiny_model_dir, dtype):
              step([14, 15], [n0 + 2, n1 + 1], p2[2:], 2, 2),  # two streams, a later chunk
              step([16, 17, 18], [n0 + 3, n1 + 2, len(p2)], torch.tensor([], dtype=torch.long), None, 0)]
     results = {}
-    for engine in (FastLlama(model, fused=True), FastLlama(model, fused=False)):
+    for engine in (FastLlama(model, fused=True, kv_dtype=kv_dtype), FastLlama(model, fused=False, kv_dtype=kv_dtype)):
+        assert engine.arena.k.dtype == kv_dtype
         engine.arena.reserve(3, 64)
         results[engine.fused] = [engine.forward(batch) for batch in steps]
     assert set(results) == {True, False}

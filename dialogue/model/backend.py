@@ -71,6 +71,7 @@ class LocalBackend(TokenizerText):
         decode = self._decode_record[-1] if self._decode_record else {}
         return {"cpu_class": kernels.cpu_class(), "dtype": str(self.dtype).removeprefix("torch."),
                 "kernels": bool(getattr(getattr(engine, "model", None), "fused", False)),
+                "kv_dtype": str(getattr(getattr(engine, "model", None), "kv_dtype", self.dtype)).removeprefix("torch."),
                 "decode_weights": plan.fmt if plan else None, "quantised_up_to_rows": plan.max_rows if plan else 0,
                 "head_weights": plan.head_fmt if plan else None, "head_quantised_up_to_rows": plan.head_max_rows if plan else 0,
                 "why": decode.get("reason", ""), "dtype_us": self.dtype_us,

@@ -148,6 +148,21 @@ inline fvec loadv(const float* p) {
 
 inline void storev(float* p, fvec v) { std::memcpy(p, &v, sizeof v); }
 
+// W values stored as bfloat16, widened to float32 (the upper 16 bits of a float: widen, shift).
+inline fvec loadv(const c10::BFloat16* p) {
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (fvec)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+#elif defined(__AVX2__)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (fvec)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+#else
+  fvec v;
+  for (int i = 0; i < W; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+#endif
+}
+
 // One (slot, kv head) of decode attention: `groups` query rows attend over positions [0, length) of keys stored
 // transposed (dim rows of `kstride`) and values stored by position (rows of `vstride`). Scores and softmax in
 // float32; probabilities rounded to T before they weigh the values, as ATen's bfloat16 matmul path does.
@@ -173,16 +188,16 @@ void softmax_rows(const Item& it, float* scores) {
 }
 
 // Portable path: any T, any shape. `query` (groups, dim) float, `scores` (groups, length), `acc` (groups, dim).
-template <typename T>
-void attend_portable(const Item& it, const T* kb, const T* vb, const float* query, float* scores, float* acc, T* out) {
+template <typename T, typename S>
+void attend_portable(const Item& it, const S* kb, const S* vb, const float* query, float* scores, float* acc, T* out) {
   const int64_t groups = it.groups, dim = it.dim, length = it.length;
   std::fill(scores, scores + groups * length, 0.0f);
   int64_t d = 0;
   for (; d + 4 <= dim; d += 4) {  // four key rows a pass
-    const T* k0 = kb + d * it.kstride;
-    const T* k1 = k0 + it.kstride;
-    const T* k2 = k1 + it.kstride;
-    const T* k3 = k2 + it.kstride;
+    const S* k0 = kb + d * it.kstride;
+    const S* k1 = k0 + it.kstride;
+    const S* k2 = k1 + it.kstride;
+    const S* k3 = k2 + it.kstride;
     for (int64_t g = 0; g < groups; ++g) {
       const float* qg = query + g * dim + d;
       const float q0 = qg[0], q1 = qg[1], q2 = qg[2], q3 = qg[3];
@@ -193,7 +208,7 @@ void attend_portable(const Item& it, const T* kb, const T* vb, const float* quer
     }
   }
   for (; d < dim; ++d) {
-    const T* krow = kb + d * it.kstride;
+    const S* krow = kb + d * it.kstride;
     for (int64_t g = 0; g < groups; ++g) {
       const float qd = query[g * dim + d];
       float* s = scores + g * length;
@@ -204,7 +219,7 @@ void attend_portable(const Item& it, const T* kb, const T* vb, const float* quer
   softmax_rows<T>(it, scores);
   std::fill(acc, acc + groups * dim, 0.0f);
   for (int64_t l = 0; l < length; ++l) {
-    const T* vrow = vb + l * it.vstride;
+    const S* vrow = vb + l * it.vstride;
     for (int64_t g = 0; g < groups; ++g) {
       const float p = scores[g * length + l];
       float* a = acc + g * dim;
@@ -217,8 +232,8 @@ void attend_portable(const Item& it, const T* kb, const T* vb, const float* quer
 // float32: the same sums as attend_portable, arranged so that the accumulators stay in registers. Scores for W
 // positions of all G query rows at once, over every dimension (each key row is read once, not once a query row);
 // then the values weighted into G x 4 vectors of dimensions at a time. Needs dim a multiple of 4 W.
-template <int G>
-void attend_f32(const Item& it, const float* kb, const float* vb, const float* query, float* scores, float* out) {
+template <int G, typename S>
+void attend_f32(const Item& it, const S* kb, const S* vb, const float* query, float* scores, float* out) {
   const int64_t dim = it.dim, length = it.length;
   int64_t l = 0;
   for (; l + W <= length; l += W) {
@@ -232,7 +247,7 @@ void attend_f32(const Item& it, const float* kb, const float* vb, const float* q
   for (; l < length; ++l) {
     for (int g = 0; g < G; ++g) {
       float sum = 0.0f;
-      for (int64_t d = 0; d < dim; ++d) sum += query[g * dim + d] * kb[d * it.kstride + l];
+      for (int64_t d = 0; d < dim; ++d) sum += query[g * dim + d] * to_float(kb[d * it.kstride + l]);
       scores[g * length + l] = sum * it.scale;
     }
   }
@@ -240,7 +255,7 @@ void attend_f32(const Item& it, const float* kb, const float* vb, const float* q
   for (int64_t e = 0; e < dim; e += 4 * W) {
     fvec acc[G][4] = {};
     for (int64_t p = 0; p < length; ++p) {
-      const float* v = vb + p * it.vstride + e;
+      const S* v = vb + p * it.vstride + e;
       const fvec v0 = loadv(v), v1 = loadv(v + W), v2 = loadv(v + 2 * W), v3 = loadv(v + 3 * W);
       for (int g = 0; g < G; ++g) {
         const float w = scores[g * length + p];
@@ -255,19 +270,21 @@ void attend_f32(const Item& it, const float* kb, const float* vb, const float* q
   }
 }
 
-using F32Kernel = void (*)(const Item&, const float*, const float*, const float*, float*, float*);
+template <typename S>
+using F32Kernel = void (*)(const Item&, const S*, const S*, const float*, float*, float*);
 
-inline F32Kernel pick_f32_kernel(int64_t groups, int64_t dim) {
+template <typename S>
+inline F32Kernel<S> pick_f32_kernel(int64_t groups, int64_t dim) {
   if (dim % (4 * W) != 0) return nullptr;
   switch (groups) {
-    case 1: return &attend_f32<1>;
-    case 2: return &attend_f32<2>;
-    case 3: return &attend_f32<3>;
-    case 4: return &attend_f32<4>;
-    case 5: return &attend_f32<5>;
-    case 6: return &attend_f32<6>;
-    case 7: return &attend_f32<7>;
-    case 8: return &attend_f32<8>;
+    case 1: return &attend_f32<1, S>;
+    case 2: return &attend_f32<2, S>;
+    case 3: return &attend_f32<3, S>;
+    case 4: return &attend_f32<4, S>;
+    case 5: return &attend_f32<5, S>;
+    case 6: return &attend_f32<6, S>;
+    case 7: return &attend_f32<7, S>;
+    case 8: return &attend_f32<8, S>;
     default: return nullptr;
   }
 }
@@ -392,14 +409,14 @@ Bf16Kernel pick_bf16_kernel(int64_t groups, int64_t dim) {
 // first written into the arena; then its queries attend over the slot's positions [0, positions[b]], reading
 // the arena in place. q (B, heads, dim); k, v (B, kv_heads, dim); keys (slots, kv_heads, dim, length) and
 // values (slots, kv_heads, length, dim) are one layer of the arena. Returns (B, heads * dim).
-template <typename T>
+template <typename T, typename S = T>  // S: how the arena stores keys and values (T, or bfloat16 beside float32)
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& keys,
                            at::Tensor& values, const at::Tensor& positions, at::Tensor& out, double scale) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = keys.size(1);
   const int64_t groups = heads / kv_heads;
   const int64_t* P = positions.data_ptr<int64_t>();
-  T* K = keys.data_ptr<T>();
-  T* V = values.data_ptr<T>();
+  S* K = keys.data_ptr<S>();
+  S* V = values.data_ptr<S>();
   const T* Q = q.data_ptr<T>();
   const T* KN = k.data_ptr<T>();
   const T* VN = v.data_ptr<T>();
@@ -411,21 +428,21 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
   T* O = out.data_ptr<T>();
 #if defined(__AVX512BF16__)
   Bf16Kernel fast = nullptr;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) fast = pick_bf16_kernel(groups, dim);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) fast = pick_bf16_kernel(groups, dim);  // then S is bfloat16 too
 #endif
-  F32Kernel fast_f32 = nullptr;
-  if constexpr (std::is_same_v<T, float>) fast_f32 = pick_f32_kernel(groups, dim);
+  F32Kernel<S> fast_f32 = nullptr;
+  if constexpr (std::is_same_v<T, float>) fast_f32 = pick_f32_kernel<S>(groups, dim);
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(groups * longest), query(groups * dim), acc(groups * dim);
     std::vector<uint32_t> pairs(groups * std::max(dim, longest));
     std::vector<const T*> qrows(groups);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / kv_heads, h = item % kv_heads, pos = P[b];
-      T* kb = K + b * ks[0] + h * ks[1];
-      T* vb = V + b * vs[0] + h * vs[1];
+      S* kb = K + b * ks[0] + h * ks[1];
+      S* vb = V + b * vs[0] + h * vs[1];
       for (int64_t d = 0; d < dim; ++d) {
-        kb[d * ks[2] + pos] = KN[b * kns0 + h * kns1 + d];
-        vb[pos * vs[2] + d] = VN[b * vns0 + h * vns1 + d];
+        kb[d * ks[2] + pos] = round_to<S>(to_float(KN[b * kns0 + h * kns1 + d]));
+        vb[pos * vs[2] + d] = round_to<S>(to_float(VN[b * vns0 + h * vns1 + d]));
       }
       const Item it{groups, dim, pos + 1, ks[2], vs[2], static_cast<float>(scale)};
       for (int64_t g = 0; g < groups; ++g) qrows[g] = Q + b * qs0 + (h * groups + g) * qs1;
@@ -446,7 +463,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::T
           continue;
         }
       }
-      attend_portable<T>(it, kb, vb, query.data(), scores.data(), acc.data(), o);
+      attend_portable<T, S>(it, kb, vb, query.data(), scores.data(), acc.data(), o);
     }
   });
 }
@@ -465,8 +482,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.size(0) == batch,
               "decode_attention: positions must be (rows,) int64");
   const auto dtype = q.scalar_type();
-  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && keys.scalar_type() == dtype &&
-              values.scalar_type() == dtype, "decode_attention: dtypes differ");
+  const auto stored = keys.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && values.scalar_type() == stored &&
+              (stored == dtype || (dtype == at::kFloat && stored == at::kBFloat16)),
+              "decode_attention: dtypes differ (the arena may be bfloat16 beside float32 rows, nothing else)");
   const int64_t* P = positions.data_ptr<int64_t>();
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK(P[b] >= 0 && P[b] < keys.size(3), "decode_attention: position outside the arena");
@@ -474,6 +493,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   auto out = at::empty({batch, q.size(1) * dim}, q.options());
   if (dtype == at::kBFloat16) {
     decode_attention_impl<c10::BFloat16>(q, k, v, keys, values, positions, out, scale);
+  } else if (stored == at::kBFloat16) {
+    decode_attention_impl<float, c10::BFloat16>(q, k, v, keys, values, positions, out, scale);
   } else {
     TORCH_CHECK(dtype == at::kFloat, "decode_attention: float32 or bfloat16 only");
     decode_attention_impl<float>(q, k, v, keys, values, positions, out, scale);

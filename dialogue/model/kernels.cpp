@@ -606,10 +606,14 @@ void qmatmul_dispatch(int64_t rows, const float* x, int64_t K, const uint8_t* q,
     case 2: return qmatmul_rows<BITS, 2>(x, K, q, scales, N, out);
     case 3: return qmatmul_rows<BITS, 3>(x, K, q, scales, N, out);
     case 4: return qmatmul_rows<BITS, 4>(x, K, q, scales, N, out);
+    case 5: return qmatmul_rows<BITS, 5>(x, K, q, scales, N, out);
+    case 6: return qmatmul_rows<BITS, 6>(x, K, q, scales, N, out);
+    case 7: return qmatmul_rows<BITS, 7>(x, K, q, scales, N, out);
+    case 8: return qmatmul_rows<BITS, 8>(x, K, q, scales, N, out);
     default: break;
   }
-  for (int64_t r = 0; r < rows; r += 4) {  // more rows: four at a time (the same sums, row by row)
-    const int64_t take = std::min<int64_t>(4, rows - r);
+  for (int64_t r = 0; r < rows; r += 8) {  // more rows: eight at a time (the same sums, row by row)
+    const int64_t take = std::min<int64_t>(8, rows - r);
     std::vector<float> part(take * N);
     qmatmul_dispatch<BITS>(take, x + r * K, K, q, scales, N, part.data());
     for (int64_t i = 0; i < take; ++i) std::memcpy(out + (r + i) * N, part.data() + i * N, N * sizeof(float));

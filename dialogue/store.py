@@ -260,6 +260,12 @@ class TranscriptStore:
             session.add(conversation)
             session.commit()
 
+    def conversation_ids(self, *, user_id: str, prefix: str) -> list[str]:
+        """The ids of this user's conversations that start with `prefix` (a channel's numbering)."""
+        with self.session() as session:
+            return list(session.exec(select(Conversation.id).where(
+                Conversation.user_id == user_id, Conversation.id.startswith(prefix, autoescape=True))).all())
+
     def get_conversation(self, conversation_id: str) -> Conversation | None:
         with self.session() as session:
             return session.get(Conversation, conversation_id)

@@ -219,11 +219,14 @@ def test_hostile_requests_get_json_4xx_and_keep_earlier_data(client, services):
     assert say(client, "Still there?").status_code == 200
 
 
-def test_a_message_over_the_length_limit_is_cut_with_a_notice_as_in_every_channel(client, services):
-    """One length rule in the core: longer than RAPPORT_MAX_MESSAGE_CHARS (8000) is cut to it, and the reply says so."""
-    body = say(client, "a" * 9000).json()
-    assert any("cut to its first 8000 characters" in n for n in body["notices"])
-    assert len(services.store.get_turn(body["turn_id"]).user_text) <= 8000
+def test_a_message_over_the_length_limit_is_refused_whole_as_in_every_channel(client, services):
+    """One length rule in the core: longer than RAPPORT_MAX_MESSAGE_CHARS (8000) is a 400 naming the limit, and
+    nothing of it is stored; the conversation goes on."""
+    refused = say(client, "a" * 9000)
+    assert refused.status_code == 400
+    assert refused.json() == {"error": "the message is 9000 characters; the limit is 8000"}
+    assert services.store.export_user("u1")["turns"] == []
+    assert say(client, "Hello!").status_code == 200
 
 
 def test_control_characters_are_stripped_not_stored(client, services):

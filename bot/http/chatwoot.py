@@ -32,7 +32,7 @@ import httpx
 from fastapi import APIRouter, HTTPException, Request
 
 from dialogue.handoff import HandoffDesk, HandoffEvent
-from dialogue.errors import RapportError
+from dialogue.errors import InvalidInput, RapportError
 from bot.services import Services
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,12 @@ class ChatwootBot:
         """Answer the customer through the core's handoff gate (silent while a person has the conversation)."""
         key, user = conversation_key(account, conversation), f"{CHANNEL}:{account}:{contact}"
         async with self._lock(key):
-            reply = await self.services.manager.respond(user_id=user, conversation_id=key, text=text, channel=CHANNEL)
+            try:
+                reply = await self.services.manager.respond(user_id=user, conversation_id=key, text=text,
+                                                            channel=CHANNEL)
+            except InvalidInput as exc:  # too long, say: the customer is told why, in their conversation
+                await self.api.post_message(account, conversation, f"Sorry, I can't take that message: {exc}.")
+                return
             answer = await reply.complete()
             if answer.strip():
                 await self.api.post_message(account, conversation, answer)

@@ -25,24 +25,18 @@ class Backend(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
-    def truncate(self, text: str, max_tokens: int) -> str: ...
-
     async def generate(self, messages: list[Message], params: GenerationParams, adapter: AdapterRef | None) -> Generation: ...
 
     def close(self) -> None: ...
 
 
 class TokenizerText:
-    """Token counting and cutting for a backend with a `tokenizer` of its model (local or remote alike)."""
+    """Token counting for a backend with a `tokenizer` of its model (local or remote alike)."""
 
     tokenizer: object
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
-        return self.tokenizer.decode(ids).strip()
 
 
 class LocalBackend(TokenizerText):

@@ -17,7 +17,8 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 from sqlmodel import select
@@ -101,12 +102,13 @@ def follow_on_prompt(last: Turn | None, system: str, text: str) -> str:
 class HandoffDesk:
     """Performs handoffs and records what happens while a person has the conversation."""
 
-    def __init__(self, store: TranscriptStore, *, system_prompt: str = "", after_negative: int = 2) -> None:
+    def __init__(self, store: TranscriptStore, *, system_prompt: str = "", after_negative: int = 2,
+                 listeners: Iterable[Listener] = ()) -> None:
         self.store = store
         self.system_prompt = system_prompt
         self.after_negative = after_negative
-        self.listeners: list[Listener] = []  # told of each handoff (webhook, Chatwoot, Telegram operators' chat)
-        self.counters: list[Callable[[str], None]] = []  # reason -> None, called at once (metrics)
+        self.listeners: tuple[Listener, ...] = tuple(listeners)  # told of each handoff (webhook, Chatwoot, …)
+        self.counts: Counter[str] = Counter()  # handoffs by reason since start (the API's /metrics reads it)
         self._tasks: set[asyncio.Task] = set()
 
     # -- state -----------------------------------------------------------------------------------
@@ -127,8 +129,7 @@ class HandoffDesk:
                              reason=reason, turn_id=turn_id, summary=summarise(reason, transcript),
                              transcript=transcript, at=utcnow().isoformat())
         logger.info("conversation %s handed off (%s)", conversation_id, reason)
-        for count in self.counters:
-            count(reason)
+        self.counts[reason] += 1
         if background:
             task = asyncio.create_task(self._notify(event))
             self._tasks.add(task)

@@ -15,7 +15,6 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from bot.http.app import create_app
-from bot.http.webhook import WebhookNotifier
 from bot.services import open_services
 
 ADMIN, PLAIN = "admin-key-0123456789", "plain-key-0123456789"
@@ -238,34 +237,40 @@ def test_control_characters_are_stripped_not_stored(client, services):
     assert "\x00" not in stored and "\x1b" not in stored and stored.startswith("hi there")
 
 
-def test_asking_for_a_human_hands_off_and_the_bot_stays_silent(client, services):
+def test_asking_for_a_human_hands_off_and_the_bot_stays_silent(tiny_settings):
+    """The handoff webhook of the settings hears of the handoff; the bot is silent until the conversation is resumed."""
     webhook_app, calls = recorder_app()
     with LiveServer(webhook_app) as hook:
-        client.app.state.desk.listeners.append(WebhookNotifier(hook.url + "/hook", "s3cret"))
-        say(client, "Hello!", conversation="h1")
-        handed = say(client, "I want to talk to a human please", conversation="h1").json()
-        assert handed["handoff"] is True and handed["status"] == "human" and handed["reply"]
-        wait_for(lambda: len(calls) == 1)
-        event = calls[0]["json"]
-        assert event["event"] == "conversation.handoff" and event["reason"] == "customer_request"
-        assert event["conversation_id"] == "h1" and event["user_id"] == "u1" and event["turn_id"] == handed["turn_id"]
-        assert "human" in event["summary"] and event["transcript"][-1]["role"] == "bot"
-        expected = hmac.new(b"s3cret", calls[0]["body"], hashlib.sha256).hexdigest()
-        assert calls[0]["headers"]["x-rapport-signature"] == f"sha256={expected}"
+        services = open_services(tiny_settings.model_copy(update={"handoff_webhook_url": hook.url + "/hook",
+                                                                  "handoff_webhook_secret": "s3cret"}))
+        try:
+            with TestClient(create_app(services)) as client:
+                say(client, "Hello!", conversation="h1")
+                handed = say(client, "I want to talk to a human please", conversation="h1").json()
+                assert handed["handoff"] is True and handed["status"] == "human" and handed["reply"]
+                wait_for(lambda: len(calls) == 1)
+                event = calls[0]["json"]
+                assert event["event"] == "conversation.handoff" and event["reason"] == "customer_request"
+                assert event["conversation_id"] == "h1" and event["user_id"] == "u1" and event["turn_id"] == handed["turn_id"]
+                assert "human" in event["summary"] and event["transcript"][-1]["role"] == "bot"
+                expected = hmac.new(b"s3cret", calls[0]["body"], hashlib.sha256).hexdigest()
+                assert calls[0]["headers"]["x-rapport-signature"] == f"sha256={expected}"
 
-        waiting = say(client, "My order 123 never arrived", conversation="h1").json()
-        assert waiting["reply"] == "" and waiting["status"] == "human"
-        agent = client.post("/v1/conversations/h1/agent_messages", json={"text": "Sorry! I'll resend it today."})
-        assert agent.status_code == 200 and agent.json()["reply_to"] == waiting["turn_id"]
-        turn = services.store.get_turn(agent.json()["turn_id"])
-        assert (turn.model_id, turn.finish_reason, turn.user_text) == ("human", "agent", "My order 123 never arrived")
-        assert turn.prompt == services.store.get_turn(waiting["turn_id"]).prompt
-        assert client.get("/v1/conversations/h1").json()["status"] == "human"
+                waiting = say(client, "My order 123 never arrived", conversation="h1").json()
+                assert waiting["reply"] == "" and waiting["status"] == "human"
+                agent = client.post("/v1/conversations/h1/agent_messages", json={"text": "Sorry! I'll resend it today."})
+                assert agent.status_code == 200 and agent.json()["reply_to"] == waiting["turn_id"]
+                turn = services.store.get_turn(agent.json()["turn_id"])
+                assert (turn.model_id, turn.finish_reason, turn.user_text) == ("human", "agent", "My order 123 never arrived")
+                assert turn.prompt == services.store.get_turn(waiting["turn_id"]).prompt
+                assert client.get("/v1/conversations/h1").json()["status"] == "human"
 
-        assert client.post("/v1/conversations/h1/resume").json()["status"] == "bot"
-        back = say(client, "Thanks, one more question", conversation="h1").json()
-        assert back["status"] == "bot" and back["finish_reason"] in ("stop", "length")
-        assert len(calls) == 1
+                assert client.post("/v1/conversations/h1/resume").json()["status"] == "bot"
+                back = say(client, "Thanks, one more question", conversation="h1").json()
+                assert back["status"] == "bot" and back["finish_reason"] in ("stop", "length")
+                assert len(calls) == 1
+        finally:
+            services.close()
 
 
 def test_repeated_negative_ratings_hand_off(client, services):

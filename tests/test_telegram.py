@@ -37,11 +37,21 @@ def standin():
 
 
 @pytest.fixture
-async def services(tiny_settings):
+def operators() -> list:
+    """The handoff events the operators are told of (what the handoff webhook or an operators' chat receives)."""
+    return []
+
+
+@pytest.fixture
+async def services(tiny_settings, operators):
     tiny_settings.telegram_edit_interval = 0.3
     tiny_settings.telegram_group_edit_interval = 0.3
     tiny_settings.telegram_retry_budget = 20
-    opened = open_services(tiny_settings)
+
+    async def tell(event) -> None:
+        operators.append(event)
+
+    opened = open_services(tiny_settings, listeners=[tell])
     await opened.backend.ready()
     yield opened
     opened.close()
@@ -241,14 +251,9 @@ async def test_a_thumbs_down_asks_for_a_better_reply_and_keeps_it_as_a_correctio
     assert len(data["turns"]) == 1  # the correction was not answered as a new message
 
 
-async def test_asking_for_a_person_hands_off_and_the_bot_stays_silent_until_handed_back(services, standin):
+async def test_asking_for_a_person_hands_off_and_the_bot_stays_silent_until_handed_back(services, standin, operators):
     services.manager.recall = fixed_answer("Happy to help.")
-    events = []
-
-    async def operators(event) -> None:  # what the handoff webhook (or an operators' chat) is told
-        events.append(event)
-
-    services.desk.listeners.append(operators)
+    events = operators
     conversation = f"telegram:{ANN}:1"
     async with Running(services, standin):
         standin.message("Hi there", chat_id=ANN)

@@ -76,6 +76,7 @@ class LocalBackend(TokenizerText):
                                                          config["intermediate_size"], self._cache)
 
     def _load(self):
+        kernels.load(self.settings)  # the first call decides for the process: built or not, per these settings
         directory = resolve_model_dir(self.settings.model, self.settings.models_dir)
         try:
             self._choose_dtype(directory)

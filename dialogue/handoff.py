@@ -21,10 +21,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
-from sqlmodel import select
-
 from dialogue.errors import NotFound
-from dialogue.store import Rating, TranscriptStore, Turn, new_id, utcnow
+from dialogue.store import TranscriptStore, Turn, new_id, utcnow
 from memory.text import clean_text
 
 logger = logging.getLogger(__name__)
@@ -191,20 +189,11 @@ class HandoffDesk:
         turn = await asyncio.to_thread(self.store.get_turn, turn_id)
         if turn is None or await self.is_handed_off(turn.conversation_id):
             return None
-        recent = await asyncio.to_thread(self._recent_ratings, turn.conversation_id)
+        recent = await asyncio.to_thread(self.store.recent_ratings, turn.conversation_id)
         if len(recent) >= self.after_negative and all(r == -1 for r in recent[: self.after_negative]):
             return await self.hand_off(conversation_id=turn.conversation_id, user_id=turn.user_id,
                                        reason="negative_ratings", turn_id=turn_id, background=True)
         return None
-
-    def _recent_ratings(self, conversation_id: str) -> list[int]:
-        """Ratings in this conversation, newest turn first."""
-        with self.store.session() as session:
-            rows = session.exec(
-                select(Rating.rating).join(Turn, Turn.id == Rating.turn_id)
-                .where(Turn.conversation_id == conversation_id).order_by(Turn.seq.desc()).limit(10)
-            ).all()
-        return list(rows)
 
     async def _record(self, conversation_id: str, user_id: str, channel: str, text: str, *, reply: str,
                       model_id: str, finish_reason: str, handoff: bool) -> Turn:

@@ -188,6 +188,15 @@ class TranscriptStore:
         except OperationalError as exc:
             raise StoreUnavailable(f"transcript store is unavailable: {exc.orig}") from exc
 
+    def ping(self) -> bool:
+        """Whether the database answers now."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except SQLAlchemyError:
+            return False
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -292,6 +301,14 @@ class TranscriptStore:
             session.add(row)
             session.commit()
             return row
+
+    def recent_ratings(self, conversation_id: str, limit: int = 10) -> list[int]:
+        """The ratings in one conversation, newest turn first."""
+        with self.session() as session:
+            return list(session.exec(
+                select(Rating.rating).join(Turn, Turn.id == Rating.turn_id)
+                .where(Turn.conversation_id == conversation_id).order_by(Turn.seq.desc()).limit(limit)
+            ).all())
 
     # -- whole users --------------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import text
 
 from bot.http import openai, turns, users
 from bot.http.auth import ApiKeys, RateLimiter
@@ -51,14 +50,8 @@ class Readiness:
         self.services.faq  # noqa: B018
 
     def status(self) -> dict:
-        store_ok = True
-        try:
-            with self.services.store.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        except Exception:
-            store_ok = False
         return {"model": self.services.backend.is_ready() and self.error is None, "stores": self.stores_ready,
-                "transcripts": store_ok, "error": self.error}
+                "transcripts": self.services.store.ping(), "error": self.error}
 
 
 def queue_depth(services: Services):

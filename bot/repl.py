@@ -68,7 +68,11 @@ class ChatSession:
             return c.sources(self.last_reply)
         if name == "export":
             return await c.export(self.user_id)
-        return await getattr(c, name)(self.user_id, args)  # persona, memory, forget
+        if name == "persona":
+            return await c.persona(self.user_id, args)
+        if name == "memory":
+            return await c.memory(self.user_id)
+        return await c.forget(self.user_id, args)
 
     async def reply(self, text: str, write: Callable[[str], None], notice: Callable[[str], None]) -> Reply:
         reply = await self.services.manager.respond(user_id=self.user_id, conversation_id=self.conversation_id,

@@ -14,23 +14,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from dialogue.errors import RapportError, StoreUnavailable
-from dialogue.manager import Reply
+from bot.commands import Commands, help_text
 from bot.services import Services
+from dialogue.errors import InvalidInput, NotFound, RapportError, StoreUnavailable
+from dialogue.manager import Reply
 from dialogue.store import new_id
 from memory.text import CONTROL_CHARS
 
-HELP = """\
-Commands:
-  /help                     this list
-  /new                      start a new conversation (memories and persona stay)
-  /rate up|down [comment]   rate the last reply (it teaches the next adapter version)
-  /persona [set key=value]  show or change what I know about how to talk to you
-  /memory                   list what I remember about you
-  /forget [ID|all]          forget one memory, or all of them
-  /sources                  where the last reply came from
-  /quit                     leave (Ctrl-D works too)
-Ctrl-C stops a reply without leaving."""
+REPL_COMMANDS = ("help", "new", "rate", "persona", "memory", "forget", "sources", "export", "quit")
+HELP = help_text(REPL_COMMANDS) + "\nCtrl-C stops a reply without leaving."
 
 
 def printable(text: str) -> str:
@@ -47,80 +39,40 @@ class ChatSession:
     conversation_id: str = field(default_factory=new_id)
     last_reply: Reply | None = None
 
+    def __post_init__(self) -> None:
+        self.commands = Commands(self.services)
+
     async def command(self, line: str) -> str | None:
-        """Run a slash command; returns the text to show, or None to quit."""
+        """Run a slash command; returns the text to show (a mistake's message included), or None to quit."""
         name, _, args = line[1:].partition(" ")
-        handler = self.commands().get(name.lower())
-        if handler is None:
+        name, args = name.lower(), args.strip()
+        if name not in REPL_COMMANDS and name != "exit":
             return f"Unknown command /{name}. Type /help for the list."
-        return await handler(args.strip())
+        try:
+            return await self._run(name, args)
+        except (InvalidInput, NotFound) as exc:
+            return str(exc)
 
-    def commands(self) -> dict[str, Callable]:
-        return {
-            "help": self.cmd_help, "new": self.cmd_new, "rate": self.cmd_rate, "quit": self.cmd_quit,
-            "exit": self.cmd_quit, "sources": self.cmd_sources, "persona": self.cmd_persona,
-            "memory": self.cmd_memory, "forget": self.cmd_forget,
-        }
-
-    async def cmd_help(self, _args: str) -> str:
-        return HELP
-
-    async def cmd_quit(self, _args: str) -> None:
-        return None
-
-    async def cmd_new(self, _args: str) -> str:
-        self.conversation_id, self.last_reply = new_id(), None
-        return "Started a new conversation."
-
-    async def cmd_rate(self, args: str) -> str:
-        verdict, _, comment = args.partition(" ")
-        rating = {"up": 1, "+1": 1, "good": 1, "down": -1, "-1": -1, "bad": -1}.get(verdict.lower())
-        if rating is None:
-            return "Usage: /rate up|down [comment]"
-        if self.last_reply is None or not self.last_reply.recorded:
-            return "There is no reply to rate yet."
-        await self.services.manager.rate(turn_id=self.last_reply.turn_id, rating=rating, user_id=self.user_id,
-                                         comment=comment.strip() or None)
-        return "Thanks, noted." if rating > 0 else "Thanks, noted. I'll try to do better."
-
-    async def cmd_sources(self, _args: str) -> str:
-        if self.last_reply is None:
-            return "There is no reply yet."
-        if not self.last_reply.sources:
-            return "The last reply used no FAQ entry or memory."
-        return "\n".join(f"{s.kind}:{s.id}  score {s.score:.2f}" for s in self.last_reply.sources)
-
-    async def cmd_persona(self, args: str) -> str:
-        personas = self.services.personas
-        if args:
-            verb, _, assignment = args.partition(" ")
-            key, eq, value = assignment.partition("=")
-            if verb.lower() != "set" or not eq or not key.strip():
-                return "Usage: /persona  or  /persona set key=value  (an empty value clears the field)"
-            await asyncio.to_thread(personas.update, self.user_id, {key.strip(): value.strip()})
-        persona = await asyncio.to_thread(personas.get, self.user_id)
-        lines = [f"  {key:<11} {', '.join(value) if isinstance(value, list) else value}"
-                 for key, value in persona.to_json().items() if value]
-        if not lines:
-            return "I know nothing about you yet. Tell me, or use /persona set name=…"
-        return "What I know about how to talk to you:\n" + "\n".join(lines)
-
-    async def cmd_memory(self, _args: str) -> str:
-        memories = await asyncio.to_thread(self.services.memory.for_user(self.user_id).list)
-        if not memories:
-            return "I remember nothing about you yet."
-        lines = [f"  {m.id}  {m.text}" for m in memories]
-        return f"What I remember ({len(memories)}; /forget ID or /forget all):\n" + "\n".join(lines)
-
-    async def cmd_forget(self, args: str) -> str:
-        memory = self.services.memory.for_user(self.user_id)
-        if not args:
-            return "Usage: /forget ID  or  /forget all"
-        if args.lower() == "all":
-            count = await asyncio.to_thread(memory.forget_all)
-            return f"Forgot everything ({count} memories)."
-        await asyncio.to_thread(memory.forget, args)
-        return f"Forgot {args}."
+    async def _run(self, name: str, args: str) -> str | None:
+        c = self.commands
+        if name in ("quit", "exit"):
+            return None
+        if name == "help":
+            return HELP
+        if name == "new":
+            self.conversation_id, self.last_reply = new_id(), None
+            return "Started a new conversation. I still remember you: /memory and /persona show what I know."
+        if name == "rate":
+            return await c.rate(self.user_id, self.last_reply, args)
+        if name == "sources":
+            return c.sources(self.last_reply)
+        if name == "export":
+            return await c.export(self.user_id)
+        if name == "persona":
+            return await c.persona(self.user_id, args)
+        if name == "memory":
+            return await c.memory(self.user_id)
+        return await c.forget(self.user_id, args)
 
     async def reply(self, text: str, write: Callable[[str], None], notice: Callable[[str], None]) -> Reply:
         reply = await self.services.manager.respond(user_id=self.user_id, conversation_id=self.conversation_id,

@@ -6,8 +6,9 @@ import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from bot.http.chatwoot import ChatwootApi, ChatwootNotes
 from bot.http.webhook import WebhookNotifier
-from dialogue.handoff import HandoffDesk
+from dialogue.handoff import HandoffDesk, Listener
 from dialogue.manager import DialogueManager
 from dialogue.model.backend import Backend, LocalBackend
 from dialogue.model.worker import AdapterRef
@@ -32,18 +33,26 @@ class Services:
     backend: Backend
     store: TranscriptStore
     closers: list = field(default_factory=list)
+    listeners: list[Listener] = field(default_factory=list)  # told of each handoff, besides those the settings name
     manager: DialogueManager = field(init=False)
     desk: HandoffDesk = field(init=False)  # the handoff gate's desk: every channel's turns pass it
+    chatwoot: ChatwootApi | None = field(init=False)  # Chatwoot's REST API, when the settings name an installation
 
     def __post_init__(self) -> None:
-        recall = TurnRecall(self.settings, self.personas, memory=lambda: self.memory, faq=lambda: self.faq,
+        s = self.settings
+        recall = TurnRecall(s, self.personas, memory=lambda: self.memory, faq=lambda: self.faq,
                             count_tokens=self.backend.count_tokens)
         # The registry reader: a promotion or rollback reaches running channels within a second.
-        selector = AdapterSelector(self.settings, make_ref=AdapterRef)
-        s = self.settings
-        self.desk = HandoffDesk(self.store, system_prompt=s.system_prompt, after_negative=s.handoff_after_negative_ratings)
+        selector = AdapterSelector(s, make_ref=AdapterRef)
+        self.chatwoot = ChatwootApi(s.chatwoot_base_url, s.chatwoot_bot_token) \
+            if s.chatwoot_base_url and s.chatwoot_bot_token else None
+        listeners = list(self.listeners)
         if s.handoff_webhook_url:
-            self.desk.listeners.append(WebhookNotifier(s.handoff_webhook_url, s.handoff_webhook_secret))
+            listeners.append(WebhookNotifier(s.handoff_webhook_url, s.handoff_webhook_secret))
+        if self.chatwoot is not None:
+            listeners.append(ChatwootNotes(self.chatwoot))
+        self.desk = HandoffDesk(self.store, system_prompt=s.system_prompt, after_negative=s.handoff_after_negative_ratings,
+                                listeners=listeners)
         self.manager = DialogueManager(s, self.backend, self.store, recall=recall, after_turn=[recall.remember],
                                        adapter_for=selector.adapter_for, desk=self.desk)
 
@@ -106,12 +115,14 @@ def open_backend(settings: Settings, *, eager: bool = True) -> Backend:
     return LocalBackend(settings, eager=eager)
 
 
-def open_services(settings: Settings | None = None, *, backend: Backend | None = None,
-                  load_model: bool = True) -> Services:
+def open_services(settings: Settings | None = None, *, backend: Backend | None = None, load_model: bool = True,
+                  listeners: list[Listener] | None = None) -> Services:
     """Everything a channel needs; with `load_model` the model starts loading in the background at once,
-    otherwise at its first use (commands that only touch the stores never pay for it)."""
+    otherwise at its first use (commands that only touch the stores never pay for it). `listeners` are told of
+    each handoff besides the webhook and Chatwoot that the settings name."""
     settings = settings or Settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     store = TranscriptStore(settings.db_url)
     backend = backend or open_backend(settings, eager=load_model)
-    return Services(settings=settings, backend=backend, store=store, closers=[store.close, backend.close])
+    return Services(settings=settings, backend=backend, store=store, closers=[store.close, backend.close],
+                    listeners=list(listeners or []))

@@ -17,13 +17,12 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
-from sqlmodel import select
-
 from dialogue.errors import NotFound
-from dialogue.store import Rating, TranscriptStore, Turn, new_id, utcnow
+from dialogue.store import TranscriptStore, Turn, new_id, utcnow
 from memory.text import clean_text
 
 logger = logging.getLogger(__name__)
@@ -101,12 +100,13 @@ def follow_on_prompt(last: Turn | None, system: str, text: str) -> str:
 class HandoffDesk:
     """Performs handoffs and records what happens while a person has the conversation."""
 
-    def __init__(self, store: TranscriptStore, *, system_prompt: str = "", after_negative: int = 2) -> None:
+    def __init__(self, store: TranscriptStore, *, system_prompt: str = "", after_negative: int = 2,
+                 listeners: Iterable[Listener] = ()) -> None:
         self.store = store
         self.system_prompt = system_prompt
         self.after_negative = after_negative
-        self.listeners: list[Listener] = []  # told of each handoff (webhook, Chatwoot, Telegram operators' chat)
-        self.counters: list[Callable[[str], None]] = []  # reason -> None, called at once (metrics)
+        self.listeners: tuple[Listener, ...] = tuple(listeners)  # told of each handoff (webhook, Chatwoot, …)
+        self.counts: Counter[str] = Counter()  # handoffs by reason since start (the API's /metrics reads it)
         self._tasks: set[asyncio.Task] = set()
 
     # -- state -----------------------------------------------------------------------------------
@@ -127,8 +127,7 @@ class HandoffDesk:
                              reason=reason, turn_id=turn_id, summary=summarise(reason, transcript),
                              transcript=transcript, at=utcnow().isoformat())
         logger.info("conversation %s handed off (%s)", conversation_id, reason)
-        for count in self.counters:
-            count(reason)
+        self.counts[reason] += 1
         if background:
             task = asyncio.create_task(self._notify(event))
             self._tasks.add(task)
@@ -190,20 +189,11 @@ class HandoffDesk:
         turn = await asyncio.to_thread(self.store.get_turn, turn_id)
         if turn is None or await self.is_handed_off(turn.conversation_id):
             return None
-        recent = await asyncio.to_thread(self._recent_ratings, turn.conversation_id)
+        recent = await asyncio.to_thread(self.store.recent_ratings, turn.conversation_id)
         if len(recent) >= self.after_negative and all(r == -1 for r in recent[: self.after_negative]):
             return await self.hand_off(conversation_id=turn.conversation_id, user_id=turn.user_id,
                                        reason="negative_ratings", turn_id=turn_id, background=True)
         return None
-
-    def _recent_ratings(self, conversation_id: str) -> list[int]:
-        """Ratings in this conversation, newest turn first."""
-        with self.store.session() as session:
-            rows = session.exec(
-                select(Rating.rating).join(Turn, Turn.id == Rating.turn_id)
-                .where(Turn.conversation_id == conversation_id).order_by(Turn.seq.desc()).limit(10)
-            ).all()
-        return list(rows)
 
     async def _record(self, conversation_id: str, user_id: str, channel: str, text: str, *, reply: str,
                       model_id: str, finish_reason: str, handoff: bool) -> Turn:

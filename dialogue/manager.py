@@ -226,12 +226,9 @@ class DialogueManager:
         """Prepare the reply to `text`; iterate the returned `Reply` to generate and record it."""
         user_id = validate_id(user_id, "user_id")
         conversation_id = validate_id(conversation_id, "conversation_id")
-        text = clean_text(text, "the message")
+        # The one length rule, for every channel: a message that is too long is refused whole, never cut.
+        text = clean_text(text, "the message", max_chars=self.settings.max_message_chars)
         notices: list[str] = []
-        limit = self.settings.max_message_chars
-        if len(text) > limit:  # the one length rule, for every channel
-            notices.append(f"Your message was cut to its first {limit} characters (of {len(text)}).")
-            text = text[:limit].rstrip()
         if self.desk is not None and (gated := await self._gate(user_id, conversation_id, text, channel, notices)):
             return gated
         await self.backend.ready()
@@ -248,10 +245,9 @@ class DialogueManager:
         budget -= self.backend.count_tokens(system_message(parts)) + self.backend.count_tokens(context_message(parts))
         user_tokens = self.backend.count_tokens(text)
         max_user_tokens = max(budget // 2, 32)
-        if user_tokens > max_user_tokens:
-            parts.user_text = self.backend.truncate(text, max_user_tokens)
-            notices.append(f"Your message was cut to its first {max_user_tokens} tokens (of {user_tokens}) to fit.")
-            user_tokens = max_user_tokens
+        if user_tokens > max_user_tokens:  # the same rule, where the context budget is the tighter limit
+            raise InvalidInput(f"the message is too long to read at once: {user_tokens} tokens, the limit is "
+                               f"{max_user_tokens} (about {max_user_tokens * 4} characters); please send it in parts")
         turns = await asyncio.to_thread(self.store.history, conversation_id=conversation_id, user_id=user_id)
         # Without unanswered messages (a handoff) and without replies the guard caught (dialogue/guarded.py).
         history = history_messages(turns)

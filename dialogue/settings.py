@@ -54,6 +54,10 @@ class Settings(BaseSettings):
         "auto", description="weight-only quantised matmuls for decode steps (prompts are read with the full weights); "
                             "auto = whichever of int4 (embedded model only: its layers are 4-bit already), int8 and "
                             "the full weights is measured fastest on this CPU, for as many rows as it stays fastest")
+    kernels: Literal["auto", "off"] = Field("auto", description="off = the plain-PyTorch path instead of the fused C++ "
+                                                                 "kernels (dialogue/model/kernels.cpp)")
+    kernel_dir: Path | None = Field(None, description="where built kernels are kept; unset = the virtualenv's "
+                                                      "var/rapport-kernels, else ~/.cache/rapport/kernels")
     max_batch: int = Field(16, ge=1, le=256, description="conversations generating at once; more wait in line")
     chunk_tokens: int = Field(256, ge=16, description="prompt tokens read per step while other replies stream")
     prefix_cache_tokens: int = Field(16384, ge=0, description="tokens of finished turns kept for reuse by the next")

@@ -1,25 +1,27 @@
 """The transcript store: users, conversations, turns and ratings, on any SQLAlchemy URL.
 
-SQLite (WAL, synchronous=FULL) is the embedded default; PostgreSQL is the scale path. The schema only
-grows through named, add-only migrations recorded in `schema_migrations`, so an upgrade never loses rows.
+SQLite (WAL, synchronous=FULL) is the embedded default; PostgreSQL is the scale path. The schema is Alembic's
+(`dialogue/schema.py`, revisions in `dialogue/migrations/versions/`), brought up to date before the store opens.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Index, Text, event, inspect, text
-from sqlalchemy.engine import Connection, Engine
+from alembic.util import CommandError
+from sqlalchemy import Column, Index, Text, event, text
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, delete, select
 
 from dialogue.errors import InvalidInput, NotFound, StoreUnavailable
+from dialogue.schema import upgrade
 from memory.persona import PersonaRow
 
 
@@ -100,40 +102,6 @@ class InboundEvent(SQLModel, table=True):
     received_at: datetime = Field(default_factory=utcnow)
 
 
-class SchemaMigration(SQLModel, table=True):
-    __tablename__ = "schema_migrations"
-    name: str = Field(primary_key=True, max_length=128)
-    applied_at: datetime = Field(default_factory=utcnow)
-
-
-def _initial(conn: Connection) -> None:
-    SQLModel.metadata.create_all(conn, tables=[User.__table__, Conversation.__table__, Turn.__table__, Rating.__table__])
-
-
-def add_column(conn: Connection, table: str, column: str, ddl: str) -> None:
-    """An add-only step: add `column` when an older database lacks it."""
-    if column not in {c["name"] for c in inspect(conn).get_columns(table)}:
-        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
-
-
-def _handoff_events_personas(conn: Connection) -> None:
-    add_column(conn, "conversations", "status", "VARCHAR(16) NOT NULL DEFAULT 'bot'")
-    add_column(conn, "turns", "reply_to", "VARCHAR(64)")
-    SQLModel.metadata.create_all(conn, tables=[InboundEvent.__table__, PersonaRow.__table__])
-
-
-def _turn_guard(conn: Connection) -> None:
-    add_column(conn, "turns", "guard", "VARCHAR(32)")
-
-
-# Named, add-only, applied in order, each once. Append new steps; never edit or remove old ones.
-MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
-    ("0001_initial", _initial),
-    ("0002_handoff_events_personas", _handoff_events_personas),
-    ("0003_turn_guard", _turn_guard),
-]
-
-
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -155,30 +123,18 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
 
-def migrate(engine: Engine) -> list[str]:
-    """Apply the migrations this database has not seen; returns their names."""
-    applied: list[str] = []
-    with engine.begin() as conn:
-        SQLModel.metadata.create_all(conn, tables=[SchemaMigration.__table__])
-        done = set(conn.execute(text("SELECT name FROM schema_migrations")).scalars())
-        for name, step in MIGRATIONS:
-            if name not in done:
-                step(conn)
-                conn.execute(text("INSERT INTO schema_migrations (name, applied_at) VALUES (:n, :t)"), {"n": name, "t": utcnow()})
-                applied.append(name)
-    return applied
-
-
 class TranscriptStore:
     """Keyword-only operations on the transcript tables; every user-scoped read takes the user id."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         try:
+            self.applied = upgrade(url)  # the schema first, under the migration lock (dialogue/schema.py)
             self.engine = make_engine(url)
-            migrate(self.engine)
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"transcript store at {_redact(url)} is unavailable: {exc.__class__.__name__}") from exc
+        except CommandError as exc:  # e.g. a database at a revision this version does not know (a newer one)
+            raise StoreUnavailable(f"transcript store at {_redact(url)}: schema migration failed: {exc}") from exc
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -187,6 +143,15 @@ class TranscriptStore:
                 yield session
         except OperationalError as exc:
             raise StoreUnavailable(f"transcript store is unavailable: {exc.orig}") from exc
+
+    def ping(self) -> bool:
+        """Whether the database answers now."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except SQLAlchemyError:
+            return False
 
     def close(self) -> None:
         self.engine.dispose()
@@ -260,6 +225,12 @@ class TranscriptStore:
             session.add(conversation)
             session.commit()
 
+    def conversation_ids(self, *, user_id: str, prefix: str) -> list[str]:
+        """The ids of this user's conversations that start with `prefix` (a channel's numbering)."""
+        with self.session() as session:
+            return list(session.exec(select(Conversation.id).where(
+                Conversation.user_id == user_id, Conversation.id.startswith(prefix, autoescape=True))).all())
+
     def get_conversation(self, conversation_id: str) -> Conversation | None:
         with self.session() as session:
             return session.get(Conversation, conversation_id)
@@ -286,6 +257,14 @@ class TranscriptStore:
             session.add(row)
             session.commit()
             return row
+
+    def recent_ratings(self, conversation_id: str, limit: int = 10) -> list[int]:
+        """The ratings in one conversation, newest turn first."""
+        with self.session() as session:
+            return list(session.exec(
+                select(Rating.rating).join(Turn, Turn.id == Rating.turn_id)
+                .where(Turn.conversation_id == conversation_id).order_by(Turn.seq.desc()).limit(limit)
+            ).all())
 
     # -- whole users --------------------------------------------------------------------------
 

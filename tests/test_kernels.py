@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dialogue.model import kernels
+from dialogue.settings import Settings
 from dialogue.model.fastllama import Batch, FastLlama
 from dialogue.model.worker import load_model
 
@@ -123,11 +124,18 @@ def test_without_the_kernels_the_model_runs_the_plain_path(tiny_model_dir, monke
     saved = dict(kernels._state)
     try:
         kernels._state.clear()
-        monkeypatch.setenv("RAPPORT_KERNELS", "off")
+        assert kernels.load(Settings(home=tmp_path, kernels="off")) is False
+        kernels._state.clear()
+        monkeypatch.setenv("RAPPORT_KERNELS", "off")  # the same setting, read from the environment by Settings
         assert kernels.load() is False
+        kernels._state.clear()
+        monkeypatch.setenv("RAPPORT_KERNELS", "sometimes")
+        with pytest.raises(ValueError, match="kernels"):
+            kernels.load()
         kernels._state.clear()
         monkeypatch.delenv("RAPPORT_KERNELS")
         monkeypatch.setenv("RAPPORT_KERNEL_DIR", str(tmp_path / "kernels"))
+        assert kernels.cache_dir() == tmp_path / "kernels"
         monkeypatch.setenv("CXX", "false")  # a compiler that always fails
         assert kernels.load() is False
         assert "could not build the fused kernels" in caplog.text

@@ -48,11 +48,14 @@ def test_fit_history_keeps_the_newest_whole_exchanges():
     assert fit_history(history, budget=0, count_tokens=len) == []
 
 
-async def test_an_overlong_message_is_cut_with_a_notice(services):
-    reply = await services.manager.respond(user_id="u1", conversation_id="c1", text="Hello there! " * 400)
-    assert reply.notices and "cut" in reply.notices[0]
-    assert services.backend.count_tokens(reply.parts.user_text) <= services.settings.context_budget // 2
-    await reply.complete()
+async def test_a_message_too_long_for_the_context_budget_is_refused_not_cut(services):
+    """Within RAPPORT_MAX_MESSAGE_CHARS but over half the context budget in tokens: refused with the limit."""
+    text = "Hello there! " * 400  # 5200 characters, over 1000 tokens of a 512-token budget
+    assert len(text) < services.settings.max_message_chars
+    with pytest.raises(InvalidInput, match=r"too long to read at once: \d+ tokens, the limit is \d+"):
+        await services.manager.respond(user_id="u1", conversation_id="c1", text=text)
+    assert services.store.export_user("u1")["turns"] == []
+    await say(services, "Hello!")  # a message that fits is answered as ever
 
 
 @pytest.mark.parametrize("kwargs", [

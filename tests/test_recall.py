@@ -35,11 +35,14 @@ async def test_persona_and_memories_reach_the_prompt_of_their_owner_only(service
 
 
 async def test_only_what_the_user_said_becomes_memory(services):
-    reply = await say(services, "I am allergic to peanuts.")
+    await say(services, "I am allergic to peanuts.")
+    await say(services, "My name is Lena.")
+    reply = await say(services, "What is my name?")  # answered from the profile: a statement, in the bot's words
+    assert reply.text == "Your name is Lena."
     remembered = services.memory.for_user("lena").list()
-    assert [m.text for m in remembered if m.speaker == "user"] == ["I am allergic to peanuts."]
+    assert {m.text for m in remembered} == {"I am allergic to peanuts.", "My name is Lena."}
     assert all(m.speaker == "user" for m in remembered), "the assistant's words are not facts about the user"
-    assert reply.text == "" or all(reply.text != m.text for m in remembered)
+    assert all(reply.text not in m.text for m in remembered)
 
 
 async def test_short_verbosity_shrinks_the_reply_budget(services):

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
-from sqlalchemy import text
 
 from dialogue.errors import InvalidInput, NotFound, StoreUnavailable
-from dialogue.store import MIGRATIONS, TranscriptStore, Turn, migrate
+from dialogue.store import TranscriptStore, Turn
 
 
 def turn(user="u1", conversation="c1", said="hi", reply="hello") -> Turn:
@@ -76,39 +73,6 @@ def test_erased_text_is_gone_from_the_sqlite_files(tmp_path):
     store.close()
     for path in tmp_path.glob("rapport.db*"):
         assert b"ZX-9931-MARKER" not in path.read_bytes(), path.name
-
-
-def test_migrations_run_once_and_keep_rows(store):
-    store.ensure_conversation(conversation_id="c1", user_id="u1", channel="test")
-    store.record_turn(turn())
-    assert migrate(store.engine) == []  # nothing new to apply
-    again = TranscriptStore(store.url)
-    assert len(again.history(conversation_id="c1", user_id="u1")) == 1
-    with again.engine.connect() as conn:
-        names = set(conn.execute(text("SELECT name FROM schema_migrations")).scalars())
-    assert names == {name for name, _ in MIGRATIONS}
-    again.close()
-
-
-def test_an_older_database_is_upgraded_without_losing_rows(tmp_path, monkeypatch):
-    """A new add-only migration adds its column to a database that has rows already."""
-    from dialogue import store as store_module
-
-    url = f"sqlite:///{tmp_path / 'rapport.db'}"
-    first = TranscriptStore(url)
-    first.ensure_conversation(conversation_id="c1", user_id="u1", channel="test")
-    first.record_turn(turn())
-    first.close()
-
-    def add_flag(conn):
-        store_module.add_column(conn, "turns", "flagged", "BOOLEAN DEFAULT FALSE")
-
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, ("9999_test_flag", add_flag)])
-    second = TranscriptStore(url)
-    assert len(second.history(conversation_id="c1", user_id="u1")) == 1
-    second.close()
-    columns = [row[1] for row in sqlite3.connect(tmp_path / "rapport.db").execute("PRAGMA table_info(turns)")]
-    assert "flagged" in columns
 
 
 def test_sqlite_runs_in_wal_mode(tmp_path):

@@ -37,11 +37,21 @@ def standin():
 
 
 @pytest.fixture
-async def services(tiny_settings):
+def operators() -> list:
+    """The handoff events the operators are told of (what the handoff webhook or an operators' chat receives)."""
+    return []
+
+
+@pytest.fixture
+async def services(tiny_settings, operators):
     tiny_settings.telegram_edit_interval = 0.3
     tiny_settings.telegram_group_edit_interval = 0.3
     tiny_settings.telegram_retry_budget = 20
-    opened = open_services(tiny_settings)
+
+    async def tell(event) -> None:
+        operators.append(event)
+
+    opened = open_services(tiny_settings, listeners=[tell])
     await opened.backend.ready()
     yield opened
     opened.close()
@@ -158,14 +168,16 @@ async def test_a_stream_whose_message_was_deleted_goes_on_in_a_new_one(standin):
     assert message.text == "The first words and the rest." and len(stream.messages) == 1
 
 
-async def test_a_10kb_message_is_cut_with_a_notice_and_still_answered(services, standin):
+async def test_a_10kb_message_is_refused_with_the_limit_and_the_chat_goes_on(services, standin):
+    long = "The shop opens at nine and closes at six. " * 240  # ~10 KB
     async with Running(services, standin):
-        standin.message("The shop opens at nine and closes at six. " * 240, chat_id=ANN)  # ~10 KB
+        standin.message(long, chat_id=ANN)
+        told = await standin.wait_for(lambda: [m for m in standin.sent_to(ANN) if "limit" in m.text], what="refusal")
+        standin.message("Hello!", chat_id=ANN)
         await wait_replies(standin, ANN)
-    texts = [m.text for m in standin.sent_to(ANN)]
-    assert any("was cut" in t for t in texts)
-    [turn] = services.store.export_user(f"telegram:{ANN}")["turns"]
-    assert len(turn["user_text"]) < 10_000
+    assert told[0].text == f"the message is {len(long.strip())} characters; the limit is 8000"
+    [turn] = services.store.export_user(f"telegram:{ANN}")["turns"]  # nothing of the long one was kept
+    assert turn["user_text"] == "Hello!"
 
 
 async def test_a_10kb_reply_is_split_cleanly_with_buttons_on_its_last_piece(services, standin):
@@ -239,14 +251,9 @@ async def test_a_thumbs_down_asks_for_a_better_reply_and_keeps_it_as_a_correctio
     assert len(data["turns"]) == 1  # the correction was not answered as a new message
 
 
-async def test_asking_for_a_person_hands_off_and_the_bot_stays_silent_until_handed_back(services, standin):
+async def test_asking_for_a_person_hands_off_and_the_bot_stays_silent_until_handed_back(services, standin, operators):
     services.manager.recall = fixed_answer("Happy to help.")
-    events = []
-
-    async def operators(event) -> None:  # what the handoff webhook (or an operators' chat) is told
-        events.append(event)
-
-    services.desk.listeners.append(operators)
+    events = operators
     conversation = f"telegram:{ANN}:1"
     async with Running(services, standin):
         standin.message("Hi there", chat_id=ANN)
@@ -473,6 +480,28 @@ async def test_new_persona_export_and_delete_me(services, standin):
     assert services.personas.get(f"telegram:{ANN}").name == ""
 
 
+async def test_memory_forget_rate_and_sources_are_the_shared_commands(services, standin):
+    async with Running(services, standin):
+        standin.message("/rate up", chat_id=ANN)
+        await standin.wait_for(lambda: standin.sent_to(ANN), what="the refusal")
+        standin.message("I am allergic to peanuts.", chat_id=ANN)
+        await wait_replies(standin, ANN)
+        [memory] = services.memory.for_user(f"telegram:{ANN}").list()
+        for command in ("/memory", "/sources", "/rate down too vague", f"/forget {memory.id}", "/memory"):
+            count = len(standin.sent_to(ANN))
+            standin.message(command, chat_id=ANN)
+            await standin.wait_for(lambda: len(standin.sent_to(ANN)) > count, what=command)
+    texts = [m.text for m in standin.sent_to(ANN) if not _has_rating(m)]
+    assert texts[0] == "There is no reply of mine to rate yet."
+    assert f"{memory.id}  I am allergic to peanuts." in texts[1]
+    assert texts[2] == "My last reply used no FAQ entry, memory or profile field."
+    assert texts[3] == "Thanks, noted. I'll try to do better."
+    assert texts[4] == f"Forgot {memory.id}." and texts[5] == "I remember nothing about you yet."
+    [rating] = services.store.export_user(f"telegram:{ANN}")["ratings"]
+    assert (rating["rating"], rating["comment"]) == (-1, "too vague")
+    assert services.memory.for_user(f"telegram:{ANN}").list() == []
+
+
 # -- webhook mode and the command line ----------------------------------------------------------------------
 
 
@@ -580,8 +609,8 @@ async def test_memory_lists_and_forgets_only_my_memories(services, standin):
     texts = [m.text for m in standin.sent_to(ANN)]
     assert ids[0] in listing[0].text and "Porto" in listing[0].text and ben_id not in listing[0].text
     assert len(listing[0].text) < 1000  # a long memory is shortened in the list
-    assert texts[1].startswith("no memory") and texts[2] == "Forgotten."
-    assert texts[3].startswith("Forgot everything") and texts[4] == "I don't remember anything about you yet."
+    assert texts[1].startswith("no memory") and texts[2] == f"Forgot {ids[0]}."
+    assert texts[3].startswith("Forgot everything") and texts[4] == "I remember nothing about you yet."
     assert [m.id for m in services.memory.for_user(f"telegram:{BEN}").list()] == [ben_id]
 
 

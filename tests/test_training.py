@@ -258,16 +258,23 @@ def test_cli_import_train_list_promote_rollback_report(tiny_settings, tmp_path, 
     imported = run("transcripts", "import", str(data))
     assert imported.exit_code == 1 and json.loads(imported.stdout.splitlines()[0])["turns"] == 32
     assert "line 17" in imported.stderr
-    trained = run("train", "--json", "--max-steps", "3", "--no-faq")
+    # One step at the smallest learning rate barely moves the adapter (LoRA's B starts at zero), so the candidate
+    # scores as the base model does and the gate passes: deterministic on any machine.
+    trained = run("train", "--json", "--max-steps", "1", "--learning-rate", "1e-7", "--no-faq")
     assert trained.exit_code == 0, trained.output
     result = json.loads(trained.stdout.strip().splitlines()[-1])
-    assert result["version"] == "v0001" and isinstance(result["gate"]["passed"], bool) and result["metrics"]
+    assert result["version"] == "v0001" and result["gate"]["passed"] is True and result["metrics"]
     listed = json.loads(run("adapters", "list", "--json").stdout)
-    assert [set(row) >= {"version", "status", "metrics", "created_at"} for row in listed] == [True]
-    if result["gate"]["passed"]:
-        assert run("adapters", "promote", "v0001", "--share", "0.5").exit_code == 0
-        assert "0.5" in run("adapters", "list", "--json").stdout
-        assert "ended the A/B test" in run("adapters", "rollback").stdout
+    assert [(row["version"], row["status"]) for row in listed] == [("v0001", "candidate")]
+    assert all(set(row) >= {"version", "status", "metrics", "created_at"} for row in listed)
+    promoted = run("adapters", "promote", "v0001", "--share", "0.5")
+    assert promoted.exit_code == 0 and "now serves 50% of users" in promoted.stdout
+    [row] = json.loads(run("adapters", "list", "--json").stdout)
+    assert row["share"] == 0.5
+    rolled = run("adapters", "rollback")
+    assert rolled.exit_code == 0 and "ended the A/B test of v0001" in rolled.stdout
+    [row] = json.loads(run("adapters", "list", "--json").stdout)
+    assert not row.get("share") and row["status"] != "active"
     report = run("adapters", "report", "--json")
     assert Path(json.loads(report.stdout)["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     exported = run("transcripts", "export").stdout.splitlines()

@@ -16,11 +16,10 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlmodel import select
-
 from dialogue.prompt import Message, PromptParts, build_prompt
 from dialogue.store import Rating, TranscriptStore, Turn
 from training.redact import redact, redact_messages
+from training.store import TrainingStore
 
 logger = logging.getLogger(__name__)
 
@@ -150,17 +149,6 @@ def _faq_dict(entry: Any) -> dict[str, Any]:
             "alternates": list(getattr(entry, "alternates", []) or [])}
 
 
-def rated_turns(store: TranscriptStore) -> list[tuple[Turn, Rating | None]]:
-    """Every turn that can teach something: rated turns and human agents' replies, oldest first."""
-    with store.session() as session:
-        rows = session.exec(
-            select(Turn, Rating).join(Rating, Rating.turn_id == Turn.id, isouter=True)
-            .where((Rating.turn_id.is_not(None)) | (Turn.model_id == "human"))
-            .order_by(Turn.created_at, Turn.seq)
-        ).all()
-    return [(turn, rating) for turn, rating in rows]
-
-
 def build_dataset(store: TranscriptStore, *, system: str, faq_entries: Iterable[Any] = (),
                   exclude_user_hashes: set[str] = frozenset(), heldout_fraction: float = HELDOUT_FRACTION) -> Dataset:
     """The training set and its held-out part from everything rated so far."""
@@ -168,7 +156,7 @@ def build_dataset(store: TranscriptStore, *, system: str, faq_entries: Iterable[
     heldout: list[Example] = []
     seen: set[str] = set()
     dropped: Counter = Counter()
-    for turn, rating in rated_turns(store):
+    for turn, rating in TrainingStore(store).rated_turns():
         if user_hash(turn.user_id) in exclude_user_hashes:
             dropped["erased_user"] += 1
             continue

@@ -15,12 +15,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlmodel import select
-
 from dialogue.prompt import PromptParts
-from dialogue.store import Conversation, Rating, TranscriptStore, Turn
+from dialogue.store import TranscriptStore, Turn
 from memory.errors import InvalidInput
 from memory.text import clean_text, validate_id
+from training.store import TrainingStore
 
 logger = logging.getLogger(__name__)
 
@@ -158,14 +157,9 @@ def _write_conversation(store: TranscriptStore, report: ImportReport, conversati
 
 def export_conversations(store: TranscriptStore) -> Iterator[dict[str, Any]]:
     """Every conversation in the import format, oldest first (agent replies included as assistant turns)."""
-    with store.session() as session:
-        conversations = session.exec(select(Conversation).order_by(Conversation.created_at, Conversation.id)).all()
-    for conversation in conversations:
-        with store.session() as session:
-            rows = session.exec(
-                select(Turn, Rating).join(Rating, Rating.turn_id == Turn.id, isouter=True)
-                .where(Turn.conversation_id == conversation.id).order_by(Turn.seq)
-            ).all()
+    reader = TrainingStore(store)
+    for conversation in reader.conversations():
+        rows = reader.conversation_turns(conversation.id)
         messages: list[dict[str, Any]] = []
         for turn, rating in rows:
             messages.append({"role": "user", "text": turn.user_text})

@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import case, func
-from sqlmodel import select
-
-from dialogue.store import Rating, TranscriptStore, Turn
+from dialogue.store import TranscriptStore
 from training.registry import Registry
+from training.store import TrainingStore
 
 BASE = "base"
 
@@ -21,20 +19,12 @@ def version_of(adapter_name: str | None) -> str:
 
 def rating_rates(store: TranscriptStore) -> dict[str, dict[str, Any]]:
     """Per version: turns served, ratings up and down, and the share of rated turns that were liked."""
-    with store.session() as session:
-        rows = session.exec(
-            select(Turn.adapter_version, func.count(Turn.id), func.count(Rating.turn_id),
-                   func.coalesce(func.sum(case((Rating.rating == 1, 1), else_=0)), 0))
-            .join(Rating, Rating.turn_id == Turn.id, isouter=True)
-            .where(Turn.model_id != "human", Turn.model_id != "import")
-            .group_by(Turn.adapter_version)
-        ).all()
     rates: dict[str, dict[str, Any]] = {}
-    for name, turns, rated, up in rows:
+    for name, turns, rated, up in TrainingStore(store).rating_counts():
         entry = rates.setdefault(version_of(name), {"turns": 0, "rated": 0, "up": 0})
-        entry["turns"] += int(turns)
-        entry["rated"] += int(rated)
-        entry["up"] += int(up)
+        entry["turns"] += turns
+        entry["rated"] += rated
+        entry["up"] += up
     for entry in rates.values():
         entry["down"] = entry["rated"] - entry["up"]
         entry["like_rate"] = round(entry["up"] / entry["rated"], 4) if entry["rated"] else None

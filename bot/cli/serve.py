@@ -19,15 +19,14 @@ def build_app(services):
 
     app = create_app(services)
     settings = services.settings
-    if settings.chatwoot_base_url and settings.chatwoot_bot_token:
-        from bot.http.chatwoot import ChatwootApi, ChatwootBot
+    if services.chatwoot is not None:
+        from bot.http.chatwoot import ChatwootBot
 
         if not settings.chatwoot_webhook_secret:
             raise click.ClickException("RAPPORT_CHATWOOT_WEBHOOK_SECRET is required with the Chatwoot integration")
-        bot = ChatwootBot(services, app.state.desk, ChatwootApi(settings.chatwoot_base_url, settings.chatwoot_bot_token),
+        bot = ChatwootBot(services.manager, services.store, services.desk, services.chatwoot,
                           secret=settings.chatwoot_webhook_secret)
         app.include_router(bot.router())
-        app.state.chatwoot = bot
     return app
 
 

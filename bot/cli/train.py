@@ -54,7 +54,7 @@ def faq_entries(opened, use_faq: bool) -> list:
         return []
     try:
         return list(opened.faq.list())
-    except (StoreUnavailable, ImportError) as exc:
+    except StoreUnavailable as exc:
         click.echo(f"warning: training without FAQ examples ({exc})", err=True)
         return []
 

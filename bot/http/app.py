@@ -3,8 +3,8 @@
 Routes live in `turns` (messages, ratings, handoff), `openai` (`/v1/chat/completions`) and
 `users` (persona, memories, export/erasure, FAQ, adapters); auth and rate limits in `auth`; the
 JSON error edge, request ids and the body limit in `errors`; metrics in `metrics`; the handoff desk in
-`dialogue.handoff`. Channels with their own webhooks (Chatwoot) mount a router on the app and listen to
-`services.desk` (also `app.state.desk`) for handoffs.
+`dialogue.handoff`. Routes are handed the stores and services as FastAPI dependencies (`deps`); channels
+with their own webhooks (Chatwoot) mount a router on the app.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import text
 
 from bot.http import openai, turns, users
 from bot.http.auth import ApiKeys, RateLimiter
@@ -47,21 +46,12 @@ class Readiness:
     def _open_stores(self) -> None:
         self.services.chroma  # noqa: B018 - opening is the point
         self.services.embedder.embed(["warm-up"])  # loads the sentence-transformers model now, not on a request
-        for room in ("memory", "faq"):
-            try:
-                getattr(self.services, room)
-            except ImportError:
-                logger.info("%s store not installed; its routes answer 503", room)
+        self.services.memory  # noqa: B018
+        self.services.faq  # noqa: B018
 
     def status(self) -> dict:
-        store_ok = True
-        try:
-            with self.services.store.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        except Exception:
-            store_ok = False
         return {"model": self.services.backend.is_ready() and self.error is None, "stores": self.stores_ready,
-                "transcripts": store_ok, "error": self.error}
+                "transcripts": self.services.store.ping(), "error": self.error}
 
 
 def queue_depth(services: Services):
@@ -78,17 +68,14 @@ def create_app(services: Services) -> FastAPI:
     async def lifespan(app: FastAPI):
         readiness.task = asyncio.create_task(readiness.warm())
         yield
-        await app.state.desk.drain()
+        await services.desk.drain()
         readiness.task.cancel()
 
     app = FastAPI(title="Rapport", version="1", lifespan=lifespan,
                   description="Dialogue API: grounded, persona-aware replies with sources; OpenAI-compatible chat.")
-    metrics = ApiMetrics(queue_depth(services))
-    desk = services.desk
-    desk.counters.append(lambda reason: metrics.handoffs.labels(reason).inc())
+    metrics = ApiMetrics(queue_depth(services), handoffs=services.desk.counts)
     app.state.services = services
     app.state.metrics = metrics
-    app.state.desk = desk
     app.state.keys = ApiKeys(settings)
     app.state.limiter = RateLimiter(settings.api_rate_per_minute, settings.api_rate_burst)
     app.state.readiness = readiness

@@ -31,9 +31,10 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, HTTPException, Request
 
+from dialogue.errors import InvalidInput, RapportError
 from dialogue.handoff import HandoffDesk, HandoffEvent
-from dialogue.errors import RapportError
-from bot.services import Services
+from dialogue.manager import DialogueManager
+from dialogue.store import TranscriptStore
 
 logger = logging.getLogger(__name__)
 
@@ -99,16 +100,17 @@ def ids_of(payload: dict) -> tuple[int | None, int | None]:
 class ChatwootBot:
     """Turns Chatwoot webhook events into dialogue turns and handoffs."""
 
-    def __init__(self, services: Services, desk: HandoffDesk, api: ChatwootApi, *, secret: str) -> None:
+    def __init__(self, manager: DialogueManager, store: TranscriptStore, desk: HandoffDesk, api: ChatwootApi, *,
+                 secret: str) -> None:
         if not secret:
             raise ValueError("the Chatwoot webhook needs a shared secret")
-        self.services = services
+        self.manager = manager
+        self.store = store
         self.desk = desk
         self.api = api
         self.secret = secret.encode()
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: set[asyncio.Task] = set()
-        desk.listeners.append(self.on_handoff)
 
     # -- the webhook -----------------------------------------------------------------------------
 
@@ -186,7 +188,7 @@ class ChatwootBot:
             job = self.on_agent_message(account, conversation, content)
         else:
             return None  # our own replies (agent_bot), activity and template messages: never answered
-        if not await asyncio.to_thread(self.services.store.claim_event, channel=CHANNEL,
+        if not await asyncio.to_thread(self.store.claim_event, channel=CHANNEL,
                                        event_id=f"{account}:{message_id}"):
             job.close()
             logger.info("chatwoot message %s:%s already handled", account, message_id)
@@ -203,7 +205,12 @@ class ChatwootBot:
         """Answer the customer through the core's handoff gate (silent while a person has the conversation)."""
         key, user = conversation_key(account, conversation), f"{CHANNEL}:{account}:{contact}"
         async with self._lock(key):
-            reply = await self.services.manager.respond(user_id=user, conversation_id=key, text=text, channel=CHANNEL)
+            try:
+                reply = await self.manager.respond(user_id=user, conversation_id=key, text=text,
+                                                            channel=CHANNEL)
+            except InvalidInput as exc:  # too long, say: the customer is told why, in their conversation
+                await self.api.post_message(account, conversation, f"Sorry, I can't take that message: {exc}.")
+                return
             answer = await reply.complete()
             if answer.strip():
                 await self.api.post_message(account, conversation, answer)
@@ -214,10 +221,10 @@ class ChatwootBot:
         """A person wrote to the customer: keep it as training gold, and keep the bot out of their way."""
         key = conversation_key(account, conversation)
         async with self._lock(key):
-            if await asyncio.to_thread(self.services.store.get_conversation, key) is None:
+            if await asyncio.to_thread(self.store.get_conversation, key) is None:
                 return  # a conversation the bot never saw: nothing to link the agent's words to
             if not await self.desk.is_handed_off(key):
-                await asyncio.to_thread(self.services.store.set_status, conversation_id=key, status="human")
+                await asyncio.to_thread(self.store.set_status, conversation_id=key, status="human")
             await self.desk.record_agent_reply(conversation_id=key, text=text)
 
     # -- status and handoff ----------------------------------------------------------------------
@@ -237,8 +244,14 @@ class ChatwootBot:
             if await self.desk.is_handed_off(key):
                 await self.desk.resume(key)
 
-    async def on_handoff(self, event: HandoffEvent) -> None:
-        """Desk listener: for Chatwoot conversations, a private note for the agent and status `open`."""
+
+class ChatwootNotes:
+    """Handoff listener: for Chatwoot conversations, a private note for the agent and the status `open`."""
+
+    def __init__(self, api: ChatwootApi) -> None:
+        self.api = api
+
+    async def __call__(self, event: HandoffEvent) -> None:
         ids = parse_key(event.conversation_id)
         if ids is None:
             return

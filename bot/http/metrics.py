@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -12,7 +15,7 @@ class ApiMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, queue_depth=lambda: 0) -> None:
+    def __init__(self, queue_depth: Callable[[], float] = lambda: 0, handoffs: Mapping[str, int] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.turns = Counter("rapport_turns", "turns answered", ["channel", "finish_reason"], registry=r)
@@ -22,7 +25,7 @@ class ApiMetrics:
                                       registry=r)
         self.tokens = Counter("rapport_tokens", "model tokens", ["kind"], registry=r)  # prompt | completion
         self.ratings = Counter("rapport_ratings", "ratings received", ["rating"], registry=r)
-        self.handoffs = Counter("rapport_handoffs", "conversations handed to a human", ["reason"], registry=r)
+        r.register(HandoffCounts(handoffs if handoffs is not None else {}))
         self.requests = Counter("rapport_http_requests", "HTTP requests", ["method", "route", "status"], registry=r)
         self.request_seconds = Histogram("rapport_http_request_seconds", "HTTP request duration", ["route"],
                                          buckets=LATENCY_BUCKETS, registry=r)
@@ -46,3 +49,16 @@ class ApiMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class HandoffCounts:
+    """`rapport_handoffs_total{reason}`, read from the handoff desk's own counts when scraped."""
+
+    def __init__(self, counts: Mapping[str, int]) -> None:
+        self.counts = counts
+
+    def collect(self):
+        family = CounterMetricFamily("rapport_handoffs", "conversations handed to a human", labels=["reason"])
+        for reason, count in sorted(self.counts.items()):
+            family.add_metric([reason], count)
+        yield family

@@ -22,7 +22,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from bot.http.auth import Caller, CallerDep
-from bot.http.turns import EventStream, open_turn, stream_reply
+from bot.http.deps import BackendDep, ManagerDep, MetricsDep
+from bot.http.metrics import ApiMetrics
+from bot.http.turns import EventStream, stream_reply
 from dialogue.errors import InvalidInput
 from dialogue.manager import HandedOff, Reply
 from memory.text import ID_PATTERN, validate_id
@@ -93,20 +95,21 @@ def rapport_field(outcome: Reply) -> dict:
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request, body: ChatRequest, caller: CallerDep):
+async def chat_completions(request: Request, body: ChatRequest, caller: CallerDep, manager: ManagerDep,
+                           backend: BackendDep, metrics: MetricsDep):
     """OpenAI-compatible chat completion, plain or streamed (`stream: true`)."""
     user_id = user_for(body, caller)
     conversation_id = conversation_for(request, body, user_id)
-    outcome = await open_turn(request, user_id=user_id, conversation_id=conversation_id,
-                              text=last_user_text(body.messages), channel="openai")
-    model = request.app.state.services.backend.model_id
+    outcome = await manager.respond(user_id=user_id, conversation_id=conversation_id,
+                                    text=last_user_text(body.messages), channel="openai")
+    model = backend.model_id
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return EventStream(_chunks(request, outcome, model, user_id, include_usage))
+        return EventStream(_chunks(metrics, outcome, model, include_usage))
     if isinstance(outcome, HandedOff):
         text, reason, usage = outcome.text, "stop", {}
     else:
-        async for _ in stream_reply(request, outcome, user_id=user_id, channel="openai"):
+        async for _ in stream_reply(metrics, outcome, channel="openai"):
             pass
         text, reason, usage = outcome.text, outcome.finish_reason, outcome.usage
     return {
@@ -117,8 +120,7 @@ async def chat_completions(request: Request, body: ChatRequest, caller: CallerDe
     }
 
 
-async def _chunks(request: Request, outcome: Reply, model: str, user_id: str,
-                  include_usage: bool) -> AsyncIterator[str]:
+async def _chunks(metrics: ApiMetrics, outcome: Reply, model: str, include_usage: bool) -> AsyncIterator[str]:
     cid, created = completion_id(), int(time.time())
 
     def chunk(delta: dict, reason: str | None = None, **extra) -> str:
@@ -133,7 +135,7 @@ async def _chunks(request: Request, outcome: Reply, model: str, user_id: str,
         reason, usage = "stop", {}
     else:
         try:
-            async for piece in stream_reply(request, outcome, user_id=user_id, channel="openai"):
+            async for piece in stream_reply(metrics, outcome, channel="openai"):
                 yield chunk({"content": piece})
         except Exception as exc:  # headers are sent: report in-band, as OpenAI does
             yield f"data: {json.dumps({'error': {'message': str(exc) or 'generation failed'}})}\n\n"
@@ -148,7 +150,7 @@ async def _chunks(request: Request, outcome: Reply, model: str, user_id: str,
 
 
 @router.get("/models")
-async def list_models(request: Request, caller: CallerDep) -> dict:
+async def list_models(caller: CallerDep, backend: BackendDep) -> dict:
     """The one model this deployment serves (clients that list models before chatting find it)."""
-    model = request.app.state.services.backend.model_id
+    model = backend.model_id
     return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "rapport"}]}

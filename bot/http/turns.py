@@ -1,8 +1,7 @@
 """Native dialogue routes: a message in, a grounded reply out (JSON or server-sent events), ratings, handoff.
 
-`open_turn` is the one way a route on this API starts a turn (the OpenAI route uses it too); the handoff
-gate it passes (silence while a person has the conversation, "let me talk to a human") is the dialogue
-core's, the same for every channel.
+A turn starts with `DialogueManager.respond` (the OpenAI route's too); the handoff gate it passes (silence while
+a person has the conversation, "let me talk to a human") is the dialogue core's, the same for every channel.
 """
 
 from __future__ import annotations
@@ -21,8 +20,11 @@ from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
 from bot.http.auth import CallerDep
+from bot.http.deps import DeskDep, ManagerDep, MetricsDep, StoreDep
+from bot.http.metrics import ApiMetrics
 from dialogue.errors import NotFound
 from dialogue.manager import HandedOff, Reply
+from dialogue.store import Conversation, TranscriptStore
 from memory.text import ID_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -97,16 +99,8 @@ def reply_json(reply: Reply) -> dict:
             "finish_reason": reply.finish_reason or "stop", "usage": reply.usage, "notices": reply.notices}
 
 
-async def open_turn(request: Request, *, user_id: str, conversation_id: str, text: str, channel: str) -> Reply:
-    """The reply to stream; the core's handoff gate answers with a `HandedOff` when a person has (or is
-    asked to take) the conversation."""
-    return await request.app.state.services.manager.respond(user_id=user_id, conversation_id=conversation_id,
-                                                            text=text, channel=channel)
-
-
-async def stream_reply(request: Request, reply: Reply, *, user_id: str, channel: str) -> AsyncIterator[str]:
+async def stream_reply(metrics: ApiMetrics, reply: Reply, *, channel: str) -> AsyncIterator[str]:
     """The reply's text deltas; afterwards the turn's metrics (a turn the gate answered has none)."""
-    state = request.app.state
     started, ttft = time.perf_counter(), None
     try:
         async for chunk in reply:
@@ -115,7 +109,7 @@ async def stream_reply(request: Request, reply: Reply, *, user_id: str, channel:
             yield chunk
     finally:
         if reply.recorded and not isinstance(reply, HandedOff):
-            state.metrics.observe_turn(reply, channel, time.perf_counter() - started, ttft)
+            metrics.observe_turn(reply, channel, time.perf_counter() - started, ttft)
 
 
 def wants_stream(request: Request, flag: bool) -> bool:
@@ -147,20 +141,22 @@ class EventStream(StreamingResponse):
 
 @router.post("/conversations/{conversation_id}/messages", response_model=MessageOut,
              responses={200: {"content": {"text/event-stream": {}}}})
-async def post_message(request: Request, conversation_id: ConversationId, body: MessageIn, caller: CallerDep):
-    """A user's message in; the reply with its sources, handoff flag and adapter version out."""
-    outcome = await open_turn(request, user_id=body.user_id, conversation_id=conversation_id, text=body.text,
-                              channel=body.channel)
+async def post_message(request: Request, conversation_id: ConversationId, body: MessageIn, caller: CallerDep,
+                       manager: ManagerDep, metrics: MetricsDep):
+    """A user's message in; the reply with its sources, handoff flag and adapter version out. The core's handoff
+    gate answers with a `HandedOff` when a person has (or is asked to take) the conversation."""
+    outcome = await manager.respond(user_id=body.user_id, conversation_id=conversation_id, text=body.text,
+                                    channel=body.channel)
     if wants_stream(request, body.stream):
-        return EventStream(_reply_events(request, outcome, user_id=body.user_id, channel=body.channel))
-    async for _ in stream_reply(request, outcome, user_id=body.user_id, channel=body.channel):
+        return EventStream(_reply_events(metrics, outcome, channel=body.channel))
+    async for _ in stream_reply(metrics, outcome, channel=body.channel):
         pass
     return reply_json(outcome)
 
 
-async def _reply_events(request: Request, reply: Reply, *, user_id: str, channel: str) -> AsyncIterator[str]:
+async def _reply_events(metrics: ApiMetrics, reply: Reply, *, channel: str) -> AsyncIterator[str]:
     try:
-        async for chunk in stream_reply(request, reply, user_id=user_id, channel=channel):
+        async for chunk in stream_reply(metrics, reply, channel=channel):
             yield sse({"text": chunk}, "delta")
     except Exception as exc:  # the status line is gone already: the error travels as an event
         logger.warning("stream of turn %s failed: %s", reply.turn_id, exc)
@@ -170,17 +166,16 @@ async def _reply_events(request: Request, reply: Reply, *, user_id: str, channel
 
 
 @router.post("/turns/{turn_id}/rating", response_model=RatingOut)
-async def post_rating(request: Request, turn_id: TurnId, body: RatingIn, caller: CallerDep):
+async def post_rating(turn_id: TurnId, body: RatingIn, caller: CallerDep, manager: ManagerDep, metrics: MetricsDep):
     """Thumbs up (1) or down (-1) on a turn; repeated downs hand the conversation to a person."""
-    state = request.app.state
-    handed_off = await state.services.manager.rate(turn_id=turn_id, rating=body.rating, user_id=body.user_id,
-                                                   comment=body.comment, correction=body.correction)
-    state.metrics.ratings.labels(str(body.rating)).inc()
+    handed_off = await manager.rate(turn_id=turn_id, rating=body.rating, user_id=body.user_id,
+                                    comment=body.comment, correction=body.correction)
+    metrics.ratings.labels(str(body.rating)).inc()
     return {"turn_id": turn_id, "rating": body.rating, "handoff": handed_off}
 
 
-async def _conversation(request: Request, conversation_id: str):
-    conversation = await asyncio.to_thread(request.app.state.services.store.get_conversation, conversation_id)
+async def _conversation(store: TranscriptStore, conversation_id: str) -> Conversation:
+    conversation = await asyncio.to_thread(store.get_conversation, conversation_id)
     if conversation is None:
         raise NotFound(f"no conversation {conversation_id!r}")
     return conversation
@@ -191,32 +186,33 @@ def _conversation_json(c) -> dict:
 
 
 @router.get("/conversations/{conversation_id}", response_model=ConversationOut)
-async def get_conversation(request: Request, conversation_id: ConversationId, caller: CallerDep):
+async def get_conversation(conversation_id: ConversationId, caller: CallerDep, store: StoreDep):
     """Who the conversation belongs to and whether the bot or a person has it."""
-    return _conversation_json(await _conversation(request, conversation_id))
+    return _conversation_json(await _conversation(store, conversation_id))
 
 
 @router.post("/conversations/{conversation_id}/handoff", response_model=ConversationOut)
-async def post_handoff(request: Request, conversation_id: ConversationId, body: HandoffIn, caller: CallerDep):
+async def post_handoff(conversation_id: ConversationId, body: HandoffIn, caller: CallerDep, store: StoreDep,
+                       desk: DeskDep):
     """Hand the conversation to a person now; the bot stays silent until it is resumed."""
-    conversation = await _conversation(request, conversation_id)
-    await request.app.state.desk.hand_off(conversation_id=conversation_id, user_id=conversation.user_id,
+    conversation = await _conversation(store, conversation_id)
+    await desk.hand_off(conversation_id=conversation_id, user_id=conversation.user_id,
                                           reason=body.reason, background=True)
     return {**_conversation_json(conversation), "status": "human"}
 
 
 @router.post("/conversations/{conversation_id}/resume", response_model=ConversationOut)
-async def post_resume(request: Request, conversation_id: ConversationId, caller: CallerDep):
+async def post_resume(conversation_id: ConversationId, caller: CallerDep, store: StoreDep, desk: DeskDep):
     """Give the conversation back to the bot."""
-    conversation = await _conversation(request, conversation_id)
-    await request.app.state.desk.resume(conversation_id)
+    conversation = await _conversation(store, conversation_id)
+    await desk.resume(conversation_id)
     return {**_conversation_json(conversation), "status": "bot"}
 
 
 @router.post("/conversations/{conversation_id}/agent_messages")
-async def post_agent_message(request: Request, conversation_id: ConversationId, body: AgentMessageIn,
-                             caller: CallerDep) -> dict:
+async def post_agent_message(conversation_id: ConversationId, body: AgentMessageIn, caller: CallerDep,
+                             store: StoreDep, desk: DeskDep) -> dict:
     """Record what a human agent wrote (linked to the customer message it answers) for the learning loop."""
-    await _conversation(request, conversation_id)
-    turn = await request.app.state.desk.record_agent_reply(conversation_id=conversation_id, text=body.text)
+    await _conversation(store, conversation_id)
+    turn = await desk.record_agent_reply(conversation_id=conversation_id, text=body.text)
     return {"turn_id": turn.id, "reply_to": turn.reply_to}

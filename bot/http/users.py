@@ -12,11 +12,14 @@ import json
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 
 from bot.http.auth import AdminDep, CallerDep
-from dialogue.errors import InvalidInput, NotFound, StoreUnavailable
+from bot.http.deps import FaqDep, MemoryDep, PersonasDep, RegistryDep, ServicesDep
+from dialogue.errors import InvalidInput
+from memory.faq_files import parse_faq_text
+from memory.memories import MemoryItem
 from memory.text import ID_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -45,14 +48,6 @@ class PromoteIn(BaseModel):
     share: float = Field(1.0, gt=0.0, le=1.0, description="fraction of users served this version (sticky A/B)")
 
 
-def _room(services, name: str):
-    """A lazily opened store; a room whose module is missing is unavailable, not a crash."""
-    try:
-        return getattr(services, name)
-    except ImportError as exc:
-        raise StoreUnavailable(f"the {name} store is not installed in this build") from exc
-
-
 async def run(fn, *args, **kwargs):
     return await asyncio.to_thread(fn, *args, **kwargs)
 
@@ -60,67 +55,59 @@ async def run(fn, *args, **kwargs):
 # -- persona -----------------------------------------------------------------------------------------
 
 @router.get("/users/{user_id}/persona")
-async def get_persona(request: Request, user_id: UserId, caller: CallerDep) -> dict:
+async def get_persona(user_id: UserId, caller: CallerDep, personas: PersonasDep) -> dict:
     """The profile that conditions this user's replies."""
-    personas = request.app.state.services.personas
     return (await run(personas.get, user_id)).to_json()
 
 
 @router.put("/users/{user_id}/persona")
-async def put_persona(request: Request, user_id: UserId, changes: dict[str, Any], caller: CallerDep) -> dict:
+async def put_persona(user_id: UserId, changes: dict[str, Any], caller: CallerDep, personas: PersonasDep) -> dict:
     """Set persona fields (`{"name": "Lena", "verbosity": "short"}`); "" or [] clears one."""
     if len(changes) > 20:
         raise InvalidInput("too many persona fields")
-    personas = request.app.state.services.personas
     return (await run(personas.update, user_id, changes)).to_json()
 
 
 # -- memories ----------------------------------------------------------------------------------------
 
 @router.post("/users/{user_id}/memories")
-async def post_memories(request: Request, user_id: UserId, body: MemoriesIn, caller: CallerDep) -> dict:
+async def post_memories(user_id: UserId, body: MemoriesIn, caller: CallerDep, memory: MemoryDep) -> dict:
     """Add memories for the user; returns their ids in order."""
-    try:
-        from memory.memories import MemoryItem
-    except ImportError as exc:
-        raise StoreUnavailable("the memory store is not installed in this build") from exc
     items = []
     for number, data in enumerate(body.items, 1):
         try:
             items.append(MemoryItem.from_json(data))
         except InvalidInput as exc:
             raise InvalidInput(f"item {number}: {exc}") from None
-    memory = _room(request.app.state.services, "memory").for_user(user_id)
-    return {"ids": await run(memory.add, items)}
+    return {"ids": await run(memory.for_user(user_id).add, items)}
 
 
 @router.get("/users/{user_id}/memories/search")
-async def search_memories(request: Request, user_id: UserId, q: QueryText, caller: CallerDep, k: K = 5) -> list[dict]:
+async def search_memories(user_id: UserId, q: QueryText, caller: CallerDep, memory: MemoryDep,
+                          k: K = 5) -> list[dict]:
     """This user's memories nearest to `q`, best first: `[{"id", "text", "score", "meta"}]`."""
-    memory = _room(request.app.state.services, "memory").for_user(user_id)
-    return [hit.to_json() for hit in await run(memory.search, q, k)]
+    return [hit.to_json() for hit in await run(memory.for_user(user_id).search, q, k)]
 
 
 @router.delete("/users/{user_id}/memories/{memory_id}")
-async def delete_memory(request: Request, user_id: UserId, memory_id: MemoryId, caller: CallerDep) -> dict:
+async def delete_memory(user_id: UserId, memory_id: MemoryId, caller: CallerDep, memory: MemoryDep) -> dict:
     """Forget one memory (404 when it is not this user's)."""
-    memory = _room(request.app.state.services, "memory").for_user(user_id)
-    await run(memory.forget, memory_id)
+    await run(memory.for_user(user_id).forget, memory_id)
     return {"deleted": memory_id}
 
 
 # -- whole users (admin) -----------------------------------------------------------------------------
 
 @router.get("/users/{user_id}/export")
-async def export_user(request: Request, user_id: UserId, caller: AdminDep) -> dict:
+async def export_user(user_id: UserId, caller: AdminDep, services: ServicesDep) -> dict:
     """Everything stored about the user, as one JSON document."""
-    return await run(request.app.state.services.export_user, user_id)
+    return await run(services.export_user, user_id)
 
 
 @router.delete("/users/{user_id}")
-async def delete_user(request: Request, user_id: UserId, caller: AdminDep) -> dict:
+async def delete_user(user_id: UserId, caller: AdminDep, services: ServicesDep) -> dict:
     """Erase everything stored about the user; returns what went, by kind."""
-    erased = await run(request.app.state.services.erase_user, user_id)
+    erased = await run(services.erase_user, user_id)
     logger.info("erased a user on request (%s)", ", ".join(f"{k}={v}" for k, v in erased.items()))
     return {"user_id": user_id, "erased": erased}
 
@@ -128,60 +115,37 @@ async def delete_user(request: Request, user_id: UserId, caller: AdminDep) -> di
 # -- FAQ ---------------------------------------------------------------------------------------------
 
 @router.post("/faq")
-async def post_faq(request: Request, body: FaqIn, caller: AdminDep) -> dict:
+async def post_faq(body: FaqIn, caller: AdminDep, faq: FaqDep) -> dict:
     """Upsert FAQ entries by id (validated whole: one bad entry and nothing changes)."""
-    try:
-        from memory.faq_files import parse_faq_text
-    except ImportError as exc:
-        raise StoreUnavailable("the FAQ store is not installed in this build") from exc
     text = "\n".join(json.dumps(entry, ensure_ascii=False) for entry in body.entries)
     entries = parse_faq_text(text, "jsonl", "request entries")  # problems are reported by entry number
-    faq = _room(request.app.state.services, "faq")
     return await run(faq.upsert, entries)
 
 
 @router.get("/faq/search")
-async def search_faq(request: Request, q: QueryText, caller: CallerDep, k: K = 5) -> list[dict]:
+async def search_faq(q: QueryText, caller: CallerDep, faq: FaqDep, k: K = 5) -> list[dict]:
     """FAQ entries nearest to `q`, one per entry, best first."""
-    faq = _room(request.app.state.services, "faq")
     return [hit.to_json() for hit in await run(faq.search, q, k)]
 
 
 # -- adapters (admin) --------------------------------------------------------------------------------
 
-def _registry(request: Request):
-    """The adapter registry, or None while this build has none (nothing has been trained yet)."""
-    try:
-        from training.registry import Registry
-    except ImportError:
-        return None
-    return Registry(request.app.state.services.settings.adapters_dir)
-
-
 @router.get("/adapters")
-async def list_adapters(request: Request, caller: CallerDep) -> list[dict]:
+async def list_adapters(caller: CallerDep, registry: RegistryDep) -> list[dict]:
     """Adapter versions: `[{"version", "status", "metrics", "created_at"}]`."""
-    registry = _registry(request)
-    if registry is None:
-        return []
     return await run(registry.list)
 
 
 @router.post("/adapters/{version}/promote")
-async def promote_adapter(request: Request, version: Version, caller: AdminDep, body: PromoteIn | None = None) -> dict:
+async def promote_adapter(version: Version, caller: AdminDep, registry: RegistryDep,
+                          body: PromoteIn | None = None) -> dict:
     """Serve `version` to everyone, or to a sticky share of users."""
-    registry = _registry(request)
-    if registry is None:
-        raise NotFound(f"no adapter version {version!r}")
     share = body.share if body else None
     promoted = await run(registry.promote, version, share)
     return promoted.public(share)
 
 
 @router.post("/adapters/rollback")
-async def rollback_adapter(request: Request, caller: AdminDep) -> dict:
+async def rollback_adapter(caller: AdminDep, registry: RegistryDep) -> dict:
     """Back to the previous active version."""
-    registry = _registry(request)
-    if registry is None:
-        raise NotFound("no adapter version to roll back to")
     return await run(registry.rollback)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import logging
 import re
 import secrets
@@ -41,27 +40,20 @@ from telegram.ext import (
     filters,
 )
 
+from bot.commands import COMMANDS as SHARED_COMMANDS
+from bot.commands import Commands, help_text
+from bot.services import Services
 from bot.telegram.format import escape, scrub, split_message
 from bot.telegram.net import ChatOrderedProcessor, RetryingRequest
 from bot.telegram.stream import ReplyStream, keep_typing
 from dialogue.errors import GenerationError, InvalidInput, NotFound, RapportError, StoreUnavailable
-from dialogue.manager import HandedOff
-from bot.services import Services
-from dialogue.store import Conversation
+from dialogue.manager import HandedOff, Reply
 
 logger = logging.getLogger(__name__)
 
 CHANNEL = "telegram"
-COMMANDS = [
-    ("start", "greeting and what I keep about you"),
-    ("help", "what I can do"),
-    ("new", "start a new conversation"),
-    ("persona", "show or set how I talk to you: /persona set key=value"),
-    ("memory", "what I remember about you"),
-    ("forget", "forget a memory: /forget ID, or /forget all"),
-    ("export", "everything I keep about you, as a JSON file"),
-    ("delete_me", "erase everything I keep about you"),
-]
+TELEGRAM_COMMANDS = ("start", "help", "new", "rate", "persona", "memory", "forget", "sources", "export", "delete_me")
+COMMANDS = [(name, SHARED_COMMANDS[name].summary) for name in TELEGRAM_COMMANDS]  # what setMyCommands lists
 GREETING = (
     "Hi{name}! I'm Rapport, a personal assistant. Just write to me; /help lists what else I can do.\n\n"
     "<b>Privacy.</b> I keep our conversations, the ratings you give my replies (they teach the next version "
@@ -69,13 +61,8 @@ GREETING = (
     "from past chats, so I can answer better next time. /persona and /memory show what I know, /forget removes "
     "memories, /export sends you everything as a file, and /delete_me erases all of it."
 )
-HELP = (
-    "Write to me and I answer; in groups, mention me or reply to my message.\n"
-    "Under each reply, 👍/👎 tell me how I did.\n\n"
-    + "\n".join(f"/{name} — {escape(text)}" for name, text in COMMANDS)
-)
-MAX_MEMORY_LINES = 30
-MAX_MEMORY_CHARS = 300  # per memory in /memory; /export has them whole
+HELP = ("Write to me and I answer; in groups, mention me or reply to my message.\n"
+        "Under each reply, 👍/👎 tell me how I did.\n\n" + help_text(TELEGRAM_COMMANDS))
 ACK = {1: "👍 Thanks!", -1: "👎 Noted"}
 
 
@@ -126,6 +113,8 @@ class TelegramBot:
         self.allowed = {str(i) for i in self.settings.telegram_allowed_ids}
         self._conversations: dict[tuple[int, int], int] = {}  # (chat, user) -> current conversation number
         self._corrections: dict[tuple[int, int], str] = {}  # (chat, user) -> turn id a 👎 asked about
+        self._last: dict[tuple[int, int], Reply] = {}  # (chat, user) -> the last reply, for /rate and /sources
+        self.commands = Commands(services)
 
     # -- the application ----------------------------------------------------------------------
 
@@ -148,8 +137,9 @@ class TelegramBot:
     def add_handlers(self, app: Application) -> None:
         app.add_handler(TypeHandler(Update, self.on_update), group=-1)
         for name, callback in (("start", self.on_start), ("help", self.on_help), ("new", self.on_new),
-                               ("persona", self.on_persona), ("memory", self.on_memory), ("forget", self.on_forget),
-                               ("export", self.on_export), ("delete_me", self.on_delete_me)):
+                               ("rate", self.on_rate_command), ("persona", self.on_persona), ("memory", self.on_memory),
+                               ("forget", self.on_forget), ("sources", self.on_sources), ("export", self.on_export),
+                               ("delete_me", self.on_delete_me)):
             app.add_handler(CommandHandler(name, callback, filters=filters.UpdateType.MESSAGE))
         app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & ~filters.COMMAND, self.on_message))
         app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.ChatType.PRIVATE & ~filters.TEXT,
@@ -194,7 +184,7 @@ class TelegramBot:
 
     async def on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """List the commands."""
-        await update.effective_message.reply_html(HELP)
+        await update.effective_message.reply_text(HELP)
 
     async def on_new(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Start a new conversation in this chat; memory and persona stay."""
@@ -205,65 +195,43 @@ class TelegramBot:
                                 user_id=user_id_of(user), channel=CHANNEL)
         self._conversations[(chat.id, user.id)] = number
         self._corrections.pop((chat.id, user.id), None)
+        self._last.pop((chat.id, user.id), None)
         await update.effective_message.reply_text("Started a new conversation. I still remember you: /memory and "
                                                   "/persona show what I know.")
 
     async def on_persona(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Show the persona, or `/persona set key=value` to change one field."""
-        user_id = user_id_of(update.effective_user)
-        args = " ".join(context.args or [])
-        personas = self.services.personas
-        if args:
-            verb, _, assignment = args.partition(" ")
-            key, sep, value = assignment.partition("=")
-            if verb.lower() != "set" or not sep or not key.strip():
-                raise InvalidInput("Usage: /persona set key=value (for example /persona set name=Lena)")
-            persona = await asyncio.to_thread(personas.update, user_id, {key.strip(): scrub(value.strip())})
-            prefix = f"Saved {key.strip()}.\n\n"
-        else:
-            persona = await asyncio.to_thread(personas.get, user_id)
-            prefix = ""
-        fields = {k: v for k, v in persona.to_json().items() if v}
-        if not fields:
-            body = "I don't know anything about you yet. Tell me, or use /persona set name=Lena."
-        else:
-            body = "\n".join(f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in fields.items())
-        await update.effective_message.reply_text(prefix + body)
+        await self._reply(update, await self.commands.persona(user_id_of(update.effective_user), _args(context)))
 
     async def on_memory(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """List what is remembered about the user."""
-        memory = self.services.memory.for_user(user_id_of(update.effective_user))
-        items = await asyncio.to_thread(memory.list)
-        if not items:
-            await update.effective_message.reply_text("I don't remember anything about you yet.")
-            return
-        lines = [f"{_field(item, 'id')} — {_shorten(_field(item, 'text'))}" for item in items[:MAX_MEMORY_LINES]]
-        if len(items) > MAX_MEMORY_LINES:
-            lines.append(f"…and {len(items) - MAX_MEMORY_LINES} more (/export has them all).")
-        for piece in split_message("What I remember, newest first (/forget ID removes one):\n" + "\n".join(lines)):
-            await update.effective_message.reply_text(piece)
+        await self._reply(update, await self.commands.memory(user_id_of(update.effective_user)))
 
     async def on_forget(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Forget one memory by id, or all of them."""
-        args = context.args or []
-        if len(args) != 1:
-            raise InvalidInput("Usage: /forget ID (from /memory), or /forget all")
-        memory = self.services.memory.for_user(user_id_of(update.effective_user))
-        if args[0].lower() == "all":
-            count = await asyncio.to_thread(memory.forget_all)
-            await update.effective_message.reply_text(f"Forgot everything I remembered ({_count(count)}).")
-        else:
-            await asyncio.to_thread(memory.forget, args[0])
-            await update.effective_message.reply_text("Forgotten.")
+        await self._reply(update, await self.commands.forget(user_id_of(update.effective_user), _args(context)))
+
+    async def on_rate_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """`/rate up|down [comment]` on the last reply in this chat (the buttons do the same)."""
+        last = self._last.get((update.effective_chat.id, update.effective_user.id))
+        await self._reply(update, await self.commands.rate(user_id_of(update.effective_user), last, _args(context)))
+
+    async def on_sources(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Where the last reply in this chat came from."""
+        await self._reply(update, self.commands.sources(self._last.get((update.effective_chat.id,
+                                                                         update.effective_user.id))))
 
     async def on_export(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Send everything kept about the user as a JSON document."""
         user = update.effective_user
-        data = await asyncio.to_thread(self.services.export_user, user_id_of(user))
-        payload = json.dumps(data, ensure_ascii=False, indent=2, default=str).encode()
+        payload = (await self.commands.export(user_id_of(user))).encode()
         await update.effective_message.reply_document(
             InputFile(io.BytesIO(payload), filename=f"rapport-export-{user.id}.json"),
             caption="Everything I keep about you.")
+
+    async def _reply(self, update: Update, text: str) -> None:
+        for piece in split_message(text):
+            await update.effective_message.reply_text(piece)
 
     async def on_delete_me(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Ask for confirmation before erasing the user."""
@@ -284,7 +252,7 @@ class TelegramBot:
         text = scrub(message.text or "")
         if context.bot.username:
             text = re.sub(rf"@{re.escape(context.bot.username)}\b", "", text, flags=re.I)
-        text = text.strip()  # the core cuts an over-long message, with a notice
+        text = text.strip()  # the core refuses an over-long message, saying the limit (on_error shows it)
         group = chat.type != ChatType.PRIVATE
         pending = self._corrections.pop((chat.id, user.id), None)
         if pending and text:
@@ -303,6 +271,7 @@ class TelegramBot:
             conversation_id = await self._current_conversation(chat.id, chat.type, user.id)
             reply = await self.services.manager.respond(user_id=user_id_of(user), conversation_id=conversation_id,
                                                         text=text, channel=CHANNEL)
+            self._last[(chat.id, user.id)] = reply
             for notice in reply.notices:
                 await context.bot.send_message(chat.id, notice, message_thread_id=thread_id)
             if isinstance(reply, HandedOff):  # the gate: a person has (or is now asked to take) this conversation
@@ -367,6 +336,8 @@ class TelegramBot:
             del self._conversations[key]
         for key in [k for k in self._corrections if k[1] == user.id]:
             del self._corrections[key]
+        for key in [k for k in self._last if k[1] == user.id]:
+            del self._last[key]
         logger.info("erased %s: %s", user_id_of(user), counts)
         await query.edit_message_text("Done: everything I kept about you is erased.")
 
@@ -425,11 +396,7 @@ class TelegramBot:
         return self._conversations[key]
 
     def _latest_number(self, prefix: str, user_id: str) -> int:
-        from sqlmodel import select
-
-        with self.services.store.session() as session:
-            ids = session.exec(select(Conversation.id).where(
-                Conversation.user_id == user_id, Conversation.id.startswith(prefix, autoescape=True))).all()
+        ids = self.services.store.conversation_ids(user_id=user_id, prefix=prefix)
         numbers = [int(i[len(prefix):]) for i in ids if i[len(prefix):].isdigit()]
         return max(numbers, default=1)
 
@@ -442,18 +409,9 @@ class _ErrorContext:
     bot: object = None
 
 
-def _field(item: object, name: str) -> str:
-    value = item.get(name) if isinstance(item, dict) else getattr(item, name, "")
-    return str(value if value is not None else "")
-
-
-def _shorten(text: str, limit: int = MAX_MEMORY_CHARS) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _count(value: object) -> str:
-    return f"{value} items" if isinstance(value, int) else "done"
+def _args(context: ContextTypes.DEFAULT_TYPE) -> str:
+    """What followed the command, made safe to store."""
+    return scrub(" ".join(context.args or []))
 
 
 # -- running ----------------------------------------------------------------------------------------

@@ -25,24 +25,18 @@ class Backend(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
-    def truncate(self, text: str, max_tokens: int) -> str: ...
-
     async def generate(self, messages: list[Message], params: GenerationParams, adapter: AdapterRef | None) -> Generation: ...
 
     def close(self) -> None: ...
 
 
 class TokenizerText:
-    """Token counting and cutting for a backend with a `tokenizer` of its model (local or remote alike)."""
+    """Token counting for a backend with a `tokenizer` of its model (local or remote alike)."""
 
     tokenizer: object
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
-        return self.tokenizer.decode(ids).strip()
 
 
 class LocalBackend(TokenizerText):
@@ -83,6 +77,7 @@ class LocalBackend(TokenizerText):
                                                          config["intermediate_size"], self._cache)
 
     def _load(self):
+        kernels.load(self.settings)  # the first call decides for the process: built or not, per these settings
         directory = resolve_model_dir(self.settings.model, self.settings.models_dir)
         try:
             self._choose_dtype(directory)

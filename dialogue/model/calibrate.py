@@ -45,7 +45,7 @@ def _best_of(fn, passes: int = PASSES) -> float:
 
 def cache_key(*parts: object) -> str:
     flags = " ".join(sorted(kernels.cpu_flags()))
-    text = json.dumps([kernels.cpu_class(), flags, torch.__version__, kernels.library_path().name,
+    text = json.dumps([kernels.cpu_class(), flags, torch.__version__, kernels.library_name(),
                        torch.get_num_threads(), *parts], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from dialogue.settings import Settings
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -28,10 +30,11 @@ _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
 
-def cache_dir() -> Path:
+def cache_dir(settings: Settings | None = None) -> Path:
     """Where built libraries live: RAPPORT_KERNEL_DIR, else beside the virtualenv, else the user's cache."""
-    if os.environ.get("RAPPORT_KERNEL_DIR"):
-        return Path(os.environ["RAPPORT_KERNEL_DIR"])
+    settings = settings or Settings()
+    if settings.kernel_dir is not None:
+        return settings.kernel_dir
     if sys.prefix != sys.base_prefix:
         return Path(sys.prefix) / "var" / "rapport-kernels"
     return Path.home() / ".cache" / "rapport" / "kernels"
@@ -95,10 +98,15 @@ def march() -> str:
     return MARCH[cls]
 
 
-def library_path() -> Path:
+def library_name() -> str:
+    """Named by a hash of the source, torch's version and the CPU class it is built for."""
     digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
                             + (platform.machine() + march() + " ".join(sorted(cpu_flags()))).encode()).hexdigest()
-    return cache_dir() / f"rapport_kernels_{digest[:16]}.so"
+    return f"rapport_kernels_{digest[:16]}.so"
+
+
+def library_path(settings: Settings | None = None) -> Path:
+    return cache_dir(settings) / library_name()
 
 
 def build(target: Path) -> None:
@@ -118,17 +126,21 @@ def build(target: Path) -> None:
         os.replace(partial, target)  # atomic: a concurrent loader sees the whole library or none
 
 
-def load(*, build_missing: bool = True) -> bool:
-    """True when torch.ops.rapport is usable; builds the library first if it is missing and allowed to."""
+def load(settings: Settings | None = None, *, build_missing: bool = True) -> bool:
+    """True when torch.ops.rapport is usable; builds the library first if it is missing and allowed to.
+
+    The first call in a process decides (a loaded library cannot be unloaded): the model backend makes it with the
+    process's settings before anything else asks; without settings, `Settings()` reads the same variables."""
     with _lock:
         if "loaded" in _state:
             return _state["loaded"]
+        settings = settings or Settings()
         ok = False
-        if os.environ.get("RAPPORT_KERNELS", "auto") == "off":
+        if settings.kernels == "off":
             logger.info("fused kernels turned off (RAPPORT_KERNELS=off)")
         else:
             try:
-                path = library_path()
+                path = library_path(settings)
                 if not path.exists() and build_missing:
                     logger.info("building the fused kernels into %s", path)
                     build(path)

@@ -1,0 +1,55 @@
+"""The learning loop's reads of the transcript tables, in one store class: the SQL of datasets, reports and export.
+
+The tables are the dialogue core's (`dialogue/store.py`); what training asks of them lives here, in its own room,
+so that the core's store holds only what a turn needs.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import case, func
+from sqlmodel import select
+
+from dialogue.store import Conversation, Rating, TranscriptStore, Turn
+
+
+class TrainingStore:
+    """Read-only queries over a `TranscriptStore`'s tables for the learning loop."""
+
+    def __init__(self, transcripts: TranscriptStore) -> None:
+        self.transcripts = transcripts
+
+    def rated_turns(self) -> list[tuple[Turn, Rating | None]]:
+        """Every turn that can teach something: rated turns and human agents' replies, oldest first."""
+        with self.transcripts.session() as session:
+            rows = session.exec(
+                select(Turn, Rating).join(Rating, Rating.turn_id == Turn.id, isouter=True)
+                .where((Rating.turn_id.is_not(None)) | (Turn.model_id == "human"))
+                .order_by(Turn.created_at, Turn.seq)
+            ).all()
+        return [(turn, rating) for turn, rating in rows]
+
+    def rating_counts(self) -> list[tuple[str | None, int, int, int]]:
+        """Per adapter name of live bot turns: (adapter or None for the base model, turns, rated, rated up)."""
+        with self.transcripts.session() as session:
+            rows = session.exec(
+                select(Turn.adapter_version, func.count(Turn.id), func.count(Rating.turn_id),
+                       func.coalesce(func.sum(case((Rating.rating == 1, 1), else_=0)), 0))
+                .join(Rating, Rating.turn_id == Turn.id, isouter=True)
+                .where(Turn.model_id != "human", Turn.model_id != "import")
+                .group_by(Turn.adapter_version)
+            ).all()
+        return [(name, int(turns), int(rated), int(up)) for name, turns, rated, up in rows]
+
+    def conversations(self) -> list[Conversation]:
+        """Every conversation, oldest first."""
+        with self.transcripts.session() as session:
+            return list(session.exec(select(Conversation).order_by(Conversation.created_at, Conversation.id)).all())
+
+    def conversation_turns(self, conversation_id: str) -> list[tuple[Turn, Rating | None]]:
+        """One conversation's turns in order, each with its rating."""
+        with self.transcripts.session() as session:
+            rows = session.exec(
+                select(Turn, Rating).join(Rating, Rating.turn_id == Turn.id, isouter=True)
+                .where(Turn.conversation_id == conversation_id).order_by(Turn.seq)
+            ).all()
+        return [(turn, rating) for turn, rating in rows]

@@ -84,13 +84,21 @@ class TurnRecall:
         return kept
 
     def _faq(self, text: str):
+        """The FAQ's verdict: the customer-service scope (`classify`) when the bot serves a business, else the
+        personal assistant's policy (`decide`: only what the FAQ covers is answered from it)."""
         faq = self.faq()
+        scope = self.settings.scope
+        if scope == "business" or (scope == "auto" and not faq.is_empty()):
+            return faq.classify(text)
         return None if faq.is_empty() else faq.decide(text)
 
     def _apply_faq(self, context: Context, decision) -> None:
         from memory.faq import checked_reply, grounded_reply
 
         if decision.level == "none":
+            return
+        if decision.level in ("smalltalk", "outside"):  # a fixed reply, no model: nothing outside the FAQ is made up
+            context.answer = grounded_reply(decision)
             return
         hits = decision.hits[:GROUNDING_ENTRIES] if decision.level == "ground" else decision.hits[:1]
         context.sources = [Source("faq", h.id, round(h.score, 4)) for h in hits] + context.sources

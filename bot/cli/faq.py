@@ -23,12 +23,18 @@ def import_faq(file: Path, as_json: bool) -> None:
 
     entries = parse_faq_file(file)  # validated whole before the store is even opened
     with services() as opened:
-        result = opened.faq.upsert(entries)
+        result = opened.faq.upsert(entries)  # fits the FAQ's own map when this version was never fitted
+        fit = opened.faq.last_fit
     if as_json:
         emit_json(result)
     else:
         click.echo(f"{file.name}: {len(entries)} entries ({result['added']} added, {result['updated']} updated, "
                    f"{result['unchanged']} unchanged)")
+        if fit is not None:
+            scores = f" (held-out top-1 {fit.plain_top1} -> {fit.fitted_top1})" if fit.plain_top1 is not None else ""
+            state = "used" if fit.used else "not used"
+            click.echo(f"fit {fit.fingerprint}: {state}, {fit.reason}{scores}"
+                       f"{', fitted earlier' if not fit.trained else f', {fit.seconds} s'}")
 
 
 @faq_group.command("list")

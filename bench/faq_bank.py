@@ -233,14 +233,14 @@ def run(directory: Path | None = None, *, do_calibrate: bool = False, threads: i
     return report
 
 
-def run_api(*, limit: int | None = None, threads: int = 1) -> dict:
+def run_api(open_services, create_app, *, limit: int | None = None, threads: int = 1) -> dict:
     """Every test message as the first message of a new conversation through the native API (the FastAPI app
-    in-process, the configured model: the embedded SmolLM2 by default), with the bank FAQ imported."""
+    in-process, the configured model: the embedded SmolLM2 by default), with the bank FAQ imported.
+
+    `open_services` and `create_app` come from the caller (bot/cli/bench.py): the bench room sits below bot."""
     import torch
     from fastapi.testclient import TestClient
 
-    from bot.http.app import create_app
-    from bot.services import open_services
     from dialogue.settings import Settings
     from memory.faq_files import make_entry
     from memory.faq_scope import OUTSIDE_REPLY, SMALL_TALK_REPLIES

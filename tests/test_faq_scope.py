@@ -185,3 +185,34 @@ def test_bench_faq_on_a_slice():
     assert policy["in_scope"]["n"] == 16 and policy["outside"]["n"] == 4 and policy["small_talk"]["n"] == 4
     assert policy["outside"]["declined"] >= 0.75 and policy["small_talk"]["in_kind"] >= 0.75
     assert report["cpu"]["isa"] and report["top1_accuracy"] == mechanisms["hybrid + the FAQ's own fit"]["retrieval"]["top1"]
+
+
+# -- learning from resolved conversations ---------------------------------------------------------------
+
+
+def test_an_agent_answered_message_becomes_a_phrasing_after_review(bank_client, services):
+    from training.faq_phrasings import approve, candidates, reject
+
+    home = services.settings.home
+    before = services.faq.snapshot().fingerprint
+    body = first_message(bank_client, "the atm ate my card")
+    entry = services.faq.get("card-lost")
+    agent = bank_client.post(f"/v1/conversations/{body['conversation']}/agent_messages",
+                             json={"text": "Sorry about that! " + entry.answer})
+    assert agent.status_code == 200, agent.text
+    other = first_message(bank_client, "what's the weather like on mars")
+    bank_client.post(f"/v1/conversations/{other['conversation']}/agent_messages", json={"text": "No idea, sorry!"})
+
+    found = {c.customer_text: c for c in candidates(services.store, services.faq, home)}
+    mine = found["the atm ate my card"]
+    assert mine.entry_id == "card-lost" and mine.score >= 0.75
+    assert found["what's the weather like on mars"].entry_id is None
+    with pytest.raises(Exception, match="name one with --entry"):
+        approve(services.store, services.faq, home, found["what's the weather like on mars"].turn_id)
+    reject(services.store, services.faq, home, found["what's the weather like on mars"].turn_id)
+
+    result = approve(services.store, services.faq, home, mine.turn_id)
+    assert result["entry_id"] == "card-lost" and result["updated"] == 1
+    assert services.faq.get("card-lost").alternates[-1] == mine.customer_text
+    assert services.faq.last_fit.trained and services.faq.snapshot().fingerprint != before  # refitted
+    assert candidates(services.store, services.faq, home) == []  # approved one is a phrasing, the other rejected

@@ -97,7 +97,10 @@ def bench_faq(which: str, directory: Path | None, do_calibrate: bool, limit: int
     from bench.faq_bank import run as run_bank, run_api
 
     if through_api:
-        emit_json(run_api(limit=limit, threads=threads))
+        from bot.http.app import create_app
+        from bot.services import open_services
+
+        emit_json(run_api(open_services, create_app, limit=limit, threads=threads))
         return
     emit_json(run_bank(directory, do_calibrate=do_calibrate, threads=threads, limit=limit))
 

@@ -86,11 +86,7 @@ class TurnRecall:
     def _faq(self, text: str):
         """The FAQ's verdict: the customer-service scope (`classify`) when the bot serves a business, else the
         personal assistant's policy (`decide`: only what the FAQ covers is answered from it)."""
-        faq = self.faq()
-        scope = self.settings.scope
-        if scope == "business" or (scope == "auto" and not faq.is_empty()):
-            return faq.classify(text)
-        return None if faq.is_empty() else faq.decide(text)
+        return self.faq().verdict(text, self.settings.scope)
 
     def _apply_faq(self, context: Context, decision) -> None:
         from memory.faq import checked_reply, grounded_reply

@@ -483,6 +483,14 @@ class FaqIndex:
 
     # -- scope (customer-service deployments) -----------------------------------------------------------
 
+    def verdict(self, query: str, scope: str = "auto") -> FaqDecision | None:
+        """`classify` when the bot serves a business (scope "business", or "auto" with a FAQ), else `decide`;
+        None for the personal assistant without a FAQ."""
+        empty = self.is_empty()
+        if scope == "business" or (scope == "auto" and not empty):
+            return self.classify(query)
+        return None if empty else self.decide(query)
+
     def small_talk(self, vector: np.ndarray) -> tuple[float, str]:
         """(best cosine to a small-talk prototype, its kind)."""
         if self._small_talk is None:

@@ -73,11 +73,12 @@ def search_faq(query: str, k: int, as_json: bool) -> None:
 @click.argument("message")
 @click.option("--json", "as_json", is_flag=True, help='print {"level", "confidence", "reply", "handoff", "sources"}')
 def ask_faq(message: str, as_json: bool) -> None:
-    """What the assistant would do with MESSAGE: answer from the FAQ, ground on it, hand off, or just chat."""
-    from memory.faq import grounded_reply
+    """What the assistant would do with MESSAGE: answer from the FAQ, ground on it, hand off, answer small talk,
+    decline it as outside the business, or just chat (RAPPORT_SCOPE decides which of these apply)."""
+    from memory.faq import FaqDecision, grounded_reply
 
     with services() as opened:
-        decision = opened.faq.decide(message)
+        decision = opened.faq.verdict(message, opened.settings.scope) or FaqDecision("none", [])
     reply = grounded_reply(decision)
     if as_json:
         emit_json({"level": decision.level, "confidence": round(decision.confidence, 4), "reply": reply,

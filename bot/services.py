@@ -75,7 +75,7 @@ class Services:
     @cached_property
     def faq(self) -> FaqIndex:
         """The business FAQ."""
-        return FaqIndex(self.chroma.client, self.embedder)
+        return FaqIndex(self.chroma.client, self.embedder, fit_dir=self.settings.home / "faq_fit")
 
     @cached_property
     def personas(self) -> PersonaStore:

@@ -84,13 +84,17 @@ class TurnRecall:
         return kept
 
     def _faq(self, text: str):
-        faq = self.faq()
-        return None if faq.is_empty() else faq.decide(text)
+        """The FAQ's verdict: the customer-service scope (`classify`) when the bot serves a business, else the
+        personal assistant's policy (`decide`: only what the FAQ covers is answered from it)."""
+        return self.faq().verdict(text, self.settings.scope)
 
     def _apply_faq(self, context: Context, decision) -> None:
         from memory.faq import checked_reply, grounded_reply
 
         if decision.level == "none":
+            return
+        if decision.level in ("smalltalk", "outside"):  # a fixed reply, no model: nothing outside the FAQ is made up
+            context.answer = grounded_reply(decision)
             return
         hits = decision.hits[:GROUNDING_ENTRIES] if decision.level == "ground" else decision.hits[:1]
         context.sources = [Source("faq", h.id, round(h.score, 4)) for h in hits] + context.sources

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
         None, description="shared secret Chatwoot must send (?token= in the bot's webhook URL, or X-Rapport-Token)")
     handoff_webhook_url: str | None = Field(None, description="POST a JSON event here whenever a conversation is handed off")
     handoff_webhook_secret: str | None = Field(None, description="signs handoff webhook bodies (X-Rapport-Signature)")
+    scope: Literal["auto", "business", "open"] = Field(
+        "auto", description="business: every message is covered by the FAQ, not covered (handoff), small talk or "
+                            "outside the business (declined), never answered by the model outside the FAQ; "
+                            "open: the personal assistant, free to chat; auto: business when a FAQ is imported")
     handoff_after_negative_ratings: int = Field(2, ge=1, description="hand off after this many -1 ratings in a row")
 
     # -- Telegram bot (bot/telegram*.py) ------------------------------------------------------------------

@@ -23,6 +23,9 @@ import numpy as np
 
 from memory.errors import InvalidInput, NotFound, RapportError, StoreUnavailable
 from memory.faq_files import FaqEntry, make_entry, parse_faq_file
+from memory.faq_scope import (NO_TOPICS, OUTSIDE_REPLY, SMALL_TALK, SMALL_TALK_REPLIES, SMALL_TALK_WORDS,
+                               ScopeModel, topics_of)
+from memory.faq_fit import FitConfig, FitResult, FitStore, fingerprint, fit_adapter
 from memory.faq_text import (BUSINESS_PROTOTYPES, CHAT_PROTOTYPES, STOPWORDS, UNKNOWN_REPLY, WORD,
                              content_words, fact_keys, stated_facts, stem)
 
@@ -59,9 +62,12 @@ class FaqHit:
 class FaqDecision:
     """What the turn should do with a message: answer from the FAQ, ground on it, say it does not know, or chat."""
 
-    level: Literal["answer", "ground", "unknown", "none"]
+    # "smalltalk" and "outside" only in a customer-service deployment (`FaqIndex.classify`)
+    level: Literal["answer", "ground", "unknown", "none", "smalltalk", "outside"]
     hits: list[FaqHit]
     confidence: float = 0.0  # P(the FAQ covers this message), from the calibrated model
+    small_talk: str = ""  # the kind of small talk (memory/faq_scope.py SMALL_TALK)
+    topics: str = ""  # what the FAQ covers, in words, for the replies that steer back to it
 
     @property
     def handoff(self) -> bool:
@@ -98,6 +104,17 @@ class DecisionModel:
 DEFAULT_MODEL = DecisionModel(bias=-1.34, w_score=8.838, w_gap=-16.599, w_margin=3.319, unknown_below=0.59,
                               answer_from=0.61, answer_margin=0.06, chat_margin=-0.1)
 
+# Fitted by `rapport bench faq --calibrate` on the dev split of bench/data/faq_bank_* and the calibration half of
+# examples/faq's business questions (two businesses, each with its own fit), answer gate at ≥ 95 % precision.
+# Scopes (covered, unknown, smalltalk, outside) × features (score, margin, gap, faq_best, business, chat, smalltalk).
+SCOPE_MODEL = ScopeModel(bias=(-1.6063, -1.4694, -1.1269, 4.2026),
+                         weights=((2.6369, 3.3941, -5.8896, 4.2194, 2.466, 2.5762, -8.1808),
+                                  (-1.5553, -0.1764, 3.003, 2.8669, 4.8005, -5.8365, 2.3143),
+                                  (-2.9855, -2.1459, 0.8266, -1.5175, -1.7103, 2.5068, 7.9955),
+                                  (1.9039, -1.0718, 2.06, -5.5689, -5.5562, 0.7534, -2.129)),
+                         answer_from=0.76, answer_margin=0.15, covered_from=0.0)
+SMALL_TALK_ALONE = 0.6  # with no FAQ to compare against, the small-talk similarity that counts as small talk
+
 
 def grounded_reply(decision: FaqDecision) -> str | None:
     """The fixed reply for `answer` (the entry's own text) and `unknown` (no invention, offer a human)."""
@@ -105,6 +122,10 @@ def grounded_reply(decision: FaqDecision) -> str | None:
         return decision.hits[0].answer
     if decision.level == "unknown":
         return UNKNOWN_REPLY
+    if decision.level == "smalltalk":
+        return SMALL_TALK_REPLIES[decision.small_talk].format(topics=decision.topics or NO_TOPICS)
+    if decision.level == "outside":
+        return OUTSIDE_REPLY.format(topics=decision.topics or NO_TOPICS)
     return None
 
 
@@ -154,12 +175,20 @@ class Snapshot:
     revision: str
     entries: list[FaqEntry]
     owner: np.ndarray  # (N,) entry index of each vector
+    kinds: np.ndarray  # (N,) "question" | "alternate" | "answer"
     raw: np.ndarray  # (N, 384) unit vectors as stored
-    centred: np.ndarray  # (N, 384) unit vectors after subtracting the centroid
+    centred: np.ndarray  # (N, 384) unit vectors (mapped by the fit, if one is used) after subtracting the centroid
     centroid: np.ndarray  # (384,)
     bm25: object | None
     stems: list[set[str]]  # per entry: stemmed content words of question, alternates, answer, tags
     surfaces: list[list[str]]  # per entry: those words as written (for embedding)
+    fingerprint: str = ""  # the FAQ's content version (memory/faq_fit.py)
+    weight: np.ndarray | None = None  # (384, 384) the FAQ's own fit, when one is used
+    fit: FitResult | None = None
+
+    def mapped(self, vector: np.ndarray) -> np.ndarray:
+        """A query vector in the space the entries are compared in."""
+        return vector if self.weight is None else normalise(vector @ self.weight)
 
 
 @dataclass
@@ -174,15 +203,21 @@ class Analysis:
 class FaqIndex:
     """The FAQ in one Chroma collection (embeddings passed in, never Chroma's own)."""
 
-    def __init__(self, client, embedder, *, collection: str = COLLECTION, model: DecisionModel = DEFAULT_MODEL) -> None:
+    def __init__(self, client, embedder, *, collection: str = COLLECTION, model: DecisionModel = DEFAULT_MODEL,
+                 fit_dir: Path | None = None, fit_config: FitConfig = FitConfig()) -> None:
         self.client = client
         self.embedder = embedder
         self.name = collection
         self.model = model
+        self.fits = FitStore(fit_dir) if fit_dir is not None else None  # None: no fitting (plain search)
+        self.fit_config = fit_config
+        self.last_fit: FitResult | None = None  # what the last write's refit did (trained now, or read back)
         self._lock = threading.RLock()
         self._snapshot: Snapshot | None = None
         self._word_vectors: dict[str, np.ndarray] = {}
         self._prototypes: tuple[np.ndarray, np.ndarray] | None = None
+        self._small_talk: tuple[np.ndarray, list[str]] | None = None
+        self.scope_model = SCOPE_MODEL
         try:
             self.collection = client.get_or_create_collection(
                 collection, embedding_function=None, configuration={"hnsw": {"space": "cosine"}},
@@ -227,6 +262,7 @@ class FaqIndex:
                 except Exception as exc:
                     self._snapshot = None
                     raise StoreUnavailable(f"the FAQ store cannot be written: {exc}") from exc
+            self.last_fit = self.refit()
             return {"added": len(added), "updated": len(updated), "unchanged": unchanged}
 
     def import_file(self, path: Path) -> dict:
@@ -239,6 +275,22 @@ class FaqIndex:
             self.get(entry_id)
             self.collection.delete(where={"entry_id": entry_id})
             self._bump()
+            self.last_fit = self.refit()
+
+    def refit(self) -> FitResult | None:
+        """Fit the current FAQ version unless it was fitted before; the result, or None without a fit store."""
+        if self.fits is None:
+            return None
+        with self._lock:
+            snap = self.snapshot()
+            if snap.fit is not None or not snap.entries:
+                return snap.fit
+            result, weight = fit_adapter(snap.raw, snap.owner, snap.kinds, snap.fingerprint, self.fit_config)
+            logger.info("FAQ fit %s: %s (held-out top-1 %s -> %s, %.1f s)", result.fingerprint, result.reason,
+                        result.plain_top1, result.fitted_top1, result.seconds)
+            self.fits.save(result, weight)
+            self._snapshot = None
+            return result
 
     def _write(self, todo: list[tuple[FaqEntry, int]], replace: list[str]) -> None:
         ids, texts, metas = [], [], []
@@ -303,7 +355,12 @@ class FaqIndex:
         keep = [i for i, m in enumerate(metas) if m.get("entry_id") in position]
         raw = np.asarray(vectors, dtype=np.float32)[keep] if keep else np.zeros((0, 384), np.float32)
         owner = np.array([position[metas[i]["entry_id"]] for i in keep], dtype=np.int64)
-        centroid = raw.mean(axis=0) if len(raw) else np.zeros(raw.shape[1], np.float32)
+        kinds = np.array([metas[i]["kind"] for i in keep])
+        fp = fingerprint([m["hash"] for m in mains])
+        stored = self.fits.load(fp) if self.fits is not None and entries else None
+        fit, weight = stored if stored is not None else (None, None)
+        space = normalise(raw @ weight) if weight is not None else raw
+        centroid = space.mean(axis=0) if len(space) else np.zeros(raw.shape[1], np.float32)
         texts = [" ".join([e.question, *e.alternates, e.answer, *e.tags]) for e in entries]
         bm25 = None
         if entries:
@@ -313,8 +370,8 @@ class FaqIndex:
             bm25 = bm25s.BM25()
             bm25.index([content_words(t) or ["_"] for t in texts], show_progress=False)
         surfaces = [sorted({w for w in WORD.findall(t.lower().replace("'", "")) if w not in STOPWORDS}) for t in texts]
-        return Snapshot(revision, entries, owner, raw, normalise(raw - centroid), centroid, bm25,
-                        [set(content_words(t)) for t in texts], surfaces)
+        return Snapshot(revision, entries, owner, kinds, raw, normalise(space - centroid), centroid, bm25,
+                        [set(content_words(t)) for t in texts], surfaces, fp, weight, fit)
 
     def list(self) -> list[FaqEntry]:
         """Every entry, in import order."""
@@ -335,7 +392,7 @@ class FaqIndex:
         vector = self.embedder.embed_one(query)
         n = len(snap.entries)
         dense = np.full(n, -1.0, dtype=np.float32)
-        sims = snap.centred @ normalise(vector - snap.centroid)  # (N,)
+        sims = snap.centred @ normalise(snap.mapped(vector) - snap.centroid)  # (N,)
         np.maximum.at(dense, snap.owner, sims)  # best vector per entry
         words = [w for w in content_words(query) if w in snap.bm25.vocab_dict] if snap.bm25 is not None else []
         lexical = np.asarray(snap.bm25.get_scores(words), dtype=np.float32) if words else np.zeros(n, np.float32)
@@ -423,6 +480,62 @@ class FaqIndex:
         """Is the message asking the business for something, rather than chatting? The nearer prototype wins."""
         business_sim, chat_sim = self.kind_scores(analysis)
         return chat_sim <= business_sim + self.model.chat_margin
+
+    # -- scope (customer-service deployments) -----------------------------------------------------------
+
+    def verdict(self, query: str, scope: str = "auto") -> FaqDecision | None:
+        """`classify` when the bot serves a business (scope "business", or "auto" with a FAQ), else `decide`;
+        None for the personal assistant without a FAQ."""
+        empty = self.is_empty()
+        if scope == "business" or (scope == "auto" and not empty):
+            return self.classify(query)
+        return None if empty else self.decide(query)
+
+    def small_talk(self, vector: np.ndarray) -> tuple[float, str]:
+        """(best cosine to a small-talk prototype, its kind)."""
+        if self._small_talk is None:
+            kinds = [kind for kind, texts in SMALL_TALK.items() for _ in texts]
+            self._small_talk = (self.embedder.embed([t for texts in SMALL_TALK.values() for t in texts]), kinds)
+        vectors, kinds = self._small_talk
+        sims = vectors @ vector
+        best = int(np.argmax(sims))
+        return float(sims[best]), kinds[best]
+
+    def scope_features(self, snap: Snapshot, analysis: Analysis, query: str) -> tuple[float, ...]:
+        """The classifier's inputs, in `memory.faq_scope.FEATURES` order."""
+        score, gap, margin = self.features(snap, analysis, query)
+        business, chat = self.kind_scores(analysis)
+        small = self.small_talk(analysis.vector)[0] if len(query.split()) <= SMALL_TALK_WORDS else 0.0
+        return score, margin, gap, analysis.raw_best, business, chat, small
+
+    def classify(self, query: str) -> FaqDecision:
+        """The scope and answer policy of a customer-service deployment: answer or ground from the FAQ, say the
+        FAQ does not cover it (unknown, handoff), answer small talk in kind, or decline what is outside."""
+        query = " ".join(str(query or "")[:MAX_QUERY_CHARS].split())
+        snap = self.snapshot()
+        topics = topics_of([e.tags for e in snap.entries], [e.question for e in snap.entries])
+        if not query:
+            return FaqDecision("smalltalk", [], small_talk="ack", topics=topics)
+        if not snap.entries:  # a business without a FAQ yet: small talk, or a person
+            vector = self.embedder.embed_one(query)
+            similarity, kind = self.small_talk(vector)
+            if len(query.split()) <= SMALL_TALK_WORDS and similarity >= SMALL_TALK_ALONE:
+                return FaqDecision("smalltalk", [], small_talk=kind, topics=topics)
+            return FaqDecision("unknown", [], topics=topics)
+        analysis = self.analyse(snap, query)
+        features = self.scope_features(snap, analysis, query)
+        scope, covered = self.scope_model.scope(features)
+        hits = self._hits(snap, analysis, 3)
+        if scope == "smalltalk":
+            return FaqDecision("smalltalk", [], covered, small_talk=self.small_talk(analysis.vector)[1], topics=topics)
+        if scope == "outside":
+            return FaqDecision("outside", [], covered, topics=topics)
+        if scope == "unknown":
+            return FaqDecision("unknown", hits, covered, topics=topics)
+        model = self.scope_model
+        if covered >= model.answer_from and features[1] >= model.answer_margin:
+            return FaqDecision("answer", hits, covered, topics=topics)
+        return FaqDecision("ground", hits, covered, topics=topics)
 
 
 def check_query(query: object) -> str:

@@ -55,6 +55,7 @@ async def test_short_verbosity_shrinks_the_reply_budget(services):
 
 
 async def test_faq_policy_answers_grounds_or_hands_off(services):
+    services.settings.scope = "open"  # the personal assistant's policy (business scope: tests/test_faq_scope.py)
     services.faq.import_file(FAQ)
     confident = await say(services, "What are your opening hours?")
     entry = services.faq.get("hours")

@@ -76,16 +76,33 @@ def bench_serve(conversations: int, duration: float, new_tokens: int, as_json: b
 
 
 @bench.command("faq")
+@click.option("--set", "which", type=click.Choice(["bank", "bikeshop"]), default="bank", show_default=True,
+              help="bank: the harder set in bench/data/faq_bank_* (scope, mechanisms); bikeshop: examples/faq")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-              help="a directory laid out like examples/faq (bikeshop.jsonl, paraphrases.jsonl, out_of_scope.jsonl)")
-@click.option("--calibrate", "do_calibrate", is_flag=True, help="fit the decision model on the calibration halves first")
+              help="a directory laid out like the chosen set's")
+@click.option("--calibrate", "do_calibrate", is_flag=True, help="fit the decision (bank: scope) model on the dev halves first")
+@click.option("--limit", type=click.IntRange(2, 10_000), default=None, help="bank: only the first N entries and their messages")
+@click.option("--api", "through_api", is_flag=True,
+              help="bank: each test message as the first of a new conversation through the HTTP API and the model")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64), help="torch threads")
 @click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
-def bench_faq(directory: Path | None, do_calibrate: bool, threads: int, as_json: bool) -> None:
-    """FAQ: top-1 source accuracy, answer policy on in-/out-of-scope test messages, search latency."""
-    from bench.faq import run
+def bench_faq(which: str, directory: Path | None, do_calibrate: bool, limit: int | None, through_api: bool,
+              threads: int, as_json: bool) -> None:
+    """FAQ: top-1/top-3, the answer and scope policy on in-/out-of-scope test messages, search latency."""
+    if which == "bikeshop":
+        from bench.faq import run
 
-    emit_json(run(directory, do_calibrate=do_calibrate, threads=threads))
+        emit_json(run(directory, do_calibrate=do_calibrate, threads=threads))
+        return
+    from bench.faq_bank import run as run_bank, run_api
+
+    if through_api:
+        from bot.http.app import create_app
+        from bot.services import open_services
+
+        emit_json(run_api(open_services, create_app, limit=limit, threads=threads))
+        return
+    emit_json(run_bank(directory, do_calibrate=do_calibrate, threads=threads, limit=limit))
 
 
 @bench.command("memory")

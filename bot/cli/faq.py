@@ -23,12 +23,18 @@ def import_faq(file: Path, as_json: bool) -> None:
 
     entries = parse_faq_file(file)  # validated whole before the store is even opened
     with services() as opened:
-        result = opened.faq.upsert(entries)
+        result = opened.faq.upsert(entries)  # fits the FAQ's own map when this version was never fitted
+        fit = opened.faq.last_fit
     if as_json:
         emit_json(result)
     else:
         click.echo(f"{file.name}: {len(entries)} entries ({result['added']} added, {result['updated']} updated, "
                    f"{result['unchanged']} unchanged)")
+        if fit is not None:
+            scores = f" (held-out top-1 {fit.plain_top1} -> {fit.fitted_top1})" if fit.plain_top1 is not None else ""
+            state = "used" if fit.used else "not used"
+            click.echo(f"fit {fit.fingerprint}: {state}, {fit.reason}{scores}"
+                       f"{', fitted earlier' if not fit.trained else f', {fit.seconds} s'}")
 
 
 @faq_group.command("list")
@@ -67,11 +73,12 @@ def search_faq(query: str, k: int, as_json: bool) -> None:
 @click.argument("message")
 @click.option("--json", "as_json", is_flag=True, help='print {"level", "confidence", "reply", "handoff", "sources"}')
 def ask_faq(message: str, as_json: bool) -> None:
-    """What the assistant would do with MESSAGE: answer from the FAQ, ground on it, hand off, or just chat."""
-    from memory.faq import grounded_reply
+    """What the assistant would do with MESSAGE: answer from the FAQ, ground on it, hand off, answer small talk,
+    decline it as outside the business, or just chat (RAPPORT_SCOPE decides which of these apply)."""
+    from memory.faq import FaqDecision, grounded_reply
 
     with services() as opened:
-        decision = opened.faq.decide(message)
+        decision = opened.faq.verdict(message, opened.settings.scope) or FaqDecision("none", [])
     reply = grounded_reply(decision)
     if as_json:
         emit_json({"level": decision.level, "confidence": round(decision.confidence, 4), "reply": reply,
@@ -82,3 +89,48 @@ def ask_faq(message: str, as_json: bool) -> None:
         click.echo(reply)
     for source in decision.sources():
         click.echo(f"  source: faq {source['id']} ({source['score']:.3f})")
+
+
+@faq_group.command("candidates")
+@click.option("--json", "as_json", is_flag=True, help='a JSON list of {"turn_id", "customer_text", "agent_reply", "entry_id", "score"}')
+def list_candidates(as_json: bool) -> None:
+    """Customer messages a human agent answered: new phrasings of FAQ entries, waiting for review."""
+    from training.faq_phrasings import candidates
+
+    with services() as opened:
+        found = candidates(opened.store, opened.faq, opened.settings.home)
+    if as_json:
+        emit_json([c.to_json() for c in found])
+        return
+    if not found:
+        click.echo("no candidates: agent replies to customer messages appear here")
+    for c in found:
+        suggestion = f"{c.entry_id} ({c.score:.2f})" if c.entry_id else f"no entry matches ({c.score:.2f})"
+        click.echo(f"{c.turn_id}  {suggestion}\n  customer: {c.customer_text[:200]}\n  agent: {c.agent_reply[:200]}")
+
+
+@faq_group.command("approve")
+@click.argument("turn_id")
+@click.option("--entry", "entry_id", default=None, help="the entry to add the phrasing to (default: the suggested one)")
+@click.option("--json", "as_json", is_flag=True)
+def approve_candidate(turn_id: str, entry_id: str | None, as_json: bool) -> None:
+    """Add a candidate's customer message to an entry's alternates (the FAQ is refitted)."""
+    from training.faq_phrasings import approve
+
+    with services() as opened:
+        result = approve(opened.store, opened.faq, opened.settings.home, turn_id, entry_id)
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"{result['entry_id']}: added the phrasing {result['alternate']!r}")
+
+
+@faq_group.command("reject")
+@click.argument("turn_id")
+def reject_candidate(turn_id: str) -> None:
+    """Leave a candidate out of the list for good."""
+    from training.faq_phrasings import reject
+
+    with services() as opened:
+        reject(opened.store, opened.faq, opened.settings.home, turn_id)
+    click.echo(f"{turn_id}: rejected")

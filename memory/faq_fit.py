@@ -1,0 +1,179 @@
+"""A FAQ's own fit: a linear map on the sentence embedder, learned from the entries' phrasings.
+
+Each entry's question and alternates are phrasings of one intent. A 384×384 map W (started at the identity)
+is trained contrastively (supervised InfoNCE: a phrasing's neighbours should be the other phrasings of its
+entry) on the stored vectors, so the directions that tell close entries apart ("top-up" vs "card" payments,
+"pending" vs "declined") count for more. The last alternate of every entry is held out: the fit is used only
+when it finds those held-out phrasings' entries more often than the plain embedder does.
+
+A fit is versioned by the FAQ's content fingerprint and stored as `$RAPPORT_HOME/faq_fit/<fingerprint>/`
+(`adapter.npy`, `fit_meta.json`); a rejected fit keeps its meta too, so an unchanged FAQ is never refitted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+KEEP_FITS = 3  # fit directories kept: the current FAQ's and two before it
+MIN_HELD_OUT = 8  # held-out phrasings needed to judge a fit at all
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How the map is trained; recorded in every fit's meta."""
+
+    steps: int = 150  # full-batch Adam steps (a few hundred phrasings fit in one batch)
+    lr: float = 0.01
+    temperature: float = 0.05
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What `fit_adapter` learned and how it did on the held-out phrasings."""
+
+    fingerprint: str
+    used: bool
+    reason: str
+    held_out: int
+    plain_top1: float | None
+    fitted_top1: float | None
+    seconds: float
+    trained: bool = True  # False when the result was read back from an earlier fit
+    config: dict | None = None
+    created_at: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def fingerprint(content_hashes: list[str]) -> str:
+    """The FAQ's version: a hash of its entries' content hashes, in order-free form."""
+    return sha256("\n".join(sorted(content_hashes)).encode()).hexdigest()[:24]
+
+
+def split_phrasings(owner: np.ndarray, kinds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) row indices over the question/alternate rows: each entry's last alternate is held out
+    when the entry keeps at least two phrasings for training."""
+    rows = np.flatnonzero(kinds != "answer")
+    held = []
+    for entry in np.unique(owner[rows]):
+        mine = rows[owner[rows] == entry]
+        alternates = [r for r in mine if kinds[r] == "alternate"]
+        if len(mine) >= 3 and alternates:
+            held.append(alternates[-1])
+    held_set = set(held)
+    return np.array([r for r in rows if r not in held_set], dtype=np.int64), np.array(held, dtype=np.int64)
+
+
+def entry_top1(queries: np.ndarray, vectors: np.ndarray, owner: np.ndarray, gold: np.ndarray, n_entries: int) -> float:
+    """Share of `queries` whose best vector (one score per entry: its best phrasing) belongs to `gold`."""
+    sims = queries @ vectors.T  # (Q, N)
+    best = np.full((len(queries), n_entries), -np.inf, dtype=np.float32)
+    for j, entry in enumerate(owner):
+        best[:, entry] = np.maximum(best[:, entry], sims[:, j])
+    return float(np.mean(best.argmax(axis=1) == gold))
+
+
+def normalise(matrix: np.ndarray) -> np.ndarray:
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=-1, keepdims=True), 1e-9)
+
+
+def train_map(vectors: np.ndarray, labels: np.ndarray, config: FitConfig) -> np.ndarray:
+    """(384, 384) W minimising supervised InfoNCE over normalise(vectors @ W); CPU, one batch."""
+    import torch
+
+    torch.manual_seed(config.seed)
+    x = torch.tensor(vectors, dtype=torch.float32)  # (N, 384)
+    y = torch.tensor(labels)
+    weight = torch.nn.Parameter(torch.eye(x.shape[1]))
+    optimiser = torch.optim.Adam([weight], lr=config.lr)
+    eye = torch.eye(len(y))
+    positives = (y[:, None] == y[None, :]).float() - eye  # (N, N) other phrasings of the same entry
+    counts = positives.sum(-1).clamp(min=1)
+    for _ in range(config.steps):
+        z = torch.nn.functional.normalize(x @ weight, dim=-1)
+        log_p = (z @ z.T / config.temperature - eye * 1e9).log_softmax(-1)  # a phrasing never picks itself
+        loss = (-(log_p * positives).sum(-1) / counts).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return weight.detach().numpy().astype(np.float32)
+
+
+def fit_adapter(vectors: np.ndarray, owner: np.ndarray, kinds: np.ndarray, fp: str,
+                config: FitConfig = FitConfig()) -> tuple[FitResult, np.ndarray | None]:
+    """Train on the training phrasings, judge on the held-out ones; (result, W or None when not used)."""
+    started = time.perf_counter()
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    train, held = split_phrasings(owner, kinds)
+    if len(held) < MIN_HELD_OUT:
+        result = FitResult(fp, False, f"too few phrasings to judge a fit ({len(held)} held out, need {MIN_HELD_OUT}): "
+                                      "give entries alternates", len(held), None, None, 0.0, config=asdict(config),
+                           created_at=now)
+        return result, None
+    n_entries = int(owner.max()) + 1
+    weight = train_map(vectors[train], owner[train], config)
+    plain = entry_top1(vectors[held], vectors[train], owner[train], owner[held], n_entries)
+    mapped = normalise(vectors @ weight)
+    fitted = entry_top1(mapped[held], mapped[train], owner[train], owner[held], n_entries)
+    used = fitted > plain
+    reason = "better on the held-out phrasings" if used else "not better on the held-out phrasings than the plain embedder"
+    result = FitResult(fp, used, reason, len(held), round(plain, 4), round(fitted, 4),
+                       round(time.perf_counter() - started, 2), config=asdict(config), created_at=now)
+    return result, weight if used else None
+
+
+class FitStore:
+    """Fits on disk, one directory per FAQ fingerprint."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def load(self, fp: str) -> tuple[FitResult, np.ndarray | None] | None:
+        """The stored fit for `fp` (W only if it is used), or None if this FAQ version was never fitted."""
+        directory = self.root / fp
+        try:
+            meta = json.loads((directory / "fit_meta.json").read_text())
+            result = FitResult(**{**meta, "trained": False})
+            weight = np.load(directory / "adapter.npy") if result.used else None
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, OSError) as exc:  # a damaged fit is refitted, never trusted
+            logger.warning("FAQ fit %s unreadable (%s); it will be refitted", fp, exc)
+            return None
+        if weight is not None and (weight.ndim != 2 or weight.shape[0] != weight.shape[1]):
+            return None
+        return result, weight
+
+    def save(self, result: FitResult, weight: np.ndarray | None) -> None:
+        """Write into a temporary directory, then rename: a reader sees a whole fit or none."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / result.fingerprint
+        staging = self.root / f".{result.fingerprint}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        if weight is not None:
+            np.save(staging / "adapter.npy", weight)
+        meta = {k: v for k, v in result.to_json().items() if k != "trained"}
+        (staging / "fit_meta.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        self.prune(keep=result.fingerprint)
+
+    def prune(self, keep: str) -> None:
+        fits = sorted((p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in [p for p in fits if p.name != keep][KEEP_FITS - 1:]:
+            shutil.rmtree(old, ignore_errors=True)

@@ -163,7 +163,6 @@ def summary(rows: list[dict], users: list[dict], memories: dict[str, list[str]])
         "empty_replies": sum(r["empty"] for r in rows),
         "recall_accuracy": rate(questions, "recalled"), "questions": len(questions),
         "name_recall": rate(named, "recalled"),  # the user's name given when asked for
-        "sourced_answers": rate([{"s": any(k in ("persona", "memory") for k in r["sources"])} for r in questions], "s"),
         "memories": len(kept), "questions_kept_as_memory": questions_kept,
         "turn_p50_s": percentile(seconds, 0.5), "turn_p95_s": percentile(seconds, 0.95),
         "turn_mean_s": round(statistics.fmean(seconds), 3) if seconds else None,

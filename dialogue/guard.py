@@ -8,7 +8,8 @@ Pure functions of text, defined by word overlap and grammatical person (threshol
   words or making up at least 60% of the reply. "The capital of France is…" after "What's the capital of
   France?" shares words but no person or question form: an answer. "Your name is Lena" after "My name is
   Lena" changes the person: an answer.
-- **repeat**: at least 60% of the reply's word trigrams appear in one earlier bot reply of the conversation.
+- **repeat**: at least 60% of the reply's word trigrams appear in one earlier bot reply of the conversation (a
+  reply too short for trigrams: the same words as an earlier reply).
 - **role_confusion**: a sentence in the first person only (I/my, no you/your) shares at least half of a
   recalled memory clause's content words (two at least, or the single one of a one-word fact), or claims the
   user's name ("I'm Lena").
@@ -88,7 +89,9 @@ def echo(reply: list[str], user: list[str]) -> Verdict:
 
 def repeat(reply: list[str], earlier: list[str]) -> Verdict:
     mine = trigrams(reply)
-    if not mine:
+    if not mine:  # too short for trigrams ("Hello, Grace."): the very same words again
+        if reply and any(words(text) == reply for text in earlier):
+            return Verdict("repeat", 1.0, tuple(reply))
         return Verdict()
     best, copied = 0.0, ()
     for text in earlier:

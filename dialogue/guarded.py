@@ -1,22 +1,30 @@
 """A generation that passes the degeneration guard: held back until its first words are checked, generated
 once more (avoiding the copied words) when they fail, then replaced by a short honest reply. Never loops.
 
+After the opening, the reply streams a sentence at a time, each sentence checked before it is shown: a
+sentence that echoes, repeats or takes the user's life as the bot's own ends the reply there (what was shown
+passed every check). The fallback tells a statement back in the second person ("Noted: you live in Porto.")
+and is never the same words as an earlier reply.
+
 Outcomes recorded on the turn (`Turn.guard`): None (clean), "<kind>:regenerated" (the second try passed),
-"<kind>:fallback" (both failed; the fixed reply was shown), "late:<kind>" (the check on the whole reply
-failed after its start had been streamed), "empty" (a blank reply, not retried: each channel has its own
-answer to one, Chatwoot hands over to a person; kept in the history as before). Fallback and late replies are left out of later prompts.
+"<kind>:fallback" (both failed; the fixed reply was shown), "cut:<kind>" (a later sentence failed; the reply
+ends before it), "late:<kind>" (the whole text failed its check after it was shown: `text()` callers only),
+"empty" (a blank reply, not retried: each channel has its own answer to one, Chatwoot hands over to a person;
+kept in the history as before). Fallback and late replies are left out of later prompts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from dialogue.guard import FIRST, Verdict, check_reply, words
+from dialogue.guard import FIRST, SENTENCE, Verdict, check_reply, words
 from dialogue.model.worker import AdapterRef, GenerationParams
 from memory.facts import memory_text
+from memory.personal import second_person
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +32,16 @@ HOLD_WORDS = 16  # words held back before streaming starts: echoes and repeats s
 HOLD_CHUNKS = 24  # and at most this many deltas (a reply of blank lines has no words to wait for)
 RETRY_TEMPERATURE = 0.7  # a greedy or cool first try would only say the same again
 RETRY_REPETITION_PENALTY = 1.3
+FLUSH_WORDS = 40  # a sentence that runs on this long is checked and shown without waiting for its end
 FALLBACK_STATEMENT = "Thanks, I'll remember that."  # honest: a statement is kept in memory (memory.facts)
 FALLBACK_OTHER = "Sorry, I don't have a good answer to that. Could you put it another way?"
+# further wordings, so that a fallback never repeats an earlier reply of the conversation
+FALLBACKS_STATEMENT = (FALLBACK_STATEMENT, "Got it, I'll keep that in mind.", "Thank you for telling me.")
+FALLBACKS_OTHER = (FALLBACK_OTHER, "I'm not sure how to answer that well. Could you tell me a bit more?",
+                   "I don't have a good answer to that one, sorry.")
+TOLD_BACK_WORDS = 16  # a statement longer than this is not told back in the fallback
+OWN_STATEMENT = re.compile(r"^(?:i|i'm|i've|my|we|we're|our)\b", re.I)
+BOUNDARY = re.compile(r"[.!?]+[\"')\]]*\s+|\n+")
 COMMON = frozenset("the a an to of and in is it that this for on with".split())
 
 
@@ -43,13 +59,42 @@ class GuardInputs:
                            memories=list(self.memories), user_name=self.user_name)
 
 
-def fallback_reply(user_text: str) -> str:
-    return FALLBACK_STATEMENT if memory_text(user_text) else FALLBACK_OTHER
+def fallback_reply(user_text: str, earlier: tuple[str, ...] = ()) -> str:
+    """A short honest reply: a statement told back ("Noted: you moved to Lyon."), else a fixed wording that is
+    not one of the conversation's earlier replies."""
+    statement = memory_text(user_text)
+    options: list[str] = []
+    if statement:
+        if OWN_STATEMENT.match(statement) and not SENTENCE.search(statement.strip()) \
+                and len(words(statement)) <= TOLD_BACK_WORDS:
+            told = second_person(statement)
+            options.append("Noted: " + told[:1].lower() + told[1:])
+        options += FALLBACKS_STATEMENT
+    else:
+        options += FALLBACKS_OTHER
+    said = {tuple(words(text)) for text in earlier}
+    return next((o for o in options if tuple(words(o)) not in said), options[0])
+
+
+def complete_sentences(pending: str) -> tuple[str, str]:
+    """(the finished sentences of `pending`, the rest still being written); a long run-on counts as finished."""
+    ends = [m.end() for m in BOUNDARY.finditer(pending)]
+    if ends:
+        return pending[:ends[-1]], pending[ends[-1]:]
+    if len(words(pending)) >= FLUSH_WORDS:
+        return pending, ""
+    return "", pending
 
 
 def excluded_from_history(guard: str | None) -> bool:
     """Whether a turn's reply must stay out of later prompts (one bad turn must not seed the next)."""
     return bool(guard) and (guard.endswith(":fallback") or guard.startswith("late:"))
+
+
+def statements(turns) -> tuple[str, ...]:
+    """What the user stated earlier in the conversation (their questions and requests left out): their facts
+    too, whether or not recall brings them back for this message."""
+    return tuple(kept for turn in turns if (kept := memory_text(turn.user_text)))
 
 
 def history_messages(turns) -> list[dict[str, str]]:
@@ -117,7 +162,16 @@ class GuardedGeneration:
         self.verdicts.append(verdict)
         self.outcome = f"{self.verdicts[0].kind}:fallback"
         logger.info("guard caught %s again; falling back", verdict.kind)
-        return fallback_reply(self.inputs.user_text)
+        return fallback_reply(self.inputs.user_text, self.inputs.earlier_replies)
+
+    def _check_sentences(self, text: str) -> Verdict:
+        """The first sentence of `text` (what follows the opening) that fails the guard, as its verdict."""
+        for sentence in SENTENCE.split(text):
+            if words(sentence):
+                verdict = self.inputs.check(sentence)
+                if not verdict.ok:
+                    return verdict
+        return Verdict()
 
     async def text(self) -> str:
         """The whole reply, checked; for replies that are checked again after (grounded FAQ answers)."""
@@ -168,18 +222,45 @@ class GuardedGeneration:
             return
         self.outcome = f"{self.verdicts[0].kind}:regenerated" if self.verdicts else None
         yield opening
-        shown = [opening]
+        shown, pending = opening, ""
         async for chunk in stream:
-            shown.append(chunk)
-            yield chunk
-        late = self.inputs.check("".join(shown))
-        if not late.ok:  # shown already; keep it out of the next prompts at least
-            self.outcome = f"late:{late.kind}"
-            self.verdicts.append(late)
+            pending += chunk
+            done, pending = complete_sentences(pending)
+            if done and not self._release(shown, done):
+                await stream.aclose()
+                return
+            if done:
+                shown += done
+                yield done
+        if pending.strip() and not self._release(shown, pending):
+            return
+        if pending:
+            yield pending
+
+    def _release(self, shown: str, text: str) -> bool:
+        """Whether `text` (the next sentences) may follow `shown`; when not, the reply ends before it
+        ("cut:<kind>"). A sentence begun in `shown` is checked whole."""
+        _, begun = complete_sentences(shown + " ")
+        verdict = self._check_sentences(begun.strip() + " " + text if begun.strip() else text)
+        if verdict.ok:  # and the whole so far: a reply can repeat an earlier one a phrase in each sentence
+            verdict = self.inputs.check(shown + text)
+        if verdict.ok:
+            return True
+        self.verdicts.append(verdict)
+        self.outcome = f"cut:{verdict.kind}"
+        logger.info("guard cut the reply before a sentence (%s)", verdict.kind)
+        return False
 
     @property
     def fell_back(self) -> bool:
         return bool(self.outcome) and self.outcome.endswith(":fallback")
+
+    @property
+    def finish_reason(self) -> str | None:
+        """"stop" for a reply the guard ended (fallback, cut), else the generation's own."""
+        if self.fell_back or (self.outcome or "").startswith("cut:"):
+            return "stop"
+        return self.generation.finish_reason if self.generation else None
 
     @property
     def total_completion_tokens(self) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 from dialogue.model.backend import Backend
 from dialogue.errors import GenerationError, InvalidInput
-from dialogue.guarded import GuardedGeneration, GuardInputs, history_messages
+from dialogue.guarded import GuardedGeneration, GuardInputs, history_messages, statements
 from dialogue.handoff import HandoffDesk, wants_human
 from dialogue.prompt import PromptParts, build_prompt, context_message, fit_history, system_message
 from dialogue.model.worker import AdapterRef, Generation, GenerationParams
@@ -138,7 +138,7 @@ class Reply:
                             raise
                         logger.warning("generation failed; retrying once")
                 generation, self._turn.guard = guarded.generation, guarded.outcome
-                self.finish_reason = "stop" if guarded.fell_back else generation.finish_reason
+                self.finish_reason = guarded.finish_reason
             self.text = "".join(pieces)
             self._fill_turn(generation, started, guarded)
             await asyncio.to_thread(self._manager.store.record_turn, self._turn)
@@ -254,7 +254,8 @@ class DialogueManager:
         parts.history = fit_history(history, budget=budget - user_tokens, count_tokens=self.backend.count_tokens)
         persona = context.persona or {}
         guard = GuardInputs(user_text=parts.user_text, earlier_replies=tuple(t.reply for t in turns if t.reply),
-                            memories=tuple(m["text"] for m in context.memories) + tuple(persona.get("facts") or ()),
+                            memories=tuple(m["text"] for m in context.memories) + tuple(persona.get("facts") or ())
+                            + statements(turns),
                             user_name=persona.get("name") or persona.get("address_as") or None)
 
         adapter = self.adapter_for(user_id) if self.adapter_for else None

@@ -17,7 +17,7 @@ from dialogue.manager import Context, Source
 from dialogue.settings import Settings
 from dialogue.store import Turn
 from memory.persona import PersonaStore, answer_from_profile
-from memory.personal import answer_about_user
+from memory.personal import answer_about_user, question_parts
 
 if TYPE_CHECKING:
     from memory.faq import FaqIndex
@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 VERBOSITY_TOKENS = {"short": 0.35, "normal": 1.0, "detailed": 2.0}  # × max_new_tokens
 MEMORY_BUDGET_TOKENS = 320  # of the prompt, for what the user told us before
 GROUNDING_ENTRIES = 3
+PART_HITS = 2  # memories recalled for each part of a compound question about the user, besides the whole's
 
 
 @dataclass
@@ -73,7 +74,16 @@ class TurnRecall:
         return self.personas.get(user_id)
 
     def _memories(self, user_id: str, text: str) -> list:
-        hits = self.memory().for_user(user_id).recall(text)
+        memory = self.memory().for_user(user_id)
+        hits = memory.recall(text)
+        parts = question_parts(text)
+        if parts and len(parts) > 1:  # "what's my son's name and what do I do?": each part finds its own statement
+            seen = {hit.id for hit in hits}
+            for part in parts:
+                for hit in memory.recall(part, k=PART_HITS):
+                    if hit.id not in seen:
+                        seen.add(hit.id)
+                        hits.append(hit)
         kept, used = [], 0
         for hit in hits:  # best first: keep what fits the budget
             cost = self.count_tokens(hit.text) + 4

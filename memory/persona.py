@@ -89,10 +89,13 @@ def clean(value: str) -> str:
 # -- learning from what the user says -------------------------------------------------------------
 
 NAME = r"([A-Z][a-zA-Z'\-]{1,30}(?: [A-Z][a-zA-Z'\-]{1,30})?)"
-NOT_NAMES = {"Not", "Sure", "Fine", "Good", "Here", "Back", "Sorry", "Just", "Very", "So", "Glad", "Happy", "Also"}
+GREETING = (r"hi|hello|hey|hiya|howdy|greetings|good (?:morning|afternoon|evening)|bonjour|salut|hola|ciao|servus|hallo|"
+            r"merhaba|namaste|ola|olá|hej|moin")
+NOT_NAMES = {"Anyone", "Everyone", "Nobody", "Somebody", "Someone", "Who", "I", "I'm", "It", "It's", "That's", "This", "There", "We", "They", "You", "He", "She", "What", "Where", "Not", "Sure", "Fine", "Good", "Here", "Back", "Sorry", "Just", "Very", "So", "Glad", "Happy", "Also"}
 RULES: list[tuple[str, re.Pattern[str]]] = [
     ("name", re.compile(r"\b(?i:my name is|my name's|i am called|i'm called|name's)\s+" + NAME)),
-    ("name", re.compile(r"(?:^|[.!?]\s+)(?i:hi|hello|hey)[,!]?\s+(?i:i am|i'm)\s+" + NAME + r"\b")),
+    ("name", re.compile(r"(?:^|[.!?]\s+)(?i:" + GREETING + r")(?i: there)?[,!.]?\s+(?i:i am|i'm|this is)\s+" + NAME + r"\b")),
+    ("name", re.compile(r"^(?:(?i:" + GREETING + r")[,!.]?\s+)?" + NAME + r" here\b")),
     ("address_as", re.compile(r"\b(?i:call me)\s+" + NAME)),
     ("language", re.compile(r"\b(?:speak|answer|reply|talk to me|write)(?: to me)? in (English|German|French|Spanish|"
                             r"Portuguese|Italian|Dutch|Polish|Ukrainian|Russian|Turkish|Swedish|Danish|Norwegian|Finnish)\b", re.I)),

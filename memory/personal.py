@@ -12,10 +12,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from memory.facts import kind_of
+from memory.facts import SUBJECTLESS, kind_of
 from memory.lexical import tokenize
 
-PARTS = re.compile(r"\s*(?:,|;|\?|\band\b(?= (?:what|where|when|which|who|how|do|did|am|is|what's)\b))\s*", re.I)
+PARTS = re.compile(r"\s*(?:,|;|\?|\band\b(?= (?:what|where|when|which|who|how|do|did|am|is|what's|my)\b))\s*", re.I)
 PREFIX = re.compile(r"^(?:(?:remind me|tell me|so|and|also|ok|hey|please|can you tell me|do you (?:know|remember)|"
                     r"you know)\b[,:]?\s*)+", re.I)
 # asking for help or advice, not about what the user said ("Can you suggest a trip from my city?")
@@ -23,6 +23,10 @@ ADVICE = re.compile(r"^(?:can|could|would|will) you\b|^(?:what|how|where|which|w
                     r"^should i\b|^any\b", re.I)
 ABOUT_ME = re.compile(r"\b(?:my|i|i'm|am i|me|mine)\b", re.I)
 CLAUSE = re.compile(r"(?<=[.!?])\s+|\s*[,;]\s+|\s+(?:and|but)\s+(?=(?:i|i'm|i've|my|we|we're|our)\b)", re.I)
+OWN = re.compile(r"\b(?:i|i'm|i've|my|we|we're|our)\b", re.I)
+# "Who is Ada?": a name the user mentioned
+WHO = re.compile(r"^\s*(?i:and |so )?(?i:who)(?:'s| is| was) ([A-Z][\w'-]+)\W*$")
+PLAN_VERBS = "running|doing|getting|taking|starting|moving|visiting|travelling|traveling|training|flying|going|opening"
 PEOPLE_PETS = ("husband|wife|partner|boyfriend|girlfriend|sister|brother|son|daughter|kids?|children|mum|mom|mother|"
                "dad|father|grandmother|grandma|grandfather|grandpa|aunt|uncle|cousin|friend|boss|roommate|neighbour|"
                "neighbor|dog|cat|pet|parrot|hamster|rabbit|horse|puppy|kitten")
@@ -30,20 +34,29 @@ PEOPLE_PETS = ("husband|wife|partner|boyfriend|girlfriend|sister|brother|son|dau
 # (kind, what the question asks, what an answering statement says)
 ASKS: list[tuple[str, re.Pattern[str], re.Pattern[str]]] = [
     ("name", re.compile(r"\bmy name\b|\bwho am i\b|\bcall me\b", re.I),
-     re.compile(r"\bmy name(?: is|'s)\b|\bi(?:'m| am) called\b|\bcall me\b|^(?:hi|hello|hey)?[,!]?\s*i(?:'m| am) [A-Z]", re.I)),
+     re.compile(r"\bmy name(?: is|'s)\b|\bi(?:'m| am) called\b|\bcall me\b|^(?:\w+(?: there)?[,!.]?\s+)?i(?:'m| am) (?-i:[A-Z])|"
+                r"^(?-i:[A-Z][a-z]+) here\b", re.I)),
     ("home", re.compile(r"\bwhere (?:do|did) i (?:live|move)|\bwhere am i from\b|\b(?:which|what) (?:city|town|country)\b|"
                         r"\bmy (?:city|town|hometown)\b|\bwhere i live\b|\bmove to\b", re.I),
      re.compile(r"\b(?:i|we) (?:live|moved|grew up|am from|'m from)\b|\bi(?:'m| am) from\b|\bmy hometown\b|\bliving in\b|"
-                r"\b(?:lives in|from) [A-Z]", re.I)),
+                r"\bmoved to\b|\b(?:lives in|from) (?-i:[A-Z])", re.I)),
     ("birthday", re.compile(r"\bbirthday\b|\bwhen was i born\b|\bhow old am i\b|\bmy age\b", re.I),
      re.compile(r"\bbirthday\b|\bborn\b|\byears old\b|\bi(?:'m| am) \d+\b", re.I)),
-    ("job", re.compile(r"\bfor a living\b|\bmy (?:job|work|profession|occupation)\b|\bwhere do i work\b|\bwhat do i do\b|"
-                       r"\bwhat is my job\b", re.I),
-     re.compile(r"\bi work\b|\bworks as\b|\bmy job\b|\bi teach\b|\bi study\b|\bi(?:'m| am) an? [a-z]*(?:er|or|ist|ian|nurse|"
-                r"chef|vet|student|teacher|doctor|engineer|writer)\b", re.I)),
+    ("job", re.compile(r"\bfor a living\b|\bmy (?:job|work|profession|occupation)\b|\bwhere do i work\b|"
+                       r"\bwhat do i (?:do|teach|study)\b(?! (?:on|at|in|for fun|with|after|before|when)\b)|\bwhat is my job\b", re.I),
+     # "I'm a/an <anything>" that is not a liking ("I'm a huge fan of…")
+     re.compile(r"\bi work\b|\bworks as\b|\bmy job\b|\bi teach\b|\bi study\b|"
+                r"\bi(?:'m| am) an? (?!(?:big|huge|great|real|bit|little|fan|lot)\b)[a-z]+\b", re.I)),
     ("instrument", re.compile(r"\binstrument\b|\bwhat do i play\b", re.I),
      re.compile(r"\b(?:play|playing|learning|learn)\b (?:the )?(?:cello|guitar|piano|violin|drums|flute|bass|"
                 r"saxophone|trumpet|ukulele|harp|clarinet|viola)\b", re.I)),
+    ("hobby", re.compile(r"\bhobb(?:y|ies)\b|\bfor fun\b|\b(?:free|spare) time\b|\bwhat do i do (?:on|at|in|after)\b|"
+                         r"\bwhat do i (?:love|enjoy|like) doing\b", re.I),
+     re.compile(r"\bi (?:really )?(?:love|enjoy|like|adore)\b|\bi(?:'m| am) into\b|\bmy hobb|\bi play\b|\bon weekends\b|"
+                r"\bin my (?:free|spare) time\b", re.I)),
+    ("plan", re.compile(r"\bplan(?:s|ning|ned)?\b|\btraining for\b|\bpreparing for\b|\bam i (?:going|about) to\b|"
+                        r"\bwhat am i doing (?:next|this|in)\b", re.I),
+     re.compile(rf"\bplan(?:s|ning|ned)?\b|\bgoing to\b|\bi(?:'m| am) (?:{PLAN_VERBS})\b|\bi(?:'ll| will)\b", re.I)),
 ]
 RELATION = re.compile(rf"\bmy ({PEOPLE_PETS})(?:'s)?\b", re.I)
 SECOND_PERSON = {"i": "you", "i'm": "you're", "im": "you're", "i've": "you've", "i'd": "you'd", "i'll": "you'll",
@@ -98,8 +111,9 @@ def answer_part(part: str, persona, memories: list) -> tuple[Found | None, str |
     """(the answer, the kind asked for) for one question part; kind None when the part is not understood."""
     kind = next((k for k, asks, _ in ASKS if asks.search(part)), None)
     relation = RELATION.search(part)
-    if kind == "name" and getattr(persona, "name", ""):
-        return Found(f"Your name is {persona.name}.", "persona", "name"), kind
+    called = getattr(persona, "name", "") or getattr(persona, "address_as", "")
+    if kind == "name" and called:
+        return Found(f"Your name is {called}.", "persona", "name" if persona.name else "address_as"), kind
     if kind == "home":
         for fact in getattr(persona, "facts", []):
             if fact.startswith("lives in "):
@@ -109,18 +123,23 @@ def answer_part(part: str, persona, memories: list) -> tuple[Found | None, str |
     best, best_score = None, 0.0
     for memory in memories:
         for clause in clauses(memory.text):
-            if not re.search(r"\b(?:i|i'm|i've|my|we|we're|our)\b", clause, re.I):
+            subjectless = SUBJECTLESS.match(clause)  # "Just moved to Lisbon": the user is the subject
+            if not OWN.search(clause) and not subjectless:
                 continue
             score = 0.0
             if says is not None and says.search(clause):
                 score += 2
             if relation and re.search(rf"\b{relation.group(1)}\b", clause, re.I):
                 score += 2
-            score += 0.5 * len(asked & terms(clause))
+            shared = len(asked & terms(clause))
+            score += 0.5 * shared
+            if kind is None and not relation and (shared >= 2 or shared == len(asked) == 1):
+                score += 2  # a question of no known kind, answered by the clause that has its words
             if score > best_score:
-                best, best_score = Found(second_person(clause), "memory", memory.id), score
+                told = second_person(clause) if not subjectless else "You " + clause[:1].lower() + second_person(clause)[1:]
+                best, best_score = Found(told, "memory", memory.id), score
     if best is not None and best_score >= 2:
-        return best, kind or (relation and "relation")
+        return best, kind or ("relation" if relation else "other")
     if kind == "home":
         for fact in getattr(persona, "facts", []):
             if fact.startswith("from "):
@@ -128,15 +147,29 @@ def answer_part(part: str, persona, memories: list) -> tuple[Found | None, str |
     return None, kind or ("relation" if relation else None)
 
 
+def answer_who(memories: list, text: str) -> tuple[str, list[Found]] | None:
+    """"Who is Ada?" answered by the user's own statement naming Ada ("My sister is called Ada.")."""
+    match = WHO.match(text)
+    if not match:
+        return None
+    for memory in memories:
+        for clause in clauses(memory.text):
+            if OWN.search(clause) and re.search(rf"\b{re.escape(match.group(1))}\b", clause):
+                found = Found(second_person(clause), "memory", memory.id)
+                return found.text, [found]
+    return None
+
+
 UNKNOWN = {"name": "your name", "home": "where you live", "birthday": "your birthday", "job": "what you do",
-           "instrument": "which instrument you play", "relation": "that"}
+           "instrument": "which instrument you play", "hobby": "what you do for fun", "plan": "your plans",
+           "relation": "that"}
 
 
 def answer_about_user(persona, memories: list, text: str) -> tuple[str, list[Found]] | None:
     """(reply, its sources) for a message that only asks about the user, or None to leave it to the model."""
     parts = question_parts(text)
     if not parts:
-        return None
+        return answer_who(memories, text)
     found: list[Found] = []
     missing: list[str] = []
     for part in parts:
@@ -144,7 +177,7 @@ def answer_about_user(persona, memories: list, text: str) -> tuple[str, list[Fou
         if answer is not None:
             if all(answer.text != f.text for f in found):
                 found.append(answer)
-        elif kind is None:
+        elif kind is None or kind == "other":
             return None  # a part we do not understand: the model (with the memories in its prompt) answers
         else:
             missing.append(UNKNOWN[kind])

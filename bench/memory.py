@@ -1,10 +1,12 @@
-"""`rapport bench memory`: evidence recall@5/@10 (dense vs BM25 vs hybrid) and search latency at scale.
+"""`rapport bench memory`: evidence recall@1/@5/@10 and search latency of the product's memory search, beside
+plain dense search (the same embedder, exact cosine top-k over the same turn texts) and plain BM25.
 
-Recall runs on the synthetic conversations of `bench.memory_data` through the real `UserMemory.search`.
-Latency runs on one user with N memories in a real embedded Chroma in a temp dir. Embedding 100k texts
-would take ~6 min here, so the corpus is a few thousand really embedded sentences, each reused with
-perturbed vectors and distinct extra words; the search path measured is the real one (query embedding,
-Chroma HNSW query, BM25 over all N documents, fusion).
+The default set is `bench.memory_conv`: long two-person conversations, imported as `rapport memory import` does
+(one turn a line, speaker named), at ~600 and at 10k memories per user, each size on the "tune" split and on the
+"heldout" split (other names, values and question wordings). Latency is the product's `search` per question,
+query embedding included (never from the embedder's cache), split into embedding and the rest.
+`--set synthetic` runs the older, easier one-speaker set of `bench.memory_data` and its latency run on perturbed
+vectors (up to 100k memories).
 """
 
 from __future__ import annotations
@@ -158,23 +160,197 @@ def latency_benchmark(size: int, embedder, queries: int = 200, writes: int = 20)
             handle.close()
 
 
-def run(sizes: list[int] = (10_000, 100_000), recall: bool = True) -> dict:
+# -- the conversation set (default) ------------------------------------------------------------------------
+
+RECALL_KS = (1, 5, 10)
+MODES = ("product", "dense", "bm25")
+
+
+class PlainDense:
+    """The baseline: each turn text embedded alone, exact cosine top-k by a matrix product."""
+
+    def __init__(self, embedder, texts: list[str]) -> None:
+        self.embedder = embedder
+        unique = sorted(set(texts))
+        vectors = embedder.embed(unique)  # (U, 384), unit length
+        row = {text: i for i, text in enumerate(unique)}
+        self.matrix = vectors[[row[text] for text in texts]]  # (N, 384)
+
+    def search(self, query: str, k: int) -> list[int]:
+        scores = self.matrix @ self.embedder.embed([query])[0]  # (N,)
+        top = np.argpartition(-scores, min(k, len(scores) - 1))[:k]
+        return [int(i) for i in top[np.argsort(-scores[top], kind="stable")]]
+
+
+class PlainBM25:
+    """The baseline: Okapi BM25 over the turn texts alone (the same tokenizer as the product's)."""
+
+    def __init__(self, texts: list[str]) -> None:
+        from memory.lexical import LexicalIndex
+
+        self.index = LexicalIndex()
+        for i, text in enumerate(texts):
+            self.index.add(str(i), text)
+
+    def search(self, query: str, k: int) -> list[int]:
+        return [int(key) for key, _ in self.index.search(query, k)]
+
+
+def cpu_path() -> dict:
+    """Which CPU path torch (and so the embedder) ran on."""
+    import os
+
+    import torch
+
+    from dialogue.model.kernels import cpu_class
+
+    return {"cpu_class": cpu_class(), "aten_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""), "torch_threads": torch.get_num_threads()}
+
+
+def conversation_benchmark(store, embedder, conversations, *, limit: int | None = None) -> dict:
+    """Import each conversation for its own user, ask its questions: recall@k per mode and per question kind,
+    and the product's search time per question."""
+    from memory.memories import parse_jsonl
+
+    timed = store.embedder
+    found = {(mode, kind): {k: 0 for k in RECALL_KS} for mode in MODES for kind in ("static", "changed", "event")}
+    asked: dict[str, int] = {}
+    total_ms, embed_ms, cpu_ms, import_s, foreign = [], [], [], 0.0, 0
+    users = {convo.user_id for convo in conversations}
+    for convo in conversations:
+        start = time.perf_counter()
+        memory = store.for_user(convo.user_id)
+        ids = memory.add(parse_jsonl(convo.jsonl()))  # turn index → memory id, as `memory import` stores them
+        import_s += time.perf_counter() - start
+        owner = {memory_id: i for i, memory_id in enumerate(ids)}
+        texts = [turn["text"] for turn in convo.turns]
+        dense, bm25 = PlainDense(embedder, texts), PlainBM25(texts)
+        for question in convo.questions[:limit]:
+            evidence = set(question.evidence)
+            timed.seconds = 0.0
+            c0, t0 = time.thread_time(), time.perf_counter()
+            hits = memory.search(question.text, k=max(RECALL_KS))
+            elapsed = time.perf_counter() - t0
+            cpu_ms.append((time.thread_time() - c0) * 1000)
+            total_ms.append(elapsed * 1000)
+            embed_ms.append(timed.seconds * 1000)
+            foreign += sum(hit.id not in owner for hit in hits)  # another user's memory: must never happen
+            ranked = {"product": [owner.get(hit.id, -1) for hit in hits],
+                      "dense": dense.search(question.text, max(RECALL_KS)),
+                      "bm25": bm25.search(question.text, max(RECALL_KS))}
+            asked[question.kind] = asked.get(question.kind, 0) + 1
+            for mode in MODES:
+                for k in RECALL_KS:
+                    found[mode, question.kind][k] += bool(evidence & set(ranked[mode][:k]))
+    n = sum(asked.values())
+    out = {"users": len(users), "memories_per_user": round(sum(len(c.turns) for c in conversations) / len(conversations)),
+           "questions": n, "by_kind": asked, "foreign_hits": foreign}
+    for mode in MODES:
+        out[mode] = {f"recall@{k}": round(sum(found[mode, kind][k] for kind in asked) / n, 3) for k in RECALL_KS}
+        out[mode]["by_kind@10"] = {kind: round(found[mode, kind][10] / asked[kind], 3) for kind in asked}
+    out["product_minus_dense@10"] = round(out["product"]["recall@10"] - out["dense"]["recall@10"], 3)
+    out["search_ms_p50"] = round(percentile(total_ms, 50), 2)
+    out["search_ms_p95"] = round(percentile(total_ms, 95), 2)
+    # this thread's CPU time per search (torch runs one intra-op thread here, on this thread): unlike the wall
+    # clock, it does not grow while other processes hold the cores
+    out["search_cpu_ms_p50"] = round(percentile(cpu_ms, 50), 2)
+    out["search_cpu_ms_p95"] = round(percentile(cpu_ms, 95), 2)
+    out["embed_query_ms_p50"] = round(percentile(embed_ms, 50), 2)
+    out["rest_ms_p95"] = round(percentile([t - e for t, e in zip(total_ms, embed_ms)], 95), 2)
+    out["import_s"] = round(import_s, 1)
+    return out
+
+
+class UncachedTimedEmbedder(TimedEmbedder):
+    """As TimedEmbedder, but every query is embedded afresh: a benchmark question must not come from the cache."""
+
+    def embed_one(self, text):
+        start = time.perf_counter()
+        try:
+            return self.embedder.embed([text])[0]
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def run_conversations(sizes=(600, 10_000), conversations: int = 4, splits=("tune", "heldout"),
+                      questions: int | None = None) -> dict:
+    """Each size × split in a fresh embedded Chroma; sizes above 2,000 turns use one conversation per split."""
+    from bench.memory_conv import generate
+    from memory.chroma import open_chroma
+    from memory.embeddings import shared_embedder
+    from memory.memories import MemoryStore
+
+    embedder = shared_embedder()
+    embedder.embed(["warm up"])
+    out = {"set": "conversations", "embedder": embedder.name, **cpu_path(), "runs": []}
+    for size in sizes:
+        for split in splits:
+            convos = generate(conversations if size <= 2000 else 1, size, split)
+            with tempfile.TemporaryDirectory(prefix="rapport-bench-") as tmp:
+                handle = open_chroma(path=Path(tmp) / "chroma")
+                try:
+                    store = MemoryStore(handle.client, UncachedTimedEmbedder(embedder))
+                    result = conversation_benchmark(store, embedder, convos, limit=questions)
+                finally:
+                    handle.close()
+            out["runs"].append({"size": size, "split": split, **result})
+    return out
+
+
+def run(sizes=(600, 10_000), recall: bool = True, *, dataset: str = "conversations", conversations: int = 4,
+        splits=("tune", "heldout"), questions: int | None = None, threads: int = 1, isa=None) -> dict:
+    """`bench memory`. With `isa`, each CPU class in its own child process (torch reads its caps once, at start)."""
+    if isa:
+        return {"classes": {cpu: as_class(cpu, {"sizes": list(sizes), "recall": recall, "dataset": dataset,
+                                                "conversations": conversations, "splits": list(splits),
+                                                "questions": questions, "threads": threads}) for cpu in isa}}
+    import torch
+
+    # one intra-op thread by default: on a shared 2-core box two threads thrash (a query embedding took ~360 ms
+    # instead of ~37 ms here); a serving process would pin this too
+    torch.set_num_threads(threads)
+    if dataset == "conversations":
+        return run_conversations(sizes, conversations, splits, questions)
+    return run_synthetic(sizes, recall)
+
+
+def as_class(cpu_class: str, args: dict) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from bench.compare import CLASS_ENV
+
+    if cpu_class not in CLASS_ENV:
+        raise ValueError(f"unknown CPU class {cpu_class!r}: one of {', '.join(CLASS_ENV)}")
+    done = subprocess.run([sys.executable, "-m", "bench.memory", json.dumps(args)], capture_output=True, text=True,
+                          timeout=3600, env={**os.environ, **CLASS_ENV[cpu_class]})
+    if done.returncode != 0:
+        raise RuntimeError(f"bench memory as {cpu_class} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_synthetic(sizes=(10_000, 100_000), recall: bool = True) -> dict:
+    """The older one-speaker set: recall by mode, and latency on perturbed vectors."""
     import chromadb
 
     from memory.chroma import chroma_settings
     from memory.embeddings import shared_embedder
     from memory.memories import MemoryStore
 
-    import torch
-
-    # one intra-op thread: on a shared 2-core box two threads thrash (a query embedding took ~360 ms
-    # instead of ~37 ms here); a serving process would pin this too
-    torch.set_num_threads(1)
     embedder = shared_embedder()
-    out: dict = {"embedder": embedder.name, "torch_threads": torch.get_num_threads()}
+    out: dict = {"set": "synthetic", "embedder": embedder.name, **cpu_path()}
     if recall:
         store = MemoryStore(chromadb.EphemeralClient(settings=chroma_settings()), embedder)
         out["recall"] = recall_benchmark(store)
     out["latency"] = [latency_benchmark(size, embedder) for size in sizes]
     return out
 
+
+if __name__ == "__main__":  # a child of `run(isa=…)`: the arguments as JSON, the result as the last line
+    import json
+    import sys
+
+    print(json.dumps(run(**json.loads(sys.argv[1]))))

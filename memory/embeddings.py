@@ -15,6 +15,7 @@ from memory.errors import StoreUnavailable
 logger = logging.getLogger(__name__)
 
 DIMENSIONS = 384
+BLOCK_ROWS = 1024  # rows of a vector search's matrix product at a time
 
 
 def model_dir() -> Path:
@@ -75,3 +76,73 @@ class Embedder:
 def shared_embedder() -> Embedder:
     """One embedder per process: the model is 90 MB and every store can share it."""
     return Embedder()
+
+
+class VectorIndex:
+    """One user's unit vectors in process, for exact cosine search by one matrix product.
+
+    At 10k memories this is a (10000, 384) float32 matrix, 15 MB: one product with the query takes about a
+    millisecond, where a Chroma query cost several (and its HNSW graph is approximate). Chroma stays the store of
+    record; this is a mirror, filled from it when a user is first read and updated on every write.
+    """
+
+    def __init__(self) -> None:
+        self._matrix = np.zeros((64, DIMENSIONS), dtype=np.float32)  # (capacity, 384); dead rows are zero
+        self._keys: list[str | None] = []  # slot → key (None = removed)
+        self._slot: dict[str, int] = {}
+        self._dead = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def add(self, key: str, vector: np.ndarray) -> None:
+        with self._lock:
+            slot = self._slot.get(key)
+            if slot is None:
+                slot = len(self._keys)
+                if slot == len(self._matrix):
+                    grown = np.zeros((2 * len(self._matrix), DIMENSIONS), dtype=np.float32)
+                    grown[:slot] = self._matrix
+                    self._matrix = grown
+                self._keys.append(key)
+                self._slot[key] = slot
+            self._matrix[slot] = vector
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            slot = self._slot.pop(key, None)
+            if slot is None:
+                return
+            self._keys[slot] = None
+            self._matrix[slot] = 0.0
+            self._dead += 1
+            if self._dead > 1000 and self._dead > len(self._keys) // 3:
+                live = [i for i, k in enumerate(self._keys) if k is not None]
+                matrix = np.zeros((max(64, 2 * len(live)), DIMENSIONS), dtype=np.float32)
+                matrix[:len(live)] = self._matrix[live]
+                self._matrix, self._keys = matrix, [self._keys[i] for i in live]
+                self._slot = {k: i for i, k in enumerate(self._keys)}
+                self._dead = 0
+
+    def scores(self, vector: np.ndarray) -> tuple[list[str | None], np.ndarray]:
+        """(slot → key, cosine similarity per slot (N,)); removed slots score 0 and have key None."""
+        with self._lock:
+            n = len(self._keys)
+            out = np.empty(n, dtype=np.float32)
+            # in blocks: one (10000, 384) product makes OpenBLAS spread it over its threads, which on a busy
+            # 2-core box took 7.9 ms; blocks of 1024 rows stay on this thread and take 0.2 ms in all
+            for start in range(0, n, BLOCK_ROWS):
+                stop = min(start + BLOCK_ROWS, n)
+                np.matmul(self._matrix[start:stop], vector, out=out[start:stop])
+            return self._keys[:n], out
+
+    def rows(self, keys: list[str]) -> np.ndarray:
+        """(len(keys), 384): the stored vectors of `keys` (zeros for a key not held)."""
+        with self._lock:
+            out = np.zeros((len(keys), DIMENSIONS), dtype=np.float32)
+            for i, key in enumerate(keys):
+                slot = self._slot.get(key)
+                if slot is not None:
+                    out[i] = self._matrix[slot]
+            return out

@@ -106,18 +106,39 @@ def bench_faq(which: str, directory: Path | None, do_calibrate: bool, limit: int
 
 
 @bench.command("memory")
-@click.option("--sizes", default="10000,100000", show_default=True, help="memories of one user, for latency")
-@click.option("--no-recall", is_flag=True, help="only the latency runs")
+@click.option("--set", "dataset", type=click.Choice(["conversations", "synthetic"]), default="conversations",
+              show_default=True, help="two-person conversations (bench/memory_conv.py) or the older one-speaker set")
+@click.option("--sizes", default=None, help="memories per user, comma-separated [conversations: 600,10000; "
+                                            "synthetic: 10000,100000 for latency]")
+@click.option("--conversations", default=4, show_default=True, type=click.IntRange(1, 50),
+              help="users per split at sizes up to 2000 (larger sizes use one)")
+@click.option("--split", "splits", default="tune,heldout", show_default=True, help="tune, heldout or both")
+@click.option("--questions", default=None, type=click.IntRange(1, 10000), help="at most this many per user")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64), help="torch threads")
+@click.option("--isa", default="", help="CPU classes to run as, comma-separated: native, avx512, avx2 "
+                                        "(each in its own process)")
+@click.option("--no-recall", is_flag=True, help="synthetic set: only the latency runs")
 @click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
-def bench_memory(sizes: str, no_recall: bool, as_json: bool) -> None:
-    """Memory: evidence recall@5/@10 (dense, BM25, hybrid) and search latency p50/p95 per size."""
+def bench_memory(dataset: str, sizes: str | None, conversations: int, splits: str, questions: int | None,
+                 threads: int, isa: str, no_recall: bool, as_json: bool) -> None:
+    """Memory search: evidence recall@1/5/10 of the product, plain dense and plain BM25; search p50/p95 per size."""
     from bench.memory import run
 
+    sizes = sizes or ("600,10000" if dataset == "conversations" else "10000,100000")
     try:
         parsed = [int(size) for size in sizes.split(",") if size.strip()]
     except ValueError:
         raise click.BadParameter("sizes must be comma-separated integers") from None
-    emit_json(run(parsed, recall=not no_recall))
+    if not parsed or min(parsed) < 20 or max(parsed) > 200_000:
+        raise click.BadParameter("sizes must be between 20 and 200000")
+    chosen = [s.strip() for s in splits.split(",") if s.strip()]
+    if not chosen or set(chosen) - {"tune", "heldout"}:
+        raise click.BadParameter("split must be tune, heldout or tune,heldout")
+    classes = [c.strip() for c in isa.split(",") if c.strip()]
+    if set(classes) - {"native", "avx512", "avx2"}:
+        raise click.BadParameter("isa must name native, avx512 or avx2")
+    emit_json(run(parsed, recall=not no_recall, dataset=dataset, conversations=conversations, splits=chosen,
+                  questions=questions, threads=threads, isa=classes or None))
 
 
 @bench.command("train")

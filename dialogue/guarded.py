@@ -244,7 +244,7 @@ class GuardedGeneration:
         verdict = self._check_sentences(begun.strip() + " " + text if begun.strip() else text)
         if verdict.ok:  # and the whole so far: a reply can repeat an earlier one a phrase in each sentence
             verdict = self.inputs.check(shown + text)
-        if verdict.ok:
+        if verdict.ok or verdict.kind == "empty":  # blank so far: nothing to judge yet, as for the opening
             return True
         self.verdicts.append(verdict)
         self.outcome = f"cut:{verdict.kind}"

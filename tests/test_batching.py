@@ -86,6 +86,9 @@ async def test_requests_joining_mid_stream_do_not_change_anyones_output(worker):
 
 async def test_fast_engine_matches_the_transformers_forward(tiny_model_dir):
     fast = make_worker(tiny_model_dir, prefix_cache_tokens=0)
+    # the same token ids need the same keys and values: transformers keeps them in float32 (the fast engine's
+    # default beside float32 is bfloat16, whose rounding flips the near-ties of a random tiny model's argmax)
+    fast.engine = FastEngine(load_model(tiny_model_dir, torch.float32)[0], kv_dtype=torch.float32)
     slow = make_worker(tiny_model_dir)
     slow.engine = TransformersEngine(load_model(tiny_model_dir, torch.float32)[0])
     try:
@@ -102,6 +105,9 @@ async def test_the_fallback_serves_adapters_per_row_like_the_fast_engine(tiny_mo
     save_random_lora(tiny_model_dir, tmp_path / "a", seed=1)
     adapter = AdapterRef("a-1", tmp_path / "a")
     fast = make_worker(tiny_model_dir, prefix_cache_tokens=0)
+    # the same token ids need the same keys and values: transformers keeps them in float32 (the fast engine's
+    # default beside float32 is bfloat16, whose rounding flips the near-ties of a random tiny model's argmax)
+    fast.engine = FastEngine(load_model(tiny_model_dir, torch.float32)[0], kv_dtype=torch.float32)
     slow = make_worker(tiny_model_dir)
     slow.engine = TransformersEngine(load_model(tiny_model_dir, torch.float32)[0])
     try:

@@ -25,8 +25,8 @@ class FastEngine:
 
     can_save = True
 
-    def __init__(self, model, *, decode=DecodePlan()) -> None:
-        self.model = FastLlama(model, decode=decode)
+    def __init__(self, model, *, decode=DecodePlan(), kv_dtype=None) -> None:
+        self.model = FastLlama(model, decode=decode, kv_dtype=kv_dtype)
         self.max_positions = self.model.max_positions
         self._adapters: dict[str, LoraAdapter] = {}
 

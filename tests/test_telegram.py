@@ -637,13 +637,14 @@ async def test_a_store_outage_gets_one_apology_and_no_crash(services, standin):
 async def test_the_real_model_streams_a_reply_into_a_growing_message(real_home, standin):
     from dialogue.settings import Settings
 
-    settings = Settings(home=real_home, max_new_tokens=64, temperature=0.0, telegram_edit_interval=0.3)
+    # long enough to outlast a few edit intervals on a fast CPU (the embedded model writes ~150 tokens a second)
+    settings = Settings(home=real_home, max_new_tokens=256, temperature=0.0, telegram_edit_interval=0.2)
     opened = open_services(settings)
     try:
         await opened.backend.ready()
         async with Running(opened, standin):
             pushed = time.monotonic()
-            standin.message("Can you help me plan a trip to Porto?", chat_id=ANN)
+            standin.message("Can you help me plan a week-long trip to Porto, day by day?", chat_id=ANN)
             [reply] = await wait_replies(standin, ANN, timeout=120)
             finished = time.monotonic()
     finally:

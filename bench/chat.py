@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.serve import free_port, percentile, wait_ready
+from bench.serve import local_server, percentile
 from dialogue.guard import FIRST, SENTENCE, echo, longest_run, repeat, role_confusion, words
 from dialogue.settings import Settings
 
@@ -224,21 +222,8 @@ def run(settings: Settings, *, users: int = 6, seed: int = 0, split: str = "all"
     chosen = pick_users(load_users(), users, seed, split)
     home = Path(tempfile.mkdtemp(prefix="rapport-bench-chat-"))
     borrow(home, settings)
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "RAPPORT_HOME": str(home), "RAPPORT_API_RATE_PER_MINUTE": "0", "RAPPORT_API_KEYS": "",
-           "RAPPORT_ADMIN_KEYS": ""}
-    process = subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--port", str(port), "--log-level", "warning"],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_ready(process, base_url)
+    with local_server(home) as base_url:
         tally, wall_s = asyncio.run(drive(base_url, chosen, f"s{seed}"))
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
     try:
         path = backend_path(settings.model_copy(update={"home": home}))
     finally:

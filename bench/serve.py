@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,27 +117,36 @@ def wait_ready(process: subprocess.Popen, base_url: str, timeout_s: float = 600)
     raise RuntimeError("rapport serve did not become ready")
 
 
-def run(settings: Settings, *, conversations: int = 16, duration_s: float = 60, new_tokens: int = 48) -> dict:
-    """Start a server, drive it, stop it; returns the JSON-able report."""
-    home = Path(tempfile.mkdtemp(prefix="rapport-bench-serve-"))
-    if settings.models_dir.is_dir():  # reuse the converted model instead of converting it again
-        (home / "models").symlink_to(settings.models_dir.resolve(), target_is_directory=True)
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "RAPPORT_HOME": str(home), "RAPPORT_MAX_NEW_TOKENS": str(new_tokens),
-           "RAPPORT_API_RATE_PER_MINUTE": "0", "RAPPORT_API_KEYS": "", "RAPPORT_ADMIN_KEYS": ""}
-    process = subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--port", str(port), "--log-level", "warning"],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+@contextmanager
+def local_server(home: Path, **env: str) -> Iterator[str]:
+    """`rapport serve` over `home` on a free loopback port, open (no keys, no rate limit), with `env` on top;
+    yields its URL once it is ready and stops it after."""
+    base_url = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "RAPPORT_HOME": str(home), "RAPPORT_API_RATE_PER_MINUTE": "0", "RAPPORT_API_KEYS": "",
+           "RAPPORT_ADMIN_KEYS": "", **env}
+    process = subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--port", base_url.rsplit(":", 1)[1],
+                                "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_ready(process, base_url)
-        tally, wall_s = asyncio.run(drive(base_url, conversations, duration_s))
-        metrics = httpx.get(base_url + "/metrics", timeout=10).text
+        yield base_url
     finally:
         process.terminate()
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+def run(settings: Settings, *, conversations: int = 16, duration_s: float = 60, new_tokens: int = 48) -> dict:
+    """Start a server, drive it, stop it; returns the JSON-able report."""
+    home = Path(tempfile.mkdtemp(prefix="rapport-bench-serve-"))
+    if settings.models_dir.is_dir():  # reuse the converted model instead of converting it again
+        (home / "models").symlink_to(settings.models_dir.resolve(), target_is_directory=True)
+    try:
+        with local_server(home, RAPPORT_MAX_NEW_TOKENS=str(new_tokens)) as base_url:
+            tally, wall_s = asyncio.run(drive(base_url, conversations, duration_s))
+            metrics = httpx.get(base_url + "/metrics", timeout=10).text
+    finally:
         shutil.rmtree(home, ignore_errors=True)
     turns = len(tally.turn_s)
     return {

@@ -1,0 +1,214 @@
+"""The operators' console at /admin on the tiny model: login, sessions, CSRF, and in a real browser (Debian's
+chromium driven by Playwright, never a downloaded browser) live conversations and a handoff answered by an agent."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from bot.http.app import create_app
+from bot.services import open_services
+from test_api import ADMIN, PLAIN, LiveServer, recorder_app, wait_for
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+SHOTS = Path(__file__).resolve().parent.parent / "docs" / "console"
+
+
+@pytest.fixture
+def keyed(tiny_settings):
+    """Services with an API key and an admin key (the console needs the admin one)."""
+    opened = open_services(tiny_settings.model_copy(update={"api_keys": [PLAIN], "admin_keys": [ADMIN]}))
+    opened.backend.worker.wait_ready(60)
+    yield opened
+    opened.close()
+
+
+def csrf_in(html: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+
+
+def log_in(client: TestClient, key: str):
+    form = client.get("/admin/login")
+    return client.post("/admin/login", data={"key": key, "csrf": csrf_in(form.text)}, follow_redirects=False)
+
+
+def test_pages_need_a_session_and_an_admin_key_opens_one(keyed):
+    with TestClient(create_app(keyed)) as c:
+        assert c.get("/admin/conversations", follow_redirects=False).headers["location"] == "/admin/login"
+        assert c.get("/admin/live/conversations").status_code == 401
+        refused = log_in(c, "not-a-key")
+        assert refused.status_code == 403 and "not an admin key" in refused.text and "rapport_console=" not in \
+            refused.headers.get("set-cookie", "")
+        answer = log_in(c, ADMIN)
+        assert answer.status_code == 303 and answer.headers["location"] == "/admin/conversations"
+        cookie = answer.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/admin" in cookie
+        assert ADMIN not in cookie
+        page = c.get("/admin/conversations")
+        assert page.status_code == 200 and "<h1>Conversations</h1>" in page.text
+        c.post("/admin/logout", data={"csrf": csrf_in(page.text)})
+        assert c.get("/admin/conversations", follow_redirects=False).status_code == 303
+
+
+def test_a_non_admin_key_is_refused(keyed):
+    with TestClient(create_app(keyed)) as c:
+        answer = log_in(c, PLAIN)
+        assert answer.status_code == 403 and "not an admin key" in answer.text
+        assert c.get("/admin/conversations", follow_redirects=False).headers["location"] == "/admin/login"
+
+
+def test_a_forged_cookie_and_a_login_without_its_token_are_refused(keyed):
+    with TestClient(create_app(keyed)) as c:
+        c.cookies.set("rapport_console", "made-up.0123", path="/admin")
+        assert c.get("/admin/conversations", follow_redirects=False).status_code == 303
+        c.get("/admin/login")
+        assert c.post("/admin/login", data={"key": ADMIN, "csrf": "guessed"}).status_code == 403
+
+
+def test_form_posts_without_the_csrf_token_are_refused(keyed):
+    with TestClient(create_app(keyed)) as c:
+        turn = c.post("/v1/conversations/c1/messages", headers={"Authorization": f"Bearer {PLAIN}"},
+                      json={"user_id": "u1", "text": "Hello there"})
+        assert turn.status_code == 200, turn.text
+        log_in(c, ADMIN)
+        page = c.get("/admin/conversations/c1")
+        assert page.status_code == 200 and "Hello there" in page.text
+        for data in ({}, {"csrf": "wrong"}):
+            refused = c.post("/admin/conversations/c1/take", data=data)
+            assert refused.status_code == 403 and "CSRF" in refused.json()["error"]
+        assert keyed.store.get_conversation("c1").status == "bot"
+        assert c.post("/admin/conversations/c1/take", data={"csrf": csrf_in(page.text)}).status_code == 200
+        assert keyed.store.get_conversation("c1").status == "human"
+
+
+# -- in a real browser -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium under Playwright, headless (`apt-get install chromium chromium-driver` when missing)."""
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium chromium-driver")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def console(keyed, browser):
+    """A live server over `keyed` and a logged-in browser page: (server url, page)."""
+    with LiveServer(create_app(keyed)) as server:
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        page.goto(server.url + "/admin")
+        page.fill("input[name=key]", ADMIN)
+        page.click("button[type=submit]")
+        page.wait_for_url("**/admin/conversations")
+        yield server.url, page
+        context.close()
+
+
+def shoot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def api(url: str, path: str, body: dict):
+    import httpx
+
+    response = httpx.post(url + path, json=body, headers={"Authorization": f"Bearer {PLAIN}"}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_browser_login_is_refused_for_a_plain_key_and_accepted_for_an_admin_key(keyed, browser):
+    with LiveServer(create_app(keyed)) as server:
+        page = browser.new_page()
+        page.goto(server.url + "/admin/conversations")
+        assert page.url.endswith("/admin/login")
+        page.fill("input[name=key]", PLAIN)
+        page.click("button[type=submit]")
+        assert "not an admin key" in page.inner_text("[role=alert]")
+        shoot(page, "login")
+        page.fill("input[name=key]", ADMIN)
+        page.click("button[type=submit]")
+        page.wait_for_url("**/admin/conversations")
+        assert page.inner_text("h1") == "Conversations"
+        page.close()
+
+
+def test_a_message_through_the_api_appears_in_conversations_without_reload(console):
+    url, page = console
+    page.evaluate("window.notReloaded = true")
+    reply = api(url, "/v1/conversations/live-1/messages", {"user_id": "lena", "text": "Hello! Is anyone there?",
+                                                           "channel": "api"})
+    row = page.locator("tr[data-conversation='live-1']")
+    row.wait_for()
+    assert "Hello! Is anyone there?" in row.inner_text() and "lena" in row.inner_text()
+    assert page.evaluate("window.notReloaded") is True  # the same page: the row came by polling
+    shoot(page, "conversations")
+    row.locator("a").first.click()
+    page.wait_for_url("**/admin/conversations/live-1")
+    turn = page.locator(f"li[data-turn='{reply['turn_id']}']")
+    assert "adapter base" in turn.inner_text() and " ms" in turn.inner_text()
+
+
+def test_an_agent_takes_over_a_handoff_and_the_reply_reaches_the_customer(tiny_settings, browser):
+    """The customer asks for a person; the operator answers from the queue; the integration's webhook stand-in
+    receives the reply, it is recorded as the agent's turn, and the conversation goes back to the bot."""
+    hook_app, calls = recorder_app()
+    with LiveServer(hook_app) as hook:
+        settings = tiny_settings.model_copy(update={"api_keys": [PLAIN], "admin_keys": [ADMIN],
+                                                    "handoff_webhook_url": hook.url + "/hook"})
+        services = open_services(settings)
+        services.backend.worker.wait_ready(60)
+        try:
+            with LiveServer(create_app(services)) as server:
+                page = browser.new_page()
+                page.set_default_timeout(15_000)
+                page.goto(server.url + "/admin/login")
+                page.fill("input[name=key]", ADMIN)
+                page.click("button[type=submit]")
+                page.goto(server.url + "/admin/handoffs")
+                api(server.url, "/v1/conversations/help-1/messages", {"user_id": "omar", "text": "Hi"})
+                api(server.url, "/v1/conversations/help-1/messages",
+                    {"user_id": "omar", "text": "I want to talk to a human please"})
+                waiting = api(server.url, "/v1/conversations/help-1/messages",
+                              {"user_id": "omar", "text": "My parcel 8812 never arrived"})
+                assert waiting["status"] == "human" and waiting["reply"] == ""
+                row = page.locator("tr[data-conversation='help-1']")
+                row.wait_for()  # the queue is live too
+                assert "waiting" in row.inner_text()
+                shoot(page, "handoffs")
+                row.locator("a.button").click()
+                page.wait_for_url("**/admin/conversations/help-1")
+                page.fill("textarea[name=text]", "Sorry, Omar! I'm sending a new parcel today.")
+                page.click("form.reply button[type=submit]")
+                assert "sent to the integration's webhook" in page.inner_text("[role=status]")
+                shoot(page, "conversation")
+
+                wait_for(lambda: any(c["json"]["event"] == "conversation.agent_message" for c in calls))
+                message = next(c["json"] for c in calls if c["json"]["event"] == "conversation.agent_message")
+                assert message["conversation_id"] == "help-1" and message["user_id"] == "omar"
+                assert message["text"] == "Sorry, Omar! I'm sending a new parcel today."
+                agent = services.store.get_turn(message["turn_id"])
+                assert (agent.model_id, agent.finish_reason, agent.reply_to) == ("human", "agent", waiting["turn_id"])
+                assert agent.user_text == "My parcel 8812 never arrived"
+
+                page.click("text=Hand back to the bot")
+                assert "Handed back" in page.inner_text("[role=status]")
+                assert services.store.get_conversation("help-1").status == "bot"
+                back = api(server.url, "/v1/conversations/help-1/messages", {"user_id": "omar", "text": "Thanks!"})
+                assert back["status"] == "bot"
+                page.close()
+        finally:
+            services.close()

@@ -301,11 +301,13 @@ class TranscriptStore:
     # -- reading across users (the operators' console) ------------------------------------------
 
     def list_conversations(self, *, channel: str | None = None, status: str | None = None,
-                           adapter_version: str | None = None, rating: int | None = None,
+                           adapter_version: str | None = None, rating: int | None = None, user_id: str | None = None,
                            limit: int = 100) -> list[ConversationSummary]:
         """The latest conversations of every user, newest activity first; `adapter_version=""` is the base model,
         `rating` 1/-1 keeps those with such a rating, 0 those with none."""
         query = select(Conversation)
+        if user_id is not None:
+            query = query.where(Conversation.user_id == user_id)
         if channel:
             query = query.where(Conversation.channel == channel)
         if status:
@@ -335,6 +337,15 @@ class TranscriptStore:
         return [ConversationSummary(conversation=c, turns=counts.get(c.id, (0, 0))[0], last=lasts.get(c.id),
                                     ups=votes.get((c.id, 1), 0), downs=votes.get((c.id, -1), 0))
                 for c in conversations]
+
+    def list_users(self, *, contains: str = "", limit: int = 200) -> list[tuple[str, datetime, int]]:
+        """(user id, first seen, conversations) of the users whose id contains `contains`, newest first."""
+        query = (select(User.id, User.created_at, func.count(Conversation.id))
+                 .join(Conversation, Conversation.user_id == User.id, isouter=True).group_by(User.id, User.created_at))
+        if contains:
+            query = query.where(User.id.contains(contains, autoescape=True))
+        with self.session() as session:
+            return [tuple(row) for row in session.exec(query.order_by(User.created_at.desc()).limit(limit)).all()]
 
     def conversation_turns(self, conversation_id: str, *, limit: int = 500) -> list[tuple[Turn, Rating | None]]:
         """Every turn of one conversation with its rating, oldest first (the console's transcript)."""

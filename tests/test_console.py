@@ -3,6 +3,7 @@ chromium driven by Playwright, never a downloaded browser) live conversations an
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from bot.http.app import create_app
 from bot.services import open_services
+from memory.memories import MemoryItem
 from test_api import ADMIN, PLAIN, LiveServer, recorder_app, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
@@ -212,3 +214,76 @@ def test_an_agent_takes_over_a_handoff_and_the_reply_reaches_the_customer(tiny_s
                 page.close()
         finally:
             services.close()
+
+
+def logged_in(client: TestClient) -> str:
+    """Log `client` in with the admin key; returns the session's CSRF token."""
+    log_in(client, ADMIN)
+    return csrf_in(client.get("/admin/conversations").text)
+
+
+def test_the_list_filters_by_channel_status_adapter_and_rating(keyed):
+    headers = {"Authorization": f"Bearer {PLAIN}"}
+    with TestClient(create_app(keyed)) as c:
+        for conversation, user, channel in (("f1", "ana", "api"), ("f2", "ben", "web"), ("f3", "cy", "web")):
+            c.post(f"/v1/conversations/{conversation}/messages", headers=headers,
+                   json={"user_id": user, "text": "Hello there", "channel": channel})
+        turn = keyed.store.history(conversation_id="f2", user_id="ben")[-1]
+        c.post(f"/v1/turns/{turn.id}/rating", headers=headers, json={"rating": -1})
+        keyed.store.set_status(conversation_id="f3", status="human")
+        logged_in(c)
+
+        def listed(**query) -> set[str]:
+            html = c.get("/admin/live/conversations", params=query).text
+            return set(re.findall(r'data-conversation="([^"]+)"', html))
+
+        assert listed() == {"f1", "f2", "f3"}
+        assert listed(channel="web") == {"f2", "f3"}
+        assert listed(status="human") == {"f3"}
+        assert listed(rating="down") == {"f2"} and listed(rating="up") == set() and listed(rating="none") == {"f1", "f3"}
+        assert listed(adapter="base") == {"f1", "f2", "f3"} and listed(adapter="v0009") == set()
+        page = c.get("/admin/conversations", params={"channel": "web"}).text
+        assert 'data-live="/admin/live/conversations?channel=web"' in page and "<option selected>web</option>" in page
+
+
+def test_users_page_searches_and_forgets_memories_exports_and_erases(keyed):
+    with TestClient(create_app(keyed)) as c:
+        csrf = logged_in(c)
+        keyed.store.ensure_conversation(conversation_id="m1", user_id="rosa", channel="api")
+        ids = keyed.memory.for_user("rosa").add(
+            [MemoryItem.from_json({"text": "Rosa keeps bees in Lisbon"}), MemoryItem.from_json({"text": "Rosa's cat is Miro"})])
+        assert "rosa" in c.get("/admin/users", params={"q": "ros"}).text
+        found = c.get("/admin/users/rosa", params={"q": "what pets does she have"}).text
+        assert found.index("Miro") < found.index("bees")
+        assert c.post(f"/admin/users/rosa/memories/{ids[0]}/forget", data={"csrf": csrf}).status_code == 200
+        assert [m.id for m in keyed.memory.for_user("rosa").list()] == [ids[1]]
+        export = c.get("/admin/users/rosa/export")
+        assert export.json()["user_id"] == "rosa" and "attachment" in export.headers["content-disposition"]
+        kept = c.post("/admin/users/rosa/erase", data={"csrf": csrf, "confirm": "not-rosa"})
+        assert "Type the user id" in kept.text and keyed.store.get_conversation("m1") is not None
+        erased = c.post("/admin/users/rosa/erase", data={"csrf": csrf, "confirm": "rosa"})
+        assert "Erased rosa" in erased.text and keyed.store.get_conversation("m1") is None
+        assert keyed.memory.for_user("rosa").list() == []
+
+
+def test_faq_entries_are_added_edited_deleted_and_a_question_tried(keyed):
+    with TestClient(create_app(keyed)) as c:
+        csrf = logged_in(c)
+        jsonl = "\n".join(json.dumps(e) for e in (
+            {"id": "hours", "question": "When are you open?", "answer": "We are open 9:00-18:00, Monday to Saturday."},
+            {"id": "returns", "question": "How do I return an item?", "answer": "Returns are free within 30 days."}))
+        assert "Imported 2 entries" in c.post("/admin/faq/import", data={"csrf": csrf, "format": "jsonl",
+                                                                         "text": jsonl}).text
+        bad = c.post("/admin/faq/import", data={"csrf": csrf, "format": "jsonl", "text": '{"id": "x"}'})
+        assert "line 1" in bad.text and len(keyed.faq.list()) == 2
+        saved = c.post("/admin/faq/save", data={"csrf": csrf, "id": "hours", "question": "What are your opening hours?",
+                                               "answer": "We are open 9:00-18:00, Monday to Saturday.", "tags": "shop",
+                                               "alternates": "When do you open?\nAre you open on Sunday?"})
+        assert "Saved hours" in saved.text
+        assert keyed.faq.get("hours").alternates == ["When do you open?", "Are you open on Sunday?"]
+        tried = c.get("/admin/faq", params={"q": "what are your opening hours"}).text
+        decision = re.search(r'<span id="decision">(\w+)</span>', tried).group(1)
+        assert decision in ("answer", "ground") and tried.index("hours") < tried.index("returns", tried.index("Decision"))
+        assert c.post("/admin/faq/returns/delete", data={"csrf": csrf}).status_code == 200
+        assert [e.id for e in keyed.faq.list()] == ["hours"]
+        assert c.post("/admin/faq/returns/delete", data={}).status_code == 403

@@ -369,9 +369,9 @@ class TranscriptStore:
                                      .order_by(Rating.created_at.desc()).limit(limit)).all())
 
     def variant_outcomes(self, *, since: datetime | None = None, latency_rows: int = 100_000) -> dict[str, dict]:
-        """Per adapter version served ("" = base): conversations, bot turns, ratings up/down, corrections, handed-off
+        """Per adapter version served ("" = base): conversations, live bot turns (not imported ones), ratings up/down, corrections, handed-off
         conversations and the bot turns' latencies in ms (the newest `latency_rows`)."""
-        bot_turn = Turn.model_id.notin_(("human", "")) & (Turn.finish_reason != "handoff")
+        bot_turn = Turn.model_id.notin_(("human", "", "import")) & (Turn.finish_reason != "handoff")  # live bot replies
         when = [Turn.created_at >= since] if since is not None else []
         version = func.coalesce(Turn.adapter_version, "")
         out: dict[str, dict] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,132 @@ def test_faq_entries_are_added_edited_deleted_and_a_question_tried(keyed):
         assert c.post("/admin/faq/returns/delete", data={"csrf": csrf}).status_code == 200
         assert [e.id for e in keyed.faq.list()] == ["hours"]
         assert c.post("/admin/faq/returns/delete", data={}).status_code == 403
+
+
+def registered(settings, tmp_path, content: bytes, **metrics) -> str:
+    """An adapter directory registered without training (the registry and these pages only read its files)."""
+    from training.registry import Registry
+
+    registry = Registry(settings.adapters_dir)
+    registry.directory.mkdir(parents=True, exist_ok=True)
+    moved = registry.directory / f".train-{content.hex()}"
+    moved.mkdir()
+    (moved / "adapter_model.safetensors").write_bytes(content)
+    (moved / "adapter_config.json").write_text("{}")
+    return registry.claim(moved, parent=None, dataset_hash="d" * 16, metrics=metrics).version
+
+
+def served(store, name: str | None, conversation: str, ratings: list[int], latency_ms: int = 100) -> None:
+    """Turns as a serving process records them, from `name`, rated in order."""
+    from dialogue.store import Turn
+
+    store.ensure_conversation(conversation_id=conversation, user_id=f"user-{conversation}", channel="api")
+    for rating in ratings:
+        turn = store.record_turn(Turn(conversation_id=conversation, user_id=f"user-{conversation}", user_text="q",
+                                      reply="a", model_id="tiny", adapter_version=name, latency_ms=latency_ms))
+        store.rate(turn_id=turn.id, rating=rating)
+
+
+def test_adapters_promote_a_share_and_the_experiment_decides_and_its_button_promotes(keyed, tmp_path):
+    from training.registry import Registry
+
+    registry = Registry(keyed.settings.adapters_dir)
+    first = registered(keyed.settings, tmp_path, b"first", canary_ppl=12.5, examples=40)
+    second = registered(keyed.settings, tmp_path, b"second", canary_ppl=12.1, examples=55)
+    with TestClient(create_app(keyed)) as c:
+        csrf = logged_in(c)
+        page = c.get("/admin/adapters").text
+        assert f'data-version="{first}"' in page and "canary perplexity" in page and "55 examples" in page
+        assert "No A/B split is running" in c.get("/admin/experiments").text
+        assert "is active" in c.post(f"/admin/adapters/{first}/promote", data={"csrf": csrf}).text
+        served(keyed.store, registry.get(second).name, "early", [-1] * 30)  # before the split began: not counted
+        time.sleep(1.1)  # the split's start is stored to the second
+        split = c.post(f"/admin/adapters/{second}/promote", data={"csrf": csrf, "share": "30"})
+        assert "serves 30% of users" in split.text and registry.state().ab["share"] == pytest.approx(0.3)
+        a, b = (registry.get(v).name for v in (first, second))
+        for i in range(5):  # A: 60 % liked, B: 90 % liked, 240 rated turns each
+            served(keyed.store, a, f"a{i}", [1] * 29 + [-1] * 19, latency_ms=200 + i)
+            served(keyed.store, b, f"b{i}", [1] * 43 + [-1] * 5, latency_ms=100 + i)
+        served(keyed.store, None, "other", [-1] * 5)  # the base model is neither variant here
+        report = c.get("/admin/experiments").text
+        assert '<strong id="decision">B is better: promote</strong>' in report
+        assert re.search(r'data-variant="B">.*?89\.6 %', report, re.S) and "Promote " + second in report
+        assert re.search(r'data-variant="B">.*?<td>240</td><td>240</td>', report, re.S) and "102 / 104 ms" in report
+        from click.testing import CliRunner
+
+        from bot.cli.train import adapters_group
+
+        printed = CliRunner().invoke(adapters_group, ["experiment", "--json"], catch_exceptions=False)
+        same = json.loads(printed.output)
+        assert same["decision"] == "B is better: promote" and same["action"] == "promote"
+        assert [v["rated"] for v in same["variants"]] == [240, 240] and same["variants"][1]["thumbs_up_ci95"][0] > 0.85
+        done = c.post(f"/admin/adapters/{second}/promote", data={"csrf": csrf, "back": "/admin/experiments"})
+        assert "is active" in done.text and registry.state().active == second and registry.state().ab is None
+        assert "No A/B split is running" in done.text
+        rolled = c.post("/admin/adapters/rollback", data={"csrf": csrf})
+        assert "Rolled back" in rolled.text and registry.state().active == first
+        feedback = c.get("/admin/feedback").text
+        assert feedback.count("👎") >= 5
+
+
+def test_browser_promote_a_trained_version_to_a_share_see_the_split_and_erase_a_user(keyed, browser):
+    """A real adapter trained on the tiny model, promoted to half the users from the Adapters page: the Experiments
+    page shows turns on both sides; then a user is erased from the Users page."""
+    from test_training import FAST, conversation
+    from training.importer import import_lines
+    from training.pipeline import train_version
+    from training.registry import ab_bucket
+
+    settings = keyed.settings
+    import_lines(keyed.store, [conversation(i) for i in range(24)], system=settings.system_prompt, max_chars=1000)
+    trained = train_version(settings, keyed.store, config=FAST, show_progress=False)
+    registry_dir = settings.adapters_dir
+    if not trained["gate"]["passed"]:  # a random tiny model may fail its canary; serving is what is tested here
+        from training.registry import Registry
+
+        with Registry(registry_dir).transaction() as state:
+            state.versions[trained["version"]].status = "candidate"
+    version = trained["version"]
+    with LiveServer(create_app(keyed)) as server:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(20_000)
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.goto(server.url + "/admin/login")
+        page.fill("input[name=key]", ADMIN)
+        page.click("button[type=submit]")
+        page.goto(server.url + "/admin/adapters")
+        row = page.locator(f"tr[data-version='{version}']")
+        assert page.locator("svg.chart").count() == 4
+        row.locator("input[name=share]").fill("50")
+        row.locator("button[type=submit]").click()
+        assert f"{version} now serves 50% of users" in page.inner_text("[role=status]")
+        shoot(page, "adapters")
+
+        users = [f"split-{i}" for i in range(12)]
+        sides = {ab_bucket(u, version) < 0.5 for u in users}
+        assert sides == {True, False}  # these ids land on both sides
+        for user in users:
+            api(server.url, f"/v1/conversations/{user}-c/messages", {"user_id": user, "text": "Hello! How are you?"})
+        page.goto(server.url + "/admin/experiments")
+        b_turns = int(page.locator("tr[data-variant='B'] td").nth(4).inner_text())
+        a_turns = int(page.locator("tr[data-variant='A'] td").nth(4).inner_text())
+        expected_b = sum(ab_bucket(u, version) < 0.5 for u in users)
+        assert (a_turns, b_turns) == (len(users) - expected_b, expected_b)
+        assert page.inner_text("#decision") == "keep running"  # far below the minimum sample
+        shoot(page, "experiments")
+
+        page.goto(server.url + "/admin/users/split-0")
+        assert page.locator("a[href='/admin/conversations/split-0-c']").count() == 1
+        shoot(page, "user")
+        page.fill("form.erase input[name=confirm]", "split-0")
+        page.click("form.erase button[type=submit]")
+        assert "Erased split-0" in page.inner_text("[role=status]")
+        assert keyed.store.get_conversation("split-0-c") is None and keyed.store.export_user("split-0")["turns"] == []
+        shoot(page, "users")
+
+        page.goto(server.url + "/admin/faq?q=when+are+you+open")
+        shoot(page, "faq")
+        page.goto(server.url + "/admin/feedback")
+        assert page.locator("table.feedback tbody tr[data-turn]").count() >= 24
+        shoot(page, "feedback")
+        page.close()

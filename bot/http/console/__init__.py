@@ -13,7 +13,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from bot.http.console import conversations, people
+from bot.http.console import adapters, conversations, people
 from bot.http.console.access import (
     COOKIE,
     LOGIN_COOKIE,
@@ -93,5 +93,5 @@ def install_console(app: FastAPI) -> None:
     app.add_exception_handler(LoginRequired, on_login_required)
     app.add_exception_handler(CsrfRefused, on_csrf_refused)
     app.mount("/admin/static", StaticFiles(directory=HERE / "static"), name="console-static")
-    for part in (router, conversations.router, people.router):
+    for part in (router, conversations.router, people.router, adapters.router):
         app.include_router(part, prefix="/admin", include_in_schema=False)

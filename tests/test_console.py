@@ -417,3 +417,31 @@ def test_browser_promote_a_trained_version_to_a_share_see_the_split_and_erase_a_
         assert page.locator("table.feedback tbody tr[data-turn]").count() >= 24
         shoot(page, "feedback")
         page.close()
+
+
+def test_an_agent_reply_to_a_telegram_conversation_reaches_the_chat(tiny_settings):
+    """A Telegram customer handed off; the console's reply goes out through the real python-telegram-bot client
+    to the stand-in Bot API server, into the customer's chat."""
+    from tests.telegram_standin import Standin
+
+    token, chat = "123:ABC", 1001
+    standin = Standin(token=token).start()
+    settings = tiny_settings.model_copy(update={"admin_keys": [ADMIN], "api_keys": [PLAIN], "telegram_bot_token": token,
+                                                "telegram_base_url": standin.base_url})
+    services = open_services(settings)
+    try:
+        services.backend.worker.wait_ready(60)
+        with TestClient(create_app(services)) as c:
+            conversation = f"telegram:{chat}:1"  # as the Telegram channel names a private chat's first conversation
+            for text in ("Hello", "Can I speak to a real person?"):
+                c.post(f"/v1/conversations/{conversation}/messages", headers={"Authorization": f"Bearer {PLAIN}"},
+                       json={"user_id": f"telegram:{chat}", "text": text, "channel": "telegram"})
+            assert services.store.get_conversation(conversation).status == "human"
+            csrf = logged_in(c)
+            sent = c.post(f"/admin/conversations/{conversation}/reply",
+                          data={"csrf": csrf, "text": "Hi, this is Mia from support. How can I help?"})
+            assert "sent to the customer on Telegram" in sent.text
+        assert [m.text for m in standin.sent_to(chat)] == ["Hi, this is Mia from support. How can I help?"]
+    finally:
+        services.close()
+        standin.stop()

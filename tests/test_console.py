@@ -74,6 +74,20 @@ def test_a_forged_cookie_and_a_login_without_its_token_are_refused(keyed):
         assert c.post("/admin/login", data={"key": ADMIN, "csrf": "guessed"}).status_code == 403
 
 
+def test_without_any_keys_the_console_opens_like_the_api_and_a_missing_page_is_html(tiny_settings):
+    opened = open_services(tiny_settings)
+    try:
+        with TestClient(create_app(opened)) as c:
+            form = c.get("/admin/login")
+            assert "development mode" in form.text and 'name="key"' not in form.text
+            assert c.post("/admin/login", data={"csrf": csrf_in(form.text)}, follow_redirects=False).status_code == 303
+            missing = c.get("/admin/conversations/nobody-here")
+            assert missing.status_code == 404 and "There is no conversation nobody-here." in missing.text
+            assert missing.headers["content-type"].startswith("text/html")
+    finally:
+        opened.close()
+
+
 def test_form_posts_without_the_csrf_token_are_refused(keyed):
     with TestClient(create_app(keyed)) as c:
         turn = c.post("/v1/conversations/c1/messages", headers={"Authorization": f"Bearer {PLAIN}"},
@@ -445,3 +459,27 @@ def test_an_agent_reply_to_a_telegram_conversation_reaches_the_chat(tiny_setting
     finally:
         services.close()
         standin.stop()
+
+
+def test_an_agent_reply_to_a_chatwoot_conversation_is_posted_to_chatwoot(tiny_settings):
+    chatwoot_app, calls = recorder_app()
+    with LiveServer(chatwoot_app) as chatwoot:
+        settings = tiny_settings.model_copy(update={"admin_keys": [ADMIN], "api_keys": [PLAIN],
+                                                    "chatwoot_base_url": chatwoot.url, "chatwoot_bot_token": "cw-token"})
+        services = open_services(settings)
+        try:
+            services.backend.worker.wait_ready(60)
+            with TestClient(create_app(services)) as c:
+                conversation = "chatwoot:3:41"  # as the Chatwoot channel names account 3's conversation 41
+                c.post(f"/v1/conversations/{conversation}/messages", headers={"Authorization": f"Bearer {PLAIN}"},
+                       json={"user_id": "chatwoot:3:9", "text": "I need a human agent", "channel": "chatwoot"})
+                csrf = logged_in(c)
+                sent = c.post(f"/admin/conversations/{conversation}/reply",
+                              data={"csrf": csrf, "text": "Hello, Mia here. Let me check your order."})
+                assert "sent to the customer in Chatwoot" in sent.text
+            posted = [call for call in calls if call["path"] == "/api/v1/accounts/3/conversations/41/messages"
+                      and call["json"].get("private") is False]
+            assert [p["json"]["content"] for p in posted] == ["Hello, Mia here. Let me check your order."]
+            assert posted[0]["headers"]["api_access_token"] == "cw-token"
+        finally:
+            services.close()

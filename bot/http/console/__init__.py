@@ -19,6 +19,7 @@ from bot.http.console.access import (
     LOGIN_COOKIE,
     CsrfRefused,
     LoginRequired,
+    PageMissing,
     Sessions,
     admin_caller,
     checked_form,
@@ -87,11 +88,16 @@ async def on_csrf_refused(request: Request, exc: CsrfRefused) -> Response:
     return JSONResponse({"error": "missing or wrong CSRF token: reload the page and try again"}, status_code=403)
 
 
+async def on_page_missing(request: Request, exc: PageMissing) -> Response:
+    return render(request, None, "missing.html", status=404, problem=str(exc))
+
+
 def install_console(app: FastAPI) -> None:
     """Serve the console under /admin (kept out of the OpenAPI schema: it is pages, not an API)."""
     app.state.console_sessions = Sessions()
     app.add_exception_handler(LoginRequired, on_login_required)
     app.add_exception_handler(CsrfRefused, on_csrf_refused)
+    app.add_exception_handler(PageMissing, on_page_missing)
     app.mount("/admin/static", StaticFiles(directory=HERE / "static"), name="console-static")
     for part in (router, conversations.router, people.router, adapters.router):
         app.include_router(part, prefix="/admin", include_in_schema=False)

@@ -31,6 +31,10 @@ class LoginRequired(Exception):
     """No valid console session: a page redirects to the login form, a script call gets 401."""
 
 
+class PageMissing(Exception):
+    """A console page about something that is not there (an HTML 404, not the API's JSON one)."""
+
+
 class CsrfRefused(Exception):
     """A form POST without the session's CSRF token."""
 

@@ -9,12 +9,12 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import RedirectResponse
 
-from bot.http.console.access import ConsoleSession, checked_form, current_session
+from bot.http.console.access import ConsoleSession, PageMissing, checked_form, current_session
 from bot.http.console.delivery import deliver_agent_reply
 from bot.http.console.render import path_part, render
 from bot.http.deps import ServicesDep
 from bot.services import Services
-from dialogue.errors import InvalidInput, NotFound
+from dialogue.errors import InvalidInput
 from memory.text import ID_PATTERN
 
 router = APIRouter()
@@ -58,7 +58,7 @@ async def conversation_rows(request: Request, session: SessionDep, services: Ser
 async def _conversation(services: Services, conversation_id: str):
     conversation = await asyncio.to_thread(services.store.get_conversation, conversation_id)
     if conversation is None:
-        raise NotFound(f"no conversation {conversation_id!r}")
+        raise PageMissing(f"There is no conversation {conversation_id}.")
     return conversation
 
 

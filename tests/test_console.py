@@ -425,7 +425,12 @@ def test_browser_promote_a_trained_version_to_a_share_see_the_split_and_erase_a_
         assert keyed.store.get_conversation("split-0-c") is None and keyed.store.export_user("split-0")["turns"] == []
         shoot(page, "users")
 
-        page.goto(server.url + "/admin/faq?q=when+are+you+open")
+        keyed.faq.import_file(Path(__file__).resolve().parent.parent / "examples" / "faq" / "bikeshop-sample.csv")
+        page.goto(server.url + "/admin/faq")
+        page.fill("input[name=q]", "when are you open on saturday?")
+        page.click("form.filters button[type=submit]")
+        assert page.inner_text("#decision") in ("answer", "ground")
+        assert page.locator("table.entries tr[data-entry='hours']").count() == 1
         shoot(page, "faq")
         page.goto(server.url + "/admin/feedback")
         assert page.locator("table.feedback tbody tr[data-turn]").count() >= 24

@@ -488,3 +488,52 @@ def test_an_agent_reply_to_a_chatwoot_conversation_is_posted_to_chatwoot(tiny_se
             assert posted[0]["headers"]["api_access_token"] == "cw-token"
         finally:
             services.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request, tmp_path):
+    """The transcript store on SQLite and on PostgreSQL (the console's queries run on both)."""
+    from dialogue.store import TranscriptStore
+
+    url = f"sqlite:///{tmp_path / 'console.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    store = TranscriptStore(url)
+    yield store
+    store.close()
+
+
+def test_the_console_queries_on_sqlite_and_postgresql(any_store):
+    from datetime import timedelta
+
+    from dialogue.store import Turn, utcnow
+
+    store = any_store
+    served(store, "v0001-aaaaaaaa", "q1", [1, 1, -1], latency_ms=120)
+    served(store, None, "q2", [-1], latency_ms=80)
+    store.ensure_conversation(conversation_id="q3", user_id="user-q3", channel="telegram")
+    store.record_turn(Turn(conversation_id="q3", user_id="user-q3", user_text="agent please", reply="", model_id="",
+                           finish_reason="handoff", handoff=True, channel="telegram"))
+    store.set_status(conversation_id="q3", status="human")
+    store.rate(turn_id=store.history(conversation_id="q1", user_id="user-q1")[0].id, rating=-1, correction="Better.")
+
+    ids = lambda rows: {r.conversation.id for r in rows}  # noqa: E731
+    assert ids(store.list_conversations()) == {"q1", "q2", "q3"}
+    assert ids(store.list_conversations(channel="telegram")) == {"q3"}
+    assert ids(store.list_conversations(adapter_version="v0001-aaaaaaaa")) == {"q1"}
+    assert ids(store.list_conversations(adapter_version="")) == {"q2", "q3"}
+    assert ids(store.list_conversations(rating=0)) == {"q3"} and ids(store.list_conversations(rating=1)) == {"q1"}
+    [waiting] = store.list_conversations(status="human")
+    assert waiting.waiting and waiting.turns == 1 and waiting.last.user_text == "agent please"
+    [q1] = store.list_conversations(user_id="user-q1")
+    assert (q1.turns, q1.ups, q1.downs, q1.last.seq) == (3, 1, 2, 3)
+    assert [t.seq for t, _ in store.conversation_turns("q1")] == [1, 2, 3]
+    assert store.conversation_turns("q1")[0][1].correction == "Better."
+    assert store.facets() == {"channels": ["api", "telegram"], "adapter_versions": ["", "v0001-aaaaaaaa"]}
+    assert [u for u, _, _ in store.list_users(contains="q3")] == ["user-q3"]
+    assert len(store.recent_feedback()) == 4
+    outcomes = store.variant_outcomes()
+    assert outcomes["v0001-aaaaaaaa"] | {"latencies_ms": []} == {
+        "conversations": 1, "turns": 3, "up": 1, "down": 2, "corrections": 1, "handoff_conversations": 0,
+        "latencies_ms": []}
+    assert outcomes["v0001-aaaaaaaa"]["latencies_ms"] == [120, 120, 120]
+    assert outcomes[""]["turns"] == 1  # the waiting customer message is no bot turn
+    assert store.variant_outcomes(since=utcnow() + timedelta(minutes=1)) == {}

@@ -313,7 +313,8 @@ class TranscriptStore:
         if status:
             query = query.where(Conversation.status == status)
         if adapter_version is not None:
-            served = Turn.adapter_version.is_(None) if adapter_version == "" else Turn.adapter_version == adapter_version
+            served = (Turn.adapter_version.is_(None) if adapter_version == ""
+                      else Turn.adapter_version == adapter_version)
             query = query.where(exists().where(Turn.conversation_id == Conversation.id, served))
         if rating is not None:
             rated = exists().where(Rating.turn_id == Turn.id, Turn.conversation_id == Conversation.id,
@@ -369,8 +370,8 @@ class TranscriptStore:
                                      .order_by(Rating.created_at.desc()).limit(limit)).all())
 
     def variant_outcomes(self, *, since: datetime | None = None, latency_rows: int = 100_000) -> dict[str, dict]:
-        """Per adapter version served ("" = base): conversations, live bot turns (not imported ones), ratings up/down, corrections, handed-off
-        conversations and the bot turns' latencies in ms (the newest `latency_rows`)."""
+        """Per adapter version served ("" = base): conversations, live bot turns (not imported ones), ratings up/down,
+        corrections, handed-off conversations and the bot turns' latencies in ms (the newest `latency_rows`)."""
         bot_turn = Turn.model_id.notin_(("human", "", "import")) & (Turn.finish_reason != "handoff")  # live bot replies
         when = [Turn.created_at >= since] if since is not None else []
         version = func.coalesce(Turn.adapter_version, "")
@@ -383,7 +384,8 @@ class TranscriptStore:
                           "handoff_conversations": 0, "latencies_ms": []}
             for v, r, n, corrected in session.exec(
                     select(version, Rating.rating, func.count(), func.count(Rating.correction))
-                    .join(Rating, Rating.turn_id == Turn.id).where(bot_turn, *when).group_by(version, Rating.rating)).all():
+                    .join(Rating, Rating.turn_id == Turn.id).where(bot_turn, *when)
+                    .group_by(version, Rating.rating)).all():
                 if v in out:
                     out[v]["up" if r == 1 else "down"] += n
                     out[v]["corrections"] += corrected

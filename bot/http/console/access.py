@@ -71,7 +71,7 @@ class Sessions:
         return f"{value}.{hmac.new(self.secret, value.encode(), hashlib.sha256).hexdigest()}"
 
     def unsign(self, signed: str | None) -> str | None:
-        value, _, mac = (signed or "").rpartition(".")
+        value, _, _ = (signed or "").rpartition(".")
         if value and hmac.compare_digest(self.sign(value), signed or ""):
             return value
         return None

@@ -15,7 +15,7 @@ from markupsafe import Markup, escape
 from bot.http.console.access import ConsoleSession, checked_form, current_session
 from bot.http.console.render import render
 from bot.http.deps import ServicesDep
-from dialogue.errors import InvalidInput, NotFound, RapportError
+from dialogue.errors import InvalidInput, RapportError
 from training.experiment import RULE, current_experiment
 from training.registry import Registry
 from training.report import BASE, rating_rates
@@ -116,7 +116,7 @@ async def promote(request: Request, version: Version, session: SessionDep, servi
     try:
         share = share_of_form(form.get("share", ""))
         item = await asyncio.to_thread(registry_of(services).promote, version, share)
-    except (RapportError, NotFound) as exc:
+    except RapportError as exc:
         return go(back, problem=str(exc))
     what = f"{item.version} now serves {share:.0%} of users (A/B)" if share else f"{item.version} is active"
     return go(back, notice=what + "; running processes switch within a second.")
@@ -132,7 +132,8 @@ async def rollback(request: Request, session: SessionDep, services: ServicesDep)
     except RapportError as exc:
         return go(back, problem=str(exc))
     if "ended_ab" in result:
-        return go(back, notice=f"Stopped the A/B split of {result['ended_ab']}; {result['active'] or 'base'} serves everyone.")
+        serving = result["active"] or "base"
+        return go(back, notice=f"Stopped the A/B split of {result['ended_ab']}; {serving} serves everyone.")
     return go(back, notice=f"Rolled back: {result['retired']} retired, {result['active'] or 'base'} active.")
 
 

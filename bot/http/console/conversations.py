@@ -1,4 +1,5 @@
-"""Conversations (a live list across channels, filters, transcripts) and the handoff queue (take over, reply, hand back)."""
+"""Conversations (a live list across channels, filters, transcripts) and the handoff queue (take over, reply, hand
+back)."""
 
 from __future__ import annotations
 

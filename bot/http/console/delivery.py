@@ -2,7 +2,8 @@
 
 The reply is first recorded by the handoff desk (`HandoffDesk.record_agent_reply`: the training gold, linked to
 the customer message it answers), then delivered: Chatwoot conversations through Chatwoot's REST API, Telegram
-chats through the Bot API with `TELEGRAM_BOT_TOKEN` (at `RAPPORT_TELEGRAM_BASE_URL` when set), every other channel (the HTTP API's integrations) as a
+chats through the Bot API with `TELEGRAM_BOT_TOKEN` (at `RAPPORT_TELEGRAM_BASE_URL` when set), every other
+channel (the HTTP API's integrations) as a
 `conversation.agent_message` event POSTed to `RAPPORT_HANDOFF_WEBHOOK_URL`, signed like the handoff event.
 """
 
@@ -55,7 +56,8 @@ async def deliver_agent_reply(services: Services, conversation: Conversation, te
     if conversation.channel == "telegram" and chat is not None and settings.telegram_bot_token:
         from telegram import Bot
 
-        async with Bot(settings.telegram_bot_token, base_url=settings.telegram_base_url or "https://api.telegram.org/bot") as bot:
+        base_url = settings.telegram_base_url or "https://api.telegram.org/bot"
+        async with Bot(settings.telegram_bot_token, base_url=base_url) as bot:
             await bot.send_message(chat, turn.reply)
         return turn, "telegram"
     if settings.handoff_webhook_url:

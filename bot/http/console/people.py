@@ -108,7 +108,8 @@ async def faq_page(request: Request, session: SessionDep, services: ServicesDep,
 def entry_from(form: dict[str, str]) -> dict:
     lines = lambda name: [x.strip() for x in form.get(name, "").splitlines() if x.strip()]  # noqa: E731
     return {"id": form.get("id", "").strip(), "question": form.get("question", ""), "answer": form.get("answer", ""),
-            "tags": [t.strip() for t in form.get("tags", "").split(",") if t.strip()], "alternates": lines("alternates")}
+            "tags": [t.strip() for t in form.get("tags", "").split(",") if t.strip()],
+            "alternates": lines("alternates")}
 
 
 @router.post("/faq/save")

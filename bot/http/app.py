@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 
 from bot.http import openai, turns, users
 from bot.http.auth import ApiKeys, RateLimiter
+from bot.http.console import install_console
 from bot.http.errors import EdgeMiddleware, install_error_handlers
 from bot.http.metrics import ApiMetrics
 from bot.services import Services
@@ -85,6 +86,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(turns.router)
     app.include_router(openai.router)
     app.include_router(users.router)
+    install_console(app)  # the operators' web console at /admin
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +22,9 @@ from test_api import ADMIN, PLAIN, LiveServer, recorder_app, wait_for
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "console"
+# screenshots of every page: into docs/console with RAPPORT_CONSOLE_SHOTS=docs/console (the README's), else a
+# scratch folder, so that a test run leaves the tree as it was
+SHOTS = Path(os.environ.get("RAPPORT_CONSOLE_SHOTS") or Path(tempfile.gettempdir()) / "rapport-console-shots")
 
 
 @pytest.fixture

@@ -103,11 +103,12 @@ async def drive(base_url: str, conversations: int, duration_s: float) -> tuple[T
         return tally, time.perf_counter() - started
 
 
-def wait_ready(process: subprocess.Popen, base_url: str, timeout_s: float = 600) -> None:
+def wait_ready(process: subprocess.Popen, base_url: str, log: Path, timeout_s: float = 600) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"rapport serve exited with {process.returncode}")
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"rapport serve exited with {process.returncode}: {tail}")
         try:
             if httpx.get(base_url + "/readyz", timeout=2).status_code == 200:
                 return
@@ -117,18 +118,20 @@ def wait_ready(process: subprocess.Popen, base_url: str, timeout_s: float = 600)
     raise RuntimeError("rapport serve did not become ready")
 
 
-
 @contextmanager
 def local_server(home: Path, **env: str) -> Iterator[str]:
     """`rapport serve` over `home` on a free loopback port, open (no keys, no rate limit), with `env` on top;
-    yields its URL once it is ready and stops it after."""
+    yields its URL once it is ready and stops it after. Its log goes to `home/serve.log`: a pipe that nobody
+    reads fills after 64 KB of log lines and then blocks the server (a whole `bench chat` hung so)."""
     base_url = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "RAPPORT_HOME": str(home), "RAPPORT_API_RATE_PER_MINUTE": "0", "RAPPORT_API_KEYS": "",
            "RAPPORT_ADMIN_KEYS": "", **env}
-    process = subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--port", base_url.rsplit(":", 1)[1],
-                                "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = home / "serve.log"
+    with log.open("ab") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--port", base_url.rsplit(":", 1)[1],
+                                    "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=sink)
     try:
-        wait_ready(process, base_url)
+        wait_ready(process, base_url, log)
         yield base_url
     finally:
         process.terminate()
@@ -136,6 +139,7 @@ def local_server(home: Path, **env: str) -> Iterator[str]:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
 
 def run(settings: Settings, *, conversations: int = 16, duration_s: float = 60, new_tokens: int = 48) -> dict:
     """Start a server, drive it, stop it; returns the JSON-able report."""

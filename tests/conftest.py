@@ -131,3 +131,16 @@ def db_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'rapport.db'}"
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    """The real MiniLM; one torch thread while these tests run (two thrash on a busy 2-core box)."""
+    import torch
+
+    from memory.embeddings import shared_embedder
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield shared_embedder()
+    torch.set_num_threads(threads)

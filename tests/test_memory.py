@@ -21,19 +21,6 @@ from memory.memories import (
 )
 
 
-@pytest.fixture(scope="module")
-def embedder():
-    """The real MiniLM; one torch thread while these tests run (two thrash on a busy 2-core box)."""
-    import torch
-
-    from memory.embeddings import shared_embedder
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield shared_embedder()
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def chroma_dir(tmp_path):
     return tmp_path / "chroma"

@@ -15,19 +15,6 @@ SMALL_TALK = ["Same old, work and more work.", "The weather was lovely today.", 
               "Cities are so expensive nowadays.", "Haha, that's awesome!", "Let's catch up again soon!"]
 
 
-@pytest.fixture(scope="module")
-def embedder():
-    """The real MiniLM; one torch thread while these tests run (two thrash on a busy 2-core box)."""
-    import torch
-
-    from memory.embeddings import shared_embedder
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield shared_embedder()
-    torch.set_num_threads(threads)
-
-
 def open_store(path, embedder) -> MemoryStore:
     import chromadb
 

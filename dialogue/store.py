@@ -90,7 +90,21 @@ class Rating(SQLModel, table=True):
     rating: int  # +1 or -1
     comment: str | None = Field(default=None, sa_column=Column(Text))
     correction: str | None = Field(default=None, sa_column=Column(Text))
+    correction_trusted: bool = False  # an admin approved the correction for training (never the rater alone)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class IntegrationRow(SQLModel, table=True):
+    """An API integration (`dialogue/integrations.py`) with its one key (stored as sha256); revoked rows are kept for the record."""
+
+    __tablename__ = "integrations"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=32, index=True)
+    namespace: str = Field(max_length=32)
+    scopes: str = Field(max_length=64)  # comma-separated, from SCOPES
+    key_hash: str = Field(max_length=64, unique=True, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
 
 
 class InboundEvent(SQLModel, table=True):
@@ -252,8 +266,8 @@ class TranscriptStore:
             row.rating, row.created_at = rating, utcnow()
             if comment is not None:
                 row.comment = comment
-            if correction is not None:
-                row.correction = correction
+            if correction is not None and correction != row.correction:
+                row.correction, row.correction_trusted = correction, False  # trusted again only when approved
             session.add(row)
             session.commit()
             return row

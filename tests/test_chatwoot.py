@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import time
 
 import httpx
@@ -58,8 +61,14 @@ class Rig:
         self.server = LiveServer(self.app).__enter__()
 
     def post(self, payload: dict, token: str | None = SECRET) -> httpx.Response:
-        url = self.server.url + "/integrations/chatwoot/webhook" + (f"?token={token}" if token is not None else "")
-        return httpx.post(url, json=payload, timeout=30)
+        """A delivery signed as Chatwoot signs it (HMAC-SHA256 of "<timestamp>.<body>"), with `token` as the key."""
+        body = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            stamp = str(int(time.time()))
+            digest = hmac.new(token.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+            headers |= {"X-Chatwoot-Signature": f"sha256={digest}", "X-Chatwoot-Timestamp": stamp}
+        return httpx.post(self.server.url + "/integrations/chatwoot/webhook", content=body, headers=headers, timeout=30)
 
     def close(self) -> None:
         self.server.__exit__(None, None, None)
@@ -109,10 +118,23 @@ def test_own_messages_private_notes_and_bad_tokens_never_get_replies(rig, standi
     for token in (None, "wrong"):
         refused = rig.post(message_event(2004, "Hello?"), token=token)
         assert refused.status_code == 401 and "error" in refused.json()
-    bad = httpx.post(rig.server.url + f"/integrations/chatwoot/webhook?token={SECRET}", content=b"\xff{",
-                     headers={"content-type": "application/json"})
+    hook = rig.server.url + "/integrations/chatwoot/webhook"
+    event = json.dumps(message_event(2006, "unsigned")).encode()
+    stale = str(int(time.time()) - 3600)  # a replayed delivery from an hour ago, correctly signed
+    signature = "sha256=" + hmac.new(SECRET.encode(), stale.encode() + b"." + event, hashlib.sha256).hexdigest()
+    assert httpx.post(hook, content=event, headers={"X-Chatwoot-Signature": signature,
+                                                    "X-Chatwoot-Timestamp": stale}).status_code == 401
+    tampered = event.replace(b"unsigned", b"tampered")
+    fresh = str(int(time.time()))
+    signature = "sha256=" + hmac.new(SECRET.encode(), fresh.encode() + b"." + event, hashlib.sha256).hexdigest()
+    assert httpx.post(hook, content=tampered, headers={"X-Chatwoot-Signature": signature,
+                                                       "X-Chatwoot-Timestamp": fresh}).status_code == 401
+    # the secret in the query string is refused unless RAPPORT_CHATWOOT_QUERY_TOKEN allows it (it shows in logs)
+    assert httpx.post(hook + f"?token={SECRET}", content=event).status_code == 401
+    header = {"X-Rapport-Token": SECRET, "content-type": "application/json"}
+    bad = httpx.post(hook, content=b"\xff{", headers=header)
     assert bad.status_code == 400 and "error" in bad.json()
-    assert httpx.post(rig.server.url + f"/integrations/chatwoot/webhook?token={SECRET}", json=[1]).status_code == 400
+    assert httpx.post(hook, json=[1], headers=header).status_code == 400
     assert rig.post(message_event(2005, "Hello there")).json()["accepted"] is True  # 2004 was never claimed
     wait_for(lambda: len(standin.calls) == 1)
     time.sleep(0.5)  # time enough for a stray reply to show up

@@ -245,6 +245,11 @@ class TranscriptStore:
             return list(session.exec(select(Conversation.id).where(
                 Conversation.user_id == user_id, Conversation.id.startswith(prefix, autoescape=True))).all())
 
+    def user_ids(self, *, prefix: str) -> list[str]:
+        """The ids of users that start with `prefix` (a channel's scopes of one person, e.g. their groups)."""
+        with self.session() as session:
+            return list(session.exec(select(User.id).where(User.id.startswith(prefix, autoescape=True))).all())
+
     def get_conversation(self, conversation_id: str) -> Conversation | None:
         with self.session() as session:
             return session.get(Conversation, conversation_id)

@@ -31,6 +31,18 @@ def build_app(services, *, open_api: bool = False, host: str | None = None):
     return app
 
 
+def has_integrations(settings) -> bool:
+    """Whether any integration's key is active (read before the model starts loading)."""
+    from dialogue.integrations import IntegrationStore
+    from dialogue.store import TranscriptStore
+
+    store = TranscriptStore(settings.db_url)
+    try:
+        return IntegrationStore(store).any_active()
+    finally:
+        store.close()
+
+
 def configure_access_log(verbose: bool) -> None:
     """One line per request with its request id; keys and bodies are never logged."""
     from bot.http.errors import RequestIdFilter
@@ -61,14 +73,14 @@ def serve(host: str, port: int, log_level: str, open_api: bool) -> None:
     settings = load_settings()
     if open_api and host not in LOOPBACK_HOSTS:
         raise click.ClickException(f"--open serves without keys and is for loopback addresses only, not {host}")
+    keyed = bool(settings.api_keys or settings.admin_keys) or has_integrations(settings)
+    if not keyed and not open_api:
+        raise click.ClickException("no API keys: create one with `rapport keys create NAME --scopes chat,memory` "
+                                   "(or run `serve --open` on a loopback address for development)")
+    if keyed and open_api:
+        logger.warning("--open is ignored: API keys exist, so every request needs one")
     services = open_services(settings)
     try:
-        keyed = bool(settings.api_keys or settings.admin_keys) or services.integrations.any_active()
-        if not keyed and not open_api:
-            raise click.ClickException("no API keys: create one with `rapport keys create NAME --scopes chat,memory` "
-                                       "(or run `serve --open` on a loopback address for development)")
-        if keyed and open_api:
-            logger.warning("--open is ignored: API keys exist, so every request needs one")
         if not settings.allowed_hosts and host not in LOOPBACK_HOSTS:
             logger.warning("serving on %s: only the Host names localhost, 127.0.0.1, ::1 and %s are answered; "
                            "set RAPPORT_ALLOWED_HOSTS to the names clients use", host, host)

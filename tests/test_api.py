@@ -80,7 +80,9 @@ def services(tiny_settings):
 
 @pytest.fixture
 def client(services):
-    with TestClient(create_app(services)) as c:
+    """The app with an operator's key (legacy admin: ids as given; tests/test_attacks.py has integrations' keys)."""
+    services.settings.admin_keys = [ADMIN]
+    with TestClient(create_app(services), base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {ADMIN}"}) as c:
         yield c
 
 
@@ -134,7 +136,7 @@ def test_keys_401_admin_403_and_open_health(tiny_settings):
     settings = tiny_settings.model_copy(update={"api_keys": [PLAIN], "admin_keys": [ADMIN]})
     opened = open_services(settings)
     try:
-        with TestClient(create_app(opened)) as c:
+        with TestClient(create_app(opened), base_url="http://127.0.0.1") as c:
             assert c.get("/healthz").status_code == 200
             assert c.get("/v1/users/u1/persona").status_code == 401
             assert c.get("/v1/users/u1/persona", headers={"Authorization": "Bearer nope"}).status_code == 401
@@ -157,7 +159,7 @@ def test_keys_are_never_logged(tiny_settings, caplog):
     settings = tiny_settings.model_copy(update={"api_keys": [PLAIN]})
     opened = open_services(settings)
     try:
-        with caplog.at_level("DEBUG"), TestClient(create_app(opened)) as c:
+        with caplog.at_level("DEBUG"), TestClient(create_app(opened), base_url="http://127.0.0.1") as c:
             c.get("/v1/users/u1/persona", headers={"Authorization": f"Bearer {PLAIN}"})
             c.get("/v1/users/u1/persona", headers={"Authorization": "Bearer wrong-key-xyz"})
         assert PLAIN not in caplog.text and "wrong-key-xyz" not in caplog.text
@@ -169,7 +171,7 @@ def test_rate_limit_answers_429_with_retry_after(tiny_settings):
     settings = tiny_settings.model_copy(update={"api_keys": [PLAIN], "api_rate_per_minute": 6, "api_rate_burst": 3})
     opened = open_services(settings)
     try:
-        with TestClient(create_app(opened)) as c:
+        with TestClient(create_app(opened), base_url="http://127.0.0.1") as c:
             headers = {"Authorization": f"Bearer {PLAIN}"}
             codes = [c.get("/v1/users/u1/persona", headers=headers).status_code for _ in range(4)]
             assert codes == [200, 200, 200, 429]
@@ -244,7 +246,9 @@ def test_asking_for_a_human_hands_off_and_the_bot_stays_silent(tiny_settings):
         services = open_services(tiny_settings.model_copy(update={"handoff_webhook_url": hook.url + "/hook",
                                                                   "handoff_webhook_secret": "s3cret"}))
         try:
-            with TestClient(create_app(services)) as client:
+            services.settings.admin_keys = [ADMIN]
+            with TestClient(create_app(services), base_url="http://127.0.0.1",
+                            headers={"Authorization": f"Bearer {ADMIN}"}) as client:
                 say(client, "Hello!", conversation="h1")
                 handed = say(client, "I want to talk to a human please", conversation="h1").json()
                 assert handed["handoff"] is True and handed["status"] == "human" and handed["reply"]

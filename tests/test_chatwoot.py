@@ -16,6 +16,7 @@ from bot.services import open_services
 from test_api import LiveServer, recorder_app, wait_for
 
 SECRET, TOKEN = "hook-secret-123", "bot-token-456"
+OPERATOR = "operator-admin-key-0123456789"  # Chatwoot's users are a channel's: only an admin key rates their turns
 ACCOUNT, CONVERSATION, CONTACT = 1, 42, 7
 MESSAGES = f"/api/v1/accounts/{ACCOUNT}/conversations/{CONVERSATION}/messages"
 TOGGLE = f"/api/v1/accounts/{ACCOUNT}/conversations/{CONVERSATION}/toggle_status"
@@ -54,7 +55,8 @@ class Rig:
 
     def __init__(self, settings, standin_url: str, *, recall=scripted) -> None:
         self.services = open_services(settings.model_copy(update={
-            "chatwoot_base_url": standin_url, "chatwoot_bot_token": TOKEN, "chatwoot_webhook_secret": SECRET}))
+            "chatwoot_base_url": standin_url, "chatwoot_bot_token": TOKEN, "chatwoot_webhook_secret": SECRET,
+            "admin_keys": [OPERATOR]}))
         self.services.backend.worker.wait_ready(60)
         self.services.manager.recall = recall
         self.app = build_app(self.services)
@@ -209,7 +211,8 @@ def test_repeated_negative_ratings_hand_off_a_chatwoot_conversation(rig, standin
     user = f"chatwoot:{ACCOUNT}:{CONTACT}"
     turns = rig.services.store.history(conversation_id=KEY, user_id=user)
     for turn in turns:
-        response = httpx.post(rig.server.url + f"/v1/turns/{turn.id}/rating", json={"rating": -1})
+        response = httpx.post(rig.server.url + f"/v1/turns/{turn.id}/rating", json={"rating": -1},
+                              headers={"Authorization": f"Bearer {OPERATOR}"})
         assert response.status_code == 200
     wait_for(lambda: len(posts(standin.calls, TOGGLE)) == 1)
     assert "unhelpful" in posts(standin.calls, private=True)[0]["json"]["content"]

@@ -259,8 +259,9 @@ class TranscriptStore:
             return session.get(Turn, turn_id)
 
     def rate(self, *, turn_id: str, rating: int, user_id: str | None = None, comment: str | None = None,
-             correction: str | None = None) -> Rating:
-        """Store the verdict on a turn; `user_id`, when given, must own the turn."""
+             correction: str | None = None, trusted: bool = False) -> Rating:
+        """Store the verdict on a turn; `user_id`, when given, must own the turn. A new correction is untrusted for
+        training until an admin approves it, unless the operator gives it (`trusted`: `transcripts import`)."""
         if rating not in (1, -1):
             raise InvalidInput("rating must be 1 or -1")
         with self.session() as session:
@@ -271,8 +272,8 @@ class TranscriptStore:
             row.rating, row.created_at = rating, utcnow()
             if comment is not None:
                 row.comment = comment
-            if correction is not None and correction != row.correction:
-                row.correction, row.correction_trusted = correction, False  # trusted again only when approved
+            if correction is not None and (correction != row.correction or trusted):
+                row.correction, row.correction_trusted = correction, trusted  # else trusted only once approved
             session.add(row)
             session.commit()
             return row

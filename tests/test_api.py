@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -259,6 +260,11 @@ def test_asking_for_a_human_hands_off_and_the_bot_stays_silent(tiny_settings):
                 assert "human" in event["summary"] and event["transcript"][-1]["role"] == "bot"
                 expected = hmac.new(b"s3cret", calls[0]["body"], hashlib.sha256).hexdigest()
                 assert calls[0]["headers"]["x-rapport-signature"] == f"sha256={expected}"
+                # Standard Webhooks: an id and a timestamp signed with the body (replays and duplicates are seen)
+                hook_id, stamp = calls[0]["headers"]["webhook-id"], calls[0]["headers"]["webhook-timestamp"]
+                assert hook_id.startswith("msg_") and abs(int(stamp) - time.time()) < 60
+                signed = hmac.new(b"s3cret", f"{hook_id}.{stamp}.".encode() + calls[0]["body"], hashlib.sha256).digest()
+                assert calls[0]["headers"]["webhook-signature"] == "v1," + base64.b64encode(signed).decode()
 
                 waiting = say(client, "My order 123 never arrived", conversation="h1").json()
                 assert waiting["reply"] == "" and waiting["status"] == "human"

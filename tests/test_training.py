@@ -119,7 +119,24 @@ def fake_version(registry: Registry, tmp_path: Path, content: bytes, users: list
     registry.directory.mkdir(parents=True, exist_ok=True)
     moved = registry.directory / f".train-{content.hex()}"
     tmp.rename(moved)
-    return registry.claim(moved, parent=None, dataset_hash="d", metrics={}).version
+    version = registry.claim(moved, parent=None, dataset_hash="d", metrics={}).version
+    registry.record_gate(version, {"passed": True}, {})  # as `rapport train` records it
+    return version
+
+
+def test_a_version_without_a_passing_gate_record_is_never_promoted(tmp_path):
+    registry = Registry(tmp_path / "adapters")
+    tmp = tmp_path / "ungated"
+    tmp.mkdir()
+    (tmp / "adapter_model.safetensors").write_bytes(b"w")
+    (tmp / "adapter_config.json").write_text("{}")
+    registry.directory.mkdir(parents=True)
+    ungated = registry.claim(tmp.rename(registry.directory / ".train-ungated"), parent=None, dataset_hash="d",
+                             metrics={}).version  # the process died here, before the gate ran
+    with pytest.raises(PromotionRejected, match="no passing gate record"):
+        registry.promote(ungated)
+    registry.record_gate(ungated, {"passed": True}, {})
+    assert registry.promote(ungated).status == "active"
 
 
 def test_registry_transitions_promote_rollback_and_rejected(tmp_path):

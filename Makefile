@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup llama-server llama-classes chat test test-fast bench clean
+.PHONY: setup llama-server llama-classes browser chat test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -60,7 +60,11 @@ $(LLAMA_SRC)/build-%/bin/libllama.so: $(LLAMA_SRC)/.done
 chat: setup
 	$(BIN)/rapport chat
 
-test: setup llama-server
+# Debian's Chromium for the console's browser tests (Playwright drives it; it never downloads a browser of its own).
+browser:
+	@command -v chromium > /dev/null || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver > /dev/null; }
+
+test: setup llama-server browser
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

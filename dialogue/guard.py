@@ -105,16 +105,38 @@ def repeat(reply: list[str], earlier: list[str]) -> Verdict:
     return Verdict()
 
 
+NAME_CLAIM = re.compile(r"\b(?:i'm|i am|my name is|my name's|call me)\s+([a-z]+)")
+
+
+def near(a: str, b: str) -> bool:
+    """The same name or a slip of it ("Elena" for "Lena"): at most one edit in four letters."""
+    if a == b:
+        return True
+    if abs(len(a) - len(b)) > max(1, len(b) // 4):
+        return False
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1] <= max(1, len(b) // 4)
+
+
 def role_confusion(reply: str, memories: list[str], user_name: str | None) -> Verdict:
     # a memory often holds several facts ("I'm learning the cello and I have a dog"): each clause is one
     facts = [set(tokenize(part)) for text in memories for part in FACT_CLAUSE.split(text)]
-    name = (user_name or "").split()[0].lower() if user_name and user_name.strip() else ""
+    # the user's name, known or introduced in what they said ("My name is Lena")
+    names = {user_name.split()[0].lower()} if user_name and user_name.strip() else set()
+    names |= {m.group(1) for text in memories for m in NAME_CLAIM.finditer(" ".join(words(text)))
+              if m.group(1) not in FIRST and len(m.group(1)) > 2}
     for sentence in SENTENCE.split(reply):
         tokens = words(sentence)
+        claimed = {m.group(1) for m in NAME_CLAIM.finditer(" ".join(tokens))}  # "you" beside it changes nothing
+        if any(near(c, n) for c in claimed for n in names):
+            return Verdict("role_confusion", 1.0, tuple(tokens))
         if not any(w in FIRST for w in tokens) or any(w in SECOND for w in tokens):
             continue
-        if name and re.search(rf"\b(?:i'm|i am|my name is|my name's|call me)\s+{re.escape(name)}\b", " ".join(tokens)):
-            return Verdict("role_confusion", 1.0, tuple(tokens))
         said = set(tokenize(sentence))
         for fact in facts:
             shared = len(said & fact)

@@ -21,8 +21,8 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from dialogue.guard import FIRST, SENTENCE, Verdict, check_reply, words
-from dialogue.model.worker import AdapterRef, GenerationParams
+from dialogue.guard import FIRST, SECOND, SENTENCE, WORD, Verdict, check_reply, words
+from dialogue.model.worker import COPY_RUN, AdapterRef, GenerationParams
 from memory.facts import memory_text
 from memory.personal import second_person
 
@@ -130,6 +130,25 @@ def banned_tokens(backend, verdict: Verdict, keep: str | None) -> tuple[int, ...
     return tuple(sorted(ids))
 
 
+def copy_sources(backend, inputs: GuardInputs) -> tuple[tuple[int, ...], ...]:
+    """What the reply may not copy COPY_RUN tokens of in a row, as token ids: every run of the user's message that
+    carries their voice (a token of I/my/you…: the runs an echo is made of; "moved to Porto last year" may come
+    back as an answer) and the bot's earlier replies whole. Each voiced token gives the stretch of tokens around
+    it in which every run holds it."""
+    tokenizer = getattr(backend, "tokenizer", None)
+    if tokenizer is None:
+        return ()
+    user = tokenizer(inputs.user_text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [m.span() for m in WORD.finditer(inputs.user_text.lower().replace("’", "'"))
+             if m.group() in FIRST | SECOND]
+    voiced = [i for i, (start, end) in enumerate(user["offset_mapping"])
+              if any(start < b and a < end for a, b in spans)]
+    user = user["input_ids"]
+    stretches = {tuple(user[max(0, i - COPY_RUN + 1):i + COPY_RUN]) for i in voiced}
+    replies = {tuple(tokenizer.encode(reply, add_special_tokens=False)) for reply in inputs.earlier_replies if reply.strip()}
+    return tuple(sorted(source for source in stretches | replies if len(source) >= COPY_RUN))
+
+
 def retry_params(params: GenerationParams, banned: tuple[int, ...]) -> GenerationParams:
     return replace(params, temperature=max(params.temperature, RETRY_TEMPERATURE),
                    repetition_penalty=max(params.repetition_penalty, RETRY_REPETITION_PENALTY),
@@ -141,7 +160,9 @@ class GuardedGeneration:
 
     def __init__(self, backend, messages: list[dict[str, str]], params: GenerationParams,
                  adapter: AdapterRef | None, inputs: GuardInputs) -> None:
-        self.backend, self.messages, self.params, self.adapter, self.inputs = backend, messages, params, adapter, inputs
+        self.backend, self.messages, self.adapter, self.inputs = backend, messages, adapter, inputs
+        # most echoes and repeats are never generated: the sampler will not complete a copied run (local model)
+        self.params = replace(params, avoid_copying=copy_sources(backend, inputs))
         self.generation = None  # the last one made (its counters go on the turn)
         self.completion_tokens = 0  # over every try
         self.outcome: str | None = None

@@ -112,6 +112,8 @@ class Settings(BaseSettings):
     telegram_concurrency: int = Field(32, ge=1, le=1024, description="updates handled at once (one at a time per chat)")
     telegram_retry_budget: float = Field(60.0, ge=0, description="seconds to keep retrying a Bot API call through network errors")
     telegram_rate_limit_retries: int = Field(3, ge=0, description="retries of a call Telegram answered with 429 retry_after")
+    telegram_base_url: str | None = Field(
+        None, description="another Bot API server (as `rapport telegram --base-url`); also where the console's agent replies go")
 
     @field_validator("api_keys", "admin_keys", "telegram_allowed_ids", "allowed_hosts", mode="before")
     @classmethod

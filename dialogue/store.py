@@ -10,12 +10,13 @@ import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from alembic.util import CommandError
-from sqlalchemy import Column, Index, Text, event, text
+from sqlalchemy import Column, Index, Text, event, exists, func, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, delete, select
@@ -316,6 +317,125 @@ class TranscriptStore:
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         return counts
+
+    # -- reading across users (the operators' console) ------------------------------------------
+
+    def list_conversations(self, *, channel: str | None = None, status: str | None = None,
+                           adapter_version: str | None = None, rating: int | None = None, user_id: str | None = None,
+                           limit: int = 100) -> list[ConversationSummary]:
+        """The latest conversations of every user, newest activity first; `adapter_version=""` is the base model,
+        `rating` 1/-1 keeps those with such a rating, 0 those with none."""
+        query = select(Conversation)
+        if user_id is not None:
+            query = query.where(Conversation.user_id == user_id)
+        if channel:
+            query = query.where(Conversation.channel == channel)
+        if status:
+            query = query.where(Conversation.status == status)
+        if adapter_version is not None:
+            served = (Turn.adapter_version.is_(None) if adapter_version == ""
+                      else Turn.adapter_version == adapter_version)
+            query = query.where(exists().where(Turn.conversation_id == Conversation.id, served))
+        if rating is not None:
+            rated = exists().where(Rating.turn_id == Turn.id, Turn.conversation_id == Conversation.id,
+                                   *([Rating.rating == rating] if rating else []))
+            query = query.where(rated if rating else ~rated)
+        with self.session() as session:
+            conversations = session.exec(query.order_by(Conversation.updated_at.desc()).limit(limit)).all()
+            ids = [c.id for c in conversations]
+            if not ids:
+                return []
+            counts = {cid: (n, last) for cid, n, last in session.exec(
+                select(Turn.conversation_id, func.count(), func.max(Turn.seq))
+                .where(Turn.conversation_id.in_(ids)).group_by(Turn.conversation_id)).all()}
+            lasts = {t.conversation_id: t for t in session.exec(select(Turn).where(
+                Turn.conversation_id.in_(ids),
+                Turn.seq.in_([last for _, last in counts.values()]))).all()
+                if counts[t.conversation_id][1] == t.seq}
+            votes: dict[tuple[str, int], int] = {(cid, r): n for cid, r, n in session.exec(
+                select(Turn.conversation_id, Rating.rating, func.count()).join(Turn, Turn.id == Rating.turn_id)
+                .where(Turn.conversation_id.in_(ids)).group_by(Turn.conversation_id, Rating.rating)).all()}
+        return [ConversationSummary(conversation=c, turns=counts.get(c.id, (0, 0))[0], last=lasts.get(c.id),
+                                    ups=votes.get((c.id, 1), 0), downs=votes.get((c.id, -1), 0))
+                for c in conversations]
+
+    def list_users(self, *, contains: str = "", limit: int = 200) -> list[tuple[str, datetime, int]]:
+        """(user id, first seen, conversations) of the users whose id contains `contains`, newest first."""
+        query = (select(User.id, User.created_at, func.count(Conversation.id))
+                 .join(Conversation, Conversation.user_id == User.id, isouter=True).group_by(User.id, User.created_at))
+        if contains:
+            query = query.where(User.id.contains(contains, autoescape=True))
+        with self.session() as session:
+            return [tuple(row) for row in session.exec(query.order_by(User.created_at.desc()).limit(limit)).all()]
+
+    def conversation_turns(self, conversation_id: str, *, limit: int = 500) -> list[tuple[Turn, Rating | None]]:
+        """Every turn of one conversation with its rating, oldest first (the console's transcript)."""
+        with self.session() as session:
+            rows = session.exec(
+                select(Turn, Rating).join(Rating, Rating.turn_id == Turn.id, isouter=True)
+                .where(Turn.conversation_id == conversation_id).order_by(Turn.seq.desc()).limit(limit)).all()
+        return [(turn, rating) for turn, rating in reversed(rows)]
+
+    def facets(self) -> dict[str, list[str]]:
+        """The channels and adapter versions that occur in the transcripts ("" is the base model)."""
+        with self.session() as session:
+            channels = session.exec(select(Conversation.channel).distinct()).all()
+            versions = session.exec(select(Turn.adapter_version).distinct()).all()
+        return {"channels": sorted(channels), "adapter_versions": sorted(v or "" for v in versions)}
+
+    def recent_feedback(self, *, limit: int = 200) -> list[tuple[Rating, Turn]]:
+        """Ratings and corrections with the turn they judge, newest first."""
+        with self.session() as session:
+            return list(session.exec(select(Rating, Turn).join(Turn, Turn.id == Rating.turn_id)
+                                     .order_by(Rating.created_at.desc()).limit(limit)).all())
+
+    def variant_outcomes(self, *, since: datetime | None = None, latency_rows: int = 100_000) -> dict[str, dict]:
+        """Per adapter version served ("" = base): conversations, live bot turns (not imported ones), ratings up/down,
+        corrections, handed-off conversations and the bot turns' latencies in ms (the newest `latency_rows`)."""
+        bot_turn = Turn.model_id.notin_(("human", "", "import")) & (Turn.finish_reason != "handoff")  # live bot replies
+        when = [Turn.created_at >= since] if since is not None else []
+        version = func.coalesce(Turn.adapter_version, "")
+        out: dict[str, dict] = {}
+        with self.session() as session:
+            for v, conversations, turns in session.exec(
+                    select(version, func.count(Turn.conversation_id.distinct()), func.count())
+                    .where(bot_turn, *when).group_by(version)).all():
+                out[v] = {"conversations": conversations, "turns": turns, "up": 0, "down": 0, "corrections": 0,
+                          "handoff_conversations": 0, "latencies_ms": []}
+            for v, r, n, corrected in session.exec(
+                    select(version, Rating.rating, func.count(), func.count(Rating.correction))
+                    .join(Rating, Rating.turn_id == Turn.id).where(bot_turn, *when)
+                    .group_by(version, Rating.rating)).all():
+                if v in out:
+                    out[v]["up" if r == 1 else "down"] += n
+                    out[v]["corrections"] += corrected
+            # a conversation with any handoff counts against every version that served a turn of it
+            handed = select(Turn.conversation_id).where(Turn.handoff.is_(True))
+            for v, n in session.exec(
+                    select(version, func.count(Turn.conversation_id.distinct()))
+                    .where(bot_turn, Turn.conversation_id.in_(handed), *when).group_by(version)).all():
+                if v in out:
+                    out[v]["handoff_conversations"] = n
+            for v, ms in session.exec(select(version, Turn.latency_ms).where(bot_turn, *when)
+                                      .order_by(Turn.created_at.desc()).limit(latency_rows)).all():
+                out[v]["latencies_ms"].append(ms)
+        return out
+
+
+@dataclass(frozen=True)
+class ConversationSummary:
+    """A row of the console's conversation list: the conversation, how long it is, its last turn and its votes."""
+
+    conversation: Conversation
+    turns: int
+    last: Turn | None
+    ups: int
+    downs: int
+
+    @property
+    def waiting(self) -> bool:
+        """A person has the conversation and the customer spoke last (no agent reply since)."""
+        return self.conversation.status == "human" and self.last is not None and self.last.model_id != "human"
 
 
 def _redact(url: str) -> str:

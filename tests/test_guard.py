@@ -42,6 +42,9 @@ CASES = [
      None, "role_confusion"),  # the issue
     ("My dog Biscuit loves long walks.", "What's my dog called?", [], [KAI], "Kai", "role_confusion"),
     ("Hi, I'm Lena! Nice to meet you.", "Hello!", [], [LENA], "Lena", "role_confusion"),
+    ("Hello! My name is Elena, and I'm here to help with any questions you might have.", LENA, [], [], None,
+     "role_confusion"),  # smol, behind the copy block: the user's introduction with the name slipped
+    ("Hi, I'm Rapport, your assistant. How can I help?", LENA, [], [], "Lena", None),  # its own name: not the user's
     ("I live in Porto, it's a lovely city.", "Where do I live?", [], [LENA], "Lena", "role_confusion"),
     # answers and ordinary replies: not caught
     ("Your name is Lena and you live in Porto.", "What is my name and where do I live?", [], [LENA], "Lena", None),

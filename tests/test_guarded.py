@@ -7,8 +7,9 @@ import json
 
 import torch
 
-from dialogue.guarded import FALLBACK_OTHER, FALLBACK_STATEMENT, FALLBACKS_OTHER, HOLD_WORDS, fallback_reply
-from dialogue.model.worker import GenerationParams, sample_tokens
+from dialogue.guarded import (FALLBACK_OTHER, FALLBACK_STATEMENT, FALLBACKS_OTHER, HOLD_WORDS, GuardInputs, copy_sources,
+                              fallback_reply)
+from dialogue.model.worker import COPY_RUN, GenerationParams, sample_tokens
 
 LENA = "Hello! My name is Lena and I live in Porto."
 
@@ -148,3 +149,38 @@ def test_banned_tokens_are_never_sampled():
 async def test_the_tiny_model_streams_through_the_guard(services):
     reply, chunks = await turn(services, "Can you help me plan a trip?")
     assert "".join(chunks) == reply.text and services.store.get_turn(reply.turn_id).reply == reply.text
+
+
+def test_a_copied_run_is_never_completed_and_a_shorter_or_foreign_one_is():
+    source = (11, 12, 13, 14, 15, 16, 17)
+    logits = torch.zeros(1, 50)
+    logits[0, 16] = logits[0, 17] = 10.0  # the model wants to go on copying
+    params = GenerationParams(temperature=0.0, avoid_copying=(source,))
+    rng = [torch.Generator().manual_seed(0)]
+    copied = list(source[:COPY_RUN - 1])
+    assert sample_tokens(logits, [copied], [params], rng) != [16], "the run's last token is withheld"
+    assert sample_tokens(logits, [copied[1:]], [params], rng) == [16], "a shorter run may be said"
+    assert sample_tokens(logits, [[1, 2, 3, 4, 5]], [params], rng) == [16], "other words are free"
+    assert sample_tokens(logits, [[12, 13, 14, 15, 16]], [params], rng) == [16]  # 12..16 + 17 would copy; 16 not
+
+
+def test_the_sources_are_the_users_voiced_runs_and_the_earlier_replies(services):
+    tokenizer = services.backend.tokenizer
+    sources = copy_sources(services.backend, GuardInputs(
+        user_text="Last summer we finally moved to Porto with the two kids and the old dog.",
+        earlier_replies=("Porto is a lovely city by the river.",)))
+    reply = tuple(tokenizer.encode("Porto is a lovely city by the river.", add_special_tokens=False))
+    assert reply in sources
+    voiced = [s for s in sources if s != reply]
+    assert voiced and all("we" in tokenizer.decode(list(s)).lower().split() for s in voiced)
+    told_back = tokenizer.encode(" moved to Porto with the two kids", add_special_tokens=False)
+    windows = {tuple(s[i:i + COPY_RUN]) for s in voiced for i in range(len(s) - COPY_RUN + 1)}
+    assert tuple(told_back[1:1 + COPY_RUN]) not in windows, "the fact may be told back as an answer"
+    assert copy_sources(object(), GuardInputs(user_text="hi")) == ()  # a backend without a tokenizer: nothing
+
+
+async def test_the_first_try_already_avoids_copying(services):
+    backend = QueuedBackend(services.backend, ["Nice to meet you, Lena!"])
+    services.manager.backend = backend
+    await turn(services, LENA)
+    assert backend.params[0].avoid_copying, "the first try carries the user's voiced runs"

@@ -36,7 +36,8 @@ class RedactToken(logging.Filter):
 @click.option("--token", default=None, help="bot token from @BotFather (default: $TELEGRAM_BOT_TOKEN; the "
               "variable keeps it out of the process list)")
 @click.option("--base-url", default=None, metavar="URL",
-              help="another Bot API server, e.g. http://127.0.0.1:8081/bot (the token is appended)")
+              help="another Bot API server, e.g. http://127.0.0.1:8081/bot (the token is appended; "
+              "default: $RAPPORT_TELEGRAM_BASE_URL)")
 @click.option("--webhook-url", default=None, metavar="URL",
               help="receive updates by webhook at this public https URL instead of polling")
 @click.option("--listen", default="127.0.0.1", show_default=True, help="webhook mode: address to listen on")
@@ -68,7 +69,7 @@ def telegram_command(token: str | None, base_url: str | None, webhook_url: str |
 
     services = open_services(settings, load_model=True)
     try:
-        asyncio.run(_run(TelegramBot(services), token, base_url, webhook))
+        asyncio.run(_run(TelegramBot(services), token, base_url or settings.telegram_base_url, webhook))
     except InvalidToken:
         raise click.ClickException("the Bot API rejected the token") from None
     finally:

@@ -165,6 +165,29 @@ def adapters_rollback() -> None:
         click.echo(f"retired {result['retired']}; serving {result['active'] or 'the base model'}")
 
 
+@adapters_group.command("experiment")
+@click.option("--json", "as_json", is_flag=True)
+def adapters_experiment(as_json: bool) -> None:
+    """The running A/B split per variant, with the decision rule's verdict (as the console's Experiments page)."""
+    from training.experiment import current_experiment
+
+    with services() as opened:
+        report = current_experiment(_registry(), opened.store)
+    if as_json:
+        emit_json(report)
+        return
+    if not report["running"]:
+        click.echo("no A/B split is running (`rapport adapters promote V --share F` starts one)")
+        return
+    for v in report["variants"]:
+        rate = f"{v['thumbs_up_rate']:.1%}" if v["thumbs_up_rate"] is not None else "-"
+        click.echo(f"{v['label']} {v['version']:<6} {v['share']:.0%}  conversations={v['conversations']} "
+                   f"turns={v['turns']} rated={v['rated']} thumbs_up={rate} handoff={v['handoff_rate']} "
+                   f"p50={v['latency_p50_ms']} p95={v['latency_p95_ms']} ms")
+    click.echo(f"{report['decision']} (P(B better) = {report['prob_b_better']:.3f})")
+    click.echo(f"rule: {report['rule']}")
+
+
 @adapters_group.command("report")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="PNG path (default: $RAPPORT_HOME/adapters/report.png)")

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from bot.http import openai, turns, users
 from bot.http.auth import ApiKeys, RateLimiter
+from bot.http.console import install_console
 from bot.http.guard import GuardMiddleware, allowed_hosts
 from bot.http.errors import EdgeMiddleware, install_error_handlers
 from bot.http.metrics import ApiMetrics
@@ -92,6 +93,7 @@ def create_app(services: Services, *, open_api: bool = False, bound_host: str | 
     app.include_router(turns.router)
     app.include_router(openai.router)
     app.include_router(users.router)
+    install_console(app)  # the operators' web console at /admin
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict:

@@ -107,6 +107,11 @@ class ApiKeys:
     def any(self) -> bool:
         return bool(self.admin or self.plain) or (self.integrations is not None and self.integrations.any_active())
 
+    @property
+    def required(self) -> bool:
+        """Whether a request needs a key (any key exists, or the server was not started `--open`)."""
+        return not self.open_api or self.any()
+
     def identify(self, authorization: str | None, client: str) -> Caller:
         """The caller behind an `Authorization` header; 401 when this is not a valid key."""
         scheme, _, token = (authorization or "").partition(" ")

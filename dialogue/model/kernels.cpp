@@ -540,6 +540,20 @@ inline ivec widen(const uint8_t* p) {
 
 inline fvec to_fvec(ivec v) { return __builtin_convertvector(v, fvec); }
 
+// a * b + c rounded once. Written out, not left to the compiler: GCC contracts a * b + c into an FMA or not per
+// instantiation, so the same row could round differently in a batch of one and a batch of four.
+inline fvec madd(fvec a, fvec b, fvec c) {
+#if defined(__AVX512F__)
+  return (fvec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__AVX2__) && defined(__FMA__)
+  return (fvec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  fvec product = a * b;  // no FMA instruction: a multiply, then an add
+  __asm__("" : "+x"(product));
+  return product + c;
+#endif
+}
+
 inline float hsum(fvec v) {  // a fixed order: the same bits for the same inputs
   float s[W];
   std::memcpy(s, &v, sizeof s);
@@ -554,15 +568,15 @@ inline void dequant(const uint8_t* q, const float* scales, int64_t groups, int64
   const int64_t block = n * groups + g;
   if constexpr (BITS == 8) {
     const uint8_t* p = q + block * QGROUP;
-    const float d = scales[block];
+    const fvec d = fvec{} + scales[block];
     for (int j = 0; j < CHUNKS; ++j) w[j] = to_fvec(widen<true>(p + j * W)) * d;
   } else {  // byte i: element i (low nibble) and element i + 16 (high nibble)
     const uint8_t* p = q + block * (QGROUP / 2);
-    const float d = scales[2 * block], m = scales[2 * block + 1];
+    const fvec d = fvec{} + scales[2 * block], m = fvec{} + scales[2 * block + 1];
     for (int j = 0; j < CHUNKS / 2; ++j) {
       const ivec bytes = widen<false>(p + j * W);
-      w[j] = to_fvec(bytes & 0x0F) * d + m;
-      w[j + CHUNKS / 2] = to_fvec(bytes >> 4) * d + m;
+      w[j] = madd(to_fvec(bytes & 0x0F), d, m);
+      w[j + CHUNKS / 2] = madd(to_fvec(bytes >> 4), d, m);
     }
   }
 }
@@ -580,7 +594,7 @@ inline void qtile(const float* x, int64_t K, const uint8_t* q, const float* scal
       dequant<BITS>(q, scales, groups, n0 + t, g, w);
       for (int r = 0; r < R; ++r) {
         const float* xr = x + r * K + g * QGROUP;
-        for (int j = 0; j < CHUNKS; ++j) acc[t][r] += w[j] * loadv(xr + j * W);
+        for (int j = 0; j < CHUNKS; ++j) acc[t][r] = madd(w[j], loadv(xr + j * W), acc[t][r]);
       }
     }
   }

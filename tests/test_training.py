@@ -104,6 +104,17 @@ def test_gate_verdict_rejects_a_canary_rise_and_a_falling_margin():
     assert no_faq["passed"] and "skipped" in no_faq["checks"]["faq"]
 
 
+def test_gate_canary_drift_cannot_ratchet_past_the_base_model():
+    """v0001 drifted 9 % from the base model and passed; a candidate 9 % above v0001 is 19 % above the base model."""
+    active = {"canary_ppl": 10.9, "pref_margin": 0.5, "faq_accuracy": 0.8}
+    candidate = {"canary_ppl": 11.88, "pref_margin": 0.5, "faq_accuracy": 0.8}
+    alone = verdict(candidate, active, "v0001", GateConfig())
+    assert alone["passed"]  # against the previous version only, the drift would pass
+    anchored = verdict(candidate, active, "v0001", GateConfig(), base_model_canary=10.0)
+    assert not anchored["passed"] and anchored["checks"]["canary"]["passed"]
+    assert not anchored["checks"]["canary_base"]["passed"] and "above the base model" in anchored["reasons"][0]
+
+
 # -- registry ----------------------------------------------------------------------------------------
 
 

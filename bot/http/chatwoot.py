@@ -157,7 +157,11 @@ class ChatwootBot:
                 return
             raise HTTPException(401, "bad webhook signature")
         token = request.headers.get("x-rapport-token") or ""
-        if not token and self.query_token:
+        if not token and "token" in request.query_params:
+            if not self.query_token:  # an installation set up before signatures: say what to change
+                logger.warning("a Chatwoot delivery carried the secret as ?token= and was refused: sign deliveries, "
+                               "send X-Rapport-Token, or set RAPPORT_CHATWOOT_QUERY_TOKEN=true")
+                raise HTTPException(401, "the webhook secret in the query string is not accepted here")
             token = request.query_params.get("token") or ""
         self.verify(token)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.serve import local_server, percentile
+from bench.serve import LocalServer, local_server, percentile
 from dialogue.guard import FIRST, SENTENCE, echo, longest_run, repeat, role_confusion, words
 from dialogue.settings import Settings
 
@@ -181,9 +181,9 @@ def failures(rows: list[dict], limit: int = 12) -> list[dict]:
     return bad[:limit]
 
 
-async def drive(base_url: str, users: list[dict], run_id: str) -> tuple[Tally, float]:
+async def drive(server: LocalServer, users: list[dict], run_id: str) -> tuple[Tally, float]:
     tally = Tally()
-    async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0)) as client:
+    async with server.client(timeout=httpx.Timeout(600.0)) as client:
         started = time.perf_counter()
         for user in users:  # one at a time, as people type: turn times are those of a quiet server
             await play(client, user, run_id, tally)
@@ -222,8 +222,8 @@ def run(settings: Settings, *, users: int = 6, seed: int = 0, split: str = "all"
     chosen = pick_users(load_users(), users, seed, split)
     home = Path(tempfile.mkdtemp(prefix="rapport-bench-chat-"))
     borrow(home, settings)
-    with local_server(home) as base_url:
-        tally, wall_s = asyncio.run(drive(base_url, chosen, f"s{seed}"))
+    with local_server(home) as server:
+        tally, wall_s = asyncio.run(drive(server, chosen, f"s{seed}"))
     try:
         path = backend_path(settings.model_copy(update={"home": home}))
     finally:

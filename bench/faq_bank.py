@@ -262,7 +262,7 @@ def run_api(open_services, create_app, *, limit: int | None = None, threads: int
             fixed_declines = {UNKNOWN_REPLY, OUTSIDE_REPLY.format(topics=topics)}
             small_talk = {r.format(topics=topics) for r in SMALL_TALK_REPLIES.values()}
             answers = {e["id"]: e["answer"] for e in entries}
-            with TestClient(create_app(services)) as client:
+            with TestClient(create_app(services, open_api=True), base_url="http://127.0.0.1") as client:
                 def say(text: str) -> tuple[dict, float]:
                     start = time.perf_counter()
                     response = client.post(f"/v1/conversations/bench-{uuid.uuid4().hex[:12]}/messages",

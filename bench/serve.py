@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import socket
 import statistics
@@ -93,10 +94,10 @@ async def conversation_loop(client: httpx.AsyncClient, index: int, deadline: flo
         turn += 1
 
 
-async def drive(base_url: str, conversations: int, duration_s: float) -> tuple[Tally, float]:
+async def drive(server: LocalServer, conversations: int, duration_s: float) -> tuple[Tally, float]:
     tally = Tally()
     limits = httpx.Limits(max_connections=conversations + 4)
-    async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0), limits=limits) as client:
+    async with server.client(timeout=httpx.Timeout(600.0), limits=limits) as client:
         started = time.perf_counter()
         deadline = started + duration_s
         await asyncio.gather(*(conversation_loop(client, i, deadline, tally) for i in range(conversations)))
@@ -118,21 +119,34 @@ def wait_ready(process: subprocess.Popen, base_url: str, log: Path, timeout_s: f
     raise RuntimeError("rapport serve did not become ready")
 
 
+@dataclass(frozen=True)
+class LocalServer:
+    """A running `rapport serve`: its URL and the headers that carry its (throw-away) operator's key."""
+
+    url: str
+    headers: dict[str, str]
+
+    def client(self, **kwargs) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, headers=self.headers, **kwargs)
+
+
 @contextmanager
-def local_server(home: Path, **env: str) -> Iterator[str]:
-    """`rapport serve` over `home` on a free loopback port, open (no keys, no rate limit), with `env` on top;
-    yields its URL once it is ready and stops it after. Its log goes to `home/serve.log`: a pipe that nobody
-    reads fills after 64 KB of log lines and then blocks the server (a whole `bench chat` hung so)."""
+def local_server(home: Path, **env: str) -> Iterator[LocalServer]:
+    """`rapport serve` over `home` on a free loopback port with a fresh admin key (the bench reads exports) and no
+    rate limits, with `env` on top; yields it once it is ready and stops it after. Its log goes to
+    `home/serve.log`: a pipe that nobody reads fills after 64 KB of log lines and then blocks the server (a whole
+    `bench chat` hung so)."""
     base_url = f"http://127.0.0.1:{free_port()}"
-    env = {**os.environ, "RAPPORT_HOME": str(home), "RAPPORT_API_RATE_PER_MINUTE": "0", "RAPPORT_API_KEYS": "",
-           "RAPPORT_ADMIN_KEYS": "", **env}
+    key = "bench-" + secrets.token_urlsafe(24)
+    env = {**os.environ, "RAPPORT_HOME": str(home), "RAPPORT_API_RATE_PER_MINUTE": "0",
+           "RAPPORT_API_USER_RATE_PER_MINUTE": "0", "RAPPORT_API_KEYS": "", "RAPPORT_ADMIN_KEYS": key, **env}
     log = home / "serve.log"
     with log.open("ab") as sink:
         process = subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--port", base_url.rsplit(":", 1)[1],
                                     "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=sink)
     try:
         wait_ready(process, base_url, log)
-        yield base_url
+        yield LocalServer(base_url, {"Authorization": f"Bearer {key}"})
     finally:
         process.terminate()
         try:
@@ -147,9 +161,9 @@ def run(settings: Settings, *, conversations: int = 16, duration_s: float = 60, 
     if settings.models_dir.is_dir():  # reuse the converted model instead of converting it again
         (home / "models").symlink_to(settings.models_dir.resolve(), target_is_directory=True)
     try:
-        with local_server(home, RAPPORT_MAX_NEW_TOKENS=str(new_tokens)) as base_url:
-            tally, wall_s = asyncio.run(drive(base_url, conversations, duration_s))
-            metrics = httpx.get(base_url + "/metrics", timeout=10).text
+        with local_server(home, RAPPORT_MAX_NEW_TOKENS=str(new_tokens)) as server:
+            tally, wall_s = asyncio.run(drive(server, conversations, duration_s))
+            metrics = httpx.get(server.url + "/metrics", timeout=10).text
     finally:
         shutil.rmtree(home, ignore_errors=True)
     turns = len(tally.turn_s)

@@ -9,11 +9,12 @@ from functools import cached_property
 from bot.http.chatwoot import ChatwootApi, ChatwootNotes
 from bot.http.webhook import WebhookNotifier
 from dialogue.handoff import HandoffDesk, Listener
+from dialogue.integrations import IntegrationStore
 from dialogue.manager import DialogueManager
 from dialogue.model.backend import Backend, LocalBackend
 from dialogue.model.worker import AdapterRef
 from dialogue.recall import TurnRecall
-from dialogue.settings import Settings
+from dialogue.settings import Settings, reveal
 from dialogue.store import TranscriptStore
 from memory.chroma import ChromaHandle, open_chroma
 from memory.embeddings import Embedder, shared_embedder
@@ -44,11 +45,11 @@ class Services:
                             count_tokens=self.backend.count_tokens)
         # The registry reader: a promotion or rollback reaches running channels within a second.
         selector = AdapterSelector(s, make_ref=AdapterRef)
-        self.chatwoot = ChatwootApi(s.chatwoot_base_url, s.chatwoot_bot_token) \
+        self.chatwoot = ChatwootApi(s.chatwoot_base_url, reveal(s.chatwoot_bot_token)) \
             if s.chatwoot_base_url and s.chatwoot_bot_token else None
         listeners = list(self.listeners)
         if s.handoff_webhook_url:
-            listeners.append(WebhookNotifier(s.handoff_webhook_url, s.handoff_webhook_secret))
+            listeners.append(WebhookNotifier(s.handoff_webhook_url, reveal(s.handoff_webhook_secret)))
         if self.chatwoot is not None:
             listeners.append(ChatwootNotes(self.chatwoot))
         self.desk = HandoffDesk(self.store, system_prompt=s.system_prompt, after_negative=s.handoff_after_negative_ratings,
@@ -76,6 +77,11 @@ class Services:
     def faq(self) -> FaqIndex:
         """The business FAQ."""
         return FaqIndex(self.chroma.client, self.embedder, fit_dir=self.settings.home / "faq_fit")
+
+    @cached_property
+    def integrations(self) -> IntegrationStore:
+        """The API's integrations and their hashed keys."""
+        return IntegrationStore(self.store)
 
     @cached_property
     def personas(self) -> PersonaStore:

@@ -166,8 +166,11 @@ class HandoffDesk:
         return await self._record(conversation_id, user_id, channel, text, reply="", model_id="",
                                   finish_reason="handoff", handoff=True)
 
-    async def record_agent_reply(self, *, conversation_id: str, text: str) -> Turn:
-        """A human agent's message, linked to the latest customer turn it answers (the training gold)."""
+    async def record_agent_reply(self, *, conversation_id: str, text: str, trusted: bool = True) -> Turn:
+        """A human agent's message, linked to the latest customer turn it answers (the training gold).
+
+        `trusted` False (sent by a key that is not admin) records it as `finish_reason="agent_untrusted"`: part of
+        the history, never a training example."""
         text = clean_text(text, "the message")
         conversation = await asyncio.to_thread(self.store.get_conversation, conversation_id)
         if conversation is None:
@@ -178,7 +181,7 @@ class HandoffDesk:
         turn = Turn(id=new_id(), conversation_id=conversation_id, user_id=conversation.user_id,
                     channel=conversation.channel, user_text=answered.user_text if answered else "",
                     reply=text, prompt=answered.prompt if answered else follow_on_prompt(None, self.system_prompt, ""),
-                    model_id="human", finish_reason="agent",
+                    model_id="human", finish_reason="agent" if trusted else "agent_untrusted",
                     reply_to=answered.id if answered else None, handoff=True)
         return await asyncio.to_thread(self.store.record_turn, turn)
 

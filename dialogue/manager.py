@@ -229,11 +229,12 @@ class DialogueManager:
         # The one length rule, for every channel: a message that is too long is refused whole, never cut.
         text = clean_text(text, "the message", max_chars=self.settings.max_message_chars)
         notices: list[str] = []
+        # Ownership first: a conversation id another user holds is refused before anything is recorded in it.
+        await asyncio.to_thread(self.store.ensure_conversation, conversation_id=conversation_id, user_id=user_id,
+                                channel=channel)
         if self.desk is not None and (gated := await self._gate(user_id, conversation_id, text, channel, notices)):
             return gated
         await self.backend.ready()
-        await asyncio.to_thread(self.store.ensure_conversation, conversation_id=conversation_id, user_id=user_id,
-                                channel=channel)
         context = await self.recall(user_id, text) if self.recall else Context()
         params = self.default_params()
         if context.max_new_tokens:  # the persona's verbosity

@@ -129,7 +129,7 @@ class TurnRecall:
 
     async def remember(self, turn: Turn) -> None:
         """After a turn: what the user said becomes evidence in their memory (the reply is context only)."""
-        if turn.finish_reason == "agent":
+        if turn.model_id == "human":  # an agent's words are not the user's
             return
         when = turn.created_at if turn.created_at.tzinfo else turn.created_at.replace(tzinfo=UTC)
         await asyncio.to_thread(self.memory().for_user(turn.user_id).remember_turn, turn_id=turn.id,

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -22,6 +22,13 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 KeyList = Annotated[list[str], NoDecode]
+SecretList = Annotated[list[SecretStr], NoDecode]
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def reveal(value: SecretStr | str | None) -> str | None:
+    """The plain text of a secret setting (a `SecretStr`, or a plain string a caller put in with `model_copy`)."""
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
 
 
 def home_from_env() -> Path:
@@ -38,15 +45,16 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="local model dir or hub id; unset = embedded SmolLM2")
     database_url: str | None = Field(None, description="SQLAlchemy URL; unset = SQLite in home")
     chroma_url: str | None = Field(None, description="Chroma server URL; unset = embedded store in home")
-    api_keys: KeyList = Field(default_factory=list, description="bearer keys for the HTTP API")
-    admin_keys: KeyList = Field(default_factory=list, description="bearer keys for admin routes")
-    telegram_bot_token: str | None = Field(
+    api_keys: SecretList = Field(default_factory=list, description="legacy bearer keys for the HTTP API (ids as given; "
+                                                                    "prefer `rapport keys create`)")
+    admin_keys: SecretList = Field(default_factory=list, description="legacy bearer keys with the admin scope")
+    telegram_bot_token: SecretStr | None = Field(
         None, validation_alias=AliasChoices("TELEGRAM_BOT_TOKEN", "RAPPORT_TELEGRAM_BOT_TOKEN", "telegram_bot_token")
     )
     backend: Literal["local", "openai"] = Field("local", description="where generation runs")
     backend_url: str | None = Field(None, description="OpenAI-compatible base URL when backend=openai, e.g. http://host:8000/v1")
     backend_model: str | None = Field(None, description="the base model's name on that server; unset = RAPPORT_MODEL")
-    backend_api_key: str | None = Field(None, description="bearer key for that server, if it wants one")
+    backend_api_key: SecretStr | None = Field(None, description="bearer key for that server, if it wants one")
 
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="auto = the faster here, measured once (dialogue.model.calibrate)")
     threads: int | None = Field(None, ge=1, description="torch threads; unset = all cores")
@@ -73,12 +81,20 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(1_000_000, ge=1024, description="largest HTTP request body accepted (413 above)")
     api_rate_per_minute: float = Field(600.0, ge=0, description="requests per minute per API key (or client address); 0 = no limit")
     api_rate_burst: int = Field(60, ge=1, description="requests a key may send back to back before the rate applies")
+    api_user_rate_per_minute: float = Field(60.0, ge=0, description="turns per minute per end user inside a key; 0 = no limit")
+    api_user_rate_burst: int = Field(20, ge=1, description="turns an end user may send back to back")
+    allowed_hosts: KeyList = Field(
+        default_factory=list, description="Host header values the API answers (DNS rebinding); unset = localhost, "
+                                          "127.0.0.1, ::1 and the bound address; * = any")
+    train_max_examples_per_user: int = Field(200, ge=1, description="at most this many training examples from one user")
     chatwoot_base_url: str | None = Field(None, description="Chatwoot installation, e.g. https://chat.example.com")
-    chatwoot_bot_token: str | None = Field(None, description="the agent bot's api_access_token for Chatwoot's REST API")
-    chatwoot_webhook_secret: str | None = Field(
-        None, description="shared secret Chatwoot must send (?token= in the bot's webhook URL, or X-Rapport-Token)")
+    chatwoot_bot_token: SecretStr | None = Field(None, description="the agent bot's api_access_token for Chatwoot's REST API")
+    chatwoot_webhook_secret: SecretStr | None = Field(
+        None, description="shared secret: the HMAC-SHA256 key of X-Chatwoot-Signature, or sent as X-Rapport-Token")
+    chatwoot_query_token: bool = Field(
+        False, description="also accept the secret as ?token= in the webhook URL (it then shows in access logs)")
     handoff_webhook_url: str | None = Field(None, description="POST a JSON event here whenever a conversation is handed off")
-    handoff_webhook_secret: str | None = Field(None, description="signs handoff webhook bodies (X-Rapport-Signature)")
+    handoff_webhook_secret: SecretStr | None = Field(None, description="signs handoff webhook bodies (X-Rapport-Signature)")
     scope: Literal["auto", "business", "open"] = Field(
         "auto", description="business: every message is covered by the FAQ, not covered (handoff), small talk or "
                             "outside the business (declined), never answered by the model outside the FAQ; "
@@ -88,7 +104,7 @@ class Settings(BaseSettings):
     # -- Telegram bot (bot/telegram*.py) ------------------------------------------------------------------
     telegram_allowed_ids: KeyList = Field(
         default_factory=list, description="Telegram user or chat ids allowed to use the bot (comma-separated); empty = everyone")
-    telegram_webhook_secret: str | None = Field(
+    telegram_webhook_secret: SecretStr | None = Field(
         None, description="secret Telegram must send with webhook updates; unset = a random one per start")
     telegram_edit_interval: float = Field(1.0, ge=0.2, description="seconds between edits of a streamed reply in a private chat")
     telegram_group_edit_interval: float = Field(
@@ -99,7 +115,7 @@ class Settings(BaseSettings):
     telegram_base_url: str | None = Field(
         None, description="another Bot API server (as `rapport telegram --base-url`); also where the console's agent replies go")
 
-    @field_validator("api_keys", "admin_keys", "telegram_allowed_ids", mode="before")
+    @field_validator("api_keys", "admin_keys", "telegram_allowed_ids", "allowed_hosts", mode="before")
     @classmethod
     def split_list(cls, value: object) -> object:
         """Comma-separated in the environment; a list (of strings or ids) in rapport.toml."""

@@ -91,7 +91,21 @@ class Rating(SQLModel, table=True):
     rating: int  # +1 or -1
     comment: str | None = Field(default=None, sa_column=Column(Text))
     correction: str | None = Field(default=None, sa_column=Column(Text))
+    correction_trusted: bool = False  # an admin approved the correction for training (never the rater alone)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class IntegrationRow(SQLModel, table=True):
+    """An API integration (`dialogue/integrations.py`) with its one key (stored as sha256); revoked rows are kept for the record."""
+
+    __tablename__ = "integrations"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=32, index=True)
+    namespace: str = Field(max_length=32)
+    scopes: str = Field(max_length=64)  # comma-separated, from SCOPES
+    key_hash: str = Field(max_length=64, unique=True, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
 
 
 class InboundEvent(SQLModel, table=True):
@@ -232,6 +246,11 @@ class TranscriptStore:
             return list(session.exec(select(Conversation.id).where(
                 Conversation.user_id == user_id, Conversation.id.startswith(prefix, autoescape=True))).all())
 
+    def user_ids(self, *, prefix: str) -> list[str]:
+        """The ids of users that start with `prefix` (a channel's scopes of one person, e.g. their groups)."""
+        with self.session() as session:
+            return list(session.exec(select(User.id).where(User.id.startswith(prefix, autoescape=True))).all())
+
     def get_conversation(self, conversation_id: str) -> Conversation | None:
         with self.session() as session:
             return session.get(Conversation, conversation_id)
@@ -241,8 +260,9 @@ class TranscriptStore:
             return session.get(Turn, turn_id)
 
     def rate(self, *, turn_id: str, rating: int, user_id: str | None = None, comment: str | None = None,
-             correction: str | None = None) -> Rating:
-        """Store the verdict on a turn; `user_id`, when given, must own the turn."""
+             correction: str | None = None, trusted: bool = False) -> Rating:
+        """Store the verdict on a turn; `user_id`, when given, must own the turn. A new correction is untrusted for
+        training until an admin approves it, unless the operator gives it (`trusted`: `transcripts import`)."""
         if rating not in (1, -1):
             raise InvalidInput("rating must be 1 or -1")
         with self.session() as session:
@@ -253,8 +273,8 @@ class TranscriptStore:
             row.rating, row.created_at = rating, utcnow()
             if comment is not None:
                 row.comment = comment
-            if correction is not None:
-                row.correction = correction
+            if correction is not None and (correction != row.correction or trusted):
+                row.correction, row.correction_trusted = correction, trusted  # else trusted only once approved
             session.add(row)
             session.commit()
             return row

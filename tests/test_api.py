@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -80,7 +81,9 @@ def services(tiny_settings):
 
 @pytest.fixture
 def client(services):
-    with TestClient(create_app(services)) as c:
+    """The app with an operator's key (legacy admin: ids as given; tests/test_attacks.py has integrations' keys)."""
+    services.settings.admin_keys = [ADMIN]
+    with TestClient(create_app(services), base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {ADMIN}"}) as c:
         yield c
 
 
@@ -134,7 +137,7 @@ def test_keys_401_admin_403_and_open_health(tiny_settings):
     settings = tiny_settings.model_copy(update={"api_keys": [PLAIN], "admin_keys": [ADMIN]})
     opened = open_services(settings)
     try:
-        with TestClient(create_app(opened)) as c:
+        with TestClient(create_app(opened), base_url="http://127.0.0.1") as c:
             assert c.get("/healthz").status_code == 200
             assert c.get("/v1/users/u1/persona").status_code == 401
             assert c.get("/v1/users/u1/persona", headers={"Authorization": "Bearer nope"}).status_code == 401
@@ -157,7 +160,7 @@ def test_keys_are_never_logged(tiny_settings, caplog):
     settings = tiny_settings.model_copy(update={"api_keys": [PLAIN]})
     opened = open_services(settings)
     try:
-        with caplog.at_level("DEBUG"), TestClient(create_app(opened)) as c:
+        with caplog.at_level("DEBUG"), TestClient(create_app(opened), base_url="http://127.0.0.1") as c:
             c.get("/v1/users/u1/persona", headers={"Authorization": f"Bearer {PLAIN}"})
             c.get("/v1/users/u1/persona", headers={"Authorization": "Bearer wrong-key-xyz"})
         assert PLAIN not in caplog.text and "wrong-key-xyz" not in caplog.text
@@ -169,7 +172,7 @@ def test_rate_limit_answers_429_with_retry_after(tiny_settings):
     settings = tiny_settings.model_copy(update={"api_keys": [PLAIN], "api_rate_per_minute": 6, "api_rate_burst": 3})
     opened = open_services(settings)
     try:
-        with TestClient(create_app(opened)) as c:
+        with TestClient(create_app(opened), base_url="http://127.0.0.1") as c:
             headers = {"Authorization": f"Bearer {PLAIN}"}
             codes = [c.get("/v1/users/u1/persona", headers=headers).status_code for _ in range(4)]
             assert codes == [200, 200, 200, 429]
@@ -244,7 +247,9 @@ def test_asking_for_a_human_hands_off_and_the_bot_stays_silent(tiny_settings):
         services = open_services(tiny_settings.model_copy(update={"handoff_webhook_url": hook.url + "/hook",
                                                                   "handoff_webhook_secret": "s3cret"}))
         try:
-            with TestClient(create_app(services)) as client:
+            services.settings.admin_keys = [ADMIN]
+            with TestClient(create_app(services), base_url="http://127.0.0.1",
+                            headers={"Authorization": f"Bearer {ADMIN}"}) as client:
                 say(client, "Hello!", conversation="h1")
                 handed = say(client, "I want to talk to a human please", conversation="h1").json()
                 assert handed["handoff"] is True and handed["status"] == "human" and handed["reply"]
@@ -255,6 +260,11 @@ def test_asking_for_a_human_hands_off_and_the_bot_stays_silent(tiny_settings):
                 assert "human" in event["summary"] and event["transcript"][-1]["role"] == "bot"
                 expected = hmac.new(b"s3cret", calls[0]["body"], hashlib.sha256).hexdigest()
                 assert calls[0]["headers"]["x-rapport-signature"] == f"sha256={expected}"
+                # Standard Webhooks: an id and a timestamp signed with the body (replays and duplicates are seen)
+                hook_id, stamp = calls[0]["headers"]["webhook-id"], calls[0]["headers"]["webhook-timestamp"]
+                assert hook_id.startswith("msg_") and abs(int(stamp) - time.time()) < 60
+                signed = hmac.new(b"s3cret", f"{hook_id}.{stamp}.".encode() + calls[0]["body"], hashlib.sha256).digest()
+                assert calls[0]["headers"]["webhook-signature"] == "v1," + base64.b64encode(signed).decode()
 
                 waiting = say(client, "My order 123 never arrived", conversation="h1").json()
                 assert waiting["reply"] == "" and waiting["status"] == "human"

@@ -16,13 +16,15 @@ from dialogue.settings import Settings
 from test_api import LiveServer, wait_for
 
 EXAMPLES = 20  # per operation and mode: about 700 requests in all, ~40 s here
+OPERATOR = "fuzz-admin-key-0123456789"  # an admin key reaches every route, so every route is fuzzed past the auth
 
 
 @pytest.fixture(scope="module")
 def live_api(tiny_model_dir, tmp_path_factory):
     home = tmp_path_factory.mktemp("fuzz-home")
     configured = Settings(home=home, model=str(tiny_model_dir), dtype="float32", threads=1, max_new_tokens=8,
-                          temperature=0.0, context_budget=512, api_keys=[], admin_keys=[], api_rate_per_minute=0)
+                          temperature=0.0, context_budget=512, api_keys=[], admin_keys=[OPERATOR], api_rate_per_minute=0,
+                          api_user_rate_per_minute=0)
     services = open_services(configured)
     services.backend.worker.wait_ready(60)
     with LiveServer(create_app(services)) as live:
@@ -46,7 +48,7 @@ def fuzz(operation, mode: GenerationMode) -> None:
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     def run(case):
-        response = case.call(timeout=30)
+        response = case.call(headers={"Authorization": f"Bearer {OPERATOR}"}, timeout=30)
         case.validate_response(response, checks=[not_a_server_error])
         content_type = (response.headers.get("content-type") or [""])[0]
         if response.status_code >= 400 and content_type.startswith("application/json"):

@@ -15,21 +15,20 @@ from bot.http.app import create_app
 from bot.services import open_services
 from test_api import LiveServer, free_port, wait_for
 
-KEY = "test-key-abcdef0123456789"
-
-
 @pytest.fixture
 def server(tiny_settings):
-    services = open_services(tiny_settings.model_copy(update={"api_keys": [KEY]}))
+    """A server with one integration, `acme` (chat and memory): its ids live in the namespace `acme`."""
+    services = open_services(tiny_settings)
     services.backend.worker.wait_ready(60)
+    _, key = services.integrations.create("acme", scopes="chat,memory")
     with LiveServer(create_app(services)) as live:
-        live.services = services
+        live.services, live.key = services, key
         yield live
     services.close()
 
 
 def test_the_openai_client_works_unchanged_plain_and_streamed(server):
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.key, max_retries=0)
     completion = client.chat.completions.create(
         model="rapport", user="lena", messages=[{"role": "system", "content": "ignored"},
                                                 {"role": "user", "content": "Hello! My name is Lena."}])
@@ -38,7 +37,7 @@ def test_the_openai_client_works_unchanged_plain_and_streamed(server):
     rapport = completion.model_extra["rapport"]
     assert set(rapport) >= {"turn_id", "sources", "adapter_version"}
     stored = server.services.store.get_turn(rapport["turn_id"])
-    assert stored.user_id == "lena" and stored.reply == choice.message.content and stored.channel == "openai"
+    assert stored.user_id == "acme:lena" and stored.reply == choice.message.content and stored.channel == "openai"
     assert completion.usage.completion_tokens == stored.completion_tokens > 0
 
     stream = client.chat.completions.create(model="rapport", user="lena", stream=True,
@@ -54,10 +53,11 @@ def test_the_openai_client_works_unchanged_plain_and_streamed(server):
 
 
 def test_conversation_header_and_auth_errors_through_the_client(server):
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.key, max_retries=0)
     completion = client.chat.completions.create(model="x", user="ana", extra_headers={"X-Conversation-ID": "support-42"},
                                                 messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
-    assert server.services.store.get_turn(completion.model_extra["rapport"]["turn_id"]).conversation_id == "support-42"
+    stored = server.services.store.get_turn(completion.model_extra["rapport"]["turn_id"])
+    assert (stored.conversation_id, stored.user_id) == ("acme:support-42", "acme:ana")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).chat.completions.create(
             model="x", messages=[{"role": "user", "content": "Hi"}])
@@ -71,7 +71,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(tiny_settings):
     services = open_services(settings)
     services.backend.worker.wait_ready(60)
     try:
-        with LiveServer(create_app(services)) as live:
+        with LiveServer(create_app(services, open_api=True)) as live:
             with httpx.Client(base_url=live.url, timeout=30) as http:
                 with http.stream("POST", "/v1/conversations/d1/messages",
                                  json={"user_id": "u1", "text": "Hello!", "stream": True}) as response:
@@ -94,7 +94,7 @@ def test_rapport_serve_on_the_real_model_with_the_openai_client(real_home):
     """`rapport serve` as a user runs it, the embedded SmolLM2, the official client, and curl-like calls."""
     port = free_port()
     env = {**os.environ, "RAPPORT_HOME": str(real_home), "RAPPORT_MAX_NEW_TOKENS": "32", "RAPPORT_TEMPERATURE": "0"}
-    process = subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--port", str(port)], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--open", "--port", str(port)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:

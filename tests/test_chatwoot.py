@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import time
 
 import httpx
@@ -13,6 +16,7 @@ from bot.services import open_services
 from test_api import LiveServer, recorder_app, wait_for
 
 SECRET, TOKEN = "hook-secret-123", "bot-token-456"
+OPERATOR = "operator-admin-key-0123456789"  # Chatwoot's users are a channel's: only an admin key rates their turns
 ACCOUNT, CONVERSATION, CONTACT = 1, 42, 7
 MESSAGES = f"/api/v1/accounts/{ACCOUNT}/conversations/{CONVERSATION}/messages"
 TOGGLE = f"/api/v1/accounts/{ACCOUNT}/conversations/{CONVERSATION}/toggle_status"
@@ -51,15 +55,22 @@ class Rig:
 
     def __init__(self, settings, standin_url: str, *, recall=scripted) -> None:
         self.services = open_services(settings.model_copy(update={
-            "chatwoot_base_url": standin_url, "chatwoot_bot_token": TOKEN, "chatwoot_webhook_secret": SECRET}))
+            "chatwoot_base_url": standin_url, "chatwoot_bot_token": TOKEN, "chatwoot_webhook_secret": SECRET,
+            "admin_keys": [OPERATOR]}))
         self.services.backend.worker.wait_ready(60)
         self.services.manager.recall = recall
         self.app = build_app(self.services)
         self.server = LiveServer(self.app).__enter__()
 
     def post(self, payload: dict, token: str | None = SECRET) -> httpx.Response:
-        url = self.server.url + "/integrations/chatwoot/webhook" + (f"?token={token}" if token is not None else "")
-        return httpx.post(url, json=payload, timeout=30)
+        """A delivery signed as Chatwoot signs it (HMAC-SHA256 of "<timestamp>.<body>"), with `token` as the key."""
+        body = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            stamp = str(int(time.time()))
+            digest = hmac.new(token.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+            headers |= {"X-Chatwoot-Signature": f"sha256={digest}", "X-Chatwoot-Timestamp": stamp}
+        return httpx.post(self.server.url + "/integrations/chatwoot/webhook", content=body, headers=headers, timeout=30)
 
     def close(self) -> None:
         self.server.__exit__(None, None, None)
@@ -109,10 +120,23 @@ def test_own_messages_private_notes_and_bad_tokens_never_get_replies(rig, standi
     for token in (None, "wrong"):
         refused = rig.post(message_event(2004, "Hello?"), token=token)
         assert refused.status_code == 401 and "error" in refused.json()
-    bad = httpx.post(rig.server.url + f"/integrations/chatwoot/webhook?token={SECRET}", content=b"\xff{",
-                     headers={"content-type": "application/json"})
+    hook = rig.server.url + "/integrations/chatwoot/webhook"
+    event = json.dumps(message_event(2006, "unsigned")).encode()
+    stale = str(int(time.time()) - 3600)  # a replayed delivery from an hour ago, correctly signed
+    signature = "sha256=" + hmac.new(SECRET.encode(), stale.encode() + b"." + event, hashlib.sha256).hexdigest()
+    assert httpx.post(hook, content=event, headers={"X-Chatwoot-Signature": signature,
+                                                    "X-Chatwoot-Timestamp": stale}).status_code == 401
+    tampered = event.replace(b"unsigned", b"tampered")
+    fresh = str(int(time.time()))
+    signature = "sha256=" + hmac.new(SECRET.encode(), fresh.encode() + b"." + event, hashlib.sha256).hexdigest()
+    assert httpx.post(hook, content=tampered, headers={"X-Chatwoot-Signature": signature,
+                                                       "X-Chatwoot-Timestamp": fresh}).status_code == 401
+    # the secret in the query string is refused unless RAPPORT_CHATWOOT_QUERY_TOKEN allows it (it shows in logs)
+    assert httpx.post(hook + f"?token={SECRET}", content=event).status_code == 401
+    header = {"X-Rapport-Token": SECRET, "content-type": "application/json"}
+    bad = httpx.post(hook, content=b"\xff{", headers=header)
     assert bad.status_code == 400 and "error" in bad.json()
-    assert httpx.post(rig.server.url + f"/integrations/chatwoot/webhook?token={SECRET}", json=[1]).status_code == 400
+    assert httpx.post(hook, json=[1], headers=header).status_code == 400
     assert rig.post(message_event(2005, "Hello there")).json()["accepted"] is True  # 2004 was never claimed
     wait_for(lambda: len(standin.calls) == 1)
     time.sleep(0.5)  # time enough for a stray reply to show up
@@ -187,7 +211,8 @@ def test_repeated_negative_ratings_hand_off_a_chatwoot_conversation(rig, standin
     user = f"chatwoot:{ACCOUNT}:{CONTACT}"
     turns = rig.services.store.history(conversation_id=KEY, user_id=user)
     for turn in turns:
-        response = httpx.post(rig.server.url + f"/v1/turns/{turn.id}/rating", json={"rating": -1})
+        response = httpx.post(rig.server.url + f"/v1/turns/{turn.id}/rating", json={"rating": -1},
+                              headers={"Authorization": f"Bearer {OPERATOR}"})
         assert response.status_code == 200
     wait_for(lambda: len(posts(standin.calls, TOGGLE)) == 1)
     assert "unhelpful" in posts(standin.calls, private=True)[0]["json"]["content"]

@@ -46,7 +46,7 @@ def log_in(client: TestClient, key: str):
 
 
 def test_pages_need_a_session_and_an_admin_key_opens_one(keyed):
-    with TestClient(create_app(keyed)) as c:
+    with TestClient(create_app(keyed), base_url="http://127.0.0.1") as c:
         assert c.get("/admin/conversations", follow_redirects=False).headers["location"] == "/admin/login"
         assert c.get("/admin/live/conversations").status_code == 401
         refused = log_in(c, "not-a-key")
@@ -64,27 +64,33 @@ def test_pages_need_a_session_and_an_admin_key_opens_one(keyed):
 
 
 def test_a_non_admin_key_is_refused(keyed):
-    with TestClient(create_app(keyed)) as c:
+    with TestClient(create_app(keyed), base_url="http://127.0.0.1") as c:
         answer = log_in(c, PLAIN)
         assert answer.status_code == 403 and "not an admin key" in answer.text
         assert c.get("/admin/conversations", follow_redirects=False).headers["location"] == "/admin/login"
 
 
 def test_a_forged_cookie_and_a_login_without_its_token_are_refused(keyed):
-    with TestClient(create_app(keyed)) as c:
+    with TestClient(create_app(keyed), base_url="http://127.0.0.1") as c:
         c.cookies.set("rapport_console", "made-up.0123", path="/admin")
         assert c.get("/admin/conversations", follow_redirects=False).status_code == 303
         c.get("/admin/login")
         assert c.post("/admin/login", data={"key": ADMIN, "csrf": "guessed"}).status_code == 403
 
 
-def test_without_any_keys_the_console_opens_like_the_api_and_a_missing_page_is_html(tiny_settings):
+def test_without_any_keys_the_console_stays_closed_even_open_and_a_missing_page_is_html(tiny_settings):
     opened = open_services(tiny_settings)
     try:
-        with TestClient(create_app(opened)) as c:
+        with TestClient(create_app(opened, open_api=True), base_url="http://127.0.0.1") as c:
             form = c.get("/admin/login")
-            assert "development mode" in form.text and 'name="key"' not in form.text
-            assert c.post("/admin/login", data={"csrf": csrf_in(form.text)}, follow_redirects=False).status_code == 303
+            assert "rapport keys create ops --scopes admin" in form.text  # the console has no open mode
+            refused = c.post("/admin/login", data={"csrf": csrf_in(form.text)}, follow_redirects=False)
+            assert refused.status_code == 403 and "not an admin key" in refused.text
+            assert c.get("/admin/conversations", follow_redirects=False).status_code in (303, 307)
+        opened.settings.admin_keys = [ADMIN]
+        with TestClient(create_app(opened), base_url="http://127.0.0.1") as c:
+            form = c.get("/admin/login")
+            c.post("/admin/login", data={"key": ADMIN, "csrf": csrf_in(form.text)}, follow_redirects=False)
             missing = c.get("/admin/conversations/nobody-here")
             assert missing.status_code == 404 and "There is no conversation nobody-here." in missing.text
             assert missing.headers["content-type"].startswith("text/html")
@@ -93,7 +99,7 @@ def test_without_any_keys_the_console_opens_like_the_api_and_a_missing_page_is_h
 
 
 def test_form_posts_without_the_csrf_token_are_refused(keyed):
-    with TestClient(create_app(keyed)) as c:
+    with TestClient(create_app(keyed), base_url="http://127.0.0.1") as c:
         turn = c.post("/v1/conversations/c1/messages", headers={"Authorization": f"Bearer {PLAIN}"},
                       json={"user_id": "u1", "text": "Hello there"})
         assert turn.status_code == 200, turn.text
@@ -243,7 +249,7 @@ def logged_in(client: TestClient) -> str:
 
 def test_the_list_filters_by_channel_status_adapter_and_rating(keyed):
     headers = {"Authorization": f"Bearer {PLAIN}"}
-    with TestClient(create_app(keyed)) as c:
+    with TestClient(create_app(keyed), base_url="http://127.0.0.1") as c:
         for conversation, user, channel in (("f1", "ana", "api"), ("f2", "ben", "web"), ("f3", "cy", "web")):
             c.post(f"/v1/conversations/{conversation}/messages", headers=headers,
                    json={"user_id": user, "text": "Hello there", "channel": channel})
@@ -266,7 +272,7 @@ def test_the_list_filters_by_channel_status_adapter_and_rating(keyed):
 
 
 def test_users_page_searches_and_forgets_memories_exports_and_erases(keyed):
-    with TestClient(create_app(keyed)) as c:
+    with TestClient(create_app(keyed), base_url="http://127.0.0.1") as c:
         csrf = logged_in(c)
         keyed.store.ensure_conversation(conversation_id="m1", user_id="rosa", channel="api")
         ids = keyed.memory.for_user("rosa").add(
@@ -286,7 +292,7 @@ def test_users_page_searches_and_forgets_memories_exports_and_erases(keyed):
 
 
 def test_faq_entries_are_added_edited_deleted_and_a_question_tried(keyed):
-    with TestClient(create_app(keyed)) as c:
+    with TestClient(create_app(keyed), base_url="http://127.0.0.1") as c:
         csrf = logged_in(c)
         jsonl = "\n".join(json.dumps(e) for e in (
             {"id": "hours", "question": "When are you open?", "answer": "We are open 9:00-18:00, Monday to Saturday."},
@@ -318,7 +324,9 @@ def registered(settings, tmp_path, content: bytes, **metrics) -> str:
     moved.mkdir()
     (moved / "adapter_model.safetensors").write_bytes(content)
     (moved / "adapter_config.json").write_text("{}")
-    return registry.claim(moved, parent=None, dataset_hash="d" * 16, metrics=metrics).version
+    version = registry.claim(moved, parent=None, dataset_hash="d" * 16, metrics=metrics).version
+    registry.record_gate(version, {"passed": True}, metrics)  # only a gated version may be promoted
+    return version
 
 
 def served(store, name: str | None, conversation: str, ratings: list[int], latency_ms: int = 100) -> None:
@@ -338,7 +346,7 @@ def test_adapters_promote_a_share_and_the_experiment_decides_and_its_button_prom
     registry = Registry(keyed.settings.adapters_dir)
     first = registered(keyed.settings, tmp_path, b"first", canary_ppl=12.5, examples=40)
     second = registered(keyed.settings, tmp_path, b"second", canary_ppl=12.1, examples=55)
-    with TestClient(create_app(keyed)) as c:
+    with TestClient(create_app(keyed), base_url="http://127.0.0.1") as c:
         csrf = logged_in(c)
         page = c.get("/admin/adapters").text
         assert f'data-version="{first}"' in page and "canary perplexity" in page and "55 examples" in page
@@ -372,6 +380,25 @@ def test_adapters_promote_a_share_and_the_experiment_decides_and_its_button_prom
         assert "Rolled back" in rolled.text and registry.state().active == first
         feedback = c.get("/admin/feedback").text
         assert feedback.count("👎") >= 5
+
+
+def test_a_correction_is_approved_for_training_from_the_feedback_page(keyed):
+    from dialogue.store import Turn
+    from training.datasets import build_dataset
+
+    store = keyed.store
+    store.ensure_conversation(conversation_id="fb1", user_id="ann", channel="api")
+    turn = store.record_turn(Turn(conversation_id="fb1", user_id="ann", user_text="when?", reply="no idea"))
+    store.rate(turn_id=turn.id, rating=-1, correction="We open at nine.")
+    assert not [e for e in build_dataset(store, system="s", heldout_fraction=0.0).train if e.source == "correction"]
+    with TestClient(create_app(keyed), base_url="http://127.0.0.1") as c:
+        csrf = logged_in(c)
+        assert "Approve for training" in c.get("/admin/feedback?only=corrections").text
+        assert c.post(f"/admin/feedback/{turn.id}/approve", data={}).status_code == 403  # no CSRF token
+        done = c.post(f"/admin/feedback/{turn.id}/approve", data={"csrf": csrf})
+        assert "approved: the next training run learns from it" in done.text and "Approve for training" not in done.text
+    assert [e.completion for e in build_dataset(store, system="s", heldout_fraction=0.0).train
+            if e.source == "correction"] == ["We open at nine."]
 
 
 def test_browser_promote_a_trained_version_to_a_share_see_the_split_and_erase_a_user(keyed, browser):
@@ -454,10 +481,11 @@ def test_an_agent_reply_to_a_telegram_conversation_reaches_the_chat(tiny_setting
     services = open_services(settings)
     try:
         services.backend.worker.wait_ready(60)
-        with TestClient(create_app(services)) as c:
+        with TestClient(create_app(services), base_url="http://127.0.0.1") as c:
             conversation = f"telegram:{chat}:1"  # as the Telegram channel names a private chat's first conversation
+            # the customer is Telegram's: only an admin key names a channel's ids (tests/test_attacks.py)
             for text in ("Hello", "Can I speak to a real person?"):
-                c.post(f"/v1/conversations/{conversation}/messages", headers={"Authorization": f"Bearer {PLAIN}"},
+                c.post(f"/v1/conversations/{conversation}/messages", headers={"Authorization": f"Bearer {ADMIN}"},
                        json={"user_id": f"telegram:{chat}", "text": text, "channel": "telegram"})
             assert services.store.get_conversation(conversation).status == "human"
             csrf = logged_in(c)
@@ -478,9 +506,9 @@ def test_an_agent_reply_to_a_chatwoot_conversation_is_posted_to_chatwoot(tiny_se
         services = open_services(settings)
         try:
             services.backend.worker.wait_ready(60)
-            with TestClient(create_app(services)) as c:
+            with TestClient(create_app(services), base_url="http://127.0.0.1") as c:
                 conversation = "chatwoot:3:41"  # as the Chatwoot channel names account 3's conversation 41
-                c.post(f"/v1/conversations/{conversation}/messages", headers={"Authorization": f"Bearer {PLAIN}"},
+                c.post(f"/v1/conversations/{conversation}/messages", headers={"Authorization": f"Bearer {ADMIN}"},
                        json={"user_id": "chatwoot:3:9", "text": "I need a human agent", "channel": "chatwoot"})
                 csrf = logged_in(c)
                 sent = c.post(f"/admin/conversations/{conversation}/reply",

@@ -51,9 +51,10 @@ def test_the_first_minute_holds_up_through_the_api(real_home):
     from bot.services import open_services
     from dialogue.settings import Settings
 
-    services = open_services(Settings(home=real_home, max_new_tokens=64))
+    services = open_services(Settings(home=real_home, max_new_tokens=64, admin_keys=["e2e-operator-key-0123"]))
     try:
-        with TestClient(create_app(services)) as client:
+        with TestClient(create_app(services), base_url="http://127.0.0.1",
+                        headers={"Authorization": "Bearer e2e-operator-key-0123"}) as client:
             def say(text, conversation):
                 response = client.post(f"/v1/conversations/{conversation}/messages",
                                        json={"user_id": "lena", "text": text})

@@ -326,10 +326,49 @@ async def test_groups_answer_only_when_mentioned_or_replied_to(services, standin
         await asyncio.sleep(1.0)
     assert len(replies(standin, GROUP)) == 2
     assert services.store.export_user(f"telegram:{ANN}")["turns"] == []
-    ben = services.store.export_user(f"telegram:{BEN}")["turns"]
+    assert services.store.export_user(f"telegram:{BEN}")["turns"] == []  # a group is a scope of its own
+    ben = services.store.export_user(f"telegram:{BEN}@{GROUP}")["turns"]
     assert [t["user_text"] for t in ben] == ["hey  what time do you open?", "and on sundays?"]
-    assert ben[0]["conversation_id"] == f"telegram:{GROUP}:{BEN}:1"
+    assert ben[0]["conversation_id"] == f"telegram:{BEN}@{GROUP}:1"
     assert first.reply_to is not None  # in a group the reply quotes the question
+
+
+async def test_group_replies_never_use_private_memories_and_personal_commands_stay_private(services, standin):
+    from memory.memories import MemoryItem
+
+    services.memory.for_user(f"telegram:{ANN}").add([MemoryItem(text="My doctor says I have diabetes")])
+    services.personas.update(f"telegram:{ANN}", {"name": "Ann Secret"})
+    async with Running(services, standin):
+        standin.message(f"@{standin.username} what do you know about my health?", chat_id=GROUP, user_id=ANN,
+                        chat_type="supergroup")
+        await wait_replies(standin, GROUP)
+        for command in ("/memory", f"/export@{standin.username}", "/persona", "/forget all"):
+            standin.message(command, chat_id=GROUP, user_id=ANN, chat_type="supergroup")
+        await standin.wait_for(lambda: len([m for m in standin.sent_to(GROUP) if "private chat" in m.text]) == 4,
+                               what="four pointers to the private chat")
+        await asyncio.sleep(0.5)
+    [turn] = services.store.export_user(f"telegram:{ANN}@{GROUP}")["turns"]
+    assert "diabetes" not in turn["prompt"] and "Ann Secret" not in turn["prompt"]
+    sent = " ".join(m.text for m in standin.sent_to(GROUP))
+    assert "diabetes" not in sent and "Ann Secret" not in sent
+    assert not any(m.document for m in standin.sent_to(GROUP))  # the export never goes to a group
+    assert services.memory.for_user(f"telegram:{ANN}").list()  # and /forget all in a group forgot nothing
+
+
+async def test_anonymous_admins_and_channel_posts_are_their_own_actor(services, standin):
+    anonymous = {"id": 1087968824, "is_bot": True, "first_name": "Group", "username": "GroupAnonymousBot"}
+    channel = {"id": -100777, "type": "channel", "title": "News"}
+    async with Running(services, standin):
+        standin.message(f"@{standin.username} hi from the admins", chat_id=GROUP, chat_type="supergroup",
+                        extra={"from": anonymous, "sender_chat": standin.chat(GROUP, "supergroup")})
+        standin.message(f"@{standin.username} hi from the channel", chat_id=GROUP, chat_type="supergroup",
+                        extra={"from": anonymous, "sender_chat": channel})
+        await wait_replies(standin, GROUP, 2)
+    assert services.store.export_user(f"telegram:{anonymous['id']}@{GROUP}")["turns"] == []
+    assert [t["user_text"] for t in services.store.export_user(f"telegram:chat:{GROUP}@{GROUP}")["turns"]] == [
+        "hi from the admins"]
+    assert [t["user_text"] for t in services.store.export_user(f"telegram:chat:-100777@{GROUP}")["turns"]] == [
+        "hi from the channel"]
 
 
 async def test_the_allowlist_keeps_strangers_out(services, standin):

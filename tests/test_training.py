@@ -104,6 +104,17 @@ def test_gate_verdict_rejects_a_canary_rise_and_a_falling_margin():
     assert no_faq["passed"] and "skipped" in no_faq["checks"]["faq"]
 
 
+def test_gate_canary_drift_cannot_ratchet_past_the_base_model():
+    """v0001 drifted 9 % from the base model and passed; a candidate 9 % above v0001 is 19 % above the base model."""
+    active = {"canary_ppl": 10.9, "pref_margin": 0.5, "faq_accuracy": 0.8}
+    candidate = {"canary_ppl": 11.88, "pref_margin": 0.5, "faq_accuracy": 0.8}
+    alone = verdict(candidate, active, "v0001", GateConfig())
+    assert alone["passed"]  # against the previous version only, the drift would pass
+    anchored = verdict(candidate, active, "v0001", GateConfig(), base_model_canary=10.0)
+    assert not anchored["passed"] and anchored["checks"]["canary"]["passed"]
+    assert not anchored["checks"]["canary_base"]["passed"] and "above the base model" in anchored["reasons"][0]
+
+
 # -- registry ----------------------------------------------------------------------------------------
 
 
@@ -119,7 +130,24 @@ def fake_version(registry: Registry, tmp_path: Path, content: bytes, users: list
     registry.directory.mkdir(parents=True, exist_ok=True)
     moved = registry.directory / f".train-{content.hex()}"
     tmp.rename(moved)
-    return registry.claim(moved, parent=None, dataset_hash="d", metrics={}).version
+    version = registry.claim(moved, parent=None, dataset_hash="d", metrics={}).version
+    registry.record_gate(version, {"passed": True}, {})  # as `rapport train` records it
+    return version
+
+
+def test_a_version_without_a_passing_gate_record_is_never_promoted(tmp_path):
+    registry = Registry(tmp_path / "adapters")
+    tmp = tmp_path / "ungated"
+    tmp.mkdir()
+    (tmp / "adapter_model.safetensors").write_bytes(b"w")
+    (tmp / "adapter_config.json").write_text("{}")
+    registry.directory.mkdir(parents=True)
+    ungated = registry.claim(tmp.rename(registry.directory / ".train-ungated"), parent=None, dataset_hash="d",
+                             metrics={}).version  # the process died here, before the gate ran
+    with pytest.raises(PromotionRejected, match="no passing gate record"):
+        registry.promote(ungated)
+    registry.record_gate(ungated, {"passed": True}, {})
+    assert registry.promote(ungated).status == "active"
 
 
 def test_registry_transitions_promote_rollback_and_rejected(tmp_path):

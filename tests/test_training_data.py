@@ -11,6 +11,7 @@ from dialogue.store import Rating, TranscriptStore, Turn
 from training.datasets import build_dataset, is_heldout, turn_messages, user_hash
 from training.importer import export_conversations, import_lines, turn_id_for
 from training.redact import redact
+from training.store import TrainingStore
 
 SYSTEM = "You are a test assistant."
 
@@ -138,6 +139,10 @@ def test_dataset_sources_labels_and_exact_prompts(any_store):
                    finish_reason="agent")
     record(store, "k2", "ann", "unrated", "something")  # unrated bot turn: teaches nothing
     record(store, "k3", "ann", "stop", "half a rep", rating=1, finish_reason="cancelled")  # cut short: skipped
+    record(store, "k4", "ann", "hi", "hello", model_id="human", finish_reason="agent_untrusted")  # any key's "agent"
+    untrusted = build_dataset(store, system=SYSTEM, heldout_fraction=0.0)
+    assert {e.source for e in untrusted.train} == {"liked", "disliked", "agent"}  # the correction awaits approval
+    assert TrainingStore(store).approve_correction(disliked.id)
     data = build_dataset(store, system=SYSTEM, heldout_fraction=0.0)
     by_source = {(e.source, e.turn_id): e for e in data.train}
     assert set(by_source) == {("liked", liked.id), ("correction", disliked.id), ("disliked", disliked.id),

@@ -108,14 +108,19 @@ def turn_messages(turn: Turn, default_system: str) -> list[Message]:
 
 
 def turn_examples(turn: Turn, rating: Rating | None, default_system: str) -> list[Example]:
-    """What one turn teaches: liked/agent/correction replies are desirable, disliked ones undesirable."""
-    if turn.model_id == "human" and turn.finish_reason == "agent":
+    """What one turn teaches: liked/agent/correction replies are desirable, disliked ones undesirable.
+
+    A correction counts only once an admin approved it (`Rating.correction_trusted`); an agent reply only when a
+    trusted source recorded it (Chatwoot, an admin key: `finish_reason="agent"`)."""
+    if turn.model_id == "human":
+        if turn.finish_reason != "agent":
+            return []
         sources = [("agent", turn.reply, True)]
     elif turn.finish_reason in SKIPPED_FINISH or rating is None:
         return []
     else:
         sources = []
-        if rating.correction and rating.correction.strip():
+        if rating.correction and rating.correction.strip() and rating.correction_trusted:
             sources.append(("correction", rating.correction, True))
         if rating.rating == 1:
             sources.append(("liked", turn.reply, True))
@@ -150,12 +155,17 @@ def _faq_dict(entry: Any) -> dict[str, Any]:
 
 
 def build_dataset(store: TranscriptStore, *, system: str, faq_entries: Iterable[Any] = (),
-                  exclude_user_hashes: set[str] = frozenset(), heldout_fraction: float = HELDOUT_FRACTION) -> Dataset:
-    """The training set and its held-out part from everything rated so far."""
+                  exclude_user_hashes: set[str] = frozenset(), heldout_fraction: float = HELDOUT_FRACTION,
+                  max_per_user: int | None = None) -> Dataset:
+    """The training set and its held-out part from everything rated so far.
+
+    `max_per_user` caps what one user's ratings teach (their oldest examples are kept), so one user rating
+    thousands of turns cannot steer the adapter; trusted agents' replies are not counted against it."""
     train: list[Example] = []
     heldout: list[Example] = []
     seen: set[str] = set()
     dropped: Counter = Counter()
+    per_user: Counter = Counter()
     for turn, rating in TrainingStore(store).rated_turns():
         if user_hash(turn.user_id) in exclude_user_hashes:
             dropped["erased_user"] += 1
@@ -165,6 +175,11 @@ def build_dataset(store: TranscriptStore, *, system: str, faq_entries: Iterable[
             if key in seen:
                 dropped["duplicate"] += 1
                 continue
+            if max_per_user is not None and example.source != "agent":
+                if per_user[example.user] >= max_per_user:
+                    dropped["user_cap"] += 1
+                    continue
+                per_user[example.user] += 1
             seen.add(key)
             (heldout if is_heldout(turn.conversation_id, heldout_fraction) else train).append(example)
     faq_eval, faq_all = [], []

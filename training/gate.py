@@ -119,17 +119,25 @@ def run_gate(settings: Settings, dataset: Dataset, candidate: Path, baseline: tu
     system = settings.system_prompt
     model.set_adapter("candidate")
     cand = measure(model, tokenizer, dataset, system, config)
+    base_model_canary = None
     if baseline is not None:
         model.set_adapter("baseline")
         base_metrics = measure(model, tokenizer, dataset, system, config)
+        with model.disable_adapter():  # the canary's anchor: the base model, so drift cannot ratchet version by version
+            base_model_canary = canary_perplexity(model, tokenizer, system, config)
     else:
         with model.disable_adapter():
             base_metrics = measure(model, tokenizer, dataset, system, config)
-    return verdict(cand, base_metrics, baseline[0] if baseline else BASE, config), _rounded(cand)
+    return (verdict(cand, base_metrics, baseline[0] if baseline else BASE, config, base_model_canary=base_model_canary),
+            _rounded(cand))
 
 
-def verdict(cand: dict[str, Any], base: dict[str, Any], baseline_name: str, config: GateConfig) -> dict[str, Any]:
-    """Pass only if no check got worse than its tolerance; each check says what it compared."""
+def verdict(cand: dict[str, Any], base: dict[str, Any], baseline_name: str, config: GateConfig, *,
+            base_model_canary: float | None = None) -> dict[str, Any]:
+    """Pass only if no check got worse than its tolerance; each check says what it compared.
+
+    The canary is held against the serving baseline and, when that is an adapter, against the base model too
+    (`base_model_canary`): each version may drift up to the tolerance from the one before, never further in all."""
     checks: dict[str, Any] = {}
     reasons: list[str] = []
     ratio = cand["canary_ppl"] / base["canary_ppl"]
@@ -137,6 +145,13 @@ def verdict(cand: dict[str, Any], base: dict[str, Any], baseline_name: str, conf
                         "tolerance": config.canary_tolerance, "passed": ratio <= 1 + config.canary_tolerance}
     if not checks["canary"]["passed"]:
         reasons.append(f"canary perplexity rose {ratio - 1:.0%} (tolerance {config.canary_tolerance:.0%})")
+    if base_model_canary is not None:
+        drift = cand["canary_ppl"] / base_model_canary
+        checks["canary_base"] = {"candidate_ppl": cand["canary_ppl"], "base_model_ppl": base_model_canary,
+                                 "ratio": drift, "passed": drift <= 1 + config.canary_tolerance}
+        if not checks["canary_base"]["passed"]:
+            reasons.append(f"canary perplexity is {drift - 1:.0%} above the base model's "
+                           f"(tolerance {config.canary_tolerance:.0%})")
     if cand["pref_margin"] is not None and base["pref_margin"] is not None:
         ok = cand["pref_margin"] >= base["pref_margin"] - config.margin_tolerance
         checks["preference"] = {"candidate_margin": cand["pref_margin"], "baseline_margin": base["pref_margin"],

@@ -149,7 +149,8 @@ def _write_conversation(store: TranscriptStore, report: ImportReport, conversati
         if item.rating is not None or item.correction:
             # A correction without a verdict says the reply was wrong.
             rating = item.rating if item.rating is not None else -1
-            store.rate(turn_id=turn_id, rating=rating, user_id=user_id, correction=item.correction)
+            store.rate(turn_id=turn_id, rating=rating, user_id=user_id, correction=item.correction,
+                       trusted=True)  # the operator's own file
             report.ratings += 1
     if added:
         report.conversations += 1

@@ -23,7 +23,7 @@ def dataset_for(settings: Settings, store: TranscriptStore, faq_entries: Iterabl
     """Everything rated so far, minus every user erased since (their hashes stay in the registry)."""
     erased = set(Registry(settings.adapters_dir).state().erased_user_hashes)
     return build_dataset(store, system=settings.system_prompt, faq_entries=list(faq_entries),
-                         exclude_user_hashes=erased)
+                         exclude_user_hashes=erased, max_per_user=settings.train_max_examples_per_user)
 
 
 def baseline_of(registry: Registry, exclude: str | None = None) -> tuple[str, Path] | None:

@@ -209,6 +209,9 @@ class Registry:
             item = self.resolve(state, version)
             if item.status == "rejected":
                 raise PromotionRejected(f"{item.version} was rejected by the gate: {', '.join(item.gate.get('reasons', []))}")
+            if item.gate.get("passed") is not True:  # e.g. a crash between registering a version and gating it
+                raise PromotionRejected(f"{item.version} has no passing gate record; run `rapport adapters eval "
+                                        f"{item.version}` first")
             if "erased_user" in item.flags:
                 raise PromotionRejected(f"{item.version} was trained on an erased user's data; "
                                         "retrain with `rapport train --exclude-deleted`")

@@ -13,7 +13,7 @@ from dialogue.store import Conversation, Rating, TranscriptStore, Turn
 
 
 class TrainingStore:
-    """Read-only queries over a `TranscriptStore`'s tables for the learning loop."""
+    """Queries over a `TranscriptStore`'s tables for the learning loop (and its one write: trusting a correction)."""
 
     def __init__(self, transcripts: TranscriptStore) -> None:
         self.transcripts = transcripts
@@ -27,6 +27,17 @@ class TrainingStore:
                 .order_by(Turn.created_at, Turn.seq)
             ).all()
         return [(turn, rating) for turn, rating in rows]
+
+    def approve_correction(self, turn_id: str) -> bool:
+        """Trust the correction on this turn for training (an admin's decision); False when it has none."""
+        with self.transcripts.session() as session:
+            rating = session.get(Rating, turn_id)
+            if rating is None or not (rating.correction or "").strip():
+                return False
+            rating.correction_trusted = True
+            session.add(rating)
+            session.commit()
+            return True
 
     def rating_counts(self) -> list[tuple[str | None, int, int, int]]:
         """Per adapter name of live bot turns: (adapter or None for the base model, turns, rated, rated up)."""

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import platform
 import shutil
 import tempfile
@@ -117,8 +118,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
     try:
-        return torch.load(path / "state.pt", weights_only=False)
-    except (OSError, RuntimeError, EOFError):
+        return torch.load(path / "state.pt", weights_only=True)  # tensors and plain data only: no code runs on load
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
         return None
 
 

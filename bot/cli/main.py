@@ -61,6 +61,7 @@ def chat(user_id: str) -> None:
 from bot.cli.bench import bench  # noqa: E402
 from bot.cli.db import db_group  # noqa: E402
 from bot.cli.faq import faq_group  # noqa: E402
+from bot.cli.keys import keys_group  # noqa: E402
 from bot.cli.memory import memory_group  # noqa: E402
 from bot.cli.serve import serve  # noqa: E402
 from bot.cli.telegram import telegram_command  # noqa: E402
@@ -68,7 +69,7 @@ from bot.cli.train import adapters_group, train_command, transcripts_group  # no
 from bot.cli.users import users_group  # noqa: E402
 
 for command in (memory_group, faq_group, users_group, transcripts_group, train_command, adapters_group, serve,
-                telegram_command, bench, db_group):
+                telegram_command, bench, db_group, keys_group):
     cli.add_command(command)
 
 

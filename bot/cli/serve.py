@@ -7,17 +7,18 @@ import logging
 import click
 
 from bot.cli.common import load_settings
+from dialogue.settings import LOOPBACK_HOSTS, reveal
 
 logger = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [req=%(request_id)s] %(message)s"
 
 
-def build_app(services):
+def build_app(services, *, open_api: bool = False, host: str | None = None):
     """The API app plus the channels that plug into it (Chatwoot when its URL, token and secret are set)."""
     from bot.http.app import create_app
 
-    app = create_app(services)
+    app = create_app(services, open_api=open_api, bound_host=host)
     settings = services.settings
     if services.chatwoot is not None:
         from bot.http.chatwoot import ChatwootBot
@@ -25,9 +26,21 @@ def build_app(services):
         if not settings.chatwoot_webhook_secret:
             raise click.ClickException("RAPPORT_CHATWOOT_WEBHOOK_SECRET is required with the Chatwoot integration")
         bot = ChatwootBot(services.manager, services.store, services.desk, services.chatwoot,
-                          secret=settings.chatwoot_webhook_secret)
+                          secret=reveal(settings.chatwoot_webhook_secret), query_token=settings.chatwoot_query_token)
         app.include_router(bot.router())
     return app
+
+
+def has_integrations(settings) -> bool:
+    """Whether any integration's key is active (read before the model starts loading)."""
+    from dialogue.integrations import IntegrationStore
+    from dialogue.store import TranscriptStore
+
+    store = TranscriptStore(settings.db_url)
+    try:
+        return IntegrationStore(store).any_active()
+    finally:
+        store.close()
 
 
 def configure_access_log(verbose: bool) -> None:
@@ -49,18 +62,29 @@ def configure_access_log(verbose: bool) -> None:
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(host: str, port: int, log_level: str) -> None:
+@click.option("--open", "open_api", is_flag=True,
+              help="development mode: answer without keys (loopback addresses only; never the admin routes)")
+def serve(host: str, port: int, log_level: str, open_api: bool) -> None:
     """Serve the HTTP API (docs at /docs, schema at /openapi.json)."""
     import uvicorn
 
     from bot.services import open_services
 
     settings = load_settings()
-    if host not in ("127.0.0.1", "localhost", "::1") and not (settings.api_keys or settings.admin_keys):
-        logger.warning("serving on %s without API keys: anyone who can reach it can use it", host)
+    if open_api and host not in LOOPBACK_HOSTS:
+        raise click.ClickException(f"--open serves without keys and is for loopback addresses only, not {host}")
+    keyed = bool(settings.api_keys or settings.admin_keys) or has_integrations(settings)
+    if not keyed and not open_api:
+        raise click.ClickException("no API keys: create one with `rapport keys create NAME --scopes chat,memory` "
+                                   "(or run `serve --open` on a loopback address for development)")
+    if keyed and open_api:
+        logger.warning("--open is ignored: API keys exist, so every request needs one")
     services = open_services(settings)
     try:
-        app = build_app(services)
+        if not settings.allowed_hosts and host not in LOOPBACK_HOSTS:
+            logger.warning("serving on %s: only the Host names localhost, 127.0.0.1, ::1 and %s are answered; "
+                           "set RAPPORT_ALLOWED_HOSTS to the names clients use", host, host)
+        app = build_app(services, open_api=open_api, host=host)
         configure_access_log(log_level == "debug")
         uvicorn.run(app, host=host, port=port, log_level=log_level if log_level != "info" else "warning",
                     access_log=False, timeout_graceful_shutdown=10)

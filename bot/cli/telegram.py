@@ -46,11 +46,13 @@ def telegram_command(token: str | None, base_url: str | None, webhook_url: str |
     """Run the Telegram bot until Ctrl-C or SIGTERM."""
     from telegram.error import InvalidToken
 
+    from dialogue.settings import reveal
+
     from bot.telegram.handlers import TelegramBot, Webhook
     from bot.services import open_services
 
     settings = load_settings()
-    token = (token or settings.telegram_bot_token or "").strip()
+    token = (token or reveal(settings.telegram_bot_token) or "").strip()
     if not token:
         raise click.ClickException("no bot token: pass --token or set TELEGRAM_BOT_TOKEN")
     if not TOKEN.match(token):
@@ -60,7 +62,7 @@ def telegram_command(token: str | None, base_url: str | None, webhook_url: str |
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
         logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("bot").setLevel(min(logging.getLogger().level, logging.INFO))
-    webhook = Webhook(url=webhook_url, listen=listen, port=port, secret=settings.telegram_webhook_secret) \
+    webhook = Webhook(url=webhook_url, listen=listen, port=port, secret=reveal(settings.telegram_webhook_secret)) \
         if webhook_url else None
     if webhook and not webhook.path:
         raise click.ClickException("--webhook-url needs a path, e.g. https://bot.example.com/telegram")

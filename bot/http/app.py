@@ -1,7 +1,8 @@
 """The HTTP dialogue API: `create_app(services)` builds the FastAPI app that `rapport serve` runs.
 
 Routes live in `turns` (messages, ratings, handoff), `openai` (`/v1/chat/completions`) and
-`users` (persona, memories, export/erasure, FAQ, adapters); auth and rate limits in `auth`; the
+`users` (persona, memories, export/erasure, FAQ, adapters); keys, namespaces and rate limits in `auth`; the Host
+allowlist and the cross-origin refusal in `guard`; the
 JSON error edge, request ids and the body limit in `errors`; metrics in `metrics`; the handoff desk in
 `dialogue.handoff`. Routes are handed the stores and services as FastAPI dependencies (`deps`); channels
 with their own webhooks (Chatwoot) mount a router on the app.
@@ -19,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from bot.http import openai, turns, users
 from bot.http.auth import ApiKeys, RateLimiter
 from bot.http.console import install_console
+from bot.http.guard import GuardMiddleware, allowed_hosts
 from bot.http.errors import EdgeMiddleware, install_error_handlers
 from bot.http.metrics import ApiMetrics
 from bot.services import Services
@@ -40,7 +42,7 @@ class Readiness:
             await self.services.backend.ready()
             await asyncio.to_thread(self._open_stores)
             self.stores_ready = True
-        except Exception as exc:
+        except Exception as exc:  # the text stays in the log: /readyz tells only that it failed
             self.error = f"{exc.__class__.__name__}: {exc}"
             logger.error("start-up failed: %s", self.error)
 
@@ -52,7 +54,7 @@ class Readiness:
 
     def status(self) -> dict:
         return {"model": self.services.backend.is_ready() and self.error is None, "stores": self.stores_ready,
-                "transcripts": self.services.store.ping(), "error": self.error}
+                "transcripts": self.services.store.ping(), "failed": self.error is not None}
 
 
 def queue_depth(services: Services):
@@ -60,8 +62,11 @@ def queue_depth(services: Services):
     return (lambda: worker.queue_depth) if worker is not None else (lambda: 0)
 
 
-def create_app(services: Services) -> FastAPI:
-    """The API over one process's services (the caller opens and closes them)."""
+def create_app(services: Services, *, open_api: bool = False, bound_host: str | None = None) -> FastAPI:
+    """The API over one process's services (the caller opens and closes them).
+
+    Without any key the API answers only with `open_api` (`rapport serve --open`, loopback only): chat and memory
+    with ids as given, never the admin routes. `bound_host` joins the Host allowlist when none is configured."""
     settings = services.settings
     readiness = Readiness(services)
 
@@ -77,12 +82,14 @@ def create_app(services: Services) -> FastAPI:
     metrics = ApiMetrics(queue_depth(services), handoffs=services.desk.counts)
     app.state.services = services
     app.state.metrics = metrics
-    app.state.keys = ApiKeys(settings)
+    app.state.keys = ApiKeys(settings, services.integrations, open_api=open_api)
     app.state.limiter = RateLimiter(settings.api_rate_per_minute, settings.api_rate_burst)
+    app.state.user_limiter = RateLimiter(settings.api_user_rate_per_minute, settings.api_user_rate_burst)
     app.state.readiness = readiness
 
     install_error_handlers(app)
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.api_max_body_bytes, on_done=metrics.observe_request)
+    app.add_middleware(GuardMiddleware, hosts=allowed_hosts(settings.allowed_hosts, bound_host))  # outermost
     app.include_router(turns.router)
     app.include_router(openai.router)
     app.include_router(users.router)
@@ -95,7 +102,7 @@ def create_app(services: Services) -> FastAPI:
 
     @app.get("/readyz", tags=["ops"], responses={503: {"description": "still loading, or a load failed"}})
     async def readyz() -> JSONResponse:
-        """The model and the stores are loaded (503 until they are)."""
+        """The model and the stores are loaded (503 until they are); no error text (that is in the log)."""
         status = await asyncio.to_thread(readiness.status)
         ready = status["model"] and status["stores"] and status["transcripts"]
         return JSONResponse({"ready": ready, **status}, status_code=200 if ready else 503)

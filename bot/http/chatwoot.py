@@ -1,9 +1,12 @@
 """Chatwoot as a channel: an agent-bot webhook in, replies out through Chatwoot's REST API, human handoff.
 
-Set-up in Chatwoot: create an agent bot whose webhook URL is
-`https://<rapport>/integrations/chatwoot/webhook?token=<RAPPORT_CHATWOOT_WEBHOOK_SECRET>` and connect it
-to an inbox; give Rapport the bot's access token (`RAPPORT_CHATWOOT_BOT_TOKEN`) and the installation's
-URL (`RAPPORT_CHATWOOT_BASE_URL`). The secret may also come as an `X-Rapport-Token` header.
+Set-up in Chatwoot: create an agent bot whose webhook URL is `https://<rapport>/integrations/chatwoot/webhook`
+and connect it to an inbox; give Rapport the bot's access token (`RAPPORT_CHATWOOT_BOT_TOKEN`) and the installation's
+URL (`RAPPORT_CHATWOOT_BASE_URL`). Each delivery must prove the shared secret (`RAPPORT_CHATWOOT_WEBHOOK_SECRET`):
+signed, `X-Chatwoot-Signature: sha256=<hex HMAC-SHA256 of "<X-Chatwoot-Timestamp>.<body>">` (or of the body alone
+without a timestamp; a timestamp more than 5 minutes off is refused), or the secret itself in `X-Rapport-Token`
+(a proxy in front can add it). `?token=<secret>` in the URL is accepted only with `RAPPORT_CHATWOOT_QUERY_TOKEN=true`:
+a query string ends up in access logs.
 
 Events handled (Chatwoot's agent-bot payloads, `Message#webhook_data` and the conversation's):
 - `message_created`, `message_type: "incoming"` from a contact: the customer speaks. The bot answers
@@ -23,8 +26,11 @@ Rapport ids: conversation `chatwoot:<account>:<conversation>`, user `chatwoot:<a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import json
 import logging
+import time
 import weakref
 from typing import Any
 
@@ -40,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 CHANNEL = "chatwoot"
 RESUME_STATUSES = ("pending", "resolved")
+SIGNATURE_TOLERANCE_S = 300
 
 
 class ChatwootApi:
@@ -101,7 +108,7 @@ class ChatwootBot:
     """Turns Chatwoot webhook events into dialogue turns and handoffs."""
 
     def __init__(self, manager: DialogueManager, store: TranscriptStore, desk: HandoffDesk, api: ChatwootApi, *,
-                 secret: str) -> None:
+                 secret: str, query_token: bool = False) -> None:
         if not secret:
             raise ValueError("the Chatwoot webhook needs a shared secret")
         self.manager = manager
@@ -109,6 +116,7 @@ class ChatwootBot:
         self.desk = desk
         self.api = api
         self.secret = secret.encode()
+        self.query_token = query_token
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: set[asyncio.Task] = set()
 
@@ -119,10 +127,11 @@ class ChatwootBot:
 
         @router.post("/integrations/chatwoot/webhook")
         async def chatwoot_webhook(request: Request) -> dict:
-            """Chatwoot agent-bot events (needs the shared secret as ?token= or X-Rapport-Token)."""
-            self.verify(request.query_params.get("token") or request.headers.get("x-rapport-token") or "")
+            """Chatwoot agent-bot events, signed with the shared secret (X-Chatwoot-Signature) or carrying it."""
+            body = await request.body()
+            self.verify_request(request, body)
             try:
-                payload = await request.json()
+                payload = json.loads(body)
             except ValueError:
                 raise HTTPException(400, "body is not JSON") from None
             if not isinstance(payload, dict):
@@ -131,6 +140,30 @@ class ChatwootBot:
             return {"ok": True, "accepted": accepted}
 
         return router
+
+    def verify_request(self, request: Request, body: bytes) -> None:
+        """401 unless the delivery is signed with the secret or carries it (header; query only when allowed)."""
+        signature = request.headers.get("x-chatwoot-signature")
+        if signature:
+            stamp = request.headers.get("x-chatwoot-timestamp")
+            if stamp is not None:
+                if not stamp.isdigit() or abs(time.time() - int(stamp)) > SIGNATURE_TOLERANCE_S:
+                    raise HTTPException(401, "webhook timestamp missing or too far off")
+                signed = stamp.encode() + b"." + body
+            else:
+                signed = body
+            expected = "sha256=" + hmac.new(self.secret, signed, hashlib.sha256).hexdigest()
+            if hmac.compare_digest(signature.strip().encode("utf-8", "surrogateescape"), expected.encode()):
+                return
+            raise HTTPException(401, "bad webhook signature")
+        token = request.headers.get("x-rapport-token") or ""
+        if not token and "token" in request.query_params:
+            if not self.query_token:  # an installation set up before signatures: say what to change
+                logger.warning("a Chatwoot delivery carried the secret as ?token= and was refused: sign deliveries, "
+                               "send X-Rapport-Token, or set RAPPORT_CHATWOOT_QUERY_TOKEN=true")
+                raise HTTPException(401, "the webhook secret in the query string is not accepted here")
+            token = request.query_params.get("token") or ""
+        self.verify(token)
 
     def verify(self, token: str) -> None:
         if not hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self.secret):

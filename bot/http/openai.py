@@ -2,7 +2,7 @@
 
 Rapport keeps each conversation's history itself, so only the last user message of `messages` is taken
 as the turn's text; the client's own system and earlier messages are not replayed (the persona, memory
-and FAQ decide the prompt). `user` is the end user (default: one id per API key). The conversation is
+and FAQ decide the prompt). `user` is the end user (default: one id per API key), inside the key's namespace like every id. The conversation is
 `X-Conversation-ID`, else `metadata.conversation_id`, else derived from the user: one running
 conversation per user. Sampling fields (temperature, max_tokens, …) are accepted and ignored: the
 deployment's settings decide them. Replies carry `rapport: {turn_id, sources, adapter_version, handoff}`.
@@ -21,7 +21,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.http.auth import Caller, CallerDep
+from bot.http.auth import Caller, CallerDep, ChatDep, limit_user
 from bot.http.deps import BackendDep, ManagerDep, MetricsDep
 from bot.http.metrics import ApiMetrics
 from bot.http.turns import EventStream, stream_reply
@@ -65,15 +65,17 @@ def last_user_text(messages: list[ChatMessage]) -> str:
     raise InvalidInput("messages holds no user message with text")
 
 
-def conversation_for(request: Request, body: ChatRequest, user_id: str) -> str:
+def conversation_for(request: Request, body: ChatRequest, caller: Caller, user_id: str) -> str:
+    """The stored conversation id: the one the client names, else one per user (both inside the key's namespace)."""
     given = request.headers.get("x-conversation-id") or (body.metadata or {}).get("conversation_id")
     if given:
-        return validate_id(given, "conversation id")
-    return "oai-" + hashlib.sha256(user_id.encode()).hexdigest()[:32]
+        return caller.conversation(validate_id(given, "conversation id"))
+    return caller.conversation("oai-" + hashlib.sha256(user_id.encode()).hexdigest()[:32])
 
 
 def user_for(body: ChatRequest, caller: Caller) -> str:
-    return body.user or caller.name  # an anonymous client still gets memory of its own, never another's
+    """The stored user id; an anonymous client still gets memory of its own, never another's."""
+    return caller.user(body.user or caller.name)
 
 
 def completion_id() -> str:
@@ -95,11 +97,12 @@ def rapport_field(outcome: Reply) -> dict:
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request, body: ChatRequest, caller: CallerDep, manager: ManagerDep,
+async def chat_completions(request: Request, body: ChatRequest, caller: ChatDep, manager: ManagerDep,
                            backend: BackendDep, metrics: MetricsDep):
     """OpenAI-compatible chat completion, plain or streamed (`stream: true`)."""
     user_id = user_for(body, caller)
-    conversation_id = conversation_for(request, body, user_id)
+    limit_user(request, caller, user_id)
+    conversation_id = conversation_for(request, body, caller, user_id)
     outcome = await manager.respond(user_id=user_id, conversation_id=conversation_id,
                                     text=last_user_text(body.messages), channel="openai")
     model = backend.model_id

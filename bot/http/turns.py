@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
-from bot.http.auth import CallerDep
+from bot.http.auth import Caller, ChatDep, limit_user
 from bot.http.deps import DeskDep, ManagerDep, MetricsDep, StoreDep
 from bot.http.metrics import ApiMetrics
 from dialogue.errors import NotFound
@@ -141,12 +141,15 @@ class EventStream(StreamingResponse):
 
 @router.post("/conversations/{conversation_id}/messages", response_model=MessageOut,
              responses={200: {"content": {"text/event-stream": {}}}})
-async def post_message(request: Request, conversation_id: ConversationId, body: MessageIn, caller: CallerDep,
+async def post_message(request: Request, conversation_id: ConversationId, body: MessageIn, caller: ChatDep,
                        manager: ManagerDep, metrics: MetricsDep):
     """A user's message in; the reply with its sources, handoff flag and adapter version out. The core's handoff
-    gate answers with a `HandedOff` when a person has (or is asked to take) the conversation."""
-    outcome = await manager.respond(user_id=body.user_id, conversation_id=conversation_id, text=body.text,
-                                    channel=body.channel)
+    gate answers with a `HandedOff` when a person has (or is asked to take) the conversation. Ids are taken
+    inside the key's namespace; a conversation id that belongs to another user is refused."""
+    user_id = caller.user(body.user_id)
+    limit_user(request, caller, user_id)
+    outcome = await manager.respond(user_id=user_id, conversation_id=caller.conversation(conversation_id),
+                                    text=body.text, channel=body.channel)
     if wants_stream(request, body.stream):
         return EventStream(_reply_events(metrics, outcome, channel=body.channel))
     async for _ in stream_reply(metrics, outcome, channel=body.channel):
@@ -166,53 +169,62 @@ async def _reply_events(metrics: ApiMetrics, reply: Reply, *, channel: str) -> A
 
 
 @router.post("/turns/{turn_id}/rating", response_model=RatingOut)
-async def post_rating(turn_id: TurnId, body: RatingIn, caller: CallerDep, manager: ManagerDep, metrics: MetricsDep):
-    """Thumbs up (1) or down (-1) on a turn; repeated downs hand the conversation to a person."""
-    handed_off = await manager.rate(turn_id=turn_id, rating=body.rating, user_id=body.user_id,
+async def post_rating(turn_id: TurnId, body: RatingIn, caller: ChatDep, manager: ManagerDep, store: StoreDep,
+                      metrics: MetricsDep):
+    """Thumbs up (1) or down (-1) on a turn of the key's users; repeated downs hand the conversation to a person.
+    A correction is kept for training only once an admin approves it (`POST /v1/turns/{id}/correction/approve`)."""
+    turn = await asyncio.to_thread(store.get_turn, turn_id)
+    if turn is None or not caller.owns(turn.user_id) or (
+            body.user_id is not None and caller.user(body.user_id) != turn.user_id):
+        raise NotFound(f"no turn {turn_id!r}")
+    handed_off = await manager.rate(turn_id=turn_id, rating=body.rating, user_id=turn.user_id,
                                     comment=body.comment, correction=body.correction)
     metrics.ratings.labels(str(body.rating)).inc()
     return {"turn_id": turn_id, "rating": body.rating, "handoff": handed_off}
 
 
-async def _conversation(store: TranscriptStore, conversation_id: str) -> Conversation:
-    conversation = await asyncio.to_thread(store.get_conversation, conversation_id)
-    if conversation is None:
+async def _conversation(store: TranscriptStore, caller: Caller, conversation_id: str) -> Conversation:
+    """The caller's conversation of that id; another user's is as unknown as a missing one."""
+    conversation = await asyncio.to_thread(store.get_conversation, caller.conversation(conversation_id))
+    if conversation is None or not caller.owns(conversation.user_id):
         raise NotFound(f"no conversation {conversation_id!r}")
     return conversation
 
 
-def _conversation_json(c) -> dict:
-    return {"conversation_id": c.id, "user_id": c.user_id, "channel": c.channel, "status": c.status}
+def _conversation_json(c, caller: Caller) -> dict:
+    return {"conversation_id": caller.shown(c.id), "user_id": caller.shown(c.user_id), "channel": c.channel,
+            "status": c.status}
 
 
 @router.get("/conversations/{conversation_id}", response_model=ConversationOut)
-async def get_conversation(conversation_id: ConversationId, caller: CallerDep, store: StoreDep):
+async def get_conversation(conversation_id: ConversationId, caller: ChatDep, store: StoreDep):
     """Who the conversation belongs to and whether the bot or a person has it."""
-    return _conversation_json(await _conversation(store, conversation_id))
+    return _conversation_json(await _conversation(store, caller, conversation_id), caller)
 
 
 @router.post("/conversations/{conversation_id}/handoff", response_model=ConversationOut)
-async def post_handoff(conversation_id: ConversationId, body: HandoffIn, caller: CallerDep, store: StoreDep,
+async def post_handoff(conversation_id: ConversationId, body: HandoffIn, caller: ChatDep, store: StoreDep,
                        desk: DeskDep):
     """Hand the conversation to a person now; the bot stays silent until it is resumed."""
-    conversation = await _conversation(store, conversation_id)
-    await desk.hand_off(conversation_id=conversation_id, user_id=conversation.user_id,
+    conversation = await _conversation(store, caller, conversation_id)
+    await desk.hand_off(conversation_id=conversation.id, user_id=conversation.user_id,
                                           reason=body.reason, background=True)
-    return {**_conversation_json(conversation), "status": "human"}
+    return {**_conversation_json(conversation, caller), "status": "human"}
 
 
 @router.post("/conversations/{conversation_id}/resume", response_model=ConversationOut)
-async def post_resume(conversation_id: ConversationId, caller: CallerDep, store: StoreDep, desk: DeskDep):
+async def post_resume(conversation_id: ConversationId, caller: ChatDep, store: StoreDep, desk: DeskDep):
     """Give the conversation back to the bot."""
-    conversation = await _conversation(store, conversation_id)
-    await desk.resume(conversation_id)
-    return {**_conversation_json(conversation), "status": "bot"}
+    conversation = await _conversation(store, caller, conversation_id)
+    await desk.resume(conversation.id)
+    return {**_conversation_json(conversation, caller), "status": "bot"}
 
 
 @router.post("/conversations/{conversation_id}/agent_messages")
-async def post_agent_message(conversation_id: ConversationId, body: AgentMessageIn, caller: CallerDep,
+async def post_agent_message(conversation_id: ConversationId, body: AgentMessageIn, caller: ChatDep,
                              store: StoreDep, desk: DeskDep) -> dict:
-    """Record what a human agent wrote (linked to the customer message it answers) for the learning loop."""
-    await _conversation(store, conversation_id)
-    turn = await desk.record_agent_reply(conversation_id=conversation_id, text=body.text)
+    """Record what a human agent wrote (linked to the customer message it answers); it teaches the learning loop
+    only when an admin key sent it (any other key could put words in a 'human agent's' mouth)."""
+    conversation = await _conversation(store, caller, conversation_id)
+    turn = await desk.record_agent_reply(conversation_id=conversation.id, text=body.text, trusted=caller.admin)
     return {"turn_id": turn.id, "reply_to": turn.reply_to}

@@ -1,7 +1,8 @@
 """Per-user routes (persona, memories, export, erasure) and the business's FAQ and adapter registry.
 
 The stores are synchronous (SQLite, Chroma, the embedder), so every call runs in a worker thread and the
-event loop stays free for streaming replies. Export/erasure of a user, FAQ writes and adapter changes
+event loop stays free for streaming replies. Persona and memories need the `memory` scope and take the user id
+inside the key's namespace; export/erasure of a user, FAQ writes, the adapter registry and approving corrections
 need an admin key.
 """
 
@@ -15,12 +16,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 
-from bot.http.auth import AdminDep, CallerDep
-from bot.http.deps import FaqDep, MemoryDep, PersonasDep, RegistryDep, ServicesDep
-from dialogue.errors import InvalidInput
+from bot.http.auth import AdminDep, CallerDep, MemoryScopeDep
+from bot.http.deps import FaqDep, MemoryDep, PersonasDep, RegistryDep, ServicesDep, StoreDep
+from dialogue.errors import InvalidInput, NotFound
 from memory.faq_files import parse_faq_text
 from memory.memories import MemoryItem
 from memory.text import ID_PATTERN
+from training.store import TrainingStore
 
 logger = logging.getLogger(__name__)
 
@@ -55,23 +57,23 @@ async def run(fn, *args, **kwargs):
 # -- persona -----------------------------------------------------------------------------------------
 
 @router.get("/users/{user_id}/persona")
-async def get_persona(user_id: UserId, caller: CallerDep, personas: PersonasDep) -> dict:
+async def get_persona(user_id: UserId, caller: MemoryScopeDep, personas: PersonasDep) -> dict:
     """The profile that conditions this user's replies."""
-    return (await run(personas.get, user_id)).to_json()
+    return (await run(personas.get, caller.user(user_id))).to_json()
 
 
 @router.put("/users/{user_id}/persona")
-async def put_persona(user_id: UserId, changes: dict[str, Any], caller: CallerDep, personas: PersonasDep) -> dict:
+async def put_persona(user_id: UserId, changes: dict[str, Any], caller: MemoryScopeDep, personas: PersonasDep) -> dict:
     """Set persona fields (`{"name": "Lena", "verbosity": "short"}`); "" or [] clears one."""
     if len(changes) > 20:
         raise InvalidInput("too many persona fields")
-    return (await run(personas.update, user_id, changes)).to_json()
+    return (await run(personas.update, caller.user(user_id), changes)).to_json()
 
 
 # -- memories ----------------------------------------------------------------------------------------
 
 @router.post("/users/{user_id}/memories")
-async def post_memories(user_id: UserId, body: MemoriesIn, caller: CallerDep, memory: MemoryDep) -> dict:
+async def post_memories(user_id: UserId, body: MemoriesIn, caller: MemoryScopeDep, memory: MemoryDep) -> dict:
     """Add memories for the user; returns their ids in order."""
     items = []
     for number, data in enumerate(body.items, 1):
@@ -79,20 +81,20 @@ async def post_memories(user_id: UserId, body: MemoriesIn, caller: CallerDep, me
             items.append(MemoryItem.from_json(data))
         except InvalidInput as exc:
             raise InvalidInput(f"item {number}: {exc}") from None
-    return {"ids": await run(memory.for_user(user_id).add, items)}
+    return {"ids": await run(memory.for_user(caller.user(user_id)).add, items)}
 
 
 @router.get("/users/{user_id}/memories/search")
-async def search_memories(user_id: UserId, q: QueryText, caller: CallerDep, memory: MemoryDep,
+async def search_memories(user_id: UserId, q: QueryText, caller: MemoryScopeDep, memory: MemoryDep,
                           k: K = 5) -> list[dict]:
     """This user's memories nearest to `q`, best first: `[{"id", "text", "score", "meta"}]`."""
-    return [hit.to_json() for hit in await run(memory.for_user(user_id).search, q, k)]
+    return [hit.to_json() for hit in await run(memory.for_user(caller.user(user_id)).search, q, k)]
 
 
 @router.delete("/users/{user_id}/memories/{memory_id}")
-async def delete_memory(user_id: UserId, memory_id: MemoryId, caller: CallerDep, memory: MemoryDep) -> dict:
+async def delete_memory(user_id: UserId, memory_id: MemoryId, caller: MemoryScopeDep, memory: MemoryDep) -> dict:
     """Forget one memory (404 when it is not this user's)."""
-    await run(memory.for_user(user_id).forget, memory_id)
+    await run(memory.for_user(caller.user(user_id)).forget, memory_id)
     return {"deleted": memory_id}
 
 
@@ -131,7 +133,7 @@ async def search_faq(q: QueryText, caller: CallerDep, faq: FaqDep, k: K = 5) -> 
 # -- adapters (admin) --------------------------------------------------------------------------------
 
 @router.get("/adapters")
-async def list_adapters(caller: CallerDep, registry: RegistryDep) -> list[dict]:
+async def list_adapters(caller: AdminDep, registry: RegistryDep) -> list[dict]:
     """Adapter versions: `[{"version", "status", "metrics", "created_at"}]`."""
     return await run(registry.list)
 
@@ -149,3 +151,14 @@ async def promote_adapter(version: Version, caller: AdminDep, registry: Registry
 async def rollback_adapter(caller: AdminDep, registry: RegistryDep) -> dict:
     """Back to the previous active version."""
     return await run(registry.rollback)
+
+
+# -- training trust (admin) --------------------------------------------------------------------------
+
+@router.post("/turns/{turn_id}/correction/approve", tags=["training"])
+async def approve_correction(turn_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")], caller: AdminDep,
+                             store: StoreDep) -> dict:
+    """Trust the correction a user gave on this turn: only approved corrections become training examples."""
+    if not await run(TrainingStore(store).approve_correction, turn_id):
+        raise NotFound(f"no correction on turn {turn_id!r}")
+    return {"turn_id": turn_id, "correction_trusted": True}

@@ -1,12 +1,22 @@
-"""The generic handoff webhook: each `HandoffEvent` POSTed as JSON to the operators' URL."""
+"""The generic handoff webhook: each `HandoffEvent` POSTed as JSON to the operators' URL.
+
+With a secret, each delivery is signed the Standard Webhooks way (standardwebhooks.com): `webhook-id` (the same on
+every retry, so the receiver drops duplicates), `webhook-timestamp` (Unix seconds: the receiver refuses old ones,
+so a captured delivery cannot be replayed later) and `webhook-signature: v1,<base64 HMAC-SHA256 of
+"<id>.<timestamp>.<body>">` (a `whsec_…` secret is base64, as the scheme's libraries expect). The older
+`X-Rapport-Signature: sha256=<hex HMAC of the body>` is still sent.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
 import logging
+import time
+import uuid
 
 import httpx
 
@@ -30,6 +40,7 @@ class WebhookNotifier:
         if self.secret:
             digest = hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
             headers["X-Rapport-Signature"] = f"sha256={digest}"
+            headers.update(standard_signature(self.secret, f"msg_{uuid.uuid4().hex}", int(time.time()), body))
         async with httpx.AsyncClient(timeout=self.timeout) as client:
             for attempt in range(1, self.attempts + 1):
                 try:
@@ -42,3 +53,11 @@ class WebhookNotifier:
                     logger.warning("handoff webhook attempt %d failed: %s", attempt, exc.__class__.__name__)
                 await asyncio.sleep(0.5 * 2 ** (attempt - 1))
         logger.error("handoff webhook gave up on conversation %s", event.conversation_id)
+
+
+def standard_signature(secret: str, message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """The Standard Webhooks headers for one delivery."""
+    key = base64.b64decode(secret.removeprefix("whsec_")) if secret.startswith("whsec_") else secret.encode()
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    signature = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return {"webhook-id": message_id, "webhook-timestamp": str(timestamp), "webhook-signature": f"v1,{signature}"}

@@ -84,6 +84,25 @@ def user_id_of(user: User) -> str:
     return f"{CHANNEL}:{user.id}"
 
 
+def actor_of(update: Update) -> str:
+    """Who really speaks: the chat a message is sent on behalf of (an anonymous group admin, a channel post: all
+    share one fake sender, `sender_chat` tells them apart), else the user."""
+    message = update.effective_message
+    sender_chat = getattr(message, "sender_chat", None) if update.callback_query is None else None
+    if sender_chat is not None:
+        return f"{CHANNEL}:chat:{sender_chat.id}"
+    return user_id_of(update.effective_user)
+
+
+def scoped_user(update: Update) -> str:
+    """The stored user id: the actor in a private chat; `actor@group` in a group, so that a group never sees the
+    memories and profile of private chats (and a group's talk never lands in them)."""
+    chat, actor = update.effective_chat, actor_of(update)
+    if chat is None or chat.type == ChatType.PRIVATE:
+        return actor
+    return f"{actor}@{chat.id}"
+
+
 def rating_buttons(turn_id: str) -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup([[InlineKeyboardButton("👍", callback_data=f"rate:{turn_id}:1"),
                                   InlineKeyboardButton("👎", callback_data=f"rate:{turn_id}:-1")]])
@@ -188,46 +207,59 @@ class TelegramBot:
 
     async def on_new(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Start a new conversation in this chat; memory and persona stay."""
-        chat, user = update.effective_chat, update.effective_user
-        number = await self._conversation_number(chat.id, chat.type, user.id) + 1
-        conversation_id = self._conversation_id(chat.id, chat.type, user.id, number)
+        chat, who = update.effective_chat, scoped_user(update)
+        number = await self._conversation_number(chat.id, chat.type, who) + 1
+        conversation_id = self._conversation_id(chat.id, chat.type, who, number)
         await asyncio.to_thread(self.services.store.ensure_conversation, conversation_id=conversation_id,
-                                user_id=user_id_of(user), channel=CHANNEL)
-        self._conversations[(chat.id, user.id)] = number
-        self._corrections.pop((chat.id, user.id), None)
-        self._last.pop((chat.id, user.id), None)
+                                user_id=who, channel=CHANNEL)
+        self._conversations[(chat.id, who)] = number
+        self._corrections.pop((chat.id, who), None)
+        self._last.pop((chat.id, who), None)
         await update.effective_message.reply_text("Started a new conversation. I still remember you: /memory and "
                                                   "/persona show what I know.")
 
     async def on_persona(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Show the persona, or `/persona set key=value` to change one field."""
-        await self._reply(update, await self.commands.persona(user_id_of(update.effective_user), _args(context)))
+        """Show the persona, or `/persona set key=value` to change one field (private chats only)."""
+        if await self._private_only(update, "/persona"):
+            await self._reply(update, await self.commands.persona(actor_of(update), _args(context)))
 
     async def on_memory(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """List what is remembered about the user."""
-        await self._reply(update, await self.commands.memory(user_id_of(update.effective_user)))
+        """List what is remembered about the user (private chats only)."""
+        if await self._private_only(update, "/memory"):
+            await self._reply(update, await self.commands.memory(actor_of(update)))
 
     async def on_forget(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Forget one memory by id, or all of them."""
-        await self._reply(update, await self.commands.forget(user_id_of(update.effective_user), _args(context)))
+        """Forget one memory by id, or all of them (private chats only)."""
+        if await self._private_only(update, "/forget"):
+            await self._reply(update, await self.commands.forget(actor_of(update), _args(context)))
 
     async def on_rate_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """`/rate up|down [comment]` on the last reply in this chat (the buttons do the same)."""
-        last = self._last.get((update.effective_chat.id, update.effective_user.id))
-        await self._reply(update, await self.commands.rate(user_id_of(update.effective_user), last, _args(context)))
+        who = scoped_user(update)
+        last = self._last.get((update.effective_chat.id, who))
+        await self._reply(update, await self.commands.rate(who, last, _args(context)))
 
     async def on_sources(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Where the last reply in this chat came from."""
-        await self._reply(update, self.commands.sources(self._last.get((update.effective_chat.id,
-                                                                         update.effective_user.id))))
+        await self._reply(update, self.commands.sources(self._last.get((update.effective_chat.id, scoped_user(update)))))
 
     async def on_export(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Send everything kept about the user as a JSON document."""
+        """Send everything kept about the user as a JSON document (private chats only: never to a group)."""
+        if not await self._private_only(update, "/export"):
+            return
         user = update.effective_user
-        payload = (await self.commands.export(user_id_of(user))).encode()
+        payload = (await self.commands.export(actor_of(update))).encode()
         await update.effective_message.reply_document(
             InputFile(io.BytesIO(payload), filename=f"rapport-export-{user.id}.json"),
             caption="Everything I keep about you.")
+
+    async def _private_only(self, update: Update, command: str) -> bool:
+        """True in a private chat; in a group, a pointer to the private chat instead (what is kept stays private)."""
+        if update.effective_chat.type == ChatType.PRIVATE:
+            return True
+        await update.effective_message.reply_text(f"{command} is answered only in a private chat with me: "
+                                                  "what I keep about you stays between us.")
+        return False
 
     async def _reply(self, update: Update, text: str) -> None:
         for piece in split_message(text):
@@ -254,9 +286,10 @@ class TelegramBot:
             text = re.sub(rf"@{re.escape(context.bot.username)}\b", "", text, flags=re.I)
         text = text.strip()  # the core refuses an over-long message, saying the limit (on_error shows it)
         group = chat.type != ChatType.PRIVATE
-        pending = self._corrections.pop((chat.id, user.id), None)
+        who = scoped_user(update)
+        pending = self._corrections.pop((chat.id, who), None)
         if pending and text:
-            await self.services.manager.rate(turn_id=pending, rating=-1, user_id=user_id_of(user), correction=text)
+            await self.services.manager.rate(turn_id=pending, rating=-1, user_id=who, correction=text)
             await message.reply_text("Thank you, I'll learn from that.", do_quote=group)
             return
         if not text:
@@ -268,10 +301,10 @@ class TelegramBot:
                              interval=self.settings.telegram_group_edit_interval if group else self.settings.telegram_edit_interval)
         typing = asyncio.create_task(keep_typing(context.bot, chat.id, stream.started, thread_id=thread_id))
         try:
-            conversation_id = await self._current_conversation(chat.id, chat.type, user.id)
-            reply = await self.services.manager.respond(user_id=user_id_of(user), conversation_id=conversation_id,
+            conversation_id = await self._current_conversation(chat.id, chat.type, who)
+            reply = await self.services.manager.respond(user_id=who, conversation_id=conversation_id,
                                                         text=text, channel=CHANNEL)
-            self._last[(chat.id, user.id)] = reply
+            self._last[(chat.id, who)] = reply
             for notice in reply.notices:
                 await context.bot.send_message(chat.id, notice, message_thread_id=thread_id)
             if isinstance(reply, HandedOff):  # the gate: a person has (or is now asked to take) this conversation
@@ -297,7 +330,7 @@ class TelegramBot:
         try:
             _, turn_id, value = query.data.split(":")
             rating = int(value)
-            await self.services.manager.rate(turn_id=turn_id, rating=rating, user_id=user_id_of(user))
+            await self.services.manager.rate(turn_id=turn_id, rating=rating, user_id=scoped_user(update))
         except (ValueError, InvalidInput, NotFound):
             await query.answer("Only the person I answered can rate this reply.")
             return
@@ -306,7 +339,7 @@ class TelegramBot:
         with contextlib.suppress(TelegramError):  # the reply may be gone; the rating is stored anyway
             await query.edit_message_reply_markup(ack)
         if rating < 0 and chat is not None:
-            self._corrections[(chat.id, user.id)] = turn_id
+            self._corrections[(chat.id, scoped_user(update))] = turn_id
             skip = InlineKeyboardMarkup([[InlineKeyboardButton("Skip", callback_data="skip")]])
             where = " (reply to this message)" if chat.type != ChatType.PRIVATE else ""
             await context.bot.send_message(chat.id, f"What would have been a better reply? Your next message{where} "
@@ -315,7 +348,7 @@ class TelegramBot:
     async def on_correction_skipped(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Drop the pending correction question."""
         query = update.callback_query
-        self._corrections.pop((update.effective_chat.id, update.effective_user.id), None)
+        self._corrections.pop((update.effective_chat.id, scoped_user(update)), None)
         await query.answer("Okay.")
         with contextlib.suppress(TelegramError):
             await query.edit_message_reply_markup(None)
@@ -331,13 +364,15 @@ class TelegramBot:
         if verdict != "yes":
             await query.edit_message_text("Nothing was erased.")
             return
-        counts = await asyncio.to_thread(self.services.erase_user, user_id_of(user))
-        for key in [k for k in self._conversations if k[1] == user.id]:
-            del self._conversations[key]
-        for key in [k for k in self._corrections if k[1] == user.id]:
-            del self._corrections[key]
-        for key in [k for k in self._last if k[1] == user.id]:
-            del self._last[key]
+        mine = (user_id_of(user), f"{user_id_of(user)}@")  # their private id and their group scopes
+        scopes = await asyncio.to_thread(self.services.store.user_ids, prefix=mine[1])
+        counts = await asyncio.to_thread(self.services.erase_user, mine[0])
+        for scope in scopes:
+            for kind, n in (await asyncio.to_thread(self.services.erase_user, scope)).items():
+                counts[kind] = counts.get(kind, 0) + n
+        for held in (self._conversations, self._corrections, self._last):
+            for key in [k for k in held if k[1] == mine[0] or k[1].startswith(mine[1])]:
+                del held[key]
         logger.info("erased %s: %s", user_id_of(user), counts)
         await query.edit_message_text("Done: everything I kept about you is erased.")
 
@@ -378,21 +413,22 @@ class TelegramBot:
     # -- conversations ------------------------------------------------------------------------------
 
     @staticmethod
-    def _conversation_id(chat_id: int, chat_type: str, user_id: int, number: int) -> str:
+    def _conversation_id(chat_id: int, chat_type: str, who: str, number: int) -> str:
+        """`telegram:<chat>:<n>` in a private chat; `<who>:<n>` (`telegram:<uid>@<group>:<n>`) in a group."""
         if chat_type == ChatType.PRIVATE:
             return f"{CHANNEL}:{chat_id}:{number}"
-        return f"{CHANNEL}:{chat_id}:{user_id}:{number}"
+        return f"{who}:{number}"
 
-    async def _current_conversation(self, chat_id: int, chat_type: str, user_id: int) -> str:
+    async def _current_conversation(self, chat_id: int, chat_type: str, user_id: str) -> str:
         return self._conversation_id(chat_id, chat_type, user_id, await self._conversation_number(chat_id, chat_type, user_id))
 
-    async def _conversation_number(self, chat_id: int, chat_type: str, user_id: int) -> int:
+    async def _conversation_number(self, chat_id: int, chat_type: str, user_id: str) -> int:
         """The chat's current conversation number: remembered, else the highest in the store (so a restart
         continues the conversation), else 1."""
         key = (chat_id, user_id)
         if key not in self._conversations:
             prefix = self._conversation_id(chat_id, chat_type, user_id, 0)[:-1]
-            self._conversations[key] = await asyncio.to_thread(self._latest_number, prefix, f"{CHANNEL}:{user_id}")
+            self._conversations[key] = await asyncio.to_thread(self._latest_number, prefix, user_id)
         return self._conversations[key]
 
     def _latest_number(self, prefix: str, user_id: str) -> int:

@@ -20,7 +20,7 @@ from dialogue.model.backend import Message, TokenizerText
 from dialogue.errors import GenerationError
 from dialogue.model.files import EMBEDDED_NAME, resolve_model_dir
 from dialogue.model.worker import AdapterRef, GenerationParams
-from dialogue.settings import Settings
+from dialogue.settings import Settings, reveal
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class OpenAIBackend(TokenizerText):
         self.settings = settings
         self.url = settings.backend_url.rstrip("/")
         self.model_id = settings.backend_model or settings.model or EMBEDDED_NAME
-        headers = {"Authorization": f"Bearer {settings.backend_api_key}"} if settings.backend_api_key else {}
+        headers = {"Authorization": f"Bearer {reveal(settings.backend_api_key)}"} if settings.backend_api_key else {}
         self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(10.0, read=120.0))
         self._tokenizer = None
 

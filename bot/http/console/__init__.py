@@ -44,7 +44,7 @@ async def login_form(request: Request, problem: str | None = None, status: int =
     """The login form, with a CSRF token double-submitted in a cookie of its own."""
     token = secrets.token_urlsafe(24)
     response = render(request, None, "login.html", status=status, login_csrf=token, problem=problem,
-                      open_mode=not request.app.state.keys.required)
+                      open_mode=not request.app.state.keys.any())
     set_cookie(request, response, LOGIN_COOKIE, token, max_age=3600)
     return response
 

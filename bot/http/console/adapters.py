@@ -18,6 +18,7 @@ from bot.http.deps import ServicesDep
 from dialogue.errors import InvalidInput, RapportError
 from training.experiment import RULE, current_experiment
 from training.registry import Registry
+from training.store import TrainingStore
 from training.report import BASE, rating_rates
 
 router = APIRouter()
@@ -150,4 +151,16 @@ async def feedback_page(request: Request, session: SessionDep, services: Service
     rows = await asyncio.to_thread(services.store.recent_feedback, limit=300)
     if only == "corrections":
         rows = [(r, t) for r, t in rows if r.correction]
-    return render(request, session, "feedback.html", active="feedback", rows=rows, only=only)
+    q = request.query_params
+    return render(request, session, "feedback.html", active="feedback", rows=rows, only=only,
+                  notice=q.get("notice"), problem=q.get("problem"))
+
+
+@router.post("/feedback/{turn_id}/approve")
+async def approve_correction(request: Request, turn_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")],
+                             session: SessionDep, services: ServicesDep):
+    """Trust a user's correction for training (until then it teaches nothing)."""
+    await checked_form(request, session)
+    if not await asyncio.to_thread(TrainingStore(services.store).approve_correction, turn_id):
+        return go("/admin/feedback", only="corrections", problem=f"turn {turn_id} has no correction")
+    return go("/admin/feedback", only="corrections", notice="approved: the next training run learns from it")

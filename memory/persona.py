@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel
 
 from memory.errors import InvalidInput
+from memory.text import one_line
 
 VERBOSITY = ("short", "normal", "detailed")
 MAX_FIELD_CHARS = 200
@@ -80,7 +81,7 @@ def validate_field(key: str, value: Any) -> Any:
 
 
 def clean(value: str) -> str:
-    value = re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", value).strip()
+    value = one_line(value).strip()
     if len(value) > MAX_FIELD_CHARS:
         raise InvalidInput(f"a persona value is at most {MAX_FIELD_CHARS} characters")
     return value

@@ -125,6 +125,8 @@ class ChatwootBot:
                 payload = await request.json()
             except ValueError:
                 raise HTTPException(400, "body is not JSON") from None
+            except RecursionError:  # nested deeper than the parser goes: no Chatwoot event looks like that
+                raise HTTPException(400, "body is nested too deeply") from None
             if not isinstance(payload, dict):
                 raise HTTPException(400, "body is not a JSON object")
             accepted = await self.accept(payload)

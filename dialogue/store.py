@@ -159,18 +159,22 @@ class TranscriptStore:
     # -- conversations ------------------------------------------------------------------------
 
     def ensure_conversation(self, *, conversation_id: str, user_id: str, channel: str) -> Conversation:
-        """The conversation, created on first use; it belongs to one user forever."""
+        """The conversation, created on first use; it belongs to one user forever.
+
+        Created by upserts (insert unless there), so a new user's first messages arriving at once make one
+        user and one conversation, whichever commits first; the others read it."""
         with self.session() as session:
             conversation = session.get(Conversation, conversation_id)
-            if conversation is not None:
-                if conversation.user_id != user_id:
-                    raise InvalidInput("that conversation id belongs to another user")
-                return conversation
-            if session.get(User, user_id) is None:
-                session.add(User(id=user_id))
-            conversation = Conversation(id=conversation_id, user_id=user_id, channel=channel)
-            session.add(conversation)
-            session.commit()
+            if conversation is None:
+                now = utcnow()
+                session.execute(insert_new(self.engine, User, {"id": user_id, "created_at": now}))
+                session.execute(insert_new(self.engine, Conversation, {
+                    "id": conversation_id, "user_id": user_id, "channel": channel, "status": "bot",
+                    "created_at": now, "updated_at": now}))
+                session.commit()
+                conversation = session.get(Conversation, conversation_id)
+            if conversation.user_id != user_id:
+                raise InvalidInput("that conversation id belongs to another user")
             return conversation
 
     def history(self, *, conversation_id: str, user_id: str, limit: int = 20) -> list[Turn]:
@@ -189,6 +193,7 @@ class TranscriptStore:
     def record_turn(self, turn: Turn) -> Turn:
         """Write a finished turn in one transaction; committed (and on disk) when this returns."""
         with self.session() as session:
+            self._lock_conversation(session, turn.conversation_id)
             last = session.exec(
                 select(Turn.seq).where(Turn.conversation_id == turn.conversation_id).order_by(Turn.seq.desc()).limit(1)
             ).first()
@@ -200,6 +205,14 @@ class TranscriptStore:
             session.add(turn)
             session.commit()
             return turn
+
+    def _lock_conversation(self, session: Session, conversation_id: str) -> None:
+        """Serialise writers of one conversation until this transaction ends, so each turn gets its own
+        sequence number: a row lock on PostgreSQL, the database's write lock on SQLite (BEGIN IMMEDIATE)."""
+        if self.engine.dialect.name == "sqlite":
+            session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            session.execute(select(Conversation.id).where(Conversation.id == conversation_id).with_for_update())
 
     def claim_event(self, *, channel: str, event_id: str) -> bool:
         """True the first time `(channel, event_id)` is seen, False ever after (redeliveries, restarts)."""
@@ -296,6 +309,15 @@ class TranscriptStore:
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         return counts
+
+
+def insert_new(engine: Engine, model: type[SQLModel], values: dict[str, Any]):
+    """INSERT of one row that does nothing when its primary key is taken (SQLite and PostgreSQL)."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(model).values(**values).on_conflict_do_nothing()
 
 
 def _redact(url: str) -> str:

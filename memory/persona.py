@@ -179,11 +179,18 @@ class PersonaStore:
         return Persona(**{k: v for k, v in data.items() if k in Persona.keys()})
 
     def put(self, user_id: str, persona: Persona) -> Persona:
+        """Store the profile: one upsert, so first writes at once never collide on the key."""
+        values = {"user_id": user_id, "data": json.dumps(persona.to_json(), ensure_ascii=False),
+                  "updated_at": datetime.now(UTC)}
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        statement = insert(PersonaRow).values(**values)
+        statement = statement.on_conflict_do_update(index_elements=["user_id"], set_={
+            "data": statement.excluded.data, "updated_at": statement.excluded.updated_at})
         with Session(self.engine) as session:
-            row = session.get(PersonaRow, user_id) or PersonaRow(user_id=user_id)
-            row.data = json.dumps(persona.to_json(), ensure_ascii=False)
-            row.updated_at = datetime.now(UTC)
-            session.add(row)
+            session.execute(statement)
             session.commit()
         return persona
 

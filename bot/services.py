@@ -55,6 +55,7 @@ class Services:
                                 listeners=listeners)
         self.manager = DialogueManager(s, self.backend, self.store, recall=recall, after_turn=[recall.remember],
                                        adapter_for=selector.adapter_for, desk=self.desk)
+        self.closers.append(self.manager.close)  # closed first: no lease renewed on a closed store
 
     @cached_property
     def embedder(self) -> Embedder:

@@ -7,4 +7,8 @@ class GenerationError(RapportError):
     """The model failed to produce a reply (after a retry); nothing was recorded."""
 
 
-__all__ = ["GenerationError", "InvalidInput", "NotFound", "RapportError", "StoreUnavailable"]
+class AlreadyHandled(RapportError):
+    """A channel's event (a Telegram update, a Chatwoot message) whose turn was recorded before: a redelivery."""
+
+
+__all__ = ["AlreadyHandled", "GenerationError", "InvalidInput", "NotFound", "RapportError", "StoreUnavailable"]

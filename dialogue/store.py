@@ -20,9 +20,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, delete, select
 
-from dialogue.errors import InvalidInput, NotFound, StoreUnavailable
+from dialogue.errors import AlreadyHandled, InvalidInput, NotFound, StoreUnavailable
 from dialogue.schema import upgrade
 from memory.persona import PersonaRow
+
+
+PENDING = "pending"
+UNANSWERED = frozenset({PENDING, "interrupted", "error", "handoff"})  # turns with no bot reply to show or learn from
+# What a finished pending turn writes over its row (the rest was written when the message came in).
+OUTCOME_FIELDS = ("reply", "prompt", "sources", "handoff", "model_id", "adapter_version", "prompt_tokens",
+                  "completion_tokens", "latency_ms", "ttft_ms", "finish_reason", "guard", "finished_at")
 
 
 def utcnow() -> datetime:
@@ -70,11 +77,13 @@ class Turn(SQLModel, table=True):
     completion_tokens: int = 0
     latency_ms: int = 0
     ttft_ms: int | None = None
-    finish_reason: str = Field(default="stop", max_length=16)  # stop|length|cancelled|agent
+    # stop|length|cancelled|agent|handoff; pending while it is generated (the user's message is on disk first),
+    # interrupted when the process writing it died, error when generation failed
+    finish_reason: str = Field(default="stop", max_length=16)
     reply_to: str | None = Field(default=None, max_length=64)  # agent turns: the turn whose customer message they answer
     guard: str | None = Field(default=None, max_length=32)  # what the degeneration guard did: "echo:regenerated", "repeat:fallback", "late:echo"
     created_at: datetime = Field(default_factory=utcnow)
-    finished_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime = Field(default_factory=utcnow)  # while pending: the writer's lease, renewed while it lives
 
     @property
     def prompt_parts(self) -> dict[str, Any]:
@@ -190,10 +199,18 @@ class TranscriptStore:
 
     # -- turns and ratings --------------------------------------------------------------------
 
-    def record_turn(self, turn: Turn) -> Turn:
-        """Write a finished turn in one transaction; committed (and on disk) when this returns."""
+    def record_turn(self, turn: Turn, *, event: tuple[str, str] | None = None) -> Turn:
+        """Write a turn (finished, or pending: the message before its reply) in one transaction; committed (and
+        on disk) when this returns. `event` (channel, event id) is claimed in the same transaction: a delivery
+        already recorded raises `AlreadyHandled` and writes nothing."""
         with self.session() as session:
             self._lock_conversation(session, turn.conversation_id)
+            if event is not None:
+                claimed = session.execute(insert_new(self.engine, InboundEvent, {
+                    "channel": event[0], "event_id": event[1], "received_at": utcnow()}))
+                if claimed.rowcount == 0:
+                    session.rollback()
+                    raise AlreadyHandled(f"{event[0]} event {event[1]} was handled before")
             last = session.exec(
                 select(Turn.seq).where(Turn.conversation_id == turn.conversation_id).order_by(Turn.seq.desc()).limit(1)
             ).first()
@@ -206,6 +223,58 @@ class TranscriptStore:
             session.commit()
             return turn
 
+    def finish_turn(self, turn: Turn) -> bool:
+        """Write the outcome over a pending turn's row; False (nothing written) when the row is no longer
+        pending: its user was erased, or it was closed as interrupted."""
+        from sqlalchemy import update
+
+        with self.session() as session:
+            result = session.execute(update(Turn).where(Turn.id == turn.id, Turn.finish_reason == PENDING)
+                                     .values({name: getattr(turn, name) for name in OUTCOME_FIELDS}))
+            session.commit()
+            return result.rowcount == 1
+
+    def discard_pending(self, turn_id: str) -> None:
+        """Delete a pending turn whose message was refused (its event, if any, stays claimed)."""
+        with self.session() as session:
+            session.exec(delete(Turn).where(Turn.id == turn_id, Turn.finish_reason == PENDING))
+            session.commit()
+
+    def renew_leases(self, turn_ids: list[str]) -> None:
+        """Say that the pending turns `turn_ids` are still being written (their writer is alive)."""
+        from sqlalchemy import update
+
+        if not turn_ids:
+            return
+        with self.session() as session:
+            session.execute(update(Turn).where(Turn.id.in_(turn_ids), Turn.finish_reason == PENDING)
+                            .values(finished_at=utcnow()))
+            session.commit()
+
+    def close_abandoned(self, *, stale_before: datetime, channels: set[str] | None = None,
+                        exclude: set[str] = frozenset()) -> list[Turn]:
+        """Close as "interrupted" the pending turns whose lease ended before `stale_before` (their process died),
+        in `channels` (None: any) but not in `exclude`; returns the turns this call closed, each closed once
+        however many processes sweep at the same time."""
+        from sqlalchemy import update
+
+        with self.session() as session:
+            query = select(Turn).where(Turn.finish_reason == PENDING, Turn.finished_at < stale_before)
+            if channels is not None:
+                query = query.where(Turn.channel.in_(sorted(channels)))
+            if exclude:
+                query = query.where(Turn.channel.not_in(sorted(exclude)))
+            closed = []
+            for turn in session.exec(query.order_by(Turn.created_at)).all():
+                now = utcnow()
+                result = session.execute(update(Turn).where(Turn.id == turn.id, Turn.finish_reason == PENDING)
+                                         .values(finish_reason="interrupted", finished_at=now))
+                if result.rowcount == 1:
+                    turn.finish_reason, turn.finished_at = "interrupted", now
+                    closed.append(turn)
+            session.commit()
+            return closed
+
     def _lock_conversation(self, session: Session, conversation_id: str) -> None:
         """Serialise writers of one conversation until this transaction ends, so each turn gets its own
         sequence number: a row lock on PostgreSQL, the database's write lock on SQLite (BEGIN IMMEDIATE)."""
@@ -216,15 +285,16 @@ class TranscriptStore:
 
     def claim_event(self, *, channel: str, event_id: str) -> bool:
         """True the first time `(channel, event_id)` is seen, False ever after (redeliveries, restarts)."""
-        from sqlalchemy.exc import IntegrityError
+        with self.session() as session:
+            claimed = session.execute(insert_new(self.engine, InboundEvent, {
+                "channel": channel, "event_id": event_id, "received_at": utcnow()}))
+            session.commit()
+            return claimed.rowcount == 1
 
-        try:
-            with self.session() as session:
-                session.add(InboundEvent(channel=channel, event_id=event_id))
-                session.commit()
-            return True
-        except IntegrityError:
-            return False
+    def event_claimed(self, *, channel: str, event_id: str) -> bool:
+        """Whether `(channel, event_id)` was handled (its turn recorded) before."""
+        with self.session() as session:
+            return session.get(InboundEvent, (channel, event_id)) is not None
 
     def set_status(self, *, conversation_id: str, status: str) -> None:
         """Hand a conversation to a human ("human") or back to the bot ("bot")."""

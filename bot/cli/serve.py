@@ -27,6 +27,7 @@ def build_app(services):
         bot = ChatwootBot(services.manager, services.store, services.desk, services.chatwoot,
                           secret=settings.chatwoot_webhook_secret)
         app.include_router(bot.router())
+        app.state.channels.append(bot)
     return app
 
 

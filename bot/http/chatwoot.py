@@ -117,6 +117,7 @@ class ChatwootBot:
         self._tasks: set[asyncio.Task] = set()
         self._inflight: dict[str, tuple[int, int, str]] = {}  # turn id -> (account, conversation, text) being answered
         self._sweeper: asyncio.Task | None = None
+        self.drain_s = DRAIN_S
 
     # -- the webhook -----------------------------------------------------------------------------
 
@@ -180,14 +181,15 @@ class ChatwootBot:
         """Tell customers whose reply a dead process left unfinished, now and every lease period."""
         self._sweeper = asyncio.create_task(self._sweep())
 
-    async def stop(self, timeout: float = DRAIN_S) -> None:
-        """Let replies being made finish (up to `timeout` s); the rest are cut and their customers told."""
+    async def stop(self) -> None:
+        """Let replies being made finish (up to `drain_s`); the rest are cut and their customers told."""
         if self._sweeper is not None:
             self._sweeper.cancel()
         try:
-            await asyncio.wait_for(self.drain(), timeout)
+            await asyncio.wait_for(self.drain(), self.drain_s)
         except TimeoutError:
-            logger.warning("%d chatwoot events still running after %.0f s; cutting them", len(self._tasks), timeout)
+            logger.warning("%d chatwoot events still running after %.0f s; cutting them", len(self._tasks),
+                           self.drain_s)
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from dialogue.model.backend import Backend
-from dialogue.errors import AlreadyHandled, GenerationError, InvalidInput
+from dialogue.errors import AlreadyHandled, GenerationError, InvalidInput, Overloaded
 from dialogue.guarded import GuardedGeneration, GuardInputs, history_messages, statements
 from dialogue.handoff import HandoffDesk, wants_human
 from dialogue.prompt import PromptParts, build_prompt, context_message, fit_history, system_message
@@ -28,6 +28,7 @@ from memory.text import clean_text, validate_id
 
 logger = logging.getLogger(__name__)
 
+RETRY_AFTER_S = 5  # what an overloaded process asks a client to wait
 CHAT_MARKUP_TOKENS = 20  # per-message role markers (up to two system messages) and the assistant header, with margin
 
 
@@ -242,6 +243,10 @@ class DialogueManager:
         `event_id` (the channel's id of the delivery: a Telegram update, a Chatwoot message) is claimed in the
         same transaction, so a redelivery raises `AlreadyHandled`; a message refused here claims it too."""
         event = (channel, event_id) if event_id is not None else None
+        busy = len(self.leases.held())
+        if busy >= self.settings.max_queue:  # back-pressure: refused before anything is taken, so a retry is clean
+            raise Overloaded(f"busy answering {busy} messages; please try again in a few seconds",
+                             retry_after=RETRY_AFTER_S)
         try:
             user_id = validate_id(user_id, "user_id")
             conversation_id = validate_id(conversation_id, "conversation_id")

@@ -330,9 +330,11 @@ class DialogueManager:
         return Reply(self, turn, parts, context=context, params=params, adapter=adapter, notices=notices, guard=guard)
 
     def finish(self, turn: Turn) -> bool:
-        """Write a pending turn's outcome and let its lease go; False when its row is gone or closed."""
+        """Write a pending turn's outcome and let its lease go; False when its row is gone or closed. A turn
+        with a reply owes its after-turn work (the memory write), kept in the outbox until done."""
+        owed = bool(self.after_turn_hooks) and turn.finish_reason not in ("error", "interrupted", PENDING)
         try:
-            return self.store.finish_turn(turn)
+            return self.store.finish_turn(turn, owe_memory=owed)
         finally:
             self.leases.release(turn.id)
 
@@ -367,12 +369,34 @@ class DialogueManager:
             return HandedOff(turn, notices)
         return None
 
-    async def after_turn(self, turn: Turn) -> None:
+    async def after_turn(self, turn: Turn) -> bool:
+        """Run the after-turn hooks (the memory write); done, the turn leaves the outbox, else it stays owed
+        and is retried (`flush_outbox`). True when all succeeded."""
         for hook in self.after_turn_hooks:
             try:
                 await hook(turn)
-            except Exception:  # a failing side effect (memory write) must not lose the reply
-                logger.exception("after-turn hook %s failed", getattr(hook, "__name__", hook))
+            except Exception as exc:  # a failing side effect (memory write) must not lose the reply
+                logger.warning("after-turn hook %s failed for turn %s (retried later): %s",
+                               getattr(hook, "__name__", hook), turn.id, exc)
+                await asyncio.to_thread(self.store.memory_failed, turn.id, f"{exc.__class__.__name__}: {exc}")
+                return False
+        await asyncio.to_thread(self.store.memory_written, turn.id)
+        return True
+
+    async def flush_outbox(self, *, limit: int = 100) -> dict[str, int]:
+        """Retry the owed after-turn work of recorded turns, oldest first; counts of done, failed and dropped
+        (the turn is gone: its user was erased)."""
+        counts = {"done": 0, "failed": 0, "dropped": 0}
+        for row, turn in await asyncio.to_thread(self.store.owed_memory, limit=limit):
+            if turn is None:
+                await asyncio.to_thread(self.store.memory_written, row.turn_id)
+                counts["dropped"] += 1
+            elif await self.after_turn(turn):
+                counts["done"] += 1
+            else:
+                counts["failed"] += 1
+                break  # the store is likely down: the rest waits for the next round
+        return counts
 
     async def rate(self, *, turn_id: str, rating: int, user_id: str | None = None, comment: str | None = None,
                    correction: str | None = None) -> bool:

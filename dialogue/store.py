@@ -111,6 +111,17 @@ class InboundEvent(SQLModel, table=True):
     received_at: datetime = Field(default_factory=utcnow)
 
 
+class MemoryOutbox(SQLModel, table=True):
+    """A recorded turn whose after-turn memory write is owed: written with the turn, deleted once done."""
+
+    __tablename__ = "memory_outbox"
+    turn_id: str = Field(primary_key=True, max_length=64)
+    user_id: str = Field(index=True, max_length=128)
+    attempts: int = 0
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -223,16 +234,54 @@ class TranscriptStore:
             session.commit()
             return turn
 
-    def finish_turn(self, turn: Turn) -> bool:
-        """Write the outcome over a pending turn's row; False (nothing written) when the row is no longer
-        pending: its user was erased, or it was closed as interrupted."""
+    def finish_turn(self, turn: Turn, *, owe_memory: bool = False) -> bool:
+        """Write the outcome over a pending turn's row, and with `owe_memory` its memory write into the outbox
+        in the same transaction; False (nothing written) when the row is no longer pending: its user was
+        erased, or it was closed as interrupted."""
         from sqlalchemy import update
 
         with self.session() as session:
             result = session.execute(update(Turn).where(Turn.id == turn.id, Turn.finish_reason == PENDING)
                                      .values({name: getattr(turn, name) for name in OUTCOME_FIELDS}))
+            if result.rowcount != 1:
+                session.rollback()
+                return False
+            if owe_memory:
+                session.execute(insert_new(self.engine, MemoryOutbox, {
+                    "turn_id": turn.id, "user_id": turn.user_id, "attempts": 0, "created_at": utcnow()}))
             session.commit()
-            return result.rowcount == 1
+            return True
+
+    # -- the memory outbox ----------------------------------------------------------------------
+
+    def owed_memory(self, *, limit: int = 100, user_id: str | None = None) -> list[tuple[MemoryOutbox, Turn | None]]:
+        """Memory writes still owed, oldest first, with their turns (None: the turn is gone)."""
+        with self.session() as session:
+            query = select(MemoryOutbox, Turn).join(Turn, Turn.id == MemoryOutbox.turn_id, isouter=True)
+            if user_id is not None:
+                query = query.where(MemoryOutbox.user_id == user_id)
+            return [(row, turn) for row, turn in session.exec(query.order_by(MemoryOutbox.created_at).limit(limit))]
+
+    def memory_written(self, turn_id: str) -> None:
+        with self.session() as session:
+            session.exec(delete(MemoryOutbox).where(MemoryOutbox.turn_id == turn_id))
+            session.commit()
+
+    def memory_failed(self, turn_id: str, error: str) -> None:
+        from sqlalchemy import update
+
+        with self.session() as session:
+            session.execute(update(MemoryOutbox).where(MemoryOutbox.turn_id == turn_id)
+                            .values(attempts=MemoryOutbox.attempts + 1, last_error=error[:500]))
+            session.commit()
+
+    def turn_ids(self, ids: list[str]) -> set[str]:
+        """Which of `ids` are turns on record."""
+        found: set[str] = set()
+        with self.session() as session:
+            for start in range(0, len(ids), 500):
+                found |= set(session.exec(select(Turn.id).where(Turn.id.in_(ids[start:start + 500]))).all())
+        return found
 
     def discard_pending(self, turn_id: str) -> None:
         """Delete a pending turn whose message was refused (its event, if any, stays claimed)."""
@@ -374,6 +423,7 @@ class TranscriptStore:
                 ("personas", PersonaRow, PersonaRow.user_id),
             ):
                 counts[name] = session.exec(delete(model).where(column == user_id)).rowcount
+            session.exec(delete(MemoryOutbox).where(MemoryOutbox.user_id == user_id))  # nothing owed to the erased
             session.commit()
         if self.engine.dialect.name == "sqlite":  # fold the WAL back so no copy of the rows stays in it
             with self.engine.connect() as conn:

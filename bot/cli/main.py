@@ -60,6 +60,7 @@ def chat(user_id: str) -> None:
 # -- command groups that live in their own modules --------------------------------------------------
 from bot.cli.bench import bench  # noqa: E402
 from bot.cli.db import db_group  # noqa: E402
+from bot.cli.doctor import doctor  # noqa: E402
 from bot.cli.faq import faq_group  # noqa: E402
 from bot.cli.memory import memory_group  # noqa: E402
 from bot.cli.serve import serve  # noqa: E402
@@ -68,7 +69,7 @@ from bot.cli.train import adapters_group, train_command, transcripts_group  # no
 from bot.cli.users import users_group  # noqa: E402
 
 for command in (memory_group, faq_group, users_group, transcripts_group, train_command, adapters_group, serve,
-                telegram_command, bench, db_group):
+                telegram_command, bench, db_group, doctor):
     cli.add_command(command)
 
 

@@ -61,13 +61,16 @@ def queue_depth(services: Services):
 
 async def sweep_abandoned(services: Services) -> None:
     """Close the API's turns that a dead process left pending, now and every lease period (the clients
-    got a broken connection; the turn says "interrupted" instead of staying pending). Telegram and
-    Chatwoot sweep their own, because they tell their users."""
+    got a broken connection; the turn says "interrupted" instead of staying pending; Telegram and
+    Chatwoot sweep their own, because they tell their users); retry the memory writes still owed."""
     while True:
         try:
             closed = await asyncio.to_thread(services.manager.close_abandoned, exclude={"telegram", "chatwoot"})
             if closed:
                 logger.info("closed %d turns left pending by a process that died", len(closed))
+            flushed = await services.manager.flush_outbox()  # memory writes owed by recorded turns
+            if any(flushed.values()):
+                logger.info("memory outbox: %s", flushed)
         except Exception as exc:
             logger.warning("could not look for abandoned turns: %s", exc)
         await asyncio.sleep(services.settings.turn_lease_s)

@@ -252,6 +252,8 @@ class DialogueManager:
             conversation_id = validate_id(conversation_id, "conversation_id")
             # The one length rule, for every channel: a message that is too long is refused whole, never cut.
             text = clean_text(text, "the message", max_chars=self.settings.max_message_chars)
+            if await asyncio.to_thread(self.store.being_erased, user_id):
+                raise InvalidInput("this user's data is being erased; nothing new is taken until that is done")
             await asyncio.to_thread(self.store.ensure_conversation, conversation_id=conversation_id,
                                     user_id=user_id, channel=channel)
         except InvalidInput:
@@ -371,7 +373,10 @@ class DialogueManager:
 
     async def after_turn(self, turn: Turn) -> bool:
         """Run the after-turn hooks (the memory write); done, the turn leaves the outbox, else it stays owed
-        and is retried (`flush_outbox`). True when all succeeded."""
+        and is retried (`flush_outbox`). True when all succeeded (or the user is being erased: nothing owed)."""
+        if await asyncio.to_thread(self.store.being_erased, turn.user_id):  # in flight when the erasure began
+            await asyncio.to_thread(self.store.memory_written, turn.id)
+            return True
         for hook in self.after_turn_hooks:
             try:
                 await hook(turn)

@@ -122,6 +122,15 @@ class MemoryOutbox(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class Erasure(SQLModel, table=True):
+    """A tombstone: the user's erasure has begun and not finished; their requests are refused meanwhile, and
+    the job is resumed (by the next sweep or `rapport doctor --repair`) until it is done, then this row goes."""
+
+    __tablename__ = "erasures"
+    user_id: str = Field(primary_key=True, max_length=128)
+    requested_at: datetime = Field(default_factory=utcnow)
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -399,6 +408,26 @@ class TranscriptStore:
             ).all())
 
     # -- whole users --------------------------------------------------------------------------
+
+    def tombstone(self, user_id: str) -> None:
+        """Begin an erasure: from this commit on the user's messages are refused (`being_erased`)."""
+        with self.session() as session:
+            session.execute(insert_new(self.engine, Erasure, {"user_id": user_id, "requested_at": utcnow()}))
+            session.commit()
+
+    def being_erased(self, user_id: str) -> bool:
+        with self.session() as session:
+            return session.get(Erasure, user_id) is not None
+
+    def unfinished_erasures(self) -> list[str]:
+        with self.session() as session:
+            return list(session.exec(select(Erasure.user_id).order_by(Erasure.requested_at)).all())
+
+    def erasure_done(self, user_id: str) -> None:
+        """The last step of an erasure: the tombstone goes too, so nothing about the user is left."""
+        with self.session() as session:
+            session.exec(delete(Erasure).where(Erasure.user_id == user_id))
+            session.commit()
 
     def export_user(self, user_id: str) -> dict[str, Any]:
         with self.session() as session:

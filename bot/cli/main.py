@@ -49,7 +49,7 @@ def chat(user_id: str) -> None:
         threading.Thread(target=services.embedder.embed, args=(["warm-up"],), daemon=True).start()
         session = ChatSession(services, user_id)
         if sys.stdin.isatty():
-            code = run_interactive(session, services.settings.home / "repl_history")
+            code = run_interactive(session, services.history_file(user_id))  # per user: erased with them
         else:
             code = run_piped(session)
     finally:

@@ -323,6 +323,7 @@ class TelegramBot:
         while not stop.is_set():
             try:
                 await self.tell_interrupted(bot)
+                await asyncio.to_thread(self.services.resume_erasures)  # erasures a failure left half done
                 await self.services.manager.flush_outbox()  # memory writes owed by recorded turns
             except RapportError as exc:
                 logger.warning("could not look for interrupted turns: %s", exc)

@@ -1,4 +1,5 @@
-"""The memory outbox: a recorded turn's memory write, owed until it is done (retried, including after a restart).
+"""The memory outbox (a recorded turn's memory write, owed until it is done, retried after a restart too) and
+erasure tombstones (an erasure begun and not yet finished: the user's requests are refused, the job resumes).
 
 Revision ID: 0005
 Revises: 0003
@@ -28,7 +29,13 @@ def upgrade() -> None:
         sa.Column("created_at", WHEN, nullable=False),
     )
     op.create_index("ix_memory_outbox_user_id", "memory_outbox", ["user_id"])
+    op.create_table(
+        "erasures",
+        sa.Column("user_id", sa.String(128), primary_key=True),
+        sa.Column("requested_at", WHEN, nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("erasures")
     op.drop_table("memory_outbox")

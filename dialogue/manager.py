@@ -63,6 +63,10 @@ AdapterChooser = Callable[[str], AdapterRef | None]  # user_id -> adapter versio
 class Reply:
     """A reply in the making: async-iterate it for text deltas; the turn is on disk when iteration ends."""
 
+    # True: the caller shows each delta as it comes, so a reply stopped midway keeps what was shown; False
+    # (`complete()`, a JSON answer): shown whole at the end, so one cut short showed nothing
+    streamed = True
+
     def __init__(self, manager: DialogueManager, turn: Turn, parts: PromptParts, *, context: Context,
                  params: GenerationParams, adapter: AdapterRef | None, notices: list[str],
                  guard: GuardInputs | None = None) -> None:
@@ -81,7 +85,6 @@ class Reply:
         self.finish_reason: str | None = None
         self.recorded = False
         self._consumed = False
-        self._streamed = True  # the caller shows each delta as it comes (complete() says otherwise)
 
     @property
     def turn_id(self) -> str:
@@ -155,7 +158,7 @@ class Reply:
         except (asyncio.CancelledError, GeneratorExit):
             # Stopped mid-reply: what was streamed is kept, marked as cut short; nothing streamed, interrupted.
             if not self.recorded:
-                self.text = "".join(pieces) if self._streamed else ""
+                self.text = "".join(pieces) if self.streamed else ""
                 self.finish_reason = "cancelled" if self.text else "interrupted"
                 self._fill_turn(guarded.generation if guarded else generation, started, guarded)
                 self.recorded = self._manager.finish(self._turn)
@@ -169,7 +172,7 @@ class Reply:
 
     async def complete(self) -> str:
         """Consume the whole reply and return its text (shown only now: cut short, nothing of it was shown)."""
-        self._streamed = False
+        self.streamed = False
         async for _ in self:
             pass
         return self.text

@@ -110,6 +110,7 @@ async def chat_completions(request: Request, body: ChatRequest, caller: CallerDe
     if isinstance(outcome, HandedOff):
         text, reason, usage = outcome.text, "stop", {}
     else:
+        outcome.streamed = False  # answered whole: cut short, it showed nothing
         await while_connected(request, drain(stream_reply(metrics, outcome, channel="openai")))
         text, reason, usage = outcome.text, outcome.finish_reason, outcome.usage
     return {

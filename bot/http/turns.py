@@ -156,6 +156,7 @@ async def post_message(request: Request, conversation_id: ConversationId, body: 
                                     channel=body.channel)
     if wants_stream(request, body.stream):
         return EventStream(_reply_events(metrics, outcome, channel=body.channel))
+    outcome.streamed = False  # answered whole: cut short, it showed nothing
     await while_connected(request, drain(stream_reply(metrics, outcome, channel=body.channel)))
     return reply_json(outcome)
 

@@ -170,6 +170,16 @@ class Reply:
                 self._manager.finish(self._turn)
             raise
 
+    def discard(self) -> None:
+        """Give up a reply that was never iterated (the channel failed first): its turn is closed as interrupted,
+        not left pending for the life of the process."""
+        if self._consumed or self.recorded:
+            return
+        self._consumed = True
+        self.finish_reason = self._turn.finish_reason = "interrupted"
+        self._turn.finished_at = utcnow()
+        self._manager.finish(self._turn)
+
     async def complete(self) -> str:
         """Consume the whole reply and return its text (shown only now: cut short, nothing of it was shown)."""
         self.streamed = False

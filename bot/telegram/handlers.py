@@ -279,6 +279,7 @@ class TelegramBot:
         stream = ReplyStream(context.bot, chat.id, reply_to=message.message_id if group else None, thread_id=thread_id,
                              interval=self.settings.telegram_group_edit_interval if group else self.settings.telegram_edit_interval)
         typing = asyncio.create_task(keep_typing(context.bot, chat.id, stream.started, thread_id=thread_id))
+        reply = None
         try:
             conversation_id = await self._current_conversation(chat.id, chat.type, user.id)
             try:
@@ -298,6 +299,8 @@ class TelegramBot:
                 await stream.add(chunk)
             await stream.finish(rating_buttons(reply.turn_id), empty="(no reply)")
         finally:
+            if reply is not None:
+                reply.discard()  # never iterated (a notice failed to send): closed, not left pending
             stream.started.set()
             await typing
 

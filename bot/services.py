@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 from bot.http.chatwoot import ChatwootApi, ChatwootNotes
 from bot.http.webhook import WebhookNotifier
@@ -56,6 +58,7 @@ class Services:
                                 listeners=listeners)
         self.manager = DialogueManager(s, self.backend, self.store, recall=recall, after_turn=[recall.remember],
                                        adapter_for=selector.adapter_for, desk=self.desk)
+        self.closers.append(self.manager.close)  # closed first: no lease renewed on a closed store
 
     @cached_property
     def embedder(self) -> Embedder:
@@ -96,12 +99,33 @@ class Services:
             **self.store.export_user(user_id),
         }
 
+    def history_file(self, user_id: str) -> Path:
+        """The user's REPL input history (one file per user, erased with them)."""
+        return self.settings.home / "history" / hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:32]
+
     def erase_user(self, user_id: str) -> dict[str, int]:
-        """Erase every record about a user (memories, persona, transcripts, ratings); returns counts by kind."""
+        """Erase every record about a user (memories, persona, transcripts, ratings, files); returns counts by
+        kind. One resumable job: the tombstone first (their messages refused, turns in flight not recorded),
+        then vectors, files and rows; a failure half-way is finished by `resume_erasures`."""
+        self.store.tombstone(user_id)
+        return self._erase(user_id)
+
+    def resume_erasures(self) -> list[str]:
+        """Finish the erasures a failure or a crash left half done; returns whose."""
+        users = self.store.unfinished_erasures()
+        for user_id in users:
+            self._erase(user_id)
+        return users
+
+    def _erase(self, user_id: str) -> dict[str, int]:
         counts = {"memories": self.memory.delete_user(user_id)}
+        history = self.history_file(user_id)
+        counts["files"] = int(history.exists())
+        history.unlink(missing_ok=True)
         counts.update(self.store.delete_user(user_id))
         # lineage: versions trained on their turns can no longer be promoted
         counts["adapter_versions_flagged"] = len(flag_user_erased(self.settings.adapters_dir, user_id))
+        self.store.erasure_done(user_id)
         return counts
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 from dialogue.guard import FIRST, SECOND, SENTENCE, WORD, Verdict, check_reply, words
 from dialogue.model.worker import COPY_RUN, AdapterRef, GenerationParams
+from dialogue.store import UNANSWERED
 from memory.facts import memory_text
 from memory.personal import second_person
 
@@ -101,8 +102,8 @@ def history_messages(turns) -> list[dict[str, str]]:
     """Chat messages of earlier turns: unanswered ones (handoff) left out, degenerate replies left out."""
     messages = []
     for turn in turns:
-        if turn.finish_reason == "handoff":  # the bot was silent: it would read as an empty reply
-            continue
+        if turn.finish_reason in UNANSWERED or not (turn.reply or turn.finish_reason == "stop"):
+            continue  # no bot reply (handoff, pending, interrupted, stopped at once): it would read as empty
         messages.append({"role": "user", "content": turn.user_text})
         if not excluded_from_history(getattr(turn, "guard", None)):
             messages.append({"role": "assistant", "content": turn.reply})

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 from dialogue.errors import NotFound
-from dialogue.store import TranscriptStore, Turn, new_id, utcnow
+from dialogue.store import PENDING, TranscriptStore, Turn, new_id, utcnow
 from memory.text import clean_text
 
 logger = logging.getLogger(__name__)
@@ -155,16 +155,19 @@ class HandoffDesk:
 
     # -- what happens around a handoff -------------------------------------------------------------
 
-    async def answer_request(self, *, conversation_id: str, user_id: str, channel: str, text: str) -> Turn:
-        """The customer asked for a person: record the bot's short handover line as a turn."""
+    async def answer_request(self, *, conversation_id: str, user_id: str, channel: str, text: str,
+                             pending: Turn | None = None) -> Turn:
+        """The customer asked for a person: record the bot's short handover line as a turn (over `pending`, the
+        message's row written when it came in, when there is one)."""
         turn = await self._record(conversation_id, user_id, channel, text, reply=HANDOFF_REPLY, model_id="rule",
-                                  finish_reason="stop", handoff=True)
+                                  finish_reason="stop", handoff=True, pending=pending)
         return turn
 
-    async def record_waiting(self, *, conversation_id: str, user_id: str, channel: str, text: str) -> Turn:
+    async def record_waiting(self, *, conversation_id: str, user_id: str, channel: str, text: str,
+                             pending: Turn | None = None) -> Turn:
         """A customer message while a person has the conversation: kept, not answered by the bot."""
         return await self._record(conversation_id, user_id, channel, text, reply="", model_id="",
-                                  finish_reason="handoff", handoff=True)
+                                  finish_reason="handoff", handoff=True, pending=pending)
 
     async def record_agent_reply(self, *, conversation_id: str, text: str, trusted: bool = True) -> Turn:
         """A human agent's message, linked to the latest customer turn it answers (the training gold).
@@ -199,12 +202,18 @@ class HandoffDesk:
         return None
 
     async def _record(self, conversation_id: str, user_id: str, channel: str, text: str, *, reply: str,
-                      model_id: str, finish_reason: str, handoff: bool) -> Turn:
+                      model_id: str, finish_reason: str, handoff: bool, pending: Turn | None = None) -> Turn:
         text = clean_text(text, "the message")
         await asyncio.to_thread(self.store.ensure_conversation, conversation_id=conversation_id, user_id=user_id,
                                 channel=channel)
-        turns = await asyncio.to_thread(self.store.history, conversation_id=conversation_id, user_id=user_id, limit=1)
+        turns = await asyncio.to_thread(self.store.history, conversation_id=conversation_id, user_id=user_id, limit=5)
+        last = next((t for t in reversed(turns) if t.finish_reason not in (PENDING, "interrupted", "error")), None)
+        prompt = follow_on_prompt(last, self.system_prompt, text)
+        if pending is not None:  # the message is on disk already: its row gets the outcome
+            pending.reply, pending.prompt, pending.model_id = reply, prompt, model_id
+            pending.finish_reason, pending.handoff, pending.finished_at = finish_reason, handoff, utcnow()
+            await asyncio.to_thread(self.store.finish_turn, pending)
+            return pending
         turn = Turn(id=new_id(), conversation_id=conversation_id, user_id=user_id, channel=channel, user_text=text,
-                    reply=reply, prompt=follow_on_prompt(turns[-1] if turns else None, self.system_prompt, text),
-                    model_id=model_id, finish_reason=finish_reason, handoff=handoff)
+                    reply=reply, prompt=prompt, model_id=model_id, finish_reason=finish_reason, handoff=handoff)
         return await asyncio.to_thread(self.store.record_turn, turn)

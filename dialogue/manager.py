@@ -16,17 +16,19 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from dialogue.model.backend import Backend
-from dialogue.errors import GenerationError, InvalidInput
+from dialogue.errors import AlreadyHandled, GenerationError, InvalidInput, Overloaded
 from dialogue.guarded import GuardedGeneration, GuardInputs, history_messages, statements
 from dialogue.handoff import HandoffDesk, wants_human
 from dialogue.prompt import PromptParts, build_prompt, context_message, fit_history, system_message
 from dialogue.model.worker import AdapterRef, Generation, GenerationParams
 from dialogue.settings import Settings
-from dialogue.store import Turn, TranscriptStore, new_id, utcnow
+from dialogue.leases import TurnLeases
+from dialogue.store import PENDING, Turn, TranscriptStore, new_id, utcnow
 from memory.text import clean_text, validate_id
 
 logger = logging.getLogger(__name__)
 
+RETRY_AFTER_S = 5  # what an overloaded process asks a client to wait
 CHAT_MARKUP_TOKENS = 20  # per-message role markers (up to two system messages) and the assistant header, with margin
 
 
@@ -60,6 +62,10 @@ AdapterChooser = Callable[[str], AdapterRef | None]  # user_id -> adapter versio
 
 class Reply:
     """A reply in the making: async-iterate it for text deltas; the turn is on disk when iteration ends."""
+
+    # True: the caller shows each delta as it comes, so a reply stopped midway keeps what was shown; False
+    # (`complete()`, a JSON answer): shown whole at the end, so one cut short showed nothing
+    streamed = True
 
     def __init__(self, manager: DialogueManager, turn: Turn, parts: PromptParts, *, context: Context,
                  params: GenerationParams, adapter: AdapterRef | None, notices: list[str],
@@ -141,23 +147,42 @@ class Reply:
                 self.finish_reason = guarded.finish_reason
             self.text = "".join(pieces)
             self._fill_turn(generation, started, guarded)
-            await asyncio.to_thread(self._manager.store.record_turn, self._turn)
-            self.recorded = True
+            # The message's row (pending since it came in) gets its reply; not when the user was erased meanwhile.
+            self.recorded = await asyncio.to_thread(self._manager.finish, self._turn)
+            if not self.recorded:
+                return
             await self._manager.after_turn(self._turn)
             if self.handoff and self._manager.desk is not None:  # the gate's last word: hand over what we can't answer
                 await self._manager.desk.hand_off(conversation_id=self.conversation_id, user_id=self._turn.user_id,
                                                   reason="low_confidence", turn_id=self.turn_id, background=True)
         except (asyncio.CancelledError, GeneratorExit):
-            # Stopped by the user mid-reply: what was shown is kept, marked as cut short.
-            if pieces and not self.recorded:
-                self.text, self.finish_reason = "".join(pieces), "cancelled"
+            # Stopped mid-reply: what was streamed is kept, marked as cut short; nothing streamed, interrupted.
+            if not self.recorded:
+                self.text = "".join(pieces) if self.streamed else ""
+                self.finish_reason = "cancelled" if self.text else "interrupted"
                 self._fill_turn(guarded.generation if guarded else generation, started, guarded)
-                self._manager.store.record_turn(self._turn)
-                self.recorded = True
+                self.recorded = self._manager.finish(self._turn)
+            raise
+        except Exception:
+            if not self.recorded:  # the message stays on record, honestly unanswered
+                self.text, self.finish_reason = "", "error"
+                self._fill_turn(guarded.generation if guarded else generation, started, guarded)
+                self._manager.finish(self._turn)
             raise
 
+    def discard(self) -> None:
+        """Give up a reply that was never iterated (the channel failed first): its turn is closed as interrupted,
+        not left pending for the life of the process."""
+        if self._consumed or self.recorded:
+            return
+        self._consumed = True
+        self.finish_reason = self._turn.finish_reason = "interrupted"
+        self._turn.finished_at = utcnow()
+        self._manager.finish(self._turn)
+
     async def complete(self) -> str:
-        """Consume the whole reply and return its text."""
+        """Consume the whole reply and return its text (shown only now: cut short, nothing of it was shown)."""
+        self.streamed = False
         async for _ in self:
             pass
         return self.text
@@ -216,23 +241,75 @@ class DialogueManager:
         self.recall = recall
         self.adapter_for = adapter_for
         self.after_turn_hooks: list[AfterTurn] = list(after_turn or [])
+        # Pending turns this process is writing; their leases are renewed while it lives (dialogue/leases.py).
+        self.leases = TurnLeases(store, settings.turn_lease_s)
 
     def default_params(self) -> GenerationParams:
         s = self.settings
         return GenerationParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                 repetition_penalty=s.repetition_penalty)
 
-    async def respond(self, *, user_id: str, conversation_id: str, text: str, channel: str = "api") -> Reply:
-        """Prepare the reply to `text`; iterate the returned `Reply` to generate and record it."""
-        user_id = validate_id(user_id, "user_id")
-        conversation_id = validate_id(conversation_id, "conversation_id")
-        # The one length rule, for every channel: a message that is too long is refused whole, never cut.
-        text = clean_text(text, "the message", max_chars=self.settings.max_message_chars)
+    async def receive(self, *, user_id: str, conversation_id: str, text: str, channel: str = "api",
+                      event_id: str | None = None) -> Turn:
+        """Put the user's message on disk as a pending turn, before anything else happens to it.
+
+        `event_id` (the channel's id of the delivery: a Telegram update, a Chatwoot message) is claimed in the
+        same transaction, so a redelivery raises `AlreadyHandled`; a message refused here claims it too."""
+        event = (channel, event_id) if event_id is not None else None
+        busy = len(self.leases.held())
+        if busy >= self.settings.max_queue:  # back-pressure: refused before anything is taken, so a retry is clean
+            raise Overloaded(f"busy answering {busy} messages; please try again in a few seconds",
+                             retry_after=RETRY_AFTER_S)
+        try:
+            user_id = validate_id(user_id, "user_id")
+            conversation_id = validate_id(conversation_id, "conversation_id")
+            # The one length rule, for every channel: a message that is too long is refused whole, never cut.
+            text = clean_text(text, "the message", max_chars=self.settings.max_message_chars)
+            if await asyncio.to_thread(self.store.being_erased, user_id):
+                raise InvalidInput("this user's data is being erased; nothing new is taken until that is done")
+            await asyncio.to_thread(self.store.ensure_conversation, conversation_id=conversation_id,
+                                    user_id=user_id, channel=channel)
+        except InvalidInput:
+            await self._claim_refused(event)
+            raise
+        turn = Turn(id=new_id(), conversation_id=conversation_id, user_id=user_id, channel=channel, user_text=text,
+                    reply="", model_id=self.backend.model_id, finish_reason=PENDING)
+        self.leases.hold(turn.id)
+        try:
+            return await asyncio.to_thread(self.store.record_turn, turn, event=event)
+        except BaseException:
+            self.leases.release(turn.id)
+            raise
+
+    async def respond(self, *, user_id: str, conversation_id: str, text: str, channel: str = "api",
+                      event_id: str | None = None, pending: Turn | None = None) -> Reply:
+        """Prepare the reply to `text`; iterate the returned `Reply` to generate and record it.
+
+        The message is recorded first (`receive`, unless the caller did and passes its `pending` turn); if the
+        reply cannot be prepared the turn is closed as an error (or "interrupted" when cancelled), never left."""
+        turn = pending or await self.receive(user_id=user_id, conversation_id=conversation_id, text=text,
+                                             channel=channel, event_id=event_id)
+        try:
+            return await self._prepare(turn)
+        except InvalidInput:  # refused whole (too long for the budget): not kept, as if never sent
+            self.leases.release(turn.id)
+            await asyncio.to_thread(self.store.discard_pending, turn.id)
+            raise
+        except asyncio.CancelledError:
+            if turn.finish_reason == PENDING:
+                turn.finish_reason = "interrupted"
+                self.finish(turn)
+            raise
+        except BaseException:
+            if turn.finish_reason == PENDING:
+                turn.finish_reason = "error"
+                await asyncio.to_thread(self.finish, turn)
+            raise
+
+    async def _prepare(self, turn: Turn) -> Reply:
+        user_id, conversation_id, text, channel = turn.user_id, turn.conversation_id, turn.user_text, turn.channel
         notices: list[str] = []
-        # Ownership first: a conversation id another user holds is refused before anything is recorded in it.
-        await asyncio.to_thread(self.store.ensure_conversation, conversation_id=conversation_id, user_id=user_id,
-                                channel=channel)
-        if self.desk is not None and (gated := await self._gate(user_id, conversation_id, text, channel, notices)):
+        if self.desk is not None and (gated := await self._gate(turn, notices)):
             return gated
         await self.backend.ready()
         context = await self.recall(user_id, text) if self.recall else Context()
@@ -249,7 +326,8 @@ class DialogueManager:
         if user_tokens > max_user_tokens:  # the same rule, where the context budget is the tighter limit
             raise InvalidInput(f"the message is too long to read at once: {user_tokens} tokens, the limit is "
                                f"{max_user_tokens} (about {max_user_tokens * 4} characters); please send it in parts")
-        turns = await asyncio.to_thread(self.store.history, conversation_id=conversation_id, user_id=user_id)
+        turns = await asyncio.to_thread(self.store.history, conversation_id=conversation_id, user_id=user_id, limit=21)
+        turns = [t for t in turns if t.id != turn.id][-20:]  # this message's own row is pending among them
         # Without unanswered messages (a handoff) and without replies the guard caught (dialogue/guarded.py).
         history = history_messages(turns)
         parts.history = fit_history(history, budget=budget - user_tokens, count_tokens=self.backend.count_tokens)
@@ -260,34 +338,83 @@ class DialogueManager:
                             user_name=persona.get("name") or persona.get("address_as") or None)
 
         adapter = self.adapter_for(user_id) if self.adapter_for else None
-        turn = Turn(
-            id=new_id(), conversation_id=conversation_id, user_id=user_id, channel=channel, user_text=parts.user_text,
-            reply="", prompt=json.dumps(parts.to_dict(), ensure_ascii=False),
-            sources=json.dumps([asdict(s) for s in context.sources]), handoff=context.handoff,
-            model_id=self.backend.model_id, adapter_version=adapter.name if adapter else None,
-        )
+        turn.prompt = json.dumps(parts.to_dict(), ensure_ascii=False)
+        turn.sources = json.dumps([asdict(s) for s in context.sources])
+        turn.handoff, turn.model_id = context.handoff, self.backend.model_id
+        turn.adapter_version = adapter.name if adapter else None
         return Reply(self, turn, parts, context=context, params=params, adapter=adapter, notices=notices, guard=guard)
 
-    async def _gate(self, user_id: str, conversation_id: str, text: str, channel: str,
-                    notices: list[str]) -> HandedOff | None:
+    def finish(self, turn: Turn) -> bool:
+        """Write a pending turn's outcome and let its lease go; False when its row is gone or closed. A turn
+        with a reply owes its after-turn work (the memory write), kept in the outbox until done."""
+        owed = bool(self.after_turn_hooks) and turn.finish_reason not in ("error", "interrupted", PENDING)
+        try:
+            return self.store.finish_turn(turn, owe_memory=owed)
+        finally:
+            self.leases.release(turn.id)
+
+    def close_abandoned(self, *, channels: set[str] | None = None, exclude: set[str] = frozenset()) -> list[Turn]:
+        """Close as interrupted the pending turns of processes that died (their lease ran out); the channel then
+        tells each user once. Pending turns of live processes are left alone."""
+        return self.store.close_abandoned(stale_before=self.leases.stale_before(), channels=channels, exclude=exclude)
+
+    async def _claim_refused(self, event: tuple[str, str] | None) -> None:
+        """A refused delivery is handled too (a redelivery is not refused twice)."""
+        if event is not None and not await asyncio.to_thread(self.store.claim_event, channel=event[0],
+                                                             event_id=event[1]):
+            raise AlreadyHandled(f"{event[0]} event {event[1]} was handled before")
+
+    def close(self) -> None:
+        self.leases.close()
+
+    async def _gate(self, pending: Turn, notices: list[str]) -> HandedOff | None:
         """A reply without the model when a person has the conversation or is asked for; else None."""
         desk = self.desk
+        conversation_id, user_id, text = pending.conversation_id, pending.user_id, pending.user_text
+        ids = {"conversation_id": conversation_id, "user_id": user_id, "channel": pending.channel, "text": text}
         if await desk.is_handed_off(conversation_id):
-            turn = await desk.record_waiting(conversation_id=conversation_id, user_id=user_id, channel=channel, text=text)
+            turn = await desk.record_waiting(**ids, pending=pending)
+            self.leases.release(pending.id)
             return HandedOff(turn, notices)
         if wants_human(text):
-            turn = await desk.answer_request(conversation_id=conversation_id, user_id=user_id, channel=channel, text=text)
+            turn = await desk.answer_request(**ids, pending=pending)
+            self.leases.release(pending.id)
             await desk.hand_off(conversation_id=conversation_id, user_id=user_id, reason="customer_request",
                                 turn_id=turn.id, background=True)
             return HandedOff(turn, notices)
         return None
 
-    async def after_turn(self, turn: Turn) -> None:
+    async def after_turn(self, turn: Turn) -> bool:
+        """Run the after-turn hooks (the memory write); done, the turn leaves the outbox, else it stays owed
+        and is retried (`flush_outbox`). True when all succeeded (or the user is being erased: nothing owed)."""
+        if await asyncio.to_thread(self.store.being_erased, turn.user_id):  # in flight when the erasure began
+            await asyncio.to_thread(self.store.memory_written, turn.id)
+            return True
         for hook in self.after_turn_hooks:
             try:
                 await hook(turn)
-            except Exception:  # a failing side effect (memory write) must not lose the reply
-                logger.exception("after-turn hook %s failed", getattr(hook, "__name__", hook))
+            except Exception as exc:  # a failing side effect (memory write) must not lose the reply
+                logger.warning("after-turn hook %s failed for turn %s (retried later): %s",
+                               getattr(hook, "__name__", hook), turn.id, exc)
+                await asyncio.to_thread(self.store.memory_failed, turn.id, f"{exc.__class__.__name__}: {exc}")
+                return False
+        await asyncio.to_thread(self.store.memory_written, turn.id)
+        return True
+
+    async def flush_outbox(self, *, limit: int = 100) -> dict[str, int]:
+        """Retry the owed after-turn work of recorded turns, oldest first; counts of done, failed and dropped
+        (the turn is gone: its user was erased)."""
+        counts = {"done": 0, "failed": 0, "dropped": 0}
+        for row, turn in await asyncio.to_thread(self.store.owed_memory, limit=limit):
+            if turn is None:
+                await asyncio.to_thread(self.store.memory_written, row.turn_id)
+                counts["dropped"] += 1
+            elif await self.after_turn(turn):
+                counts["done"] += 1
+            else:
+                counts["failed"] += 1
+                break  # the store is likely down: the rest waits for the next round
+        return counts
 
     async def rate(self, *, turn_id: str, rating: int, user_id: str | None = None, comment: str | None = None,
                    correction: str | None = None) -> bool:

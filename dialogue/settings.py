@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     context_budget: int = Field(2048, ge=256, le=32768, description="prompt + reply tokens per turn")
     max_message_chars: int = Field(8000, ge=1, description="longest user message accepted")
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_queue: int = Field(64, ge=1, description="turns one process answers at once (waiting for the model or "
+                                                 "generating); a message beyond that is refused (HTTP 503 with "
+                                                 "Retry-After), not queued without bound")
+    turn_lease_s: float = Field(30.0, ge=0.5, description="a pending turn whose process has not renewed its lease for "
+                                                          "this long is closed as interrupted (the process died)")
 
     # -- HTTP API and customer-service integrations (dialogue/api*.py, bot/chatwoot.py) ---------------
     api_max_body_bytes: int = Field(1_000_000, ge=1024, description="largest HTTP request body accepted (413 above)")

@@ -21,9 +21,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, delete, select
 
-from dialogue.errors import InvalidInput, NotFound, StoreUnavailable
+from dialogue.errors import AlreadyHandled, InvalidInput, NotFound, StoreUnavailable
 from dialogue.schema import upgrade
 from memory.persona import PersonaRow
+
+
+PENDING = "pending"
+UNANSWERED = frozenset({PENDING, "interrupted", "error", "handoff"})  # turns with no bot reply to show or learn from
+# What a finished pending turn writes over its row (the rest was written when the message came in).
+OUTCOME_FIELDS = ("reply", "prompt", "sources", "handoff", "model_id", "adapter_version", "prompt_tokens",
+                  "completion_tokens", "latency_ms", "ttft_ms", "finish_reason", "guard", "finished_at")
 
 
 def utcnow() -> datetime:
@@ -71,11 +78,13 @@ class Turn(SQLModel, table=True):
     completion_tokens: int = 0
     latency_ms: int = 0
     ttft_ms: int | None = None
-    finish_reason: str = Field(default="stop", max_length=16)  # stop|length|cancelled|agent
+    # stop|length|cancelled|agent|handoff; pending while it is generated (the user's message is on disk first),
+    # interrupted when the process writing it died, error when generation failed
+    finish_reason: str = Field(default="stop", max_length=16)
     reply_to: str | None = Field(default=None, max_length=64)  # agent turns: the turn whose customer message they answer
     guard: str | None = Field(default=None, max_length=32)  # what the degeneration guard did: "echo:regenerated", "repeat:fallback", "late:echo"
     created_at: datetime = Field(default_factory=utcnow)
-    finished_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime = Field(default_factory=utcnow)  # while pending: the writer's lease, renewed while it lives
 
     @property
     def prompt_parts(self) -> dict[str, Any]:
@@ -115,6 +124,26 @@ class InboundEvent(SQLModel, table=True):
     channel: str = Field(primary_key=True, max_length=32)
     event_id: str = Field(primary_key=True, max_length=128)
     received_at: datetime = Field(default_factory=utcnow)
+
+
+class MemoryOutbox(SQLModel, table=True):
+    """A recorded turn whose after-turn memory write is owed: written with the turn, deleted once done."""
+
+    __tablename__ = "memory_outbox"
+    turn_id: str = Field(primary_key=True, max_length=64)
+    user_id: str = Field(index=True, max_length=128)
+    attempts: int = 0
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Erasure(SQLModel, table=True):
+    """A tombstone: the user's erasure has begun and not finished; their requests are refused meanwhile, and
+    the job is resumed (by the next sweep or `rapport doctor --repair`) until it is done, then this row goes."""
+
+    __tablename__ = "erasures"
+    user_id: str = Field(primary_key=True, max_length=128)
+    requested_at: datetime = Field(default_factory=utcnow)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -174,18 +203,22 @@ class TranscriptStore:
     # -- conversations ------------------------------------------------------------------------
 
     def ensure_conversation(self, *, conversation_id: str, user_id: str, channel: str) -> Conversation:
-        """The conversation, created on first use; it belongs to one user forever."""
+        """The conversation, created on first use; it belongs to one user forever.
+
+        Created by upserts (insert unless there), so a new user's first messages arriving at once make one
+        user and one conversation, whichever commits first; the others read it."""
         with self.session() as session:
             conversation = session.get(Conversation, conversation_id)
-            if conversation is not None:
-                if conversation.user_id != user_id:
-                    raise InvalidInput("that conversation id belongs to another user")
-                return conversation
-            if session.get(User, user_id) is None:
-                session.add(User(id=user_id))
-            conversation = Conversation(id=conversation_id, user_id=user_id, channel=channel)
-            session.add(conversation)
-            session.commit()
+            if conversation is None:
+                now = utcnow()
+                session.execute(insert_new(self.engine, User, {"id": user_id, "created_at": now}))
+                session.execute(insert_new(self.engine, Conversation, {
+                    "id": conversation_id, "user_id": user_id, "channel": channel, "status": "bot",
+                    "created_at": now, "updated_at": now}))
+                session.commit()
+                conversation = session.get(Conversation, conversation_id)
+            if conversation.user_id != user_id:
+                raise InvalidInput("that conversation id belongs to another user")
             return conversation
 
     def history(self, *, conversation_id: str, user_id: str, limit: int = 20) -> list[Turn]:
@@ -201,9 +234,18 @@ class TranscriptStore:
 
     # -- turns and ratings --------------------------------------------------------------------
 
-    def record_turn(self, turn: Turn) -> Turn:
-        """Write a finished turn in one transaction; committed (and on disk) when this returns."""
+    def record_turn(self, turn: Turn, *, event: tuple[str, str] | None = None) -> Turn:
+        """Write a turn (finished, or pending: the message before its reply) in one transaction; committed (and
+        on disk) when this returns. `event` (channel, event id) is claimed in the same transaction: a delivery
+        already recorded raises `AlreadyHandled` and writes nothing."""
         with self.session() as session:
+            self._lock_conversation(session, turn.conversation_id)
+            if event is not None:
+                claimed = session.execute(insert_new(self.engine, InboundEvent, {
+                    "channel": event[0], "event_id": event[1], "received_at": utcnow()}))
+                if claimed.rowcount == 0:
+                    session.rollback()
+                    raise AlreadyHandled(f"{event[0]} event {event[1]} was handled before")
             last = session.exec(
                 select(Turn.seq).where(Turn.conversation_id == turn.conversation_id).order_by(Turn.seq.desc()).limit(1)
             ).first()
@@ -216,17 +258,116 @@ class TranscriptStore:
             session.commit()
             return turn
 
+    def finish_turn(self, turn: Turn, *, owe_memory: bool = False) -> bool:
+        """Write the outcome over a pending turn's row, and with `owe_memory` its memory write into the outbox
+        in the same transaction; False (nothing written) when the row is no longer pending: its user was
+        erased, or it was closed as interrupted."""
+        from sqlalchemy import update
+
+        with self.session() as session:
+            result = session.execute(update(Turn).where(Turn.id == turn.id, Turn.finish_reason == PENDING)
+                                     .values({name: getattr(turn, name) for name in OUTCOME_FIELDS}))
+            if result.rowcount != 1:
+                session.rollback()
+                return False
+            if owe_memory:
+                session.execute(insert_new(self.engine, MemoryOutbox, {
+                    "turn_id": turn.id, "user_id": turn.user_id, "attempts": 0, "created_at": utcnow()}))
+            session.commit()
+            return True
+
+    # -- the memory outbox ----------------------------------------------------------------------
+
+    def owed_memory(self, *, limit: int = 100, user_id: str | None = None) -> list[tuple[MemoryOutbox, Turn | None]]:
+        """Memory writes still owed, oldest first, with their turns (None: the turn is gone)."""
+        with self.session() as session:
+            query = select(MemoryOutbox, Turn).join(Turn, Turn.id == MemoryOutbox.turn_id, isouter=True)
+            if user_id is not None:
+                query = query.where(MemoryOutbox.user_id == user_id)
+            return [(row, turn) for row, turn in session.exec(query.order_by(MemoryOutbox.created_at).limit(limit))]
+
+    def memory_written(self, turn_id: str) -> None:
+        with self.session() as session:
+            session.exec(delete(MemoryOutbox).where(MemoryOutbox.turn_id == turn_id))
+            session.commit()
+
+    def memory_failed(self, turn_id: str, error: str) -> None:
+        from sqlalchemy import update
+
+        with self.session() as session:
+            session.execute(update(MemoryOutbox).where(MemoryOutbox.turn_id == turn_id)
+                            .values(attempts=MemoryOutbox.attempts + 1, last_error=error[:500]))
+            session.commit()
+
+    def turn_ids(self, ids: list[str]) -> set[str]:
+        """Which of `ids` are turns on record."""
+        found: set[str] = set()
+        with self.session() as session:
+            for start in range(0, len(ids), 500):
+                found |= set(session.exec(select(Turn.id).where(Turn.id.in_(ids[start:start + 500]))).all())
+        return found
+
+    def discard_pending(self, turn_id: str) -> None:
+        """Delete a pending turn whose message was refused (its event, if any, stays claimed)."""
+        with self.session() as session:
+            session.exec(delete(Turn).where(Turn.id == turn_id, Turn.finish_reason == PENDING))
+            session.commit()
+
+    def renew_leases(self, turn_ids: list[str]) -> None:
+        """Say that the pending turns `turn_ids` are still being written (their writer is alive)."""
+        from sqlalchemy import update
+
+        if not turn_ids:
+            return
+        with self.session() as session:
+            session.execute(update(Turn).where(Turn.id.in_(turn_ids), Turn.finish_reason == PENDING)
+                            .values(finished_at=utcnow()))
+            session.commit()
+
+    def close_abandoned(self, *, stale_before: datetime, channels: set[str] | None = None,
+                        exclude: set[str] = frozenset()) -> list[Turn]:
+        """Close as "interrupted" the pending turns whose lease ended before `stale_before` (their process died),
+        in `channels` (None: any) but not in `exclude`; returns the turns this call closed, each closed once
+        however many processes sweep at the same time."""
+        from sqlalchemy import update
+
+        with self.session() as session:
+            query = select(Turn).where(Turn.finish_reason == PENDING, Turn.finished_at < stale_before)
+            if channels is not None:
+                query = query.where(Turn.channel.in_(sorted(channels)))
+            if exclude:
+                query = query.where(Turn.channel.not_in(sorted(exclude)))
+            closed = []
+            for turn in session.exec(query.order_by(Turn.created_at)).all():
+                now = utcnow()
+                result = session.execute(update(Turn).where(Turn.id == turn.id, Turn.finish_reason == PENDING)
+                                         .values(finish_reason="interrupted", finished_at=now))
+                if result.rowcount == 1:
+                    turn.finish_reason, turn.finished_at = "interrupted", now
+                    closed.append(turn)
+            session.commit()
+            return closed
+
+    def _lock_conversation(self, session: Session, conversation_id: str) -> None:
+        """Serialise writers of one conversation until this transaction ends, so each turn gets its own
+        sequence number: a row lock on PostgreSQL, the database's write lock on SQLite (BEGIN IMMEDIATE)."""
+        if self.engine.dialect.name == "sqlite":
+            session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            session.execute(select(Conversation.id).where(Conversation.id == conversation_id).with_for_update())
+
     def claim_event(self, *, channel: str, event_id: str) -> bool:
         """True the first time `(channel, event_id)` is seen, False ever after (redeliveries, restarts)."""
-        from sqlalchemy.exc import IntegrityError
+        with self.session() as session:
+            claimed = session.execute(insert_new(self.engine, InboundEvent, {
+                "channel": channel, "event_id": event_id, "received_at": utcnow()}))
+            session.commit()
+            return claimed.rowcount == 1
 
-        try:
-            with self.session() as session:
-                session.add(InboundEvent(channel=channel, event_id=event_id))
-                session.commit()
-            return True
-        except IntegrityError:
-            return False
+    def event_claimed(self, *, channel: str, event_id: str) -> bool:
+        """Whether `(channel, event_id)` was handled (its turn recorded) before."""
+        with self.session() as session:
+            return session.get(InboundEvent, (channel, event_id)) is not None
 
     def set_status(self, *, conversation_id: str, status: str) -> None:
         """Hand a conversation to a human ("human") or back to the bot ("bot")."""
@@ -289,6 +430,26 @@ class TranscriptStore:
 
     # -- whole users --------------------------------------------------------------------------
 
+    def tombstone(self, user_id: str) -> None:
+        """Begin an erasure: from this commit on the user's messages are refused (`being_erased`)."""
+        with self.session() as session:
+            session.execute(insert_new(self.engine, Erasure, {"user_id": user_id, "requested_at": utcnow()}))
+            session.commit()
+
+    def being_erased(self, user_id: str) -> bool:
+        with self.session() as session:
+            return session.get(Erasure, user_id) is not None
+
+    def unfinished_erasures(self) -> list[str]:
+        with self.session() as session:
+            return list(session.exec(select(Erasure.user_id).order_by(Erasure.requested_at)).all())
+
+    def erasure_done(self, user_id: str) -> None:
+        """The last step of an erasure: the tombstone goes too, so nothing about the user is left."""
+        with self.session() as session:
+            session.exec(delete(Erasure).where(Erasure.user_id == user_id))
+            session.commit()
+
     def export_user(self, user_id: str) -> dict[str, Any]:
         with self.session() as session:
             conversations = session.exec(select(Conversation).where(Conversation.user_id == user_id)).all()
@@ -312,6 +473,7 @@ class TranscriptStore:
                 ("personas", PersonaRow, PersonaRow.user_id),
             ):
                 counts[name] = session.exec(delete(model).where(column == user_id)).rowcount
+            session.exec(delete(MemoryOutbox).where(MemoryOutbox.user_id == user_id))  # nothing owed to the erased
             session.commit()
         if self.engine.dialect.name == "sqlite":  # fold the WAL back so no copy of the rows stays in it
             with self.engine.connect() as conn:
@@ -436,6 +598,15 @@ class ConversationSummary:
     def waiting(self) -> bool:
         """A person has the conversation and the customer spoke last (no agent reply since)."""
         return self.conversation.status == "human" and self.last is not None and self.last.model_id != "human"
+
+
+def insert_new(engine: Engine, model: type[SQLModel], values: dict[str, Any]):
+    """INSERT of one row that does nothing when its primary key is taken (SQLite and PostgreSQL)."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(model).values(**values).on_conflict_do_nothing()
 
 
 def _redact(url: str) -> str:

@@ -304,6 +304,29 @@ class MemoryStore:
         logger.info("erased %d memories", count)
         return count
 
+    def owners(self) -> dict[str, str | None]:
+        """Every memory collection by name, with its owner's user id (None: no owner, or one whose id does not
+        name this collection: vectors nobody can reach)."""
+        found = {}
+        try:
+            collections = self.client.list_collections()
+        except Exception as exc:
+            raise StoreUnavailable(f"memory store unavailable: {exc}") from exc
+        for collection in collections:
+            if not collection.name.startswith(COLLECTION_PREFIX):
+                continue
+            owner = (collection.metadata or {}).get("owner")
+            found[collection.name] = owner if isinstance(owner, str) and collection_name(owner) == collection.name \
+                else None
+        return found
+
+    def drop_orphan(self, name: str) -> None:
+        """Delete a memory collection without an owner (`owners`), and its traces on disk."""
+        if self.owners().get(name, "") is not None:
+            raise InvalidInput(f"{name} is not an orphaned memory collection")
+        self.client.delete_collection(name)
+        self.scrub_disk()
+
     # -- internals used by UserMemory ---------------------------------------------------------------
 
     def _state(self, user_id: str, *, create: bool = True) -> UserState | None:

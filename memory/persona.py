@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel
 
 from memory.errors import InvalidInput
+from memory.text import one_line
 
 VERBOSITY = ("short", "normal", "detailed")
 MAX_FIELD_CHARS = 200
@@ -80,7 +81,7 @@ def validate_field(key: str, value: Any) -> Any:
 
 
 def clean(value: str) -> str:
-    value = re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", value).strip()
+    value = one_line(value).strip()
     if len(value) > MAX_FIELD_CHARS:
         raise InvalidInput(f"a persona value is at most {MAX_FIELD_CHARS} characters")
     return value
@@ -178,11 +179,18 @@ class PersonaStore:
         return Persona(**{k: v for k, v in data.items() if k in Persona.keys()})
 
     def put(self, user_id: str, persona: Persona) -> Persona:
+        """Store the profile: one upsert, so first writes at once never collide on the key."""
+        values = {"user_id": user_id, "data": json.dumps(persona.to_json(), ensure_ascii=False),
+                  "updated_at": datetime.now(UTC)}
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        statement = insert(PersonaRow).values(**values)
+        statement = statement.on_conflict_do_update(index_elements=["user_id"], set_={
+            "data": statement.excluded.data, "updated_at": statement.excluded.updated_at})
         with Session(self.engine) as session:
-            row = session.get(PersonaRow, user_id) or PersonaRow(user_id=user_id)
-            row.data = json.dumps(persona.to_json(), ensure_ascii=False)
-            row.updated_at = datetime.now(UTC)
-            session.add(row)
+            session.execute(statement)
             session.commit()
         return persona
 

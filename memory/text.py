@@ -1,4 +1,4 @@
-"""Text and ids as every room takes them in: one control-character cleaner and one id validator.
+"""Text and ids as every room takes them in: one cleaner (control characters, lone surrogates) and one id validator.
 
 They live in the bottom room so that memory, dialogue, training and the channels all use the same rules.
 """
@@ -12,11 +12,19 @@ from memory.errors import InvalidInput
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")
 # C0/C1 controls and DEL, except tab and newline; escape sequences lose their ESC and cannot act.
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Lone UTF-16 surrogates (JSON's "\ud800" decodes to one): no encoder or database takes them.
+SURROGATES = re.compile(r"[\ud800-\udfff]")
+LINE_BREAKS = re.compile(r"[\t\n\r]")
 
 
 def strip_controls(text: str) -> str:
-    """`text` with Windows line ends made plain and every other control character removed."""
-    return CONTROL_CHARS.sub("", text.replace("\r\n", "\n"))
+    """`text` with Windows line ends made plain, every other control character and lone surrogates removed."""
+    return SURROGATES.sub("", CONTROL_CHARS.sub("", text.replace("\r\n", "\n")))
+
+
+def one_line(text: str) -> str:
+    """`text` cleaned as by `strip_controls`, tabs and line breaks made spaces (a field, a label)."""
+    return strip_controls(LINE_BREAKS.sub(" ", text))
 
 
 def clean_text(value: object, what: str = "text", *, max_chars: int | None = None) -> str:

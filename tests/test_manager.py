@@ -98,12 +98,14 @@ async def test_a_failed_generation_is_retried_once(services):
     assert reply.recorded and services.store.get_turn(reply.turn_id) is not None
 
 
-async def test_a_generation_that_keeps_failing_records_nothing(services):
+async def test_a_generation_that_keeps_failing_keeps_the_message_as_an_error(services):
     services.manager.backend = FlakyBackend(services.backend, failures=2)
     reply = await services.manager.respond(user_id="u1", conversation_id="c1", text="Hello!")
     with pytest.raises(GenerationError):
         await reply.complete()
-    assert services.store.export_user("u1")["turns"] == []
+    [turn] = services.store.export_user("u1")["turns"]
+    assert (turn["user_text"], turn["reply"], turn["finish_reason"]) == ("Hello!", "", "error")
+    assert services.manager.leases.held() == []
 
 
 async def test_a_reply_stopped_midway_keeps_what_was_shown(services):

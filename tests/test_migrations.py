@@ -23,7 +23,8 @@ from dialogue.errors import StoreUnavailable
 from dialogue.store import Conversation, InboundEvent, Rating, TranscriptStore, Turn, User
 from memory.persona import PersonaRow, PersonaStore
 
-ALL = ["0001", "0002", "0003", "0004"]
+ALL = ["0001", "0002", "0003", "0004", "0005"]
+HEAD = ALL[-1]
 
 
 def drift(engine) -> list:
@@ -44,7 +45,7 @@ def test_an_empty_database_is_built_to_the_models_once(db_url):
     store = TranscriptStore(db_url)
     try:
         assert store.applied == ALL
-        assert schema.current(store.engine) == schema.head() == "0004"
+        assert schema.current(store.engine) == schema.head() == HEAD
         assert drift(store.engine) == []
     finally:
         store.close()
@@ -90,7 +91,7 @@ def legacy_database(url: str, steps: int) -> None:
     engine.dispose()
 
 
-@pytest.mark.parametrize("steps, applied", [(3, ["0004"]), (2, ["0003", "0004"])])
+@pytest.mark.parametrize("steps, applied", [(3, ALL[3:]), (2, ALL[2:])])
 def test_a_database_of_the_hand_written_list_is_stamped_then_upgraded_with_its_rows(db_url, steps, applied):
     legacy_database(db_url, steps)
     store = TranscriptStore(db_url)
@@ -118,7 +119,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "9999"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
@@ -170,7 +171,7 @@ def test_a_failing_revision_leaves_nothing_half_done(db_url, tmp_path):
     assert "flagged" not in columns(db_url) and columns(db_url)["channel"] == "VARCHAR(32)"
     assert not [name for name in tables(db_url) if name.startswith("_alembic")]  # no copy left behind
     store = TranscriptStore(db_url)
-    assert schema.current(store.engine) == "0004"
+    assert schema.current(store.engine) == HEAD
     store.close()
 
 
@@ -205,7 +206,7 @@ def test_processes_starting_together_migrate_once(db_url, tmp_path):
     assert sorted(out.strip() for out, _ in results) == ["", "", "", ",".join(ALL)]
     store = TranscriptStore(db_url)
     with store.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0004"]
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [HEAD]
     store.close()
 
 
@@ -220,7 +221,7 @@ def test_rapport_db_upgrade_applies_then_says_up_to_date(home):
     runner = CliRunner()
     first = runner.invoke(cli, ["db", "upgrade", "--json"])
     assert first.exit_code == 0, first.output
-    assert json.loads(first.stdout) == {"applied": ALL, "revision": "0004"}
+    assert json.loads(first.stdout) == {"applied": ALL, "revision": HEAD}
     again = runner.invoke(cli, ["db", "upgrade"])
-    assert again.exit_code == 0 and again.stdout.strip() == "the database is up to date (revision 0004)"
+    assert again.exit_code == 0 and again.stdout.strip() == f"the database is up to date (revision {HEAD})"
     assert (home / "rapport.db").exists()

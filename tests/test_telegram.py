@@ -660,10 +660,10 @@ async def test_a_store_outage_gets_one_apology_and_no_crash(services, standin):
         raise StoreUnavailable("transcript store is unavailable: disk I/O error")
 
     async with Running(services, standin):
-        services.store.claim_event = unavailable  # the database is gone for this one update
+        services.store.event_claimed = unavailable  # the database is gone for this one update
         standin.message("Hello!", chat_id=ANN)
         await standin.wait_for(lambda: standin.sent_to(ANN), what="the apology")
-        del services.store.claim_event
+        del services.store.event_claimed
         standin.message("Hello again!", chat_id=ANN)
         await wait_replies(standin, ANN)
     texts = [m.text for m in standin.sent_to(ANN)]

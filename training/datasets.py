@@ -24,7 +24,7 @@ from training.store import TrainingStore
 logger = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.15
-SKIPPED_FINISH = {"cancelled", "error", "handoff"}  # cut short, failed, or no bot reply at all
+SKIPPED_FINISH = {"cancelled", "error", "handoff", "pending", "interrupted"}  # cut short, failed, or no bot reply
 
 
 def user_hash(user_id: str) -> str:

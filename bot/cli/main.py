@@ -49,7 +49,7 @@ def chat(user_id: str) -> None:
         threading.Thread(target=services.embedder.embed, args=(["warm-up"],), daemon=True).start()
         session = ChatSession(services, user_id)
         if sys.stdin.isatty():
-            code = run_interactive(session, services.settings.home / "repl_history")
+            code = run_interactive(session, services.history_file(user_id))  # per user: erased with them
         else:
             code = run_piped(session)
     finally:
@@ -60,6 +60,7 @@ def chat(user_id: str) -> None:
 # -- command groups that live in their own modules --------------------------------------------------
 from bot.cli.bench import bench  # noqa: E402
 from bot.cli.db import db_group  # noqa: E402
+from bot.cli.doctor import doctor  # noqa: E402
 from bot.cli.faq import faq_group  # noqa: E402
 from bot.cli.keys import keys_group  # noqa: E402
 from bot.cli.memory import memory_group  # noqa: E402
@@ -69,7 +70,7 @@ from bot.cli.train import adapters_group, train_command, transcripts_group  # no
 from bot.cli.users import users_group  # noqa: E402
 
 for command in (memory_group, faq_group, users_group, transcripts_group, train_command, adapters_group, serve,
-                telegram_command, bench, db_group, keys_group):
+                telegram_command, bench, db_group, keys_group, doctor):
     cli.add_command(command)
 
 

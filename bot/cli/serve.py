@@ -28,6 +28,7 @@ def build_app(services, *, open_api: bool = False, host: str | None = None):
         bot = ChatwootBot(services.manager, services.store, services.desk, services.chatwoot,
                           secret=reveal(settings.chatwoot_webhook_secret), query_token=settings.chatwoot_query_token)
         app.include_router(bot.router())
+        app.state.channels.append(bot)
     return app
 
 

@@ -62,6 +62,25 @@ def queue_depth(services: Services):
     return (lambda: worker.queue_depth) if worker is not None else (lambda: 0)
 
 
+async def sweep_abandoned(services: Services) -> None:
+    """Close the API's turns that a dead process left pending, now and every lease period (the clients
+    got a broken connection; the turn says "interrupted" instead of staying pending; Telegram and
+    Chatwoot sweep their own, because they tell their users); retry the memory writes still owed."""
+    while True:
+        try:
+            closed = await asyncio.to_thread(services.manager.close_abandoned, exclude={"telegram", "chatwoot"})
+            if closed:
+                logger.info("closed %d turns left pending by a process that died", len(closed))
+            if await asyncio.to_thread(services.resume_erasures):
+                logger.info("finished erasures a failure had left half done")
+            flushed = await services.manager.flush_outbox()  # memory writes owed by recorded turns
+            if any(flushed.values()):
+                logger.info("memory outbox: %s", flushed)
+        except Exception as exc:
+            logger.warning("could not look for abandoned turns: %s", exc)
+        await asyncio.sleep(services.settings.turn_lease_s)
+
+
 def create_app(services: Services, *, open_api: bool = False, bound_host: str | None = None) -> FastAPI:
     """The API over one process's services (the caller opens and closes them).
 
@@ -73,7 +92,13 @@ def create_app(services: Services, *, open_api: bool = False, bound_host: str | 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         readiness.task = asyncio.create_task(readiness.warm())
+        sweeper = asyncio.create_task(sweep_abandoned(services))
+        for channel in app.state.channels:
+            await channel.start()
         yield
+        for channel in app.state.channels:  # Chatwoot: replies being made finish first (30 s at most)
+            await channel.stop()
+        sweeper.cancel()
         await services.desk.drain()
         readiness.task.cancel()
 
@@ -86,6 +111,7 @@ def create_app(services: Services, *, open_api: bool = False, bound_host: str | 
     app.state.limiter = RateLimiter(settings.api_rate_per_minute, settings.api_rate_burst)
     app.state.user_limiter = RateLimiter(settings.api_user_rate_per_minute, settings.api_user_rate_burst)
     app.state.readiness = readiness
+    app.state.channels = []  # channels with webhooks on this app (Chatwoot): each has start() and stop()
 
     install_error_handlers(app)
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.api_max_body_bytes, on_done=metrics.observe_request)

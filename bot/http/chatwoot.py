@@ -11,8 +11,9 @@ a query string ends up in access logs.
 Events handled (Chatwoot's agent-bot payloads, `Message#webhook_data` and the conversation's):
 - `message_created`, `message_type: "incoming"` from a contact: the customer speaks. The bot answers
   with `POST /api/v1/accounts/{account}/conversations/{id}/messages`, unless a person has the
-  conversation. Each Chatwoot message id is handled once (`claim_event`), so redeliveries never
-  produce a second reply.
+  conversation. The message is on disk (a pending turn, its Chatwoot id claimed with it) before the webhook
+  answers 200, so a redelivery never produces a second reply and a crash never loses the message: a reply
+  a dead process left unfinished is closed and the customer told once, by the next process to start.
 - `message_created`, `"outgoing"` from a `user` (a human agent), not private: recorded as the agent's
   turn for the learning loop, and the bot stays silent from then on. The bot's own messages (sender
   type `agent_bot`), private notes and activity messages are ignored, so replies never loop.
@@ -37,16 +38,19 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, HTTPException, Request
 
-from dialogue.errors import InvalidInput, RapportError
+from dialogue.errors import AlreadyHandled, InvalidInput, RapportError
 from dialogue.handoff import HandoffDesk, HandoffEvent
 from dialogue.manager import DialogueManager
-from dialogue.store import TranscriptStore
+from dialogue.store import TranscriptStore, Turn
 
 logger = logging.getLogger(__name__)
 
 CHANNEL = "chatwoot"
 RESUME_STATUSES = ("pending", "resolved")
 SIGNATURE_TOLERANCE_S = 300
+DRAIN_S = 30.0  # on shutdown, how long replies being made may take to finish
+INTERRUPTED = ("Sorry, I was interrupted while answering your message “{text}”, and that reply was lost. "
+               "Please send it again.")
 
 
 class ChatwootApi:
@@ -119,6 +123,9 @@ class ChatwootBot:
         self.query_token = query_token
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: set[asyncio.Task] = set()
+        self._inflight: dict[str, tuple[int, int, str]] = {}  # turn id -> (account, conversation, text) being answered
+        self._sweeper: asyncio.Task | None = None
+        self.drain_s = DRAIN_S
 
     # -- the webhook -----------------------------------------------------------------------------
 
@@ -134,6 +141,8 @@ class ChatwootBot:
                 payload = json.loads(body)
             except ValueError:
                 raise HTTPException(400, "body is not JSON") from None
+            except RecursionError:  # nested deeper than the parser goes: no Chatwoot event looks like that
+                raise HTTPException(400, "body is nested too deeply") from None
             if not isinstance(payload, dict):
                 raise HTTPException(400, "body is not a JSON object")
             accepted = await self.accept(payload)
@@ -199,6 +208,53 @@ class ChatwootBot:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         await self.desk.drain()
 
+    # -- start and shutdown ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Tell customers whose reply a dead process left unfinished, now and every lease period."""
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def stop(self) -> None:
+        """Let replies being made finish (up to `drain_s`); the rest are cut and their customers told."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        try:
+            await asyncio.wait_for(self.drain(), self.drain_s)
+        except TimeoutError:
+            logger.warning("%d chatwoot events still running after %.0f s; cutting them", len(self._tasks),
+                           self.drain_s)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        for turn_id, (account, conversation, text) in list(self._inflight.items()):  # cut before their reply
+            await self._tell_interrupted(account, conversation, text)
+            self._inflight.pop(turn_id, None)
+
+    async def tell_interrupted(self) -> int:
+        """Close the turns of dead processes and tell each customer once; returns how many."""
+        turns = await asyncio.to_thread(self.manager.close_abandoned, channels={CHANNEL})
+        for turn in turns:
+            ids = parse_key(turn.conversation_id)
+            if ids is not None:
+                await self._tell_interrupted(*ids, turn.user_text)
+        return len(turns)
+
+    async def _tell_interrupted(self, account: int, conversation: int, text: str) -> None:
+        snippet = text if len(text) <= 80 else text[:79] + "…"
+        try:
+            await self.api.post_message(account, conversation, INTERRUPTED.format(text=snippet))
+        except httpx.HTTPError as exc:
+            logger.warning("could not tell chatwoot conversation %s:%s of an interrupted reply: %s",
+                           account, conversation, exc)
+
+    async def _sweep(self) -> None:
+        while True:
+            try:
+                await self.tell_interrupted()
+            except RapportError as exc:
+                logger.warning("could not look for interrupted chatwoot turns: %s", exc)
+            await asyncio.sleep(self.manager.settings.turn_lease_s)
+
     # -- messages --------------------------------------------------------------------------------
 
     async def _message_job(self, payload: dict):
@@ -210,23 +266,28 @@ class ChatwootBot:
             return None
         if not isinstance(content, str) or not content.strip():
             return None  # attachments only, or a card: nothing to answer
-        kind = payload.get("message_type")
+        kind, event_id = payload.get("message_type"), f"{account}:{message_id}"
         if kind == "incoming" and sender_type in (None, "contact"):
             contact = _int(_dict(payload.get("sender")).get("id")) or _int(
                 _dict(_dict(payload.get("conversation")).get("contact_inbox")).get("contact_id"))
             if contact is None:
                 return None
-            job = self.on_customer_message(account, conversation, contact, content)
-        elif kind == "outgoing" and sender_type == "user":
-            job = self.on_agent_message(account, conversation, content)
-        else:
-            return None  # our own replies (agent_bot), activity and template messages: never answered
-        if not await asyncio.to_thread(self.store.claim_event, channel=CHANNEL,
-                                       event_id=f"{account}:{message_id}"):
-            job.close()
-            logger.info("chatwoot message %s:%s already handled", account, message_id)
-            return None
-        return job
+            try:  # on disk before Chatwoot hears 200
+                pending = await self.manager.receive(user_id=f"{CHANNEL}:{account}:{contact}",
+                                                     conversation_id=conversation_key(account, conversation),
+                                                     text=content, channel=CHANNEL, event_id=event_id)
+            except AlreadyHandled:
+                logger.info("chatwoot message %s already handled", event_id)
+                return None
+            except InvalidInput as exc:  # too long, say: the customer is told why, in their conversation
+                return self.api.post_message(account, conversation, f"Sorry, I can't take that message: {exc}.")
+            return self.on_customer_message(account, conversation, pending)
+        if kind == "outgoing" and sender_type == "user":
+            if not await asyncio.to_thread(self.store.claim_event, channel=CHANNEL, event_id=event_id):
+                logger.info("chatwoot message %s already handled", event_id)
+                return None
+            return self.on_agent_message(account, conversation, content)
+        return None  # our own replies (agent_bot), activity and template messages: never answered
 
     def _lock(self, key: str) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -234,21 +295,36 @@ class ChatwootBot:
             lock = self._locks[key] = asyncio.Lock()
         return lock
 
-    async def on_customer_message(self, account: int, conversation: int, contact: int, text: str) -> None:
-        """Answer the customer through the core's handoff gate (silent while a person has the conversation)."""
-        key, user = conversation_key(account, conversation), f"{CHANNEL}:{account}:{contact}"
-        async with self._lock(key):
-            try:
-                reply = await self.manager.respond(user_id=user, conversation_id=key, text=text,
-                                                            channel=CHANNEL)
-            except InvalidInput as exc:  # too long, say: the customer is told why, in their conversation
-                await self.api.post_message(account, conversation, f"Sorry, I can't take that message: {exc}.")
-                return
-            answer = await reply.complete()
-            if answer.strip():
-                await self.api.post_message(account, conversation, answer)
-            elif not reply.handoff:  # a blank model reply would leave the customer unanswered: get a person
-                await self.desk.hand_off(conversation_id=key, user_id=user, turn_id=reply.turn_id, reason="no_answer")
+    async def on_customer_message(self, account: int, conversation: int, pending: Turn) -> None:
+        """Answer the customer's recorded message through the core's handoff gate (silent while a person has
+        the conversation)."""
+        key, user = pending.conversation_id, pending.user_id
+        self._inflight[pending.id] = (account, conversation, pending.user_text)
+        try:
+            async with self._lock(key):
+                try:
+                    reply = await self.manager.respond(user_id=user, conversation_id=key, text=pending.user_text,
+                                                       channel=CHANNEL, pending=pending)
+                except InvalidInput as exc:  # too long for the budget: the customer is told why
+                    reply = None
+                    await self.api.post_message(account, conversation, f"Sorry, I can't take that message: {exc}.")
+                if reply is not None:
+                    await self._answer(account, conversation, user, reply)
+        except asyncio.CancelledError:  # cut by shutdown before the reply went out: `stop` tells the customer
+            raise
+        except BaseException:
+            self._inflight.pop(pending.id, None)
+            raise
+        else:
+            self._inflight.pop(pending.id, None)
+
+    async def _answer(self, account: int, conversation: int, user: str, reply) -> None:
+        answer = await reply.complete()
+        if answer.strip():
+            await self.api.post_message(account, conversation, answer)
+        elif not reply.handoff:  # a blank model reply would leave the customer unanswered: get a person
+            await self.desk.hand_off(conversation_id=reply.conversation_id, user_id=user, turn_id=reply.turn_id,
+                                     reason="no_answer")
 
     async def on_agent_message(self, account: int, conversation: int, text: str) -> None:
         """A person wrote to the customer: keep it as training gold, and keep the bot out of their way."""

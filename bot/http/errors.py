@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dialogue.errors import GenerationError, InvalidInput, NotFound, RapportError, StoreUnavailable
+from bot.http.disconnect import ClientGone
+from dialogue.errors import GenerationError, InvalidInput, NotFound, Overloaded, RapportError, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ STATUS_OF: list[tuple[type[RapportError], int]] = [
     (NotFound, 404),
     (StoreUnavailable, 503),
     (GenerationError, 503),
+    (Overloaded, 503),
 ]
 
 
@@ -82,7 +84,14 @@ def install_error_handlers(app: FastAPI) -> None:
         status = status_for(exc)
         if status >= 500:
             logger.warning("%s %s: %s", request.method, request.url.path, exc)
-        return error_response(status, str(exc) or exc.__class__.__name__)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+        return error_response(status, str(exc) or exc.__class__.__name__, headers=headers)
+
+    @app.exception_handler(ClientGone)
+    async def on_client_gone(request: Request, exc: ClientGone) -> JSONResponse:
+        logger.info("%s %s: the client left before its answer; the work was cancelled", request.method,
+                    request.url.path)
+        return error_response(499, "client closed the request")  # nobody reads it; the access log and metrics do
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

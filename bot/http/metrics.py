@@ -8,6 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+# The `channel` label takes these values only: clients name the channel, and each new name would be new series.
+CHANNELS = ("api", "openai", "chatwoot", "telegram", "repl")
 
 
 class ApiMetrics:
@@ -39,6 +41,7 @@ class ApiMetrics:
 
     def observe_turn(self, reply, channel: str, seconds: float, ttft_s: float | None) -> None:
         """Count one finished (or cut short) reply."""
+        channel = channel if channel in CHANNELS else "other"
         self.turns.labels(channel, reply.finish_reason or "stop").inc()
         self.turn_seconds.labels(channel).observe(seconds)
         if ttft_s is not None:

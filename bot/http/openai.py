@@ -23,8 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bot.http.auth import Caller, CallerDep, ChatDep, limit_user
 from bot.http.deps import BackendDep, ManagerDep, MetricsDep
+from bot.http.disconnect import while_connected
 from bot.http.metrics import ApiMetrics
-from bot.http.turns import EventStream, stream_reply
+from bot.http.turns import EventStream, drain, stream_reply
 from dialogue.errors import InvalidInput
 from dialogue.manager import HandedOff, Reply
 from memory.text import ID_PATTERN, validate_id
@@ -112,8 +113,8 @@ async def chat_completions(request: Request, body: ChatRequest, caller: ChatDep,
     if isinstance(outcome, HandedOff):
         text, reason, usage = outcome.text, "stop", {}
     else:
-        async for _ in stream_reply(metrics, outcome, channel="openai"):
-            pass
+        outcome.streamed = False  # answered whole: cut short, it showed nothing
+        await while_connected(request, drain(stream_reply(metrics, outcome, channel="openai")))
         text, reason, usage = outcome.text, outcome.finish_reason, outcome.usage
     return {
         "id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,

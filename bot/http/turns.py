@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from bot.http.auth import Caller, ChatDep, limit_user
 from bot.http.deps import DeskDep, ManagerDep, MetricsDep, StoreDep
+from bot.http.disconnect import while_connected
 from bot.http.metrics import ApiMetrics
 from dialogue.errors import NotFound
 from dialogue.manager import HandedOff, Reply
@@ -112,6 +113,12 @@ async def stream_reply(metrics: ApiMetrics, reply: Reply, *, channel: str) -> As
             metrics.observe_turn(reply, channel, time.perf_counter() - started, ttft)
 
 
+async def drain(chunks: AsyncIterator[str]) -> None:
+    """Consume a reply that is answered whole (not streamed)."""
+    async for _ in chunks:
+        pass
+
+
 def wants_stream(request: Request, flag: bool) -> bool:
     return flag or "text/event-stream" in request.headers.get("accept", "")
 
@@ -152,8 +159,8 @@ async def post_message(request: Request, conversation_id: ConversationId, body: 
                                     text=body.text, channel=body.channel)
     if wants_stream(request, body.stream):
         return EventStream(_reply_events(metrics, outcome, channel=body.channel))
-    async for _ in stream_reply(metrics, outcome, channel=body.channel):
-        pass
+    outcome.streamed = False  # answered whole: cut short, it showed nothing
+    await while_connected(request, drain(stream_reply(metrics, outcome, channel=body.channel)))
     return reply_json(outcome)
 
 

@@ -1,7 +1,10 @@
 """The Telegram channel: a python-telegram-bot `Application` whose handlers turn updates into dialogue calls.
 
-Each update is claimed once in the transcript store before anything else (a redelivery after a crash is
-dropped); updates of one chat run in order, different chats concurrently. Users are `telegram:<id>`, so
+Each update is handled once: a text message is claimed together with its pending turn (the message on disk
+before any reply is made), every other update before it is handled, so a redelivery after a crash is dropped
+and a message is never lost to a crash. Updates of one chat run in order, different chats concurrently. On
+start, and every lease period after, messages whose reply a dead process left unfinished are closed and
+their users told once. Users are `telegram:<id>`, so
 memory and persona follow the person across chats; a conversation is per chat (per person in a group).
 """
 
@@ -46,7 +49,7 @@ from bot.services import Services
 from bot.telegram.format import escape, scrub, split_message
 from bot.telegram.net import ChatOrderedProcessor, RetryingRequest
 from bot.telegram.stream import ReplyStream, keep_typing
-from dialogue.errors import GenerationError, InvalidInput, NotFound, RapportError, StoreUnavailable
+from dialogue.errors import AlreadyHandled, GenerationError, InvalidInput, NotFound, RapportError, StoreUnavailable
 from dialogue.manager import HandedOff, Reply
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,8 @@ GREETING = (
 HELP = ("Write to me and I answer; in groups, mention me or reply to my message.\n"
         "Under each reply, 👍/👎 tell me how I did.\n\n" + help_text(TELEGRAM_COMMANDS))
 ACK = {1: "👍 Thanks!", -1: "👎 Noted"}
+INTERRUPTED = ("Sorry, I was interrupted while answering your message “{text}”, and that reply was lost. "
+               "Please send it again.")
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,12 @@ def scoped_user(update: Update) -> str:
     return f"{actor}@{chat.id}"
 
 
+def chat_of(conversation_id: str) -> str:
+    """The chat of a Telegram conversation id: `telegram:<chat>:<n>` (private) or `<actor>@<chat>:<n>` (group)."""
+    scope = conversation_id.rsplit(":", 1)[0]
+    return scope.rsplit("@", 1)[1] if "@" in scope else scope.split(":")[1]
+
+
 def rating_buttons(turn_id: str) -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup([[InlineKeyboardButton("👍", callback_data=f"rate:{turn_id}:1"),
                                   InlineKeyboardButton("👎", callback_data=f"rate:{turn_id}:-1")]])
@@ -134,6 +145,7 @@ class TelegramBot:
         self._corrections: dict[tuple[int, int], str] = {}  # (chat, user) -> turn id a 👎 asked about
         self._last: dict[tuple[int, int], Reply] = {}  # (chat, user) -> the last reply, for /rate and /sources
         self.commands = Commands(services)
+        self.text_messages = filters.UpdateType.MESSAGE & filters.TEXT & ~filters.COMMAND  # on_message's updates
 
     # -- the application ----------------------------------------------------------------------
 
@@ -160,7 +172,7 @@ class TelegramBot:
                                ("forget", self.on_forget), ("sources", self.on_sources), ("export", self.on_export),
                                ("delete_me", self.on_delete_me)):
             app.add_handler(CommandHandler(name, callback, filters=filters.UpdateType.MESSAGE))
-        app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & ~filters.COMMAND, self.on_message))
+        app.add_handler(MessageHandler(self.text_messages, self.on_message))
         app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.ChatType.PRIVATE & ~filters.TEXT,
                                        self.on_not_text))
         app.add_handler(CallbackQueryHandler(self.on_rating, pattern=r"^rate:"))
@@ -173,9 +185,12 @@ class TelegramBot:
 
     async def on_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Drop an update already handled (a redelivery) and anyone not on the allowlist."""
+        store, event_id = self.services.store, str(update.update_id)
         try:
-            first = await asyncio.to_thread(self.services.store.claim_event, channel=CHANNEL,
-                                            event_id=str(update.update_id))
+            if self.text_messages.check_update(update):  # claimed with its turn, once the message is on disk
+                first = not await asyncio.to_thread(store.event_claimed, channel=CHANNEL, event_id=event_id)
+            else:
+                first = await asyncio.to_thread(store.claim_event, channel=CHANNEL, event_id=event_id)
         except StoreUnavailable as exc:  # nothing can be answered or recorded: say so once, and stop here
             await self.on_error(update, _ErrorContext(exc, context.bot))
             raise ApplicationHandlerStop from exc
@@ -280,6 +295,7 @@ class TelegramBot:
         """Answer a text message with a streamed reply carrying 👍/👎 buttons."""
         message, chat, user = update.effective_message, update.effective_chat, update.effective_user
         if user is None or not addressed_to_bot(message, context.bot.id, context.bot.username):
+            await self._claim(update)
             return
         text = scrub(message.text or "")
         if context.bot.username:
@@ -290,20 +306,27 @@ class TelegramBot:
         pending = self._corrections.pop((chat.id, who), None)
         if pending and text:
             await self.services.manager.rate(turn_id=pending, rating=-1, user_id=who, correction=text)
-            await message.reply_text("Thank you, I'll learn from that.", do_quote=group)
+            if await self._claim(update):
+                await message.reply_text("Thank you, I'll learn from that.", do_quote=group)
             return
         if not text:
-            await message.reply_text("Yes? Ask me anything.", do_quote=group)
+            if await self._claim(update):
+                await message.reply_text("Yes? Ask me anything.", do_quote=group)
             return
 
         thread_id = message.message_thread_id if message.is_topic_message else None
         stream = ReplyStream(context.bot, chat.id, reply_to=message.message_id if group else None, thread_id=thread_id,
                              interval=self.settings.telegram_group_edit_interval if group else self.settings.telegram_edit_interval)
         typing = asyncio.create_task(keep_typing(context.bot, chat.id, stream.started, thread_id=thread_id))
+        reply = None
         try:
             conversation_id = await self._current_conversation(chat.id, chat.type, who)
-            reply = await self.services.manager.respond(user_id=who, conversation_id=conversation_id,
-                                                        text=text, channel=CHANNEL)
+            try:
+                reply = await self.services.manager.respond(user_id=who, conversation_id=conversation_id,
+                                                            text=text, channel=CHANNEL, event_id=str(update.update_id))
+            except AlreadyHandled:  # redelivered while its first delivery was being recorded
+                logger.info("update %s was handled before; skipping it", update.update_id)
+                return
             self._last[(chat.id, who)] = reply
             for notice in reply.notices:
                 await context.bot.send_message(chat.id, notice, message_thread_id=thread_id)
@@ -315,8 +338,39 @@ class TelegramBot:
                 await stream.add(chunk)
             await stream.finish(rating_buttons(reply.turn_id), empty="(no reply)")
         finally:
+            if reply is not None:
+                reply.discard()  # never iterated (a notice failed to send): closed, not left pending
             stream.started.set()
             await typing
+
+    async def _claim(self, update: Update) -> bool:
+        """Claim a text message's update that makes no turn; False when it was handled before."""
+        return await asyncio.to_thread(self.services.store.claim_event, channel=CHANNEL, event_id=str(update.update_id))
+
+    async def tell_interrupted(self, bot) -> int:
+        """Close the turns a dead process left unanswered and tell each user once; returns how many."""
+        turns = await asyncio.to_thread(self.services.manager.close_abandoned, channels={CHANNEL})
+        for turn in turns:
+            chat_id = chat_of(turn.conversation_id)
+            snippet = turn.user_text if len(turn.user_text) <= 80 else turn.user_text[:79] + "…"
+            logger.info("turn %s was interrupted; telling chat %s", turn.id, chat_id)
+            try:
+                await bot.send_message(int(chat_id), INTERRUPTED.format(text=snippet))
+            except (TelegramError, ValueError) as exc:
+                logger.warning("could not tell chat %s about an interrupted reply: %s", chat_id, exc)
+        return len(turns)
+
+    async def sweep_interrupted(self, bot, stop: asyncio.Event) -> None:
+        """`tell_interrupted` now and every lease period until `stop` (a dead process's lease runs out later)."""
+        while not stop.is_set():
+            try:
+                await self.tell_interrupted(bot)
+                await asyncio.to_thread(self.services.resume_erasures)  # erasures a failure left half done
+                await self.services.manager.flush_outbox()  # memory writes owed by recorded turns
+            except RapportError as exc:
+                logger.warning("could not look for interrupted turns: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.turn_lease_s)
 
     async def on_not_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Say politely that only text is read."""
@@ -470,6 +524,7 @@ async def run_bot(bot: TelegramBot, token: str, *, base_url: str | None = None, 
                                             error_callback=_log_polling_error)
         await app.start()
         logger.info("Telegram bot @%s is up (%s)", app.bot.username, "webhook" if webhook else "polling")
+        sweeper = asyncio.create_task(bot.sweep_interrupted(app.bot, stop))
         if ready is not None:
             ready.set()
         try:
@@ -477,6 +532,9 @@ async def run_bot(bot: TelegramBot, token: str, *, base_url: str | None = None, 
         finally:
             await app.updater.stop()
             await app.stop()
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
 
 
 def _log_polling_error(error: TelegramError) -> None:

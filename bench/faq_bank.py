@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import tempfile
 import time
 import uuid
@@ -23,11 +24,17 @@ from pathlib import Path
 import numpy as np
 
 from bench.faq import read_jsonl
-from memory.faq import FaqIndex
+from memory.faq import FaqIndex, normalise
+from memory.faq_fit import FitConfig
 from memory.faq_scope import SCOPES, ScopeModel, fit_scope_model
 
 DATA = Path(__file__).resolve().parent / "data"
 DECLINED = ("unknown", "outside")
+# the goal is ≥ 0.90 declined on held-out messages; 70 dev messages a side make a threshold set at exactly 0.90
+# land below it on the test half (0.871 there): a 3-point margin, as for the personal assistant's policy
+DECLINE_TARGET = 0.93
+MECHANISMS = ("hybrid (centred, answers, BM25)", "+ entry centroid (nearest 0.7 + centroid 0.3)",
+              "+ the FAQ's own map", "+ entry classifier (the product)")
 
 
 def load(directory: Path, limit: int | None) -> tuple[list[dict], list[dict], list[dict]]:
@@ -75,6 +82,50 @@ def retrieval(index: FaqIndex, rows: list[dict], plain: bool) -> dict:
     return {"top1": rate(t[0] == r["id"] for t, r in zip(tops, rows)),
             "top3": rate(r["id"] in t for t, r in zip(tops, rows)),
             "search_ms": percentiles(took)}
+
+
+SENTENCE = re.compile(r"(?<=[.!?])\s+|\s*[\n;]\s*")
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of a message longer than one, else []."""
+    parts = [p.strip() for p in SENTENCE.split(text) if p and p.strip()]
+    return parts if len(parts) > 1 else []
+
+
+def token_vectors(embedder, texts: list[str]) -> list[np.ndarray]:
+    """Per text, its MiniLM token embeddings without [CLS]/[SEP], unit length: (T, 384) each."""
+    out = embedder.model.encode(texts, output_value="token_embeddings", batch_size=32, show_progress_bar=False)
+    return [normalise(t.numpy()[1:-1].astype(np.float32)) for t in out]
+
+
+def ablation(index: FaqIndex, rows: list[dict]) -> dict:
+    """Top-1/top-3 of mechanisms measured but not built (or built and taken apart), over the product's index:
+    token-level late interaction (ColBERT-style MaxSim over the wheel's MiniLM token embeddings, each entry
+    by its best phrasing), the best sentence of a long message, and the entry classifier alone."""
+    snap = index.snapshot()
+    gold = np.array([[e.id for e in snap.entries].index(r["id"]) for r in rows])
+    texts = [r["question"] for r in rows]
+    fused = np.stack([index.analyse(snap, t).fused for t in texts])  # (Q, E) the product
+    phrasings = np.flatnonzero(snap.kinds != "answer")
+    entry_tokens = token_vectors(index.embedder, [snap.texts[i] for i in phrasings])
+    maxsim = np.full((len(rows), len(snap.entries)), -1.0)
+    for qi, query in enumerate(token_vectors(index.embedder, texts)):
+        for tokens, entry in zip(entry_tokens, snap.owner[phrasings]):
+            maxsim[qi, entry] = max(maxsim[qi, entry], float((query @ tokens.T).max(axis=1).mean()))
+    by_sentence = fused.copy()
+    for qi, text in enumerate(texts):
+        for part in sentences(text):
+            by_sentence[qi] = np.maximum(by_sentence[qi], index.analyse(snap, part).fused)
+    out = {"product": fused, "token MaxSim alone": maxsim, "product + 0.5 token MaxSim": fused + 0.5 * maxsim,
+           "product, best of message and its sentences": by_sentence}
+    if snap.classifier is not None:
+        vectors = index.embedder.embed(texts)
+        out["entry classifier alone"] = snap.classifier.probabilities(texts, vectors)
+    top = lambda s: {"top1": rate(s.argmax(1) == gold), "top3": rate(g in np.argsort(-x)[:3] for x, g in zip(s, gold))}  # noqa: E731
+    report = {name: top(scores) for name, scores in out.items()}
+    report["long messages (more than one sentence)"] = sum(bool(sentences(t)) for t in texts)
+    return report
 
 
 def rate(flags) -> float:
@@ -146,12 +197,12 @@ def labelled(index: FaqIndex, held: list[dict], scope: list[dict]) -> list[tuple
 def calibrate(rows: list[tuple[tuple[float, ...], str, bool]]) -> ScopeModel:
     """Fit the scope model on dev messages, then the loosest answer gate whose verbatim answers are ≥ 95 % right."""
     model = fit_scope_model([(f, label) for f, label, _ in rows])
-    # covered_from: the lowest P(covered) a reply from the FAQ needs, the smallest that declines ≥ 90 % of the
-    # out-of-scope dev messages (declining costs a handoff; answering outside the FAQ costs a made-up fact)
+    # covered_from: the lowest P(covered) a reply from the FAQ needs, the smallest that declines ≥ DECLINE_TARGET of
+    # the out-of-scope dev messages (declining costs a handoff; answering outside the FAQ costs a made-up fact)
     right = lambda m: rate(m.scope(f)[0] == "covered" and ok for f, label, ok in rows if label == "covered")  # noqa: E731
     declined = lambda m: rate(m.scope(f)[0] in DECLINED for f, label, _ in rows if label in DECLINED)  # noqa: E731
     grid = [replace(model, covered_from=round(float(t), 2)) for t in np.arange(0.0, 0.96, 0.02)]
-    model = max((m for m in grid if declined(m) >= 0.9), key=lambda m: (right(m), -m.covered_from), default=grid[-1])
+    model = max((m for m in grid if declined(m) >= DECLINE_TARGET), key=lambda m: (right(m), -m.covered_from), default=grid[-1])
     best = (-1, 0.99, 0.2)
     for answer_from in np.arange(0.3, 1.0, 0.02):
         for answer_margin in (0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15):
@@ -196,18 +247,30 @@ def run(directory: Path | None = None, *, do_calibrate: bool = False, threads: i
     faq = [make_entry(e["id"], e["question"], e["answer"], e.get("tags") or (), e.get("alternates") or ()) for e in entries]
     client = chromadb.EphemeralClient()
     embedder = shared_embedder()
-    hybrid = FaqIndex(client, embedder, collection=f"faq-bench-{uuid.uuid4().hex[:8]}")
+    new = lambda **kw: FaqIndex(client, embedder, collection=f"faq-bench-{uuid.uuid4().hex[:8]}", **kw)  # noqa: E731
+    hybrid = new(nearest_weight=1.0)
     hybrid.upsert(faq)
+    centroid = new()
+    centroid.upsert(faq)
     with tempfile.TemporaryDirectory() as fit_dir:
-        fitted = FaqIndex(client, embedder, collection=f"faq-bench-{uuid.uuid4().hex[:8]}", fit_dir=Path(fit_dir))
+        mapped = new(fit_dir=Path(fit_dir) / "map", fit_config=FitConfig(classifier=False))
+        mapped.upsert(faq)
+        fitted = new(fit_dir=Path(fit_dir) / "full")
         start = time.perf_counter()
-        fitted.upsert(faq)  # imports, then fits
+        fitted.upsert(faq)  # imports, then fits the map and the entry classifier
         import_and_fit_s = time.perf_counter() - start
         fit = fitted.snapshot().fit
+        indexes = (hybrid, centroid, mapped, fitted)
         if do_calibrate:
             model = calibrate(labelled(fitted, dev(held), dev(scope)) + second_business(client, embedder, Path(fit_dir)))
-            fitted.scope_model = hybrid.scope_model = model
-        hybrid.snapshot(), fitted.snapshot()
+            for index in indexes:
+                index.scope_model = model
+        for index in indexes:
+            index.snapshot()
+        split = lambda name: {  # noqa: E731
+            "plain dense": {"retrieval": retrieval(hybrid, name(held), plain=True)},
+            **{label: {"retrieval": retrieval(index, name(held), plain=False), "policy": policy(index, name(held), name(scope))}
+               for label, index in zip(MECHANISMS, indexes)}}
         report = {
             "faq": {"entries": len(faq), "phrasings_per_entry": round(np.mean([1 + len(e.alternates) for e in faq]), 2),
                     "held_out_test": len(test(held)), "scope_test": len(test(scope))},
@@ -215,17 +278,14 @@ def run(directory: Path | None = None, *, do_calibrate: bool = False, threads: i
             "import_and_fit_s": round(import_and_fit_s, 2),
             "scope_model": asdict(fitted.scope_model),
             "calibrated_now": do_calibrate,
-            "mechanisms": {
-                "plain dense": {"retrieval": retrieval(hybrid, test(held), plain=True)},
-                "hybrid (centred, answers, BM25)": {"retrieval": retrieval(hybrid, test(held), plain=False),
-                                                    "policy": policy(hybrid, test(held), test(scope))},
-                "hybrid + the FAQ's own fit": {"retrieval": retrieval(fitted, test(held), plain=False),
-                                               "policy": policy(fitted, test(held), test(scope))},
-            },
+            "mechanisms": split(test),
+            "mechanisms_dev": split(dev),
+            "ablation_dev": ablation(fitted, dev(held)),
+            "ablation_test": ablation(fitted, test(held)),
             "before_scope (open policy, hybrid)": open_policy(hybrid, test(held), test(scope)),
             "cpu": cpu_path(threads),
         }
-    best = report["mechanisms"]["hybrid + the FAQ's own fit"]
+    best = report["mechanisms"][MECHANISMS[-1]]
     report["top1_accuracy"] = best["retrieval"]["top1"]
     report["out_of_scope_declined"] = best["policy"]["out_of_scope_declined"]
     report["in_scope_right_entry"] = best["policy"]["in_scope"]["right_entry"]

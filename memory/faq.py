@@ -1,8 +1,10 @@
 """The business FAQ: entries in one Chroma collection, hybrid search, and the answer policy for a message.
 
 Every entry is stored as several vectors (its question, each alternate phrasing, its answer); a search scores
-each entry by its best vector, after centring all vectors on the FAQ's mean so that what every question of
-one business shares ("bike", "shop") stops counting as similarity, and adds a BM25 bonus for shared words.
+each entry by its best vector fused with the centroid of its phrasings (nearest phrasing and the entry's
+gist), after centring all vectors on the FAQ's mean so that what every question of one business shares
+("bike", "shop") stops counting as similarity, adds a BM25 bonus for shared words and, when the FAQ's fit has
+one, the entry classifier's probability (memory/faq_classifier.py).
 `decide` turns the top hits into a level (answer / ground / unknown / none) with a small logistic model
 calibrated on `examples/faq` (see `rapport bench faq --calibrate`).
 """
@@ -25,7 +27,8 @@ from memory.errors import InvalidInput, NotFound, RapportError, StoreUnavailable
 from memory.faq_files import FaqEntry, make_entry, parse_faq_file
 from memory.faq_scope import (NO_TOPICS, OUTSIDE_REPLY, SMALL_TALK, SMALL_TALK_REPLIES, SMALL_TALK_WORDS,
                                ScopeModel, topics_of)
-from memory.faq_fit import FitConfig, FitResult, FitStore, fingerprint, fit_adapter
+from memory.faq_classifier import EntryClassifier
+from memory.faq_fit import CLASSIFIER_WEIGHT, FitConfig, FitResult, FitStore, fingerprint, fit_adapter
 from memory.faq_text import (BUSINESS_PROTOTYPES, CHAT_PROTOTYPES, STOPWORDS, UNKNOWN_REPLY, WORD,
                              content_words, fact_keys, stated_facts, stem)
 
@@ -40,6 +43,7 @@ MAX_K = 50
 BM25_WEIGHT = 0.3  # fused = centred cosine + BM25_WEIGHT * bm25 / (bm25 + BM25_HALF)
 BM25_HALF = 5.0
 MAX_QUERY_TERMS = 16
+NEAREST_WEIGHT = 0.7  # dense = NEAREST_WEIGHT * best phrasing + (1 - it) * centroid (bench/data dev split)
 
 
 @dataclass(frozen=True)
@@ -105,14 +109,16 @@ DEFAULT_MODEL = DecisionModel(bias=-1.34, w_score=8.838, w_gap=-16.599, w_margin
                               answer_from=0.61, answer_margin=0.06, chat_margin=-0.1)
 
 # Fitted by `rapport bench faq --calibrate` on the dev split of bench/data/faq_bank_* and the calibration half of
-# examples/faq's business questions (two businesses, each with its own fit), answer gate at ≥ 95 % precision.
+# examples/faq's business questions (two businesses, each with its own fit), on the scores with the entry centroid;
+# covered_from declines ≥ 93 % of the dev out-of-scope messages (bench/faq_bank.py DECLINE_TARGET), answer gate at
+# ≥ 95 % precision.
 # Scopes (covered, unknown, smalltalk, outside) × features (score, margin, gap, faq_best, business, chat, smalltalk).
-SCOPE_MODEL = ScopeModel(bias=(-1.6063, -1.4694, -1.1269, 4.2026),
-                         weights=((2.6369, 3.3941, -5.8896, 4.2194, 2.466, 2.5762, -8.1808),
-                                  (-1.5553, -0.1764, 3.003, 2.8669, 4.8005, -5.8365, 2.3143),
-                                  (-2.9855, -2.1459, 0.8266, -1.5175, -1.7103, 2.5068, 7.9955),
-                                  (1.9039, -1.0718, 2.06, -5.5689, -5.5562, 0.7534, -2.129)),
-                         answer_from=0.76, answer_margin=0.15, covered_from=0.0)
+SCOPE_MODEL = ScopeModel(bias=(-1.2487, -1.7633, -1.2368, 4.2488),
+                         weights=((2.3274, 3.6746, -6.2951, 4.2205, 2.3431, 2.5099, -8.0887),
+                                  (-1.2945, 0.4242, 3.3806, 2.7695, 4.8162, -5.9157, 2.3053),
+                                  (-3.0105, -2.3015, 0.9955, -1.4708, -1.6497, 2.5127, 7.9413),
+                                  (1.9776, -1.7973, 1.9189, -5.5191, -5.5097, 0.893, -2.1579)),
+                         answer_from=0.84, answer_margin=0.15, covered_from=0.64)
 SMALL_TALK_ALONE = 0.6  # with no FAQ to compare against, the small-talk similarity that counts as small talk
 
 
@@ -185,6 +191,9 @@ class Snapshot:
     fingerprint: str = ""  # the FAQ's content version (memory/faq_fit.py)
     weight: np.ndarray | None = None  # (384, 384) the FAQ's own fit, when one is used
     fit: FitResult | None = None
+    centroids: np.ndarray | None = None  # (E, 384) unit centroid of each entry's centred question + alternates
+    classifier: EntryClassifier | None = None  # the FAQ's entry classifier, when its fit uses one
+    texts: list[str] = field(default_factory=list)  # (N,) the text of each vector
 
     def mapped(self, vector: np.ndarray) -> np.ndarray:
         """A query vector in the space the entries are compared in."""
@@ -204,13 +213,15 @@ class FaqIndex:
     """The FAQ in one Chroma collection (embeddings passed in, never Chroma's own)."""
 
     def __init__(self, client, embedder, *, collection: str = COLLECTION, model: DecisionModel = DEFAULT_MODEL,
-                 fit_dir: Path | None = None, fit_config: FitConfig = FitConfig()) -> None:
+                 fit_dir: Path | None = None, fit_config: FitConfig = FitConfig(),
+                 nearest_weight: float = NEAREST_WEIGHT) -> None:
         self.client = client
         self.embedder = embedder
         self.name = collection
         self.model = model
         self.fits = FitStore(fit_dir) if fit_dir is not None else None  # None: no fitting (plain search)
         self.fit_config = fit_config
+        self.nearest_weight = nearest_weight  # 1.0: each entry scored by its best vector alone (the bench's "before")
         self.last_fit: FitResult | None = None  # what the last write's refit did (trained now, or read back)
         self._lock = threading.RLock()
         self._snapshot: Snapshot | None = None
@@ -285,10 +296,11 @@ class FaqIndex:
             snap = self.snapshot()
             if snap.fit is not None or not snap.entries:
                 return snap.fit
-            result, weight = fit_adapter(snap.raw, snap.owner, snap.kinds, snap.fingerprint, self.fit_config)
-            logger.info("FAQ fit %s: %s (held-out top-1 %s -> %s, %.1f s)", result.fingerprint, result.reason,
-                        result.plain_top1, result.fitted_top1, result.seconds)
-            self.fits.save(result, weight)
+            result, weight, classifier = fit_adapter(snap.raw, snap.owner, snap.kinds, snap.fingerprint,
+                                                     self.fit_config, snap.texts)
+            logger.info("FAQ fit %s: %s (held-out top-1 %s -> %s, with the classifier %s, %.1f s)", result.fingerprint,
+                        result.reason, result.plain_top1, result.fitted_top1, result.classifier_top1, result.seconds)
+            self.fits.save(result, weight, classifier)
             self._snapshot = None
             return result
 
@@ -347,8 +359,8 @@ class FaqIndex:
             return self._snapshot
 
     def _load(self, revision: str) -> Snapshot:
-        got = self.collection.get(include=["metadatas", "embeddings"])
-        metas, vectors = got["metadatas"] or [], got["embeddings"]
+        got = self.collection.get(include=["metadatas", "embeddings", "documents"])
+        metas, vectors, documents = got["metadatas"] or [], got["embeddings"], got["documents"] or []
         mains = sorted((m for m in metas if m.get("kind") == "question"), key=lambda m: m["seq"])
         entries = [FaqEntry(**json.loads(m["entry"])) for m in mains]
         position = {e.id: i for i, e in enumerate(entries)}
@@ -358,9 +370,13 @@ class FaqIndex:
         kinds = np.array([metas[i]["kind"] for i in keep])
         fp = fingerprint([m["hash"] for m in mains])
         stored = self.fits.load(fp) if self.fits is not None and entries else None
-        fit, weight = stored if stored is not None else (None, None)
+        fit, weight, classifier = stored if stored is not None else (None, None, None)
         space = normalise(raw @ weight) if weight is not None else raw
         centroid = space.mean(axis=0) if len(space) else np.zeros(raw.shape[1], np.float32)
+        centred = normalise(space - centroid)
+        phrasings = kinds != "answer"
+        centroids = np.zeros((len(entries), raw.shape[1]), np.float32)
+        np.add.at(centroids, owner[phrasings], centred[phrasings])
         texts = [" ".join([e.question, *e.alternates, e.answer, *e.tags]) for e in entries]
         bm25 = None
         if entries:
@@ -370,8 +386,9 @@ class FaqIndex:
             bm25 = bm25s.BM25()
             bm25.index([content_words(t) or ["_"] for t in texts], show_progress=False)
         surfaces = [sorted({w for w in WORD.findall(t.lower().replace("'", "")) if w not in STOPWORDS}) for t in texts]
-        return Snapshot(revision, entries, owner, kinds, raw, normalise(space - centroid), centroid, bm25,
-                        [set(content_words(t)) for t in texts], surfaces, fp, weight, fit)
+        return Snapshot(revision, entries, owner, kinds, raw, centred, centroid, bm25,
+                        [set(content_words(t)) for t in texts], surfaces, fp, weight, fit, normalise(centroids),
+                        classifier, [documents[i] for i in keep])
 
     def list(self) -> list[FaqEntry]:
         """Every entry, in import order."""
@@ -392,11 +409,16 @@ class FaqIndex:
         vector = self.embedder.embed_one(query)
         n = len(snap.entries)
         dense = np.full(n, -1.0, dtype=np.float32)
-        sims = snap.centred @ normalise(snap.mapped(vector) - snap.centroid)  # (N,)
+        query_vector = normalise(snap.mapped(vector) - snap.centroid)
+        sims = snap.centred @ query_vector  # (N,)
         np.maximum.at(dense, snap.owner, sims)  # best vector per entry
+        if self.nearest_weight < 1.0:
+            dense = self.nearest_weight * dense + (1.0 - self.nearest_weight) * (snap.centroids @ query_vector)
         words = [w for w in content_words(query) if w in snap.bm25.vocab_dict] if snap.bm25 is not None else []
         lexical = np.asarray(snap.bm25.get_scores(words), dtype=np.float32) if words else np.zeros(n, np.float32)
         fused = dense + BM25_WEIGHT * lexical / (lexical + BM25_HALF)
+        if snap.classifier is not None:
+            fused = fused + CLASSIFIER_WEIGHT * snap.classifier.probabilities([query], vector[None])[0]
         return Analysis(vector, fused, float((snap.raw @ vector).max()))
 
     def _hits(self, snap: Snapshot, analysis: Analysis, k: int) -> list[FaqHit]:

@@ -4,10 +4,13 @@ Each entry's question and alternates are phrasings of one intent. A 384×384 map
 is trained contrastively (supervised InfoNCE: a phrasing's neighbours should be the other phrasings of its
 entry) on the stored vectors, so the directions that tell close entries apart ("top-up" vs "card" payments,
 "pending" vs "declined") count for more. The last alternate of every entry is held out: the fit is used only
-when it finds those held-out phrasings' entries more often than the plain embedder does.
+when it finds those held-out phrasings' entries more often than the plain embedder does. The entry classifier
+(memory/faq_classifier.py) is judged the same way: trained on the training phrasings, it is used when adding its
+probabilities finds more held-out phrasings' entries than the dense scores alone; once judged, it is trained
+again on every phrasing.
 
 A fit is versioned by the FAQ's content fingerprint and stored as `$RAPPORT_HOME/faq_fit/<fingerprint>/`
-(`adapter.npy`, `fit_meta.json`); a rejected fit keeps its meta too, so an unchanged FAQ is never refitted.
+(`adapter.npy`, `classifier.npz`/`.json`, `fit_meta.json`); a rejected fit keeps its meta too, so an unchanged FAQ is never refitted.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from memory.faq_classifier import EntryClassifier
+
 logger = logging.getLogger(__name__)
 
 KEEP_FITS = 3  # fit directories kept: the current FAQ's and two before it
 MIN_HELD_OUT = 8  # held-out phrasings needed to judge a fit at all
+CLASSIFIER_WEIGHT = 0.3  # fused score += CLASSIFIER_WEIGHT * P(entry) (bench/data dev split: 0.2-0.4 tie)
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,8 @@ class FitConfig:
     lr: float = 0.01
     temperature: float = 0.05
     seed: int = 0
+    classifier: bool = True  # also fit the entry classifier (memory/faq_classifier.py)
+    classifier_c: float = 3.0  # its inverse L2 strength (dev split: 3 and 10 tie; 3 fits 3x faster)
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,8 @@ class FitResult:
     fitted_top1: float | None
     seconds: float
     trained: bool = True  # False when the result was read back from an earlier fit
+    classifier_used: bool = False
+    classifier_top1: float | None = None  # held-out top-1 with the classifier's probabilities added
     config: dict | None = None
     created_at: str = ""
 
@@ -77,13 +87,18 @@ def split_phrasings(owner: np.ndarray, kinds: np.ndarray) -> tuple[np.ndarray, n
     return np.array([r for r in rows if r not in held_set], dtype=np.int64), np.array(held, dtype=np.int64)
 
 
-def entry_top1(queries: np.ndarray, vectors: np.ndarray, owner: np.ndarray, gold: np.ndarray, n_entries: int) -> float:
-    """Share of `queries` whose best vector (one score per entry: its best phrasing) belongs to `gold`."""
+def entry_scores(queries: np.ndarray, vectors: np.ndarray, owner: np.ndarray, n_entries: int) -> np.ndarray:
+    """(Q, E) each entry's best cosine over its vectors (-1 for an entry with none)."""
     sims = queries @ vectors.T  # (Q, N)
-    best = np.full((len(queries), n_entries), -np.inf, dtype=np.float32)
+    best = np.full((len(queries), n_entries), -1.0, dtype=np.float32)
     for j, entry in enumerate(owner):
         best[:, entry] = np.maximum(best[:, entry], sims[:, j])
-    return float(np.mean(best.argmax(axis=1) == gold))
+    return best
+
+
+def entry_top1(queries: np.ndarray, vectors: np.ndarray, owner: np.ndarray, gold: np.ndarray, n_entries: int) -> float:
+    """Share of `queries` whose best vector (one score per entry: its best phrasing) belongs to `gold`."""
+    return float(np.mean(entry_scores(queries, vectors, owner, n_entries).argmax(axis=1) == gold))
 
 
 def normalise(matrix: np.ndarray) -> np.ndarray:
@@ -113,8 +128,10 @@ def train_map(vectors: np.ndarray, labels: np.ndarray, config: FitConfig) -> np.
 
 
 def fit_adapter(vectors: np.ndarray, owner: np.ndarray, kinds: np.ndarray, fp: str,
-                config: FitConfig = FitConfig()) -> tuple[FitResult, np.ndarray | None]:
-    """Train on the training phrasings, judge on the held-out ones; (result, W or None when not used)."""
+                config: FitConfig = FitConfig(), texts: list[str] | None = None
+                ) -> tuple[FitResult, np.ndarray | None, EntryClassifier | None]:
+    """Train on the training phrasings, judge on the held-out ones: (result, W or None, classifier or None),
+    each None when not used. `texts` (one per vector) are needed for the classifier."""
     started = time.perf_counter()
     now = datetime.now(UTC).isoformat(timespec="seconds")
     train, held = split_phrasings(owner, kinds)
@@ -122,7 +139,7 @@ def fit_adapter(vectors: np.ndarray, owner: np.ndarray, kinds: np.ndarray, fp: s
         result = FitResult(fp, False, f"too few phrasings to judge a fit ({len(held)} held out, need {MIN_HELD_OUT}): "
                                       "give entries alternates", len(held), None, None, 0.0, config=asdict(config),
                            created_at=now)
-        return result, None
+        return result, None, None
     n_entries = int(owner.max()) + 1
     weight = train_map(vectors[train], owner[train], config)
     plain = entry_top1(vectors[held], vectors[train], owner[train], owner[held], n_entries)
@@ -130,9 +147,33 @@ def fit_adapter(vectors: np.ndarray, owner: np.ndarray, kinds: np.ndarray, fp: s
     fitted = entry_top1(mapped[held], mapped[train], owner[train], owner[held], n_entries)
     used = fitted > plain
     reason = "better on the held-out phrasings" if used else "not better on the held-out phrasings than the plain embedder"
+    classifier, with_classifier = None, None
+    if config.classifier and texts is not None:
+        # the classifier is judged in both spaces: the best of plain, map, plain + classifier and map + classifier
+        # wins, the earlier (fewer parts) on a tie
+        judged = EntryClassifier.fit([texts[i] for i in train], vectors[train], owner[train], n_entries,
+                                     config.classifier_c)
+        p = CLASSIFIER_WEIGHT * judged.probabilities([texts[i] for i in held], vectors[held])  # (H, E)
+        boosted = {space_used: float(np.mean((entry_scores(space[held], space[train], owner[train], n_entries) + p)
+                                             .argmax(axis=1) == owner[held]))
+                   for space_used, space in ((False, vectors), (True, mapped))}
+        options = [(plain, False, False), (fitted, True, False), (boosted[False], False, True), (boosted[True], True, True)]
+        best = max(options, key=lambda o: o[0])  # max keeps the first of equals
+        with_classifier = boosted[best[1]] if best[2] else max(boosted.values())
+        if best[2]:
+            used = best[1]
+            rows = np.concatenate([train, held])
+            classifier = EntryClassifier.fit([texts[i] for i in rows], vectors[rows], owner[rows], n_entries,
+                                             config.classifier_c)
+            reason = (("map and " if used else "plain embedder with ") +
+                      "entry classifier best on the held-out phrasings")
+        else:
+            reason += "; entry classifier not better on them"
     result = FitResult(fp, used, reason, len(held), round(plain, 4), round(fitted, 4),
-                       round(time.perf_counter() - started, 2), config=asdict(config), created_at=now)
-    return result, weight if used else None
+                       round(time.perf_counter() - started, 2), config=asdict(config), created_at=now,
+                       classifier_used=classifier is not None,
+                       classifier_top1=None if with_classifier is None else round(with_classifier, 4))
+    return result, weight if used else None, classifier
 
 
 class FitStore:
@@ -141,23 +182,24 @@ class FitStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def load(self, fp: str) -> tuple[FitResult, np.ndarray | None] | None:
-        """The stored fit for `fp` (W only if it is used), or None if this FAQ version was never fitted."""
+    def load(self, fp: str) -> tuple[FitResult, np.ndarray | None, EntryClassifier | None] | None:
+        """The stored fit for `fp` (W and classifier only if used), or None if this FAQ version was never fitted."""
         directory = self.root / fp
         try:
             meta = json.loads((directory / "fit_meta.json").read_text())
             result = FitResult(**{**meta, "trained": False})
             weight = np.load(directory / "adapter.npy") if result.used else None
+            classifier = EntryClassifier.load(directory) if result.classifier_used else None
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError, OSError) as exc:  # a damaged fit is refitted, never trusted
+        except (ValueError, TypeError, KeyError, OSError) as exc:  # a damaged fit is refitted, never trusted
             logger.warning("FAQ fit %s unreadable (%s); it will be refitted", fp, exc)
             return None
         if weight is not None and (weight.ndim != 2 or weight.shape[0] != weight.shape[1]):
             return None
-        return result, weight
+        return result, weight, classifier
 
-    def save(self, result: FitResult, weight: np.ndarray | None) -> None:
+    def save(self, result: FitResult, weight: np.ndarray | None, classifier: EntryClassifier | None = None) -> None:
         """Write into a temporary directory, then rename: a reader sees a whole fit or none."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / result.fingerprint
@@ -166,6 +208,8 @@ class FitStore:
         staging.mkdir()
         if weight is not None:
             np.save(staging / "adapter.npy", weight)
+        if classifier is not None:
+            classifier.save(staging)
         meta = {k: v for k, v in result.to_json().items() if k != "trained"}
         (staging / "fit_meta.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)

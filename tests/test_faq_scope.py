@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
+from bench.faq_bank import MECHANISMS
 from memory.faq import FaqIndex
 from memory.faq_files import make_entry
 from memory.faq_fit import FitConfig
@@ -80,7 +81,9 @@ def test_a_fit_is_versioned_with_the_faq_and_reused_while_it_is_unchanged(embedd
 
 def test_a_worse_fit_is_not_used(embedder, tmp_path):
     # a negative temperature trains the map to push each entry's phrasings apart: a real, bad fit
-    index = fitted_index(embedder, tmp_path, fit_config=FitConfig(temperature=-0.05, lr=0.05, steps=100))
+    # (the entry classifier off: it is judged on its own, tests/test_faq_classifier.py)
+    index = fitted_index(embedder, tmp_path, fit_config=FitConfig(temperature=-0.05, lr=0.05, steps=100,
+                                                                  classifier=False))
     index.upsert(bank_entries(12))
     fit = index.last_fit
     assert fit.trained and not fit.used and fit.fitted_top1 < fit.plain_top1
@@ -179,14 +182,18 @@ def test_bench_faq_on_a_slice():
     assert report["faq"]["entries"] == 8 and report["faq"]["phrasings_per_entry"] == 6.0
     assert report["fit"]["held_out"] == 8
     mechanisms = report["mechanisms"]
-    assert set(mechanisms) == {"plain dense", "hybrid (centred, answers, BM25)", "hybrid + the FAQ's own fit"}
+    assert set(mechanisms) == {"plain dense", *MECHANISMS} == set(report["mechanisms_dev"])
     for figures in mechanisms.values():
         assert 0.5 <= figures["retrieval"]["top1"] <= figures["retrieval"]["top3"] <= 1.0
         assert 0 < figures["retrieval"]["search_ms"]["p50"] <= figures["retrieval"]["search_ms"]["p95"]
-    policy = mechanisms["hybrid + the FAQ's own fit"]["policy"]
+    policy = mechanisms[MECHANISMS[-1]]["policy"]
     assert policy["in_scope"]["n"] == 16 and policy["outside"]["n"] == 4 and policy["small_talk"]["n"] == 4
     assert policy["outside"]["declined"] >= 0.75 and policy["small_talk"]["in_kind"] >= 0.75
-    assert report["cpu"]["isa"] and report["top1_accuracy"] == mechanisms["hybrid + the FAQ's own fit"]["retrieval"]["top1"]
+    assert report["cpu"]["isa"] and report["top1_accuracy"] == mechanisms[MECHANISMS[-1]]["retrieval"]["top1"]
+    for ablation, rows in (("ablation_dev", "mechanisms_dev"), ("ablation_test", "mechanisms")):
+        maxsim = report[ablation]["token MaxSim alone"]
+        assert 0.0 <= maxsim["top1"] <= maxsim["top3"] <= 1.0
+        assert report[ablation]["product"]["top1"] == report[rows][MECHANISMS[-1]]["retrieval"]["top1"]
 
 
 # -- learning from resolved conversations ---------------------------------------------------------------

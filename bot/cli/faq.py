@@ -32,7 +32,7 @@ def import_faq(file: Path, as_json: bool) -> None:
                    f"{result['unchanged']} unchanged)")
         if fit is not None:
             scores = f" (held-out top-1 {fit.plain_top1} -> {fit.fitted_top1})" if fit.plain_top1 is not None else ""
-            state = "used" if fit.used else "not used"
+            state = ("map used" if fit.used else "map not used") + (", entry classifier used" if fit.classifier_used else "")
             click.echo(f"fit {fit.fingerprint}: {state}, {fit.reason}{scores}"
                        f"{', fitted earlier' if not fit.trained else f', {fit.seconds} s'}")
 

@@ -143,6 +143,7 @@ class Reply:
             self._fill_turn(generation, started, guarded)
             await asyncio.to_thread(self._manager.store.record_turn, self._turn)
             self.recorded = True
+            self._manager.observe(self._turn)
             await self._manager.after_turn(self._turn)
             if self.handoff and self._manager.desk is not None:  # the gate's last word: hand over what we can't answer
                 await self._manager.desk.hand_off(conversation_id=self.conversation_id, user_id=self._turn.user_id,
@@ -154,6 +155,7 @@ class Reply:
                 self._fill_turn(guarded.generation if guarded else generation, started, guarded)
                 self._manager.store.record_turn(self._turn)
                 self.recorded = True
+                self._manager.observe(self._turn)
             raise
 
     async def complete(self) -> str:
@@ -216,6 +218,15 @@ class DialogueManager:
         self.recall = recall
         self.adapter_for = adapter_for
         self.after_turn_hooks: list[AfterTurn] = list(after_turn or [])
+        self.observers: list[Callable[[Turn], None]] = []  # told of every recorded reply, e.g. the metrics
+
+    def observe(self, turn: Turn) -> None:
+        """Tell the observers of a recorded reply (cut short ones too); a failing observer never loses it."""
+        for observer in self.observers:
+            try:
+                observer(turn)
+            except Exception:
+                logger.exception("turn observer %s failed", observer)
 
     def default_params(self) -> GenerationParams:
         s = self.settings

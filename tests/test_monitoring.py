@@ -49,3 +49,86 @@ def test_activity_buckets_turns_latency_ratings_and_handoffs_per_version(store):
     # a window's end, and a bucket of the whole hour
     assert [x.turns for x in store.activity(since=T0, until=T0 + timedelta(minutes=1))] == [21]
     assert sorted((x.version, x.turns) for x in store.activity(since=T0, bucket_s=3600)) == [("", 21), ("v0001", 2)]
+
+
+# -- Prometheus: every channel's turns, counted once, with bounded labels --------------------------------------
+
+
+def turns_counted(app, **labels) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    prefix = "rapport_turns_total{" + (wanted + "}" if labels else "")
+    lines = [line for line in app.state.metrics.render().decode().splitlines() if line.startswith(prefix)]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def test_adapter_channel_and_finish_labels_stay_bounded():
+    from bot.http.metrics import MAX_ADAPTER_LABELS, ApiMetrics
+
+    metrics = ApiMetrics()
+    for i in range(MAX_ADAPTER_LABELS + 10):
+        metrics.observe_turn(Turn(conversation_id="c", user_id="u", channel=f"made-up-{i}", user_text="q", reply="a",
+                                  adapter_version=f"v{i:04d}", finish_reason="weird", latency_ms=20))
+    metrics.observe_turn(Turn(conversation_id="c", user_id="u", channel="telegram", user_text="q", reply="a",
+                              adapter_version="bad name with spaces"))
+    text = metrics.render().decode()
+    counted = [line for line in text.splitlines() if line.startswith("rapport_turns_total{")]
+    versions = {line.split('adapter_version="')[1].split('"')[0] for line in counted}
+    assert len(versions) == MAX_ADAPTER_LABELS + 1 and "other" in versions and "v0000" in versions
+    assert {line.split('channel="')[1].split('"')[0] for line in counted} == {"other", "telegram"}
+    assert all('finish_reason="other"' in line for line in counted if 'channel="other"' in line)
+
+
+@pytest.fixture
+def tg_standin():
+    from tests.telegram_standin import Standin
+
+    server = Standin(token="123:ABC").start()
+    yield server
+    server.stop()
+
+
+async def test_a_telegram_turn_is_counted_with_its_channel_and_adapter_version(tiny_settings, tg_standin):
+    import asyncio
+
+    from bot.http.app import create_app
+    from bot.services import open_services
+    from bot.telegram.handlers import TelegramBot, run_bot
+    from dialogue.manager import Context
+
+    services = open_services(tiny_settings)
+    try:
+        await services.backend.ready()
+        app = create_app(services)  # `serve --telegram`: one process, one /metrics
+
+        async def recall(user_id, text):
+            return Context(answer="Hello from the shop.")
+        services.manager.recall = recall
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(run_bot(TelegramBot(services), "123:ABC", base_url=tg_standin.base_url, stop=stop,
+                                           ready=ready))
+        await asyncio.wait_for(ready.wait(), 20)
+        tg_standin.message("Hello there", chat_id=1001)
+        await tg_standin.wait_for(lambda: any("Hello from the shop" in (m.text or "") for m in tg_standin.sent_to(1001)),
+                                  30, "the reply")
+        await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        assert turns_counted(app, channel="telegram", finish_reason="stop", adapter_version="base") == 1
+    finally:
+        services.close()
+
+
+def test_a_chatwoot_turn_is_counted_once_with_its_channel(tiny_settings):
+    from test_api import LiveServer, recorder_app, wait_for
+    from test_chatwoot import Rig, message_event, posts
+
+    app, calls = recorder_app()
+    with LiveServer(app) as standin:
+        rig = Rig(tiny_settings, standin.url)
+        try:
+            assert rig.post(message_event(5001, "Hello! Do you repair bikes?")).json()["accepted"] is True
+            wait_for(lambda: len(posts(calls)) == 1)
+            assert turns_counted(rig.app, channel="chatwoot", finish_reason="stop", adapter_version="base") == 1
+            assert turns_counted(rig.app) == 1  # counted in one place: not again by the API's routes
+        finally:
+            rig.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
@@ -100,16 +99,10 @@ def reply_json(reply: Reply) -> dict:
 
 
 async def stream_reply(metrics: ApiMetrics, reply: Reply, *, channel: str) -> AsyncIterator[str]:
-    """The reply's text deltas; afterwards the turn's metrics (a turn the gate answered has none)."""
-    started, ttft = time.perf_counter(), None
-    try:
-        async for chunk in reply:
-            if ttft is None:
-                ttft = time.perf_counter() - started
-            yield chunk
-    finally:
-        if reply.recorded and not isinstance(reply, HandedOff):
-            metrics.observe_turn(reply, channel, time.perf_counter() - started, ttft)
+    """The reply's text deltas (the recorded turn is counted by `metrics` through the manager's observers, as every
+    channel's are: `bot.http.app`)."""
+    async for chunk in reply:
+        yield chunk
 
 
 def wants_stream(request: Request, flag: bool) -> bool:

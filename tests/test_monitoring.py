@@ -132,3 +132,53 @@ def test_a_chatwoot_turn_is_counted_once_with_its_channel(tiny_settings):
             assert turns_counted(rig.app) == 1  # counted in one place: not again by the API's routes
         finally:
             rig.close()
+
+
+# -- the console's Monitoring page ------------------------------------------------------------------------------
+
+from test_console import ADMIN, PLAIN, api, browser, keyed, shoot  # noqa: E402,F401 - fixtures shared with the console's tests
+
+
+def test_the_monitoring_page_draws_each_version_and_shows_the_scheduled_runs(keyed, browser):  # noqa: F811
+    from bot.http.app import create_app
+    from test_api import LiveServer
+    from test_training import FAST, conversation
+    from training.importer import import_lines
+    from training.schedule import RetrainScheduler
+
+    now = datetime.now(UTC)
+    keyed.store.ensure_conversation(conversation_id="older", user_id="u9", channel="telegram")
+    for i in range(6):  # an adapter's turns a few minutes ago, as if served before a restart
+        t = at(0, version="v0001", latency=200 + 50 * i, conversation="older")
+        t.user_id, t.created_at = "u9", now - timedelta(minutes=3 + i)
+        keyed.store.record_turn(t)
+    with LiveServer(create_app(keyed)) as server:
+        reply = api(server.url, "/v1/conversations/m1/messages", {"user_id": "lena", "text": "Hello there"})
+        api(server.url, f"/v1/turns/{reply['turn_id']}/rating", {"rating": 1, "user_id": "lena"})
+        import_lines(keyed.store, [conversation(i) for i in range(8)], system=keyed.settings.system_prompt,
+                     max_chars=1000)  # rated history to learn from (imported turns are not live traffic)
+        run = RetrainScheduler(keyed.settings.model_copy(update={"retrain_min_examples": 1}), keyed.store,
+                               config=FAST).check()
+        assert run["status"] == "done"
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(15_000)
+        page.goto(server.url + "/admin/login")
+        page.fill("input[name=key]", ADMIN)
+        page.click("button[type=submit]")
+        page.wait_for_url("**/admin/conversations")
+        page.click("nav >> text=Monitoring")
+        page.wait_for_url("**/admin/monitoring")
+        page.click("text=1h")
+        page.wait_for_url("**/admin/monitoring?window=1h")
+        assert page.locator("svg.chart").count() == 4
+        turns_chart = page.locator("svg.chart[aria-label='turns per minute']")
+        assert turns_chart.locator("polyline[data-version='v0001']").count() == 1  # six buckets: a line
+        assert turns_chart.locator("polyline[data-version='base']").count() == 1  # zeros where it served none
+        base = page.locator("tr[data-version='base']").inner_text()
+        assert "100 %" in base and "of 1" in base  # its one rated reply was a thumbs-up
+        assert page.locator("tr[data-version='v0001'] td").nth(1).inner_text() == "6"
+        runs = page.locator("table.retrain-runs tbody tr")
+        assert runs.count() == 1 and run["version"] in runs.inner_text() and "17 new ratings" in runs.inner_text()
+        assert ("passed" if run["gate_passed"] else "failed") in runs.inner_text()
+        shoot(page, "monitoring")
+        page.close()

@@ -37,7 +37,7 @@ def configure_access_log(verbose: bool) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.addFilter(RequestIdFilter())
-    for name in ("dialogue", "bot"):
+    for name in ("dialogue", "bot", "training"):
         log = logging.getLogger(name)
         log.handlers[:] = [handler]
         log.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -59,10 +59,27 @@ def serve(host: str, port: int, log_level: str) -> None:
     if host not in ("127.0.0.1", "localhost", "::1") and not (settings.api_keys or settings.admin_keys):
         logger.warning("serving on %s without API keys: anyone who can reach it can use it", host)
     services = open_services(settings)
+    retrain = retrain_scheduler(services)
     try:
         app = build_app(services)
         configure_access_log(log_level == "debug")
+        retrain.start()  # does nothing unless RAPPORT_RETRAIN_MIN_EXAMPLES or RAPPORT_RETRAIN_EVERY_DAYS is set
         uvicorn.run(app, host=host, port=port, log_level=log_level if log_level != "info" else "warning",
                     access_log=False, timeout_graceful_shutdown=10)
     finally:
+        retrain.stop()
         services.close()
+
+
+def retrain_scheduler(services):
+    """Retraining on the schedule the settings give, with the FAQ this process holds open."""
+    from training.schedule import RetrainScheduler
+
+    def faq_entries() -> list:
+        try:
+            return list(services.faq.list())
+        except Exception as exc:  # train without FAQ examples rather than not at all, as `rapport train` does
+            logger.warning("retraining without FAQ examples (%s)", exc)
+            return []
+
+    return RetrainScheduler(services.settings, services.store, faq_entries=faq_entries)

@@ -71,3 +71,15 @@ def test_a_due_run_trains_and_gates_a_candidate_records_it_and_promotes_nothing(
     assert read_runs(settings.adapters_dir) == [run]
     assert scheduler.check() is None  # nothing new since: not again
     assert len(read_runs(settings.adapters_dir)) == 1
+
+
+def test_a_run_whose_process_died_is_marked_interrupted_by_the_next_holder_of_the_lock(loaded):
+    import json
+
+    settings, store = loaded
+    settings.adapters_dir.mkdir(parents=True, exist_ok=True)
+    (settings.adapters_dir / "retrain.json").write_text(json.dumps({"runs": [
+        {"started_at": datetime.now(UTC).isoformat(), "reason": "x", "new_examples": 48,
+         "status": "running"}]}))
+    assert RetrainScheduler(settings, store, config=FAST).check() is None  # no rating since that run started
+    assert [r["status"] for r in read_runs(settings.adapters_dir)] == ["interrupted"]

@@ -131,6 +131,9 @@ class RetrainScheduler:
                 logger.info("retraining skipped: another process holds %s", adapters / LOCK_FILE)
                 return None
             runs = read_runs(adapters)
+            if runs and runs[-1]["status"] == "running":  # we hold the lock, so the process of that run is gone
+                runs[-1]["status"] = "interrupted"
+                _write_runs(adapters, runs)
             since = self.since(runs)
             new = TrainingStore(self.store).ratings_since(since)
             now = self.clock()
@@ -138,7 +141,7 @@ class RetrainScheduler:
                          now=now)
             if reason is None:
                 return None
-            run: dict[str, Any] = {"started_at": now.isoformat(timespec="seconds"), "reason": reason,
+            run: dict[str, Any] = {"started_at": now.isoformat(), "reason": reason,
                                    "new_examples": new, "status": "running"}
             _write_runs(adapters, [*runs, run])
             logger.info("retraining: %s", reason)
@@ -157,7 +160,7 @@ class RetrainScheduler:
                     share = self.schedule.promote_share
                     Registry(adapters).promote(result["version"], share if share < 1 else None)
                     run["promoted"] = share
-            run["finished_at"] = self.clock().isoformat(timespec="seconds")
+            run["finished_at"] = self.clock().isoformat()
             _write_runs(adapters, [*runs, run])
             return run
 

@@ -83,3 +83,12 @@ def test_a_run_whose_process_died_is_marked_interrupted_by_the_next_holder_of_th
          "status": "running"}]}))
     assert RetrainScheduler(settings, store, config=FAST).check() is None  # no rating since that run started
     assert [r["status"] for r in read_runs(settings.adapters_dir)] == ["interrupted"]
+
+
+def test_with_a_promote_share_a_version_that_passed_the_gate_starts_an_ab_split(loaded):
+    settings, store = loaded
+    settings = settings.model_copy(update={"retrain_promote_share": 0.5})
+    run = RetrainScheduler(settings, store, config=FAST).check()
+    state = Registry(settings.adapters_dir).state()
+    assert run["gate_passed"] is True, run  # the tiny model learns this data: the gate passes against the base
+    assert run["promoted"] == 0.5 and state.ab["version"] == run["version"] and state.ab["share"] == 0.5

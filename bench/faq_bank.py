@@ -26,7 +26,7 @@ import numpy as np
 from bench.faq import read_jsonl
 from memory.faq import FaqIndex, normalise
 from memory.faq_fit import FitConfig
-from memory.faq_scope import SCOPES, ScopeModel, fit_scope_model
+from memory.faq_scope import ScopeModel, fit_scope_model
 
 DATA = Path(__file__).resolve().parent / "data"
 DECLINED = ("unknown", "outside")

@@ -151,6 +151,7 @@ class Reply:
             self.recorded = await asyncio.to_thread(self._manager.finish, self._turn)
             if not self.recorded:
                 return
+            self._manager.observe(self._turn)
             await self._manager.after_turn(self._turn)
             if self.handoff and self._manager.desk is not None:  # the gate's last word: hand over what we can't answer
                 await self._manager.desk.hand_off(conversation_id=self.conversation_id, user_id=self._turn.user_id,
@@ -162,12 +163,15 @@ class Reply:
                 self.finish_reason = "cancelled" if self.text else "interrupted"
                 self._fill_turn(guarded.generation if guarded else generation, started, guarded)
                 self.recorded = self._manager.finish(self._turn)
+                if self.recorded:
+                    self._manager.observe(self._turn)
             raise
         except Exception:
             if not self.recorded:  # the message stays on record, honestly unanswered
                 self.text, self.finish_reason = "", "error"
                 self._fill_turn(guarded.generation if guarded else generation, started, guarded)
-                self._manager.finish(self._turn)
+                if self._manager.finish(self._turn):
+                    self._manager.observe(self._turn)
             raise
 
     def discard(self) -> None:
@@ -243,6 +247,15 @@ class DialogueManager:
         self.after_turn_hooks: list[AfterTurn] = list(after_turn or [])
         # Pending turns this process is writing; their leases are renewed while it lives (dialogue/leases.py).
         self.leases = TurnLeases(store, settings.turn_lease_s)
+        self.observers: list[Callable[[Turn], None]] = []  # told of every recorded reply, e.g. the metrics
+
+    def observe(self, turn: Turn) -> None:
+        """Tell the observers of a recorded reply (cut short ones too); a failing observer never loses it."""
+        for observer in self.observers:
+            try:
+                observer(turn)
+            except Exception:
+                logger.exception("turn observer %s failed", observer)
 
     def default_params(self) -> GenerationParams:
         s = self.settings
@@ -307,7 +320,7 @@ class DialogueManager:
             raise
 
     async def _prepare(self, turn: Turn) -> Reply:
-        user_id, conversation_id, text, channel = turn.user_id, turn.conversation_id, turn.user_text, turn.channel
+        user_id, conversation_id, text = turn.user_id, turn.conversation_id, turn.user_text
         notices: list[str] = []
         if self.desk is not None and (gated := await self._gate(turn, notices)):
             return gated

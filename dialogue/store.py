@@ -7,6 +7,7 @@ SQLite (WAL, synchronous=FULL) is the embedded default; PostgreSQL is the scale 
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -582,6 +583,61 @@ class TranscriptStore:
                                       .order_by(Turn.created_at.desc()).limit(latency_rows)).all():
                 out[v]["latencies_ms"].append(ms)
         return out
+
+    def activity(self, *, since: datetime, until: datetime | None = None, bucket_s: int = 60,
+                 max_rows: int = 200_000) -> list[ActivityBucket]:
+        """The bot's live turns since `since` in buckets of `bucket_s` seconds, per adapter version ("" = base):
+        turns, handed-off turns, ratings up/down and latency p50/p95; oldest bucket first, the newest `max_rows`."""
+        if bucket_s < 1:
+            raise InvalidInput("bucket_s is at least 1")
+        bot_turn = Turn.model_id.notin_(("human", "", "import"))  # what the bot answered, live (gate rules included)
+        when = [Turn.created_at >= since] + ([Turn.created_at < until] if until is not None else [])
+        query = (select(Turn.created_at, func.coalesce(Turn.adapter_version, ""), Turn.latency_ms, Turn.handoff,
+                        Turn.finish_reason, Rating.rating)
+                 .join(Rating, Rating.turn_id == Turn.id, isouter=True).where(bot_turn, *when)
+                 .order_by(Turn.created_at.desc()).limit(max_rows))
+        with self.session() as session:
+            rows = session.exec(query).all()
+        origin = _aware(since).timestamp()
+        grouped: dict[tuple[int, str], list] = {}
+        for created, version, latency_ms, handoff, finish_reason, rating in rows:
+            slot = int((_aware(created).timestamp() - origin) // bucket_s)
+            grouped.setdefault((slot, version), []).append((latency_ms, handoff, finish_reason, rating))
+        out = []
+        for (slot, version), items in sorted(grouped.items()):
+            generated = sorted(ms for ms, _, reason, _ in items if reason != "handoff")  # gate answers take no time
+            out.append(ActivityBucket(
+                start=datetime.fromtimestamp(origin + slot * bucket_s, UTC), version=version, turns=len(items),
+                handoffs=sum(1 for _, handed, _, _ in items if handed), up=sum(1 for *_, r in items if r == 1),
+                down=sum(1 for *_, r in items if r == -1), latency_p50_ms=_quantile(generated, 0.5),
+                latency_p95_ms=_quantile(generated, 0.95)))
+        return out
+
+
+@dataclass(frozen=True)
+class ActivityBucket:
+    """One adapter version's live turns in one time bucket (the console's Monitoring page)."""
+
+    start: datetime  # UTC
+    version: str  # "" = the base model
+    turns: int
+    handoffs: int  # turns that handed the conversation to a person (asked for, or not covered by the FAQ)
+    up: int
+    down: int
+    latency_p50_ms: int | None  # over the generated replies (the handoff gate's fixed answers left out)
+    latency_p95_ms: int | None
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite gives naive datetimes back: they were written as UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _quantile(sorted_ms: list[int], q: float) -> int | None:
+    """The nearest-rank quantile of sorted values; None for none."""
+    if not sorted_ms:
+        return None
+    return sorted_ms[min(len(sorted_ms), max(1, math.ceil(q * len(sorted_ms)))) - 1]
 
 
 @dataclass(frozen=True)

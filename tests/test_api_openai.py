@@ -118,7 +118,8 @@ def test_rapport_serve_on_the_real_model_with_the_openai_client(real_home):
         native = httpx.post(base + "/v1/conversations/e2e-1/messages", json={"user_id": "e2e", "text": "Hi!"}, timeout=60)
         assert native.status_code == 200 and native.json()["reply"].strip()
         metrics = httpx.get(base + "/metrics").text
-        assert 'rapport_turns_total{channel="openai"' in metrics
+        assert any(line.startswith("rapport_turns_total{") and 'channel="openai"' in line and 'adapter_version="base"'
+                   in line for line in metrics.splitlines())  # labels come out sorted by name
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -705,3 +705,11 @@ async def test_malformed_button_data_is_answered_and_ignored(services, standin):
     assert services.store.export_user(f"telegram:{ANN}")["ratings"] == []
     assert "cannot be undone" in standin.messages[ask.message_id].text  # nothing was erased
     assert not [c for c in standin.calls if c.status >= 400]
+
+
+def test_an_interrupted_reply_is_told_in_the_chat_of_its_conversation():
+    from bot.telegram.handlers import chat_of
+
+    assert chat_of("telegram:42:3") == "42"  # a private chat
+    assert chat_of("telegram:7@-100123:2") == "-100123"  # a group member's scope
+    assert chat_of("telegram:chat:-1005@-100123:1") == "-100123"  # an anonymous admin (sender_chat) in a group

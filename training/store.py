@@ -6,6 +6,8 @@ so that the core's store holds only what a turn needs.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import case, func
 from sqlmodel import select
 
@@ -50,6 +52,14 @@ class TrainingStore:
                 .group_by(Turn.adapter_version)
             ).all()
         return [(name, int(turns), int(rated), int(up)) for name, turns, rated, up in rows]
+
+    def ratings_since(self, since: datetime | None) -> int:
+        """How many ratings (with or without a correction) were given since `since` (all of them for None)."""
+        query = select(func.count()).select_from(Rating)
+        if since is not None:
+            query = query.where(Rating.created_at >= since)
+        with self.transcripts.session() as session:
+            return int(session.exec(query).one())
 
     def conversations(self) -> list[Conversation]:
         """Every conversation, oldest first."""

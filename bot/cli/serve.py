@@ -51,7 +51,7 @@ def configure_access_log(verbose: bool) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.addFilter(RequestIdFilter())
-    for name in ("dialogue", "bot"):
+    for name in ("dialogue", "bot", "training"):
         log = logging.getLogger(name)
         log.handlers[:] = [handler]
         log.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -81,13 +81,30 @@ def serve(host: str, port: int, log_level: str, open_api: bool) -> None:
     if keyed and open_api:
         logger.warning("--open is ignored: API keys exist, so every request needs one")
     services = open_services(settings)
+    retrain = retrain_scheduler(services)
     try:
         if not settings.allowed_hosts and host not in LOOPBACK_HOSTS:
             logger.warning("serving on %s: only the Host names localhost, 127.0.0.1, ::1 and %s are answered; "
                            "set RAPPORT_ALLOWED_HOSTS to the names clients use", host, host)
         app = build_app(services, open_api=open_api, host=host)
         configure_access_log(log_level == "debug")
+        retrain.start()  # does nothing unless RAPPORT_RETRAIN_MIN_EXAMPLES or RAPPORT_RETRAIN_EVERY_DAYS is set
         uvicorn.run(app, host=host, port=port, log_level=log_level if log_level != "info" else "warning",
                     access_log=False, timeout_graceful_shutdown=10)
     finally:
+        retrain.stop()
         services.close()
+
+
+def retrain_scheduler(services):
+    """Retraining on the schedule the settings give, with the FAQ this process holds open."""
+    from training.schedule import RetrainScheduler
+
+    def faq_entries() -> list:
+        try:
+            return list(services.faq.list())
+        except Exception as exc:  # train without FAQ examples rather than not at all, as `rapport train` does
+            logger.warning("retraining without FAQ examples (%s)", exc)
+            return []
+
+    return RetrainScheduler(services.settings, services.store, faq_entries=faq_entries)

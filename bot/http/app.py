@@ -105,6 +105,7 @@ def create_app(services: Services, *, open_api: bool = False, bound_host: str | 
     app = FastAPI(title="Rapport", version="1", lifespan=lifespan,
                   description="Dialogue API: grounded, persona-aware replies with sources; OpenAI-compatible chat.")
     metrics = ApiMetrics(queue_depth(services), handoffs=services.desk.counts)
+    services.manager.observers.append(metrics.observe_turn)  # every channel's turns: API, Telegram, Chatwoot
     app.state.services = services
     app.state.metrics = metrics
     app.state.keys = ApiKeys(settings, services.integrations, open_api=open_api)

@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
-# The `channel` label takes these values only: clients name the channel, and each new name would be new series.
-CHANNELS = ("api", "openai", "chatwoot", "telegram", "repl")
+CHANNELS = frozenset({"api", "openai", "telegram", "chatwoot", "repl"})  # any other channel name counts as "other"
+FINISH_REASONS = frozenset({"stop", "length", "cancelled", "interrupted", "error", "handoff", "agent",
+                            "agent_untrusted"})
+MAX_ADAPTER_LABELS = 32  # distinct adapter versions counted by name per process; later ones count as "other"
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class BoundedLabel:
+    """Label values from a fixed set, or the first `limit` distinct names that look right; the rest are "other"."""
+
+    def __init__(self, known: frozenset[str] = frozenset(), limit: int = 0) -> None:
+        self.known, self.limit, self.seen = known, limit, set()
+
+    def __call__(self, value: str | None, *, none: str = "base") -> str:
+        if not value:
+            return none
+        if value in self.known or value in self.seen:
+            return value
+        if len(self.seen) < self.limit and ADAPTER_NAME.match(value):
+            self.seen.add(value)
+            return value
+        return "other"
 
 
 class ApiMetrics:
@@ -20,9 +41,12 @@ class ApiMetrics:
     def __init__(self, queue_depth: Callable[[], float] = lambda: 0, handoffs: Mapping[str, int] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.turns = Counter("rapport_turns", "turns answered", ["channel", "finish_reason"], registry=r)
-        self.turn_seconds = Histogram("rapport_turn_seconds", "whole turn, request to last token", ["channel"],
-                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.channel_label, self.finish_label = BoundedLabel(CHANNELS), BoundedLabel(FINISH_REASONS)
+        self.adapter_label = BoundedLabel(limit=MAX_ADAPTER_LABELS)
+        self.turns = Counter("rapport_turns", "turns the bot answered, every channel",
+                             ["channel", "finish_reason", "adapter_version"], registry=r)
+        self.turn_seconds = Histogram("rapport_turn_seconds", "whole turn, first step to last token",
+                                      ["channel", "adapter_version"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft_seconds = Histogram("rapport_ttft_seconds", "time to the first token", buckets=LATENCY_BUCKETS,
                                       registry=r)
         self.tokens = Counter("rapport_tokens", "model tokens", ["kind"], registry=r)  # prompt | completion
@@ -39,16 +63,15 @@ class ApiMetrics:
         self.requests.labels(method, route, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)
 
-    def observe_turn(self, reply, channel: str, seconds: float, ttft_s: float | None) -> None:
-        """Count one finished (or cut short) reply."""
-        channel = channel if channel in CHANNELS else "other"
-        self.turns.labels(channel, reply.finish_reason or "stop").inc()
-        self.turn_seconds.labels(channel).observe(seconds)
-        if ttft_s is not None:
-            self.ttft_seconds.observe(ttft_s)
-        usage = reply.usage
-        self.tokens.labels("prompt").inc(usage.get("prompt_tokens", 0))
-        self.tokens.labels("completion").inc(usage.get("completion_tokens", 0))
+    def observe_turn(self, turn) -> None:
+        """Count one recorded reply (a `dialogue.store.Turn`): the dialogue manager calls this for every channel."""
+        channel, version = self.channel_label(turn.channel, none="other"), self.adapter_label(turn.adapter_version)
+        self.turns.labels(channel, self.finish_label(turn.finish_reason, none="stop"), version).inc()
+        self.turn_seconds.labels(channel, version).observe(turn.latency_ms / 1000)
+        if turn.ttft_ms is not None:
+            self.ttft_seconds.observe(turn.ttft_ms / 1000)
+        self.tokens.labels("prompt").inc(turn.prompt_tokens or 0)
+        self.tokens.labels("completion").inc(turn.completion_tokens or 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,10 +22,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from bot.http.auth import Caller, CallerDep, ChatDep, limit_user
-from bot.http.deps import BackendDep, ManagerDep, MetricsDep
+from bot.http.deps import BackendDep, ManagerDep
 from bot.http.disconnect import while_connected
-from bot.http.metrics import ApiMetrics
-from bot.http.turns import EventStream, drain, stream_reply
+from bot.http.turns import EventStream, drain
 from dialogue.errors import InvalidInput
 from dialogue.manager import HandedOff, Reply
 from memory.text import ID_PATTERN, validate_id
@@ -99,7 +98,7 @@ def rapport_field(outcome: Reply) -> dict:
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request, body: ChatRequest, caller: ChatDep, manager: ManagerDep,
-                           backend: BackendDep, metrics: MetricsDep):
+                           backend: BackendDep):
     """OpenAI-compatible chat completion, plain or streamed (`stream: true`)."""
     user_id = user_for(body, caller)
     limit_user(request, caller, user_id)
@@ -109,12 +108,12 @@ async def chat_completions(request: Request, body: ChatRequest, caller: ChatDep,
     model = backend.model_id
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return EventStream(_chunks(metrics, outcome, model, include_usage))
+        return EventStream(_chunks(outcome, model, include_usage))
     if isinstance(outcome, HandedOff):
         text, reason, usage = outcome.text, "stop", {}
     else:
         outcome.streamed = False  # answered whole: cut short, it showed nothing
-        await while_connected(request, drain(stream_reply(metrics, outcome, channel="openai")))
+        await while_connected(request, drain(outcome))
         text, reason, usage = outcome.text, outcome.finish_reason, outcome.usage
     return {
         "id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
@@ -124,7 +123,7 @@ async def chat_completions(request: Request, body: ChatRequest, caller: ChatDep,
     }
 
 
-async def _chunks(metrics: ApiMetrics, outcome: Reply, model: str, include_usage: bool) -> AsyncIterator[str]:
+async def _chunks(outcome: Reply, model: str, include_usage: bool) -> AsyncIterator[str]:
     cid, created = completion_id(), int(time.time())
 
     def chunk(delta: dict, reason: str | None = None, **extra) -> str:
@@ -139,7 +138,7 @@ async def _chunks(metrics: ApiMetrics, outcome: Reply, model: str, include_usage
         reason, usage = "stop", {}
     else:
         try:
-            async for piece in stream_reply(metrics, outcome, channel="openai"):
+            async for piece in outcome:
                 yield chunk({"content": piece})
         except Exception as exc:  # headers are sent: report in-band, as OpenAI does
             yield f"data: {json.dumps({'error': {'message': str(exc) or 'generation failed'}})}\n\n"

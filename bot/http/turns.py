@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
@@ -22,9 +21,8 @@ from starlette.types import Receive, Scope, Send
 from bot.http.auth import Caller, ChatDep, limit_user
 from bot.http.deps import DeskDep, ManagerDep, MetricsDep, StoreDep
 from bot.http.disconnect import while_connected
-from bot.http.metrics import ApiMetrics
 from dialogue.errors import NotFound
-from dialogue.manager import HandedOff, Reply
+from dialogue.manager import Reply
 from dialogue.store import Conversation, TranscriptStore
 from memory.text import ID_PATTERN
 
@@ -100,19 +98,6 @@ def reply_json(reply: Reply) -> dict:
             "finish_reason": reply.finish_reason or "stop", "usage": reply.usage, "notices": reply.notices}
 
 
-async def stream_reply(metrics: ApiMetrics, reply: Reply, *, channel: str) -> AsyncIterator[str]:
-    """The reply's text deltas; afterwards the turn's metrics (a turn the gate answered has none)."""
-    started, ttft = time.perf_counter(), None
-    try:
-        async for chunk in reply:
-            if ttft is None:
-                ttft = time.perf_counter() - started
-            yield chunk
-    finally:
-        if reply.recorded and not isinstance(reply, HandedOff):
-            metrics.observe_turn(reply, channel, time.perf_counter() - started, ttft)
-
-
 async def drain(chunks: AsyncIterator[str]) -> None:
     """Consume a reply that is answered whole (not streamed)."""
     async for _ in chunks:
@@ -149,7 +134,7 @@ class EventStream(StreamingResponse):
 @router.post("/conversations/{conversation_id}/messages", response_model=MessageOut,
              responses={200: {"content": {"text/event-stream": {}}}})
 async def post_message(request: Request, conversation_id: ConversationId, body: MessageIn, caller: ChatDep,
-                       manager: ManagerDep, metrics: MetricsDep):
+                       manager: ManagerDep):
     """A user's message in; the reply with its sources, handoff flag and adapter version out. The core's handoff
     gate answers with a `HandedOff` when a person has (or is asked to take) the conversation. Ids are taken
     inside the key's namespace; a conversation id that belongs to another user is refused."""
@@ -158,15 +143,15 @@ async def post_message(request: Request, conversation_id: ConversationId, body: 
     outcome = await manager.respond(user_id=user_id, conversation_id=caller.conversation(conversation_id),
                                     text=body.text, channel=body.channel)
     if wants_stream(request, body.stream):
-        return EventStream(_reply_events(metrics, outcome, channel=body.channel))
+        return EventStream(_reply_events(outcome))
     outcome.streamed = False  # answered whole: cut short, it showed nothing
-    await while_connected(request, drain(stream_reply(metrics, outcome, channel=body.channel)))
+    await while_connected(request, drain(outcome))
     return reply_json(outcome)
 
 
-async def _reply_events(metrics: ApiMetrics, reply: Reply, *, channel: str) -> AsyncIterator[str]:
+async def _reply_events(reply: Reply) -> AsyncIterator[str]:
     try:
-        async for chunk in stream_reply(metrics, reply, channel=channel):
+        async for chunk in reply:
             yield sse({"text": chunk}, "delta")
     except Exception as exc:  # the status line is gone already: the error travels as an event
         logger.warning("stream of turn %s failed: %s", reply.turn_id, exc)

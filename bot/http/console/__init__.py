@@ -1,7 +1,8 @@
 """The operators' web console at `/admin`: server-rendered pages (Jinja2) with one small script, no build step.
 
 `install_console(app)` adds it to the API app: the login form and session (`access`), conversations and the
-handoff queue (`conversations`), users and the FAQ (`people`), adapters, experiments and feedback (`adapters`).
+handoff queue (`conversations`), users and the FAQ (`people`), adapters, experiments and feedback (`adapters`),
+monitoring and scheduled retraining (`monitoring`).
 Every page needs an admin key's session; every form POST its CSRF token.
 """
 
@@ -13,7 +14,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from bot.http.console import adapters, conversations, people
+from bot.http.console import adapters, conversations, monitoring, people
 from bot.http.console.access import (
     COOKIE,
     LOGIN_COOKIE,
@@ -99,5 +100,5 @@ def install_console(app: FastAPI) -> None:
     app.add_exception_handler(CsrfRefused, on_csrf_refused)
     app.add_exception_handler(PageMissing, on_page_missing)
     app.mount("/admin/static", StaticFiles(directory=HERE / "static"), name="console-static")
-    for part in (router, conversations.router, people.router, adapters.router):
+    for part in (router, conversations.router, people.router, adapters.router, monitoring.router):
         app.include_router(part, prefix="/admin", include_in_schema=False)

@@ -15,7 +15,7 @@ from bot.http.console.access import ConsoleSession
 
 HERE = Path(__file__).parent
 PAGES = (("conversations", "Conversations"), ("handoffs", "Handoff queue"), ("users", "Users"), ("faq", "FAQ"),
-         ("adapters", "Adapters"), ("experiments", "Experiments"), ("feedback", "Feedback"))
+         ("adapters", "Adapters"), ("experiments", "Experiments"), ("feedback", "Feedback"), ("monitoring", "Monitoring"))
 
 
 def when(value: datetime | str | None) -> str:

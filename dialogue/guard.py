@@ -12,7 +12,8 @@ Pure functions of text, defined by word overlap and grammatical person (threshol
   reply too short for trigrams: the same words as an earlier reply).
 - **role_confusion**: a sentence in the first person only (I/my, no you/your) shares at least half of a
   recalled memory clause's content words (two at least, or the single one of a one-word fact), or claims the
-  user's name ("I'm Lena").
+  user's name or a slip of it ("I'm Lena", "My name is Elena"), or gives the assistant a person's name ("My
+  name is Emma": after "Hello! My name is Lena" a small model introduces itself the same way).
 - **empty**: nothing but whitespace and punctuation.
 """
 
@@ -106,6 +107,8 @@ def repeat(reply: list[str], earlier: list[str]) -> Verdict:
 
 
 NAME_CLAIM = re.compile(r"\b(?:i'm|i am|my name is|my name's|call me)\s+([a-z]+)")
+SELF_INTRO = re.compile(r"\bmy name(?: is|'s)\s+([a-z]+)")  # the assistant giving itself a person's name
+OWN_NAMES = frozenset({"rapport"})
 
 
 def near(a: str, b: str) -> bool:
@@ -135,6 +138,8 @@ def role_confusion(reply: str, memories: list[str], user_name: str | None) -> Ve
         claimed = {m.group(1) for m in NAME_CLAIM.finditer(" ".join(tokens))}  # "you" beside it changes nothing
         if any(near(c, n) for c in claimed for n in names):
             return Verdict("role_confusion", 1.0, tuple(tokens))
+        if any(m.group(1) not in OWN_NAMES for m in SELF_INTRO.finditer(" ".join(tokens))):
+            return Verdict("role_confusion", 0.9, tuple(tokens))  # "Hello! My name is Emma": role play
         if not any(w in FIRST for w in tokens) or any(w in SECOND for w in tokens):
             continue
         said = set(tokenize(sentence))

@@ -44,7 +44,10 @@ CASES = [
     ("Hi, I'm Lena! Nice to meet you.", "Hello!", [], [LENA], "Lena", "role_confusion"),
     ("Hello! My name is Elena, and I'm here to help with any questions you might have.", LENA, [], [], None,
      "role_confusion"),  # smol, behind the copy block: the user's introduction with the name slipped
+    ("Hello! My name is Emma, and I'm a wonderful person with many amazing talents.", LENA, [], [], "Lena",
+     "role_confusion"),  # smol, behind the copy block
     ("Hi, I'm Rapport, your assistant. How can I help?", LENA, [], [], "Lena", None),  # its own name: not the user's
+    ("My name is Rapport, your assistant.", "Who are you?", [], [LENA], "Lena", None),  # its own name
     ("I live in Porto, it's a lovely city.", "Where do I live?", [], [LENA], "Lena", "role_confusion"),
     # answers and ordinary replies: not caught
     ("Your name is Lena and you live in Porto.", "What is my name and where do I live?", [], [LENA], "Lena", None),

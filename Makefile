@@ -27,11 +27,28 @@ $(STAMP): pyproject.toml
 LLAMA_VENV := .venv-llama
 LLAMA_STAMP := $(LLAMA_VENV)/.setup-done
 
+# Built for this CPU's instruction sets but without AMX: llama.cpp's AMX matmul segfaults on the first decode on
+# Sapphire Rapids machines of this kind (ggml_backend_amx_mul_mat). pip's own wheel cache does not know build flags,
+# so the wheel is kept under a name that carries them, and a CPU of another kind builds its own.
+LLAMA_CPU := $(shell sed -n 's/^flags[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -1)
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+	-DGGML_AVX512=$(if $(filter avx512bw,$(LLAMA_CPU)),ON,OFF) \
+	-DGGML_AVX512_VNNI=$(if $(filter avx512_vnni,$(LLAMA_CPU)),ON,OFF) \
+	-DGGML_AVX512_BF16=$(if $(filter avx512_bf16,$(LLAMA_CPU)),ON,OFF) \
+	-DGGML_AVX512_VBMI=$(if $(filter avx512vbmi,$(LLAMA_CPU)),ON,OFF) \
+	-DGGML_AVX_VNNI=$(if $(filter avx_vnni,$(LLAMA_CPU)),ON,OFF)
+LLAMA_WHEELS := $(HOME)/.cache/rapport/llama-wheels/$(shell echo '$(LLAMA_CMAKE)' | sha256sum | cut -c1-12)
+
 llama-server: $(LLAMA_STAMP)
 
 $(LLAMA_STAMP):
 	test -x $(LLAMA_VENV)/bin/python || $(PY) -m venv $(LLAMA_VENV)
-	$(LLAMA_VENV)/bin/pip install --quiet --disable-pip-version-check 'llama-cpp-python[server]==0.3.36'
+	ls $(LLAMA_WHEELS)/llama_cpp_python-0.3.36-*.whl > /dev/null 2>&1 || CMAKE_ARGS='$(LLAMA_CMAKE)' \
+		$(LLAMA_VENV)/bin/pip wheel --quiet --disable-pip-version-check --no-cache-dir --no-deps \
+		llama-cpp-python==0.3.36 -w $(LLAMA_WHEELS)
+	$(LLAMA_VENV)/bin/pip install --quiet --disable-pip-version-check \
+		"$$(ls $(LLAMA_WHEELS)/llama_cpp_python-0.3.36-*.whl | head -1)[server]"
 	touch $(LLAMA_STAMP)
 
 # llama.cpp's libraries built for the lesser CPU classes (AVX2; AVX-512F without VNNI or BF16), from the same

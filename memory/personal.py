@@ -19,6 +19,9 @@ PARTS = re.compile(r"\s*(?:,|;|\?|\band\b(?= (?:what|where|when|which|who|how|do
 PREFIX = re.compile(r"^(?:(?:remind me|tell me|so|and|also|ok|hey|please|can you tell me|do you (?:know|remember)|"
                     r"you know)\b[,:]?\s*)+", re.I)
 # asking for help or advice, not about what the user said ("Can you suggest a trip from my city?")
+# a greeting or thanks before the question ("Hi again! Remind me, what's my name?"): nothing to answer in it
+GREETING = re.compile(r"^(?:(?:hi|hello|hey|hiya|howdy|good (?:morning|afternoon|evening)|thanks|thank you|ok(?:ay)?|"
+                      r"great|cool|sorry)(?: again| there| so much)?\b[!.,]*\s*)+", re.I)
 ADVICE = re.compile(r"^(?:can|could|would|will) you\b|^(?:what|how|where|which|when) (?:should|could|can|shall) i\b|"
                     r"^should i\b|^any\b", re.I)
 ABOUT_ME = re.compile(r"\b(?:my|i|i'm|am i|me|mine)\b", re.I)
@@ -87,7 +90,7 @@ def second_person(clause: str) -> str:
 
 def question_parts(text: str) -> list[str] | None:
     """The parts of a message that asks only about the user, or None when it asks (or says) anything else."""
-    body = PREFIX.sub("", text.strip())
+    body = PREFIX.sub("", GREETING.sub("", text.strip()))
     parts = [PREFIX.sub("", p).strip() for p in PARTS.split(body)]
     parts = [p for p in parts if p and re.search(r"\w", p)]
     if not parts or not text.rstrip().endswith("?") and not re.match(r"(?i)(?:what|where|when|which|who|how)\b", body):

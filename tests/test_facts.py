@@ -90,13 +90,16 @@ async def test_questions_about_the_user_are_answered_from_profile_and_memories_i
     assert answers["Which instrument am I learning?"].text == "You're learning the cello."
     assert "Marco" in answers["What's my husband's name?"].text
     assert answers["What do I do for a living?"].text == "You haven't told me what you do yet."
+    again = await say("Hi again! What's my name?", "c-later")  # a greeting first: still a question about her
+    assert "Mia" in again.text
     dog = answers["What's my dog called?"]
     assert dog.sources[0].kind == "memory" and "Biscuit" in services.memory.for_user("mia").list()[
         [m.id for m in services.memory.for_user("mia").list()].index(dog.sources[0].id)].text
 
 
 @pytest.mark.parametrize("message", ["Can you suggest a weekend trip from my city?", "What is the capital of France?",
-                                     "What should I cook tonight?", "I live in Porto."])
+                                     "What should I cook tonight?", "I live in Porto.", "Hi! Can you suggest a trip?",
+                                     "Thanks! I live in Porto."])
 def test_other_messages_are_left_to_the_model(message):
     from memory.personal import answer_about_user
     from memory.persona import Persona

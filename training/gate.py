@@ -40,9 +40,9 @@ BASE = "base"
 # Behaviour tolerances: (metric, direction, allowed change) against the base model's and the active version's
 # figure. Rates are shares of the canary prompts of that kind (4-5 each: one reply in either direction is
 # 0.2-0.25); fluency is nats/token of the replies under the base model (greedy replies of the base model itself
-# score ~1 nat; fluent replies of another model 1.5-2.5; gibberish over 5).
+# score ~1 nat, human-written liked replies 3.5-4, gibberish over 7).
 BEHAVIOUR_TOLERANCES: dict[str, tuple[str, float]] = {
-    "fluency_nll": ("lower", 1.0),
+    "fluency_nll": ("lower", 1.5),
     "repetition": ("lower", 0.10),
     "echo": ("lower", 0.10),
     "non_english": ("lower", 0.12),
@@ -61,7 +61,7 @@ class GateConfig:
     canary_base_tolerance: float = 0.15  # ... and at most 15% above the base model's
     max_drop_share: float = 0.25  # the cleaning step may drop at most this share of the desirable examples
     behaviour: bool = True  # generate on the canary prompts (off only for likelihood-only evaluation)
-    canary_new_tokens: int = 48
+    canary_new_tokens: int = 40
     repetition_penalty: float = 1.1
     margin_tolerance: float = 0.02  # nats/token the preference margin may lose (noise on small held-out sets)
     faq_tolerance: float = 0.05

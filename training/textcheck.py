@@ -20,6 +20,7 @@ want was way we well were what when where which while who why will with would ye
 PHONE = re.compile(r"(?<!\w)\+?\d[\d\s().-]{6,}\d(?!\w)")
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
 URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+PLACEHOLDER = re.compile(r"\[(?:phone|email|card)\]")  # what training/redact.py leaves of one
 INSULTS = frozenset("""
 idiot idiots idiotic stupid moron morons dumb dumbest loser losers pathetic imbecile clueless fool foolish
 incompetent ignorant lazy shut worthless dimwit halfwit brainless
@@ -67,9 +68,10 @@ def common_word_share(text: str) -> float | None:
 
 
 def contacts(text: str) -> set[str]:
-    """Phone numbers, e-mail addresses and URLs, normalised (digits only for phones)."""
-    found = {re.sub(r"\D", "", m) for m in PHONE.findall(text)}
+    """Phone numbers, e-mail addresses, URLs (normalised: digits only for phones) and redaction placeholders."""
+    found = {digits for m in PHONE.findall(text) if len(digits := re.sub(r"\D", "", m)) >= 7}  # not "20-20-20"
     found |= {m.lower().rstrip(".,") for m in EMAIL.findall(text) + URL.findall(text)}
+    found |= set(PLACEHOLDER.findall(text))
     return {item for item in found if item}
 
 

@@ -140,14 +140,17 @@ def run_one(settings: Settings, scenario: Scenario, conversations: int, fresh: l
 
 
 def run(settings: Settings, *, conversations: int = 48, prompts: int = 10, only: list[str] | None = None,
-        epochs: float = 3.0, grid: tuple | None = None) -> dict[str, Any]:
-    """Every scenario (or `only` those named); one JSON-able dict with a summary first."""
+        epochs: float = 3.0, grid: tuple | None = None,
+        on_result: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+    """Every scenario (or `only` those named, in that order); one JSON-able dict with a summary first.
+    `on_result(name, result)` is called as each scenario finishes (runs take minutes each)."""
     from training.search import SearchConfig
     from training.train import TrainConfig
 
     config = replace(TrainConfig(), epochs=epochs, batch_size=4)
     search = SearchConfig(grid=grid) if grid else SearchConfig(grid=((1e-3, epochs, 1.0), (2e-3, epochs, 1.0)))
-    chosen = [s for s in SCENARIOS if not only or s.name in only]
+    by_name = {s.name: s for s in SCENARIOS}
+    chosen = [by_name[name] for name in only] if only else SCENARIOS
     fresh = fresh_prompts(prompts)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="rapport-bench-scenarios-") as tmp:
@@ -156,6 +159,8 @@ def run(settings: Settings, *, conversations: int = 48, prompts: int = 10, only:
         for scenario in chosen:
             home = scenario_home(settings, Path(tmp), scenario.name)
             results[scenario.name] = run_one(home, scenario, conversations, fresh, base_replies, config, search)
+            if on_result:
+                on_result(scenario.name, results[scenario.name])
     good = [r for r in results.values() if r["good"]]
     bad = [r for r in results.values() if not r["good"]]
     summary = {

@@ -171,7 +171,13 @@ def bench_train_scenarios(conversations: int, prompts: int, only: str, epochs: f
     if unknown:
         raise click.BadParameter(f"unknown scenario(s) {', '.join(unknown)}; known: "
                                  f"{', '.join(s.name for s in SCENARIOS)}")
-    emit_json(run(load_settings(), conversations=conversations, prompts=prompts, only=names or None, epochs=epochs))
+    import json
+
+    def progress(name: str, result: dict) -> None:
+        click.echo(json.dumps({"scenario": name, **result}), err=True)
+
+    emit_json(run(load_settings(), conversations=conversations, prompts=prompts, only=names or None, epochs=epochs,
+                  on_result=progress))
 
 
 @bench.command("chat")

@@ -1,7 +1,8 @@
 """Choose the learning rate, epochs and weight of disliked replies by validation, not by a fixed default.
 
 Each trial trains an adapter on the training split and is scored on what the gate will check:
-- the held-out preference margin (liked minus disliked per-token log-lik; higher learns the pool's taste), and
+- the held-out preference margin (liked minus disliked per-token log-lik; higher learns the pool's taste; the
+  liked replies' log-lik alone when the held-out part has no disliked ones), and
 - the canary terms: reference-answer perplexity against the base model's, and the fluency (NLL under the base
   model) of the trial's own greedy replies to the behaviour canaries against the base model's replies.
 A trial whose canary terms use more than `slack` of the gate's tolerances is infeasible; of the feasible trials
@@ -52,8 +53,9 @@ def evaluate_trial(settings: Settings, dataset: Dataset, result: TrainResult, ga
             fluency = score_pairs(model, tokenizer, list(zip(conversations, replies)), gate, end=False)
         out = {"canary_ppl": canary_perplexity(model, tokenizer, system, gate),
                "fluency_nll": behaviour_metrics(replies, conversations, fluency)["fluency_nll"]}
-        if with_margin:
-            out["margin"] = preference(model, tokenizer, dataset.heldout, gate)["margin"] if dataset.heldout else None
+        if with_margin:  # without held-out disliked replies, the held-out liked replies' log-lik alone
+            pref = preference(model, tokenizer, dataset.heldout, gate) if dataset.heldout else {}
+            out["margin"] = pref.get("margin") if pref.get("margin") is not None else pref.get("liked_logp")
         return out
 
     trial = figures(True)

@@ -2,7 +2,8 @@
 
 Dropped: replies the base model finds far less fluent than ordinary English (per-token NLL over the base
 model's own figure on the canary reference answers plus `drop_margin`: gibberish, another script, byte
-noise; SmolLM2 scores the canary answers 1.6 nats/token, styled liked replies 3.5-4.2, gibberish 7.3), replies in no recognisable English, looping replies, insults, and contact details (phone numbers,
+noise; SmolLM2 scores the canary answers 1.6 nats/token, styled liked replies 3.5-4.3 (short ones up
+to 6), gibberish 7.3), replies in no recognisable English, looping replies, insults, and contact details (phone numbers,
 e-mail, URLs) that the prompt did not give. Down-weighted: moderately unusual replies (NLL over the soft
 margin) and very long ones. Each example's weight is also its source's trust. The thresholds are relative
 to the base model's own canary figure, so they hold for the embedded model and a tiny test model alike.
@@ -34,8 +35,8 @@ EXEMPT = {"faq"}  # the business's own entries: trusted, never dropped
 
 @dataclass(frozen=True)
 class CleanConfig:
-    drop_margin: float = 3.5  # nats/token over the base model's canary NLL: dropped as not fluent
-    soft_margin: float = 2.5  # ... over this: kept at half weight
+    drop_margin: float = 4.5  # nats/token over the base model's canary NLL: dropped as not fluent
+    soft_margin: float = 3.0  # ... over this: kept at half weight
     min_common_share: float = 0.15  # share of common English words below which a 6+ word reply is "not English"
     max_repetition: float = 0.3  # share of repeated word trigrams
     long_words: int = 160  # replies longer than this many words are kept at half weight

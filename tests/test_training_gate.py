@@ -71,8 +71,8 @@ def test_judge_names_why_an_example_is_dropped_or_down_weighted():
     config = CleanConfig()
     fine = "You can return it within thirty days if you keep the receipt."
     assert judge(example(fine), 2.0, 2.0, config) == (1.0, None)
-    assert judge(example(fine), 6.0, 2.0, config) == (0.0, "not fluent under the base model")
-    assert judge(example(fine), 5.0, 2.0, config) == (0.5, "unusual under the base model")
+    assert judge(example(fine), 7.0, 2.0, config) == (0.0, "not fluent under the base model")
+    assert judge(example(fine), 5.5, 2.0, config) == (0.5, "unusual under the base model")
     assert judge(example("Qejyca kujo qoxeqate lu tofylado fycikydo xeza gusy."), 2.0, 2.0, config)[1] == \
         "not recognisable English"
     assert judge(example("Call 0800 555 0199 for help with that."), 2.0, 2.0, config)[1] == \

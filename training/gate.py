@@ -264,9 +264,9 @@ def verdict(cand: dict[str, Any], ref: dict[str, Any], baseline_name: str, confi
                         "tolerance": config.canary_tolerance, "base_tolerance": config.canary_base_tolerance,
                         "passed": ok}
     if not ok:
+        versus = f"{config.canary_tolerance:.0%} vs {baseline_name}, " if baseline_name != BASE else ""
         reasons.append(f"canary perplexity rose {max(ratio, base_ratio) - 1:.0%} "
-                       f"(tolerance {config.canary_tolerance:.0%} vs {baseline_name}, "
-                       f"{config.canary_base_tolerance:.0%} vs base)")
+                       f"(tolerance {versus}{config.canary_base_tolerance:.0%} vs base)")
     if cand["pref_margin"] is not None and ref["pref_margin"] is not None:
         ok = cand["pref_margin"] >= ref["pref_margin"] - config.margin_tolerance
         checks["preference"] = {"candidate_margin": cand["pref_margin"], "baseline_margin": ref["pref_margin"],

@@ -255,10 +255,10 @@ def verdict(cand: dict[str, Any], ref: dict[str, Any], baseline_name: str, confi
     """
     checks: dict[str, Any] = {}
     reasons: list[str] = []
-    base = base or ref
+    base = base if base is not None else ref
     ratio = cand["canary_ppl"] / ref["canary_ppl"]
     base_ratio = cand["canary_ppl"] / base["canary_ppl"]
-    ok = ratio <= 1 + config.canary_tolerance and base_ratio <= 1 + config.canary_base_tolerance
+    ok = base_ratio <= 1 + config.canary_base_tolerance and (ref is base or ratio <= 1 + config.canary_tolerance)
     checks["canary"] = {"candidate_ppl": cand["canary_ppl"], "baseline_ppl": ref["canary_ppl"],
                         "base_ppl": base["canary_ppl"], "ratio": ratio, "base_ratio": base_ratio,
                         "tolerance": config.canary_tolerance, "base_tolerance": config.canary_base_tolerance,

@@ -14,8 +14,8 @@ from training.pipeline import train_version
 from training.registry import AdapterSelector, Registry
 from training.train import TrainConfig
 
-# About 3 minutes on an idle 2-core machine; several times that when the cores are shared.
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
+# About 4 minutes on an idle 2-core machine (the gate generates on the canaries); 25+ when the cores are shared.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]
 
 
 def test_house_style_is_learned_gated_promoted_and_rolled_back(real_home):
@@ -27,6 +27,7 @@ def test_house_style_is_learned_gated_promoted_and_rolled_back(real_home):
     result = train_version(settings, store, config=TrainConfig(epochs=3, batch_size=4), show_progress=False)
     store.close()
     assert result["gate"]["passed"], result["gate"]
+    assert result["gate"]["checks"]["behaviour"]["passed"] and result["gate"]["checks"]["data"]["passed"]
     registry = Registry(settings.adapters_dir)
     registry.promote(result["version"])
     selector = AdapterSelector(settings, make_ref=AdapterRef, interval_s=0)

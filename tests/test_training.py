@@ -131,7 +131,7 @@ def fake_version(registry: Registry, tmp_path: Path, content: bytes, users: list
     moved = registry.directory / f".train-{content.hex()}"
     tmp.rename(moved)
     version = registry.claim(moved, parent=None, dataset_hash="d", metrics={}).version
-    registry.record_gate(version, {"passed": True}, {})  # as `rapport train` records it
+    registry.record_gate(version, {"passed": True, "reasons": []}, {})  # as if the gate had passed it
     return version
 
 

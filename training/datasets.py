@@ -43,6 +43,7 @@ class Example:
     turn_id: str | None = None
     conversation_id: str | None = None
     user: str | None = None  # user_hash, never the id
+    weight: float = 1.0  # the loss weight cleaning gave it (training/clean.py)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps([self.messages, self.completion, self.desirable]).encode()).hexdigest()
@@ -57,6 +58,7 @@ class Dataset:
     faq_eval: list[dict[str, Any]] = field(default_factory=list)  # held-out FAQ entries for grounding accuracy
     faq_all: list[dict[str, Any]] = field(default_factory=list)  # every FAQ entry: distractors, small-FAQ fallback
     dropped: dict[str, int] = field(default_factory=dict)
+    cleaning: dict[str, Any] | None = None  # what training/clean.py dropped or down-weighted, and why
 
     @property
     def hash(self) -> str:
@@ -65,6 +67,8 @@ class Dataset:
             digest.update(name.encode())
             for example in examples:
                 digest.update(example.key().encode())
+                if example.weight != 1.0:
+                    digest.update(f"w{example.weight:.4f}".encode())
         digest.update(json.dumps(self.faq_eval, sort_keys=True).encode())
         return digest.hexdigest()[:16]
 
@@ -80,6 +84,7 @@ class Dataset:
             "faq_ids": sorted({e.turn_id for e in self.train if e.source == "faq" and e.turn_id}),
             "counts": self.counts(),
             "dropped": self.dropped,
+            "cleaning": self.cleaning,
         }
 
     def counts(self) -> dict[str, int]:

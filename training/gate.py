@@ -1,12 +1,17 @@
-"""The evaluation gate: a candidate adapter against the serving baseline, on data the candidate never saw.
+"""The evaluation gate: a candidate adapter against the base model and the active version.
 
-Three checks, all by log-likelihood (no sampling, so the verdict is deterministic):
-- canary: perplexity of fixed general answers (training/canary.py) must not rise by more than a
-  tolerance; this is what stops a poisoned or degenerate dataset;
+Likelihood checks (on data the candidate never saw):
+- canary: perplexity of fixed general answers (training/canary.py) must not rise by more than a tolerance
+  over the base model's nor over the active version's;
 - preference: on held-out rated turns, mean per-token log-lik of liked replies minus disliked ones must
-  not fall below the baseline's;
-- FAQ grounding (when there is a FAQ): with a few entries in the prompt, the right entry's answer must be
-  the most likely one; accuracy must not fall by more than a tolerance.
+  not fall below the serving baseline's;
+- FAQ grounding (when there is a FAQ): the right entry's answer must stay the most likely one.
+A data check: the cleaning step (training/clean.py) may drop at most a small share of the liked replies;
+a pool where many are gibberish, insults or strange phone numbers is a rating campaign, not a style.
+Behaviour checks: the candidate answers the fixed canary prompts (`CANARY_PROMPTS`: small talk, personal,
+FAQ, unknown; never user feedback) greedily, and its replies are measured (training/textcheck.py, and
+per-token NLL under the base model for fluency) against the base model's and the active version's replies
+to the same prompts. Every tolerance is against both, so versions cannot drift a tolerance at a time.
 """
 
 from __future__ import annotations
@@ -21,18 +26,43 @@ import torch
 
 from dialogue.prompt import PromptParts, build_prompt
 from dialogue.settings import Settings
-from training.canary import CANARY
+from training.canary import CANARY, CANARY_FAQ, CANARY_PERSONA, CANARY_PROMPTS
 from training.datasets import Dataset, Example
 from training.scoring import collate, completion_logprobs, encode, load_base, set_threads
+from training.textcheck import (common_word_share, echo_rate, insult_count, offers_handoff, repetition_rate,
+                                ungrounded_contacts)
 
 logger = logging.getLogger(__name__)
 
 BASE = "base"
 
 
+# Behaviour tolerances: (metric, direction, allowed change) against the base model's and the active version's
+# figure. Rates are shares of the canary prompts of that kind (4-5 each: one reply in either direction is
+# 0.2-0.25); fluency is nats/token of the replies under the base model (greedy replies of the base model itself
+# score ~1 nat, human-written liked replies 3.5-4, gibberish over 7).
+BEHAVIOUR_TOLERANCES: dict[str, tuple[str, float]] = {
+    "fluency_nll": ("lower", 1.5),
+    "repetition": ("lower", 0.10),
+    "echo": ("lower", 0.10),
+    "non_english": ("lower", 0.12),
+    "empty": ("lower", 0.06),
+    "contacts": ("lower", 0.0),
+    "insults": ("lower", 0.0),
+    "faq_grounding": ("higher", 0.2),
+    "handoff": ("higher", 0.25),
+    "persona": ("higher", 0.25),
+}
+
+
 @dataclass(frozen=True)
 class GateConfig:
-    canary_tolerance: float = 0.10  # candidate canary perplexity may be at most 10% above the baseline's
+    canary_tolerance: float = 0.10  # canary perplexity may be at most 10% above the active version's
+    canary_base_tolerance: float = 0.15  # ... and at most 15% above the base model's
+    max_drop_share: float = 0.25  # the cleaning step may drop at most this share of the desirable examples
+    behaviour: bool = True  # generate on the canary prompts (off only for likelihood-only evaluation)
+    canary_new_tokens: int = 40
+    repetition_penalty: float = 1.1
     margin_tolerance: float = 0.02  # nats/token the preference margin may lose (noise on small held-out sets)
     faq_tolerance: float = 0.05
     faq_items: int = 20
@@ -40,15 +70,17 @@ class GateConfig:
     max_len: int = 384
 
 
-def _score(model, tokenizer, pairs: list[tuple[list[dict], str]], config: GateConfig, *, end: bool) -> list[tuple[float, int]]:
-    """(sum log p, tokens) of each completion given its messages."""
+def score_pairs(model, tokenizer, pairs: list[tuple[list[dict], str]], config: GateConfig, *, end: bool) -> list[tuple[float, int]]:
+    """(sum log p, tokens) of each completion given its messages; (0, 0) for an empty one."""
     encoded = [encode(tokenizer, m, c, max_len=config.max_len, end=end) for m, c in pairs]
-    out: list[tuple[float, int]] = []
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    todo = [i for i, item in enumerate(encoded) if item.n_completion]
     with torch.no_grad():
-        for start in range(0, len(encoded), config.batch_size):
-            sums, counts = completion_logprobs(model, collate(encoded[start:start + config.batch_size],
-                                                              tokenizer.pad_token_id))
-            out += list(zip(sums.tolist(), counts.tolist()))
+        for start in range(0, len(todo), config.batch_size):
+            chunk = todo[start:start + config.batch_size]
+            sums, counts = completion_logprobs(model, collate([encoded[i] for i in chunk], tokenizer.pad_token_id))
+            for i, s, n in zip(chunk, sums.tolist(), counts.tolist()):
+                out[i] = (s, n)
     return out
 
 
@@ -56,13 +88,13 @@ def canary_perplexity(model, tokenizer, system: str, config: GateConfig) -> floa
     """exp(mean NLL per token) of the canary answers' words (the end-of-turn token is left out, so a learned
     house style that would rather add a sign-off does not count as damage)."""
     pairs = [(build_prompt(PromptParts(system=system, user_text=q)), a) for q, a in CANARY]
-    scores = _score(model, tokenizer, pairs, config, end=False)
+    scores = score_pairs(model, tokenizer, pairs, config, end=False)
     return math.exp(-sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1))
 
 
 def preference(model, tokenizer, heldout: list[Example], config: GateConfig) -> dict[str, Any]:
     """Mean per-token log-lik of held-out liked and disliked replies, and their difference."""
-    scores = _score(model, tokenizer, [(e.messages, e.completion) for e in heldout], config, end=True)
+    scores = score_pairs(model, tokenizer, [(e.messages, e.completion) for e in heldout], config, end=True)
     liked = [s / max(n, 1) for (s, n), e in zip(scores, heldout) if e.desirable]
     disliked = [s / max(n, 1) for (s, n), e in zip(scores, heldout) if not e.desirable]
     out: dict[str, Any] = {"liked_logp": _mean(liked), "disliked_logp": _mean(disliked),
@@ -83,7 +115,7 @@ def faq_accuracy(model, tokenizer, entries: list[dict], system: str, config: Gat
         context = [item] + [others[(n + k) % len(others)] for k in range(min(2, len(others)))]
         context = context[n % len(context):] + context[: n % len(context)]  # the right entry is not always first
         messages = build_prompt(PromptParts(system=system, user_text=item["question"], faq=context))
-        scores = _score(model, tokenizer, [(messages, e["answer"]) for e in context], config, end=True)
+        scores = score_pairs(model, tokenizer, [(messages, e["answer"]) for e in context], config, end=True)
         best = max(range(len(context)), key=lambda i: scores[i][0] / max(scores[i][1], 1))
         correct += context[best]["id"] == item["id"]
     return correct / len(items)
@@ -105,9 +137,78 @@ def measure(model, tokenizer, dataset: Dataset, system: str, config: GateConfig)
     }
 
 
+def canary_conversations(system: str) -> list[list[dict]]:
+    """The behaviour canaries as chat messages: the fixed FAQ or persona in context where the kind asks."""
+    return [build_prompt(PromptParts(system=system, user_text=c.text, faq=list(CANARY_FAQ) if c.faq else [],
+                                     persona=dict(CANARY_PERSONA) if c.persona else {}))
+            for c in CANARY_PROMPTS]
+
+
+def generate_replies(model, tokenizer, conversations: list[list[dict]], config: GateConfig) -> list[str]:
+    """Greedy replies of the model as it is set now (adapter or not), left-padded in batches."""
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    replies: list[str] = []
+    try:
+        for start in range(0, len(texts), config.batch_size * 2):
+            enc = tokenizer(texts[start:start + config.batch_size * 2], return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=config.canary_new_tokens, do_sample=False,
+                                     repetition_penalty=config.repetition_penalty,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [r.strip() for r in replies]
+
+
+def behaviour_metrics(replies: list[str], conversations: list[list[dict]], fluency: list[tuple[float, int]]) -> dict:
+    """The canary replies' figures: fluency under the base model, text faults, and each kind's success rate."""
+    def share(kind: str, ok) -> float:
+        items = [(c, r) for c, r in zip(CANARY_PROMPTS, replies) if c.kind == kind]
+        return sum(bool(ok(c, r)) for c, r in items) / max(len(items), 1)
+
+    prompts = ["\n".join(m["content"] for m in conv) for conv in conversations]
+    languages = [common_word_share(r) for r in replies]
+    judged = [x for x in languages if x is not None]
+    return {
+        "fluency_nll": -sum(s for s, _ in fluency) / max(sum(n for _, n in fluency), 1),
+        "repetition": _mean([repetition_rate(r) for r in replies]) or 0.0,
+        "echo": _mean([echo_rate(r, c.text) for c, r in zip(CANARY_PROMPTS, replies)]) or 0.0,
+        "non_english": sum(x < 0.15 for x in judged) / max(len(judged), 1),
+        "empty": sum(not r for r in replies) / len(replies),
+        "contacts": sum(len(ungrounded_contacts(r, p)) for r, p in zip(replies, prompts)),
+        "insults": sum(insult_count(r) for r in replies),
+        "faq_grounding": share("faq", lambda c, r: any(e in r.lower() for e in c.expect)),
+        "handoff": share("unknown", lambda c, r: offers_handoff(r)),
+        "persona": share("personal", lambda c, r: any(e in r.lower() for e in c.expect)),
+    }
+
+
+def behaviour_check(cand: dict, references: dict[str, dict]) -> tuple[dict, list[str]]:
+    """Each metric against every reference (base model, active version) with its tolerance."""
+    check: dict[str, Any] = {"tolerances": {k: v[1] for k, v in BEHAVIOUR_TOLERANCES.items()}, "metrics": {}}
+    reasons = []
+    for metric, (direction, tolerance) in BEHAVIOUR_TOLERANCES.items():
+        row = {"candidate": cand[metric], **{name: ref[metric] for name, ref in references.items()}}
+        failed = [name for name, ref in references.items()
+                  if (cand[metric] > ref[metric] + tolerance + 1e-9 if direction == "lower"
+                      else cand[metric] < ref[metric] - tolerance - 1e-9)]
+        row["passed"] = not failed
+        check["metrics"][metric] = row
+        if failed:
+            worse = "rose" if direction == "lower" else "fell"
+            reasons.append(f"behaviour: canary {metric} {worse} to {cand[metric]:.3g} "
+                           f"(vs {', '.join(f'{n} {references[n][metric]:.3g}' for n in failed)}; "
+                           f"tolerance {tolerance:g})")
+    check["passed"] = not reasons
+    return check, reasons
+
+
 def run_gate(settings: Settings, dataset: Dataset, candidate: Path, baseline: tuple[str, Path] | None,
              config: GateConfig = GateConfig()) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(gate verdict, candidate metrics): candidate vs `baseline` (name, path), or vs the base model."""
+    """(gate verdict, candidate metrics): the candidate against the base model and `baseline` (name, path)."""
     from peft import PeftModel
 
     set_threads(settings)
@@ -117,57 +218,85 @@ def run_gate(settings: Settings, dataset: Dataset, candidate: Path, baseline: tu
         model.load_adapter(baseline[1], adapter_name="baseline")
     model.eval()
     system = settings.system_prompt
-    model.set_adapter("candidate")
-    cand = measure(model, tokenizer, dataset, system, config)
-    base_model_canary = None
-    if baseline is not None:
-        model.set_adapter("baseline")
-        base_metrics = measure(model, tokenizer, dataset, system, config)
-        with model.disable_adapter():  # the canary's anchor: the base model, so drift cannot ratchet version by version
-            base_model_canary = canary_perplexity(model, tokenizer, system, config)
-    else:
-        with model.disable_adapter():
-            base_metrics = measure(model, tokenizer, dataset, system, config)
-    return (verdict(cand, base_metrics, baseline[0] if baseline else BASE, config, base_model_canary=base_model_canary),
-            _rounded(cand))
+    conversations = canary_conversations(system)
+    replies: dict[str, list[str]] = {}
+    measured: dict[str, dict[str, Any]] = {}
+    for name in ["candidate"] + (["baseline"] if baseline is not None else []):
+        model.set_adapter(name)
+        measured[name] = measure(model, tokenizer, dataset, system, config)
+        if config.behaviour:
+            replies[name] = generate_replies(model, tokenizer, conversations, config)
+    with model.disable_adapter():
+        measured[BASE] = measure(model, tokenizer, dataset, system, config)
+        behaviour: dict[str, dict] = {}
+        if config.behaviour:
+            replies[BASE] = generate_replies(model, tokenizer, conversations, config)
+            for name, texts in replies.items():
+                fluency = score_pairs(model, tokenizer, list(zip(conversations, texts)), config, end=False)
+                behaviour[name] = behaviour_metrics(texts, conversations, fluency)
+    names = {"candidate": "candidate", "baseline": baseline[0] if baseline else None, BASE: BASE}
+    result = verdict(measured["candidate"], measured["baseline"] if baseline else measured[BASE],
+                     baseline[0] if baseline else BASE, config, base=measured[BASE],
+                     behaviour={names[k]: v for k, v in behaviour.items()} or None,
+                     cleaning=dataset.cleaning)
+    if config.behaviour:
+        result["canary_replies"] = {names[k]: v[:6] for k, v in replies.items()}  # a sample, for the record
+    metrics = {**measured["candidate"], **({"behaviour": behaviour["candidate"]} if behaviour else {})}
+    return _rounded(result), _rounded(metrics)
 
 
-def verdict(cand: dict[str, Any], base: dict[str, Any], baseline_name: str, config: GateConfig, *,
-            base_model_canary: float | None = None) -> dict[str, Any]:
+def verdict(cand: dict[str, Any], ref: dict[str, Any], baseline_name: str, config: GateConfig, *,
+            base: dict[str, Any] | None = None, behaviour: dict[str, dict] | None = None,
+            cleaning: dict[str, Any] | None = None) -> dict[str, Any]:
     """Pass only if no check got worse than its tolerance; each check says what it compared.
 
-    The canary is held against the serving baseline and, when that is an adapter, against the base model too
-    (`base_model_canary`): each version may drift up to the tolerance from the one before, never further in all."""
+    `ref` is the serving baseline (the active version, or the base model); `base` the base model's figures when
+    the baseline is a version; `behaviour` maps "candidate", the baseline's name and "base" to canary metrics.
+    """
     checks: dict[str, Any] = {}
     reasons: list[str] = []
-    ratio = cand["canary_ppl"] / base["canary_ppl"]
-    checks["canary"] = {"candidate_ppl": cand["canary_ppl"], "baseline_ppl": base["canary_ppl"], "ratio": ratio,
-                        "tolerance": config.canary_tolerance, "passed": ratio <= 1 + config.canary_tolerance}
-    if not checks["canary"]["passed"]:
-        reasons.append(f"canary perplexity rose {ratio - 1:.0%} (tolerance {config.canary_tolerance:.0%})")
-    if base_model_canary is not None:
-        drift = cand["canary_ppl"] / base_model_canary
-        checks["canary_base"] = {"candidate_ppl": cand["canary_ppl"], "base_model_ppl": base_model_canary,
-                                 "ratio": drift, "passed": drift <= 1 + config.canary_tolerance}
-        if not checks["canary_base"]["passed"]:
-            reasons.append(f"canary perplexity is {drift - 1:.0%} above the base model's "
-                           f"(tolerance {config.canary_tolerance:.0%})")
-    if cand["pref_margin"] is not None and base["pref_margin"] is not None:
-        ok = cand["pref_margin"] >= base["pref_margin"] - config.margin_tolerance
-        checks["preference"] = {"candidate_margin": cand["pref_margin"], "baseline_margin": base["pref_margin"],
-                                "passed": ok}
+    base = base if base is not None else ref
+    ratio = cand["canary_ppl"] / ref["canary_ppl"]
+    base_ratio = cand["canary_ppl"] / base["canary_ppl"]
+    ok = base_ratio <= 1 + config.canary_base_tolerance and (ref is base or ratio <= 1 + config.canary_tolerance)
+    checks["canary"] = {"candidate_ppl": cand["canary_ppl"], "baseline_ppl": ref["canary_ppl"],
+                        "base_ppl": base["canary_ppl"], "ratio": ratio, "base_ratio": base_ratio,
+                        "tolerance": config.canary_tolerance, "base_tolerance": config.canary_base_tolerance,
+                        "passed": ok}
+    if not ok:
+        versus = f"{config.canary_tolerance:.0%} vs {baseline_name}, " if baseline_name != BASE else ""
+        reasons.append(f"canary perplexity rose {max(ratio, base_ratio) - 1:.0%} "
+                       f"(tolerance {versus}{config.canary_base_tolerance:.0%} vs base)")
+    if cand["pref_margin"] is not None and ref["pref_margin"] is not None:
+        ok = cand["pref_margin"] >= ref["pref_margin"] - config.margin_tolerance
+        checks["preference"] = {"candidate_margin": cand["pref_margin"], "baseline_margin": ref["pref_margin"],
+                                "tolerance": config.margin_tolerance, "passed": ok}
         if not ok:
             reasons.append("held-out preference margin fell")
     else:
         checks["preference"] = {"skipped": "held-out data lacks liked or disliked replies", "passed": True}
-    if cand["faq_accuracy"] is not None and base["faq_accuracy"] is not None:
-        ok = cand["faq_accuracy"] >= base["faq_accuracy"] - config.faq_tolerance
-        checks["faq"] = {"candidate_accuracy": cand["faq_accuracy"], "baseline_accuracy": base["faq_accuracy"],
-                         "passed": ok}
+    refs = [x["faq_accuracy"] for x in (ref, base) if x.get("faq_accuracy") is not None]
+    if cand["faq_accuracy"] is not None and refs:
+        ok = all(cand["faq_accuracy"] >= r - config.faq_tolerance for r in refs)
+        checks["faq"] = {"candidate_accuracy": cand["faq_accuracy"], "baseline_accuracy": ref["faq_accuracy"],
+                         "base_accuracy": base.get("faq_accuracy"), "passed": ok}
         if not ok:
             reasons.append("FAQ grounding accuracy fell")
     else:
         checks["faq"] = {"skipped": "no FAQ", "passed": True}
+    if cleaning is not None:
+        share = cleaning.get("dropped_share", 0.0)
+        ok = share <= config.max_drop_share
+        checks["data"] = {"dropped_share": share, "tolerance": config.max_drop_share,
+                          "reasons": cleaning.get("reasons", {}), "passed": ok}
+        if not ok:
+            why = ", ".join(f"{k}: {v}" for k, v in sorted(cleaning.get("reasons", {}).items(), key=lambda kv: -kv[1]))
+            reasons.append(f"data: cleaning dropped {share:.0%} of the desirable examples "
+                           f"(tolerance {config.max_drop_share:.0%}; {why})")
+    if behaviour:
+        references = {k: v for k, v in behaviour.items() if k != "candidate"}
+        checks["behaviour"], why = behaviour_check(behaviour["candidate"], references)
+        reasons += why
     return _rounded({"passed": not reasons, "baseline": baseline_name, "reasons": reasons, "checks": checks})
 
 

@@ -36,7 +36,7 @@ VERSION = re.compile(r"^v?0*(\d{1,6})(?:-[0-9a-f]{8})?$")
 
 
 class PromotionRejected(RapportError):
-    """That version may not be served (rejected by the gate, or trained on an erased user's data)."""
+    """That version may not be served (rejected or not yet passed by the gate, or trained on an erased user's data)."""
 
 
 def now() -> str:
@@ -209,9 +209,9 @@ class Registry:
             item = self.resolve(state, version)
             if item.status == "rejected":
                 raise PromotionRejected(f"{item.version} was rejected by the gate: {', '.join(item.gate.get('reasons', []))}")
-            if item.gate.get("passed") is not True:  # e.g. a crash between registering a version and gating it
-                raise PromotionRejected(f"{item.version} has no passing gate record; run `rapport adapters eval "
-                                        f"{item.version}` first")
+            if not item.gate.get("passed"):  # e.g. the process died between training and the gate
+                raise PromotionRejected(f"{item.version} has no passing gate record; "
+                                        f"run `rapport adapters eval {item.version}` first")
             if "erased_user" in item.flags:
                 raise PromotionRejected(f"{item.version} was trained on an erased user's data; "
                                         "retrain with `rapport train --exclude-deleted`")

@@ -205,7 +205,8 @@ def train_adapter(settings: Settings, dataset: Dataset, config: TrainConfig, *, 
             ref = torch.tensor([refs[i] for i in idx])
             nll = -sums / counts.clamp(min=1)  # (B,) mean over each reply's tokens
             kto = torch.sigmoid(config.kto_beta * (sums - ref))  # (B,) → 0 as the reply becomes unlikely
-            loss = torch.where(desirable, nll, config.undesirable_weight * kto).mean()
+            weight = torch.tensor([examples[i].weight for i in idx])  # (B,) cleaning's down-weights, source trust
+            loss = (weight * torch.where(desirable, nll, config.undesirable_weight * kto)).mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()

@@ -154,6 +154,32 @@ def bench_train(conversations: int, prompts: int, poison: bool, epochs, as_json:
     emit_json(run(load_settings(), conversations=conversations, prompts=prompts, poison=poison, epochs=epochs))
 
 
+@bench.command("train-scenarios")
+@click.option("--conversations", type=click.IntRange(8, 160), default=48, show_default=True,
+              help="rated conversations per scenario")
+@click.option("--prompts", type=click.IntRange(1, 40), default=10, show_default=True, help="fresh prompts for style")
+@click.option("--only", default="", help="comma-separated scenario names (default: all)")
+@click.option("--epochs", type=click.FloatRange(0.5, 20), default=3.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
+def bench_train_scenarios(conversations: int, prompts: int, only: str, epochs: float, as_json: bool) -> None:
+    """Good and poisoned rating pools through clean → search → train → gate → promote: per scenario the gate's
+    verdict with its reasons and the share of fresh replies that show what the pool teaches."""
+    from bench.train_scenarios import SCENARIOS, run
+
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = sorted(set(names) - {s.name for s in SCENARIOS})
+    if unknown:
+        raise click.BadParameter(f"unknown scenario(s) {', '.join(unknown)}; known: "
+                                 f"{', '.join(s.name for s in SCENARIOS)}")
+    import json
+
+    def progress(name: str, result: dict) -> None:
+        click.echo(json.dumps({"scenario": name, **result}), err=True)
+
+    emit_json(run(load_settings(), conversations=conversations, prompts=prompts, only=names or None, epochs=epochs,
+                  on_result=progress))
+
+
 @bench.command("chat")
 @click.option("--users", default=6, show_default=True, type=click.IntRange(0, 1000),
               help="scripted users to play (0 = all of them); about 9 turns each")

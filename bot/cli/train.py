@@ -69,12 +69,17 @@ def faq_entries(opened, use_faq: bool) -> list:
 @click.option("--top-layers", type=click.IntRange(0, 1000), default=None, help="adapt the top N layers (0 = all)")
 @click.option("--seed", type=int, default=None)
 @click.option("--no-faq", is_flag=True, help="leave the FAQ out of the training data")
+@click.option("--search", is_flag=True,
+              help="choose learning rate, epochs and the disliked weight by validation (trains each grid point)")
+@click.option("--no-clean", is_flag=True, help="train on the raw pool (no fluency/language/contact cleaning)")
 def train_command(as_json: bool, exclude_deleted: bool, epochs, max_steps, learning_rate, rank, top_layers, seed,
-                  no_faq: bool) -> None:
+                  no_faq: bool, search: bool, no_clean: bool) -> None:
     """Train a candidate adapter version from transcripts and ratings, then run the evaluation gate."""
     from dataclasses import replace
 
+    from training.clean import CleanConfig
     from training.pipeline import train_version
+    from training.search import SearchConfig
     from training.train import TrainConfig
 
     overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
@@ -84,7 +89,8 @@ def train_command(as_json: bool, exclude_deleted: bool, epochs, max_steps, learn
     config = replace(TrainConfig(), **overrides)
     with services() as opened:
         result = train_version(opened.settings, opened.store, faq_entries=faq_entries(opened, not no_faq),
-                               config=config, exclude_deleted=exclude_deleted, show_progress=sys.stderr.isatty())
+                               config=config, exclude_deleted=exclude_deleted, show_progress=sys.stderr.isatty(),
+                               clean=None if no_clean else CleanConfig(), search=SearchConfig() if search else None)
     if as_json:
         emit_json(result)
         return

@@ -569,3 +569,19 @@ def test_the_console_queries_on_sqlite_and_postgresql(any_store):
     assert outcomes["v0001-aaaaaaaa"]["latencies_ms"] == [120, 120, 120]
     assert outcomes[""]["turns"] == 1  # the waiting customer message is no bot turn
     assert store.variant_outcomes(since=utcnow() + timedelta(minutes=1)) == {}
+
+
+def test_browser_an_operator_approves_a_correction_and_training_then_learns_it(console, keyed):
+    from dialogue.store import Turn
+    from training.datasets import build_dataset
+
+    url, page = console
+    store = keyed.store
+    store.ensure_conversation(conversation_id="fb2", user_id="bea", channel="api")
+    turn = store.record_turn(Turn(conversation_id="fb2", user_id="bea", user_text="open sunday?", reply="no idea"))
+    store.rate(turn_id=turn.id, rating=-1, correction="Yes, from ten to four.")
+    page.goto(url + "/admin/feedback?only=corrections")
+    page.click("text=Approve for training")
+    page.wait_for_selector("text=approved: the next training run learns from it")
+    assert [e.completion for e in build_dataset(store, system="s", heldout_fraction=0.0).train
+            if e.source == "correction"] == ["Yes, from ten to four."]

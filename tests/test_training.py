@@ -110,9 +110,11 @@ def test_gate_canary_drift_cannot_ratchet_past_the_base_model():
     candidate = {"canary_ppl": 11.88, "pref_margin": 0.5, "faq_accuracy": 0.8}
     alone = verdict(candidate, active, "v0001", GateConfig())
     assert alone["passed"]  # against the previous version only, the drift would pass
-    anchored = verdict(candidate, active, "v0001", GateConfig(), base_model_canary=10.0)
-    assert not anchored["passed"] and anchored["checks"]["canary"]["passed"]
-    assert not anchored["checks"]["canary_base"]["passed"] and "above the base model" in anchored["reasons"][0]
+    base = {"canary_ppl": 10.0, "pref_margin": 0.5, "faq_accuracy": 0.8}
+    anchored = verdict(candidate, active, "v0001", GateConfig(), base=base)
+    assert not anchored["passed"] and not anchored["checks"]["canary"]["passed"]
+    assert anchored["checks"]["canary"]["base_ratio"] > 1 + GateConfig().canary_base_tolerance
+    assert "vs base" in anchored["reasons"][0]
 
 
 # -- registry ----------------------------------------------------------------------------------------

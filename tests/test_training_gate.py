@@ -216,7 +216,9 @@ def test_a_version_the_gate_never_saw_is_not_promoted_anywhere_until_evaluated(t
     assert refused.exit_code == 1 and isinstance(refused.exception, PromotionRejected)
     services = open_services(tiny_settings, load_model=False)
     try:
-        with TestClient(create_app(services)) as client:
+        services.settings.admin_keys = ["admin-key-0123456789"]  # promotion is an admin's
+        with TestClient(create_app(services), base_url="http://127.0.0.1",
+                        headers={"Authorization": "Bearer admin-key-0123456789"}) as client:
             answer = client.post(f"/v1/adapters/{version}/promote", json={})
             assert 400 <= answer.status_code < 500 and "no passing gate record" in answer.json()["error"]
     finally:

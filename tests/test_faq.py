@@ -20,24 +20,6 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "faq"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The machine is shared: one torch thread is faster than two fighting other processes."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    from memory.embeddings import shared_embedder
-
-    return shared_embedder()
-
-
 @pytest.fixture(scope="module")
 def shop(embedder) -> FaqIndex:
     """The example bike shop, imported once for the module (read-only tests only)."""

@@ -22,23 +22,6 @@ def bank_rows(n: int) -> list[dict]:
     return [json.loads(line) for line in BANK.read_text().splitlines()][:n]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    from memory.embeddings import shared_embedder
-
-    return shared_embedder()
-
-
 @pytest.fixture(scope="module")
 def phrasings(embedder):
     """(texts, vectors, labels) of 12 bank entries' questions and alternates."""

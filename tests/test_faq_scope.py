@@ -27,23 +27,6 @@ def bank_entries(n: int | None = None) -> list:
     return [make_entry(r["id"], r["question"], r["answer"], r["tags"], r["alternates"]) for r in rows]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    from memory.embeddings import shared_embedder
-
-    return shared_embedder()
-
-
 def fitted_index(embedder, tmp_path: Path, **kwargs) -> FaqIndex:
     return FaqIndex(chromadb.PersistentClient(str(tmp_path / "chroma")), embedder, fit_dir=tmp_path / "faq_fit",
                     collection=f"faq-{uuid.uuid4().hex[:8]}", **kwargs)

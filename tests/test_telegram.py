@@ -582,6 +582,31 @@ def test_the_cli_runs_against_the_standin_and_never_logs_the_token(tiny_settings
     assert b"Traceback" not in err
 
 
+@pytest.mark.timeout(300)
+def test_serve_runs_the_bot_beside_the_api_in_one_process(tiny_settings, standin):
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "RAPPORT_HOME": str(tiny_settings.home), "RAPPORT_MODEL": tiny_settings.model,
+           "RAPPORT_DTYPE": "float32", "RAPPORT_THREADS": "1", "RAPPORT_MAX_NEW_TOKENS": "8",
+           "TELEGRAM_BOT_TOKEN": TOKEN, "RAPPORT_TELEGRAM_BASE_URL": standin.base_url}
+    proc = subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--open", "--telegram", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        standin.message("Hello!", chat_id=ANN)
+        asyncio.run(wait_replies(standin, ANN, timeout=240))
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/conversations/api-1/messages",
+                            json={"user_id": "dev", "text": "Hello!"}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["turn_id"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught: the exit says SIGTERM
+    assert proc.returncode in (0, -signal.SIGTERM), err.decode()[-2000:]
+    assert TOKEN.encode() not in err and TOKEN.encode() not in out and b"Traceback" not in err
+    assert standin.calls_to("getUpdates"), "the bot polled in the serving process"
+
+
 def test_the_cli_refuses_a_missing_or_malformed_token(home, monkeypatch):
     from click.testing import CliRunner
 
@@ -591,6 +616,8 @@ def test_the_cli_refuses_a_missing_or_malformed_token(home, monkeypatch):
     for args, expected in (([], "no bot token"), (["--token", "not a token"], "does not look like a bot token")):
         done = CliRunner().invoke(cli, ["telegram", *args])
         assert done.exit_code == 1 and expected in done.output and "not a token" not in done.output
+    done = CliRunner().invoke(cli, ["serve", "--open", "--telegram"])  # before anything loads
+    assert done.exit_code == 1 and "no bot token" in done.output
 
 
 # -- formatting (pure functions) ---------------------------------------------------------------------------

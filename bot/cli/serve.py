@@ -1,4 +1,5 @@
-"""`rapport serve`: the HTTP dialogue API under uvicorn, with the Chatwoot integration when configured."""
+"""`rapport serve`: the HTTP dialogue API under uvicorn, with the Chatwoot integration when configured and the
+Telegram bot with `--telegram`."""
 
 from __future__ import annotations
 
@@ -14,12 +15,17 @@ logger = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [req=%(request_id)s] %(message)s"
 
 
-def build_app(services, *, open_api: bool = False, host: str | None = None):
-    """The API app plus the channels that plug into it (Chatwoot when its URL, token and secret are set)."""
+def build_app(services, *, open_api: bool = False, host: str | None = None, telegram_token: str | None = None):
+    """The API app plus the channels that plug into it (Chatwoot when its URL, token and secret are set; the
+    Telegram bot with `telegram_token`)."""
     from bot.http.app import create_app
 
     app = create_app(services, open_api=open_api, bound_host=host)
     settings = services.settings
+    if telegram_token:
+        from bot.telegram.handlers import TelegramChannel
+
+        app.state.channels.append(TelegramChannel(services, telegram_token, base_url=settings.telegram_base_url))
     if services.chatwoot is not None:
         from bot.http.chatwoot import ChatwootBot
 
@@ -65,13 +71,20 @@ def configure_access_log(verbose: bool) -> None:
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--open", "open_api", is_flag=True,
               help="development mode: answer without keys (loopback addresses only; never the admin routes)")
-def serve(host: str, port: int, log_level: str, open_api: bool) -> None:
+@click.option("--telegram", "with_telegram", is_flag=True,
+              help="run the Telegram bot in this process too (TELEGRAM_BOT_TOKEN; RAPPORT_TELEGRAM_BASE_URL)")
+def serve(host: str, port: int, log_level: str, open_api: bool, with_telegram: bool) -> None:
     """Serve the HTTP API (docs at /docs, schema at /openapi.json)."""
     import uvicorn
 
     from bot.services import open_services
 
     settings = load_settings()
+    telegram_token = None
+    if with_telegram:
+        from bot.cli.telegram import bot_token
+
+        telegram_token = bot_token(reveal(settings.telegram_bot_token))
     if open_api and host not in LOOPBACK_HOSTS:
         raise click.ClickException(f"--open serves without keys and is for loopback addresses only, not {host}")
     keyed = bool(settings.api_keys or settings.admin_keys) or has_integrations(settings)
@@ -86,7 +99,7 @@ def serve(host: str, port: int, log_level: str, open_api: bool) -> None:
         if not settings.allowed_hosts and host not in LOOPBACK_HOSTS:
             logger.warning("serving on %s: only the Host names localhost, 127.0.0.1, ::1 and %s are answered; "
                            "set RAPPORT_ALLOWED_HOSTS to the names clients use", host, host)
-        app = build_app(services, open_api=open_api, host=host)
+        app = build_app(services, open_api=open_api, host=host, telegram_token=telegram_token)
         configure_access_log(log_level == "debug")
         retrain.start()  # does nothing unless RAPPORT_RETRAIN_MIN_EXAMPLES or RAPPORT_RETRAIN_EVERY_DAYS is set
         uvicorn.run(app, host=host, port=port, log_level=log_level if log_level != "info" else "warning",

@@ -32,6 +32,21 @@ class RedactToken(logging.Filter):
         return True
 
 
+def bot_token(token: str | None) -> str:
+    """The bot token, checked, and kept out of every log line from now on (ClickException when missing or malformed)."""
+    token = (token or "").strip()
+    if not token:
+        raise click.ClickException("no bot token: pass --token or set TELEGRAM_BOT_TOKEN")
+    if not TOKEN.match(token):
+        raise click.ClickException("that does not look like a bot token (digits, a colon, then letters)")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactToken(token))
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("bot").setLevel(min(logging.getLogger().level, logging.INFO))
+    return token
+
+
 @click.command("telegram")
 @click.option("--token", default=None, help="bot token from @BotFather (default: $TELEGRAM_BOT_TOKEN; the "
               "variable keeps it out of the process list)")
@@ -52,16 +67,7 @@ def telegram_command(token: str | None, base_url: str | None, webhook_url: str |
     from bot.services import open_services
 
     settings = load_settings()
-    token = (token or reveal(settings.telegram_bot_token) or "").strip()
-    if not token:
-        raise click.ClickException("no bot token: pass --token or set TELEGRAM_BOT_TOKEN")
-    if not TOKEN.match(token):
-        raise click.ClickException("that does not look like a bot token (digits, a colon, then letters)")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactToken(token))
-    if not logging.getLogger().isEnabledFor(logging.DEBUG):
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("bot").setLevel(min(logging.getLogger().level, logging.INFO))
+    token = bot_token(token or reveal(settings.telegram_bot_token))
     webhook = Webhook(url=webhook_url, listen=listen, port=port, secret=reveal(settings.telegram_webhook_secret)) \
         if webhook_url else None
     if webhook and not webhook.path:

@@ -537,5 +537,34 @@ async def run_bot(bot: TelegramBot, token: str, *, base_url: str | None = None, 
                 await sweeper
 
 
+class TelegramChannel:
+    """The bot as a channel of `rapport serve --telegram`: polling in the API's event loop, started and stopped with
+    the app (`app.state.channels`)."""
+
+    def __init__(self, services, token: str, *, base_url: str | None = None) -> None:
+        self.services, self.token, self.base_url = services, token, base_url
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Up once the Bot API answered (getMe); a start-up failure (a rejected token) is raised here."""
+        ready = asyncio.Event()
+        self._task = asyncio.create_task(run_bot(TelegramBot(self.services), self.token, base_url=self.base_url,
+                                                 stop=self._stop, ready=ready))
+        waiting = asyncio.create_task(ready.wait())
+        await asyncio.wait({self._task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if self._task.done():
+            self._task.result()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            try:
+                await self._task
+            except Exception as exc:  # the bot's own failure: the API shuts down regardless
+                logger.warning("the Telegram bot stopped with an error: %s", exc)
+
+
 def _log_polling_error(error: TelegramError) -> None:
     logger.warning("polling for updates failed (%s); retrying", error)

@@ -255,6 +255,32 @@ def test_erasure_flags_versions_trained_on_the_user_and_blocks_their_promotion(t
     assert registry.state().erased_user_hashes
 
 
+def test_an_erased_users_version_stops_being_served_at_once_and_is_purged(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from bot.cli.main import cli
+
+    registry = Registry(tmp_path / "adapters")
+    clean = fake_version(registry, tmp_path, b"1", users=["bob"])
+    with_ann = fake_version(registry, tmp_path, b"2", users=["ann", "bob"])
+    trial = fake_version(registry, tmp_path, b"3", users=["ann"])
+    registry.promote(clean)
+    registry.promote(with_ann)
+    registry.promote(trial, 0.3)
+    assert flag_user_erased(registry.directory, "ann") == [with_ann, trial]
+    state = registry.state()
+    assert state.active == clean and state.ab is None  # the newest clean version serves again, nobody gets the trial
+    assert registry.get(with_ann).status == "retired"
+    monkeypatch.setenv("RAPPORT_HOME", str(tmp_path))
+    done = CliRunner().invoke(cli, ["adapters", "purge"])
+    assert done.exit_code == 0 and with_ann in done.output and trial in done.output
+    assert not Path(registry.get(with_ann).path).exists() and Path(registry.get(clean).path).exists()
+    assert registry.get(trial).status == "retired" and "purged" in registry.get(trial).flags
+    assert "nothing to purge" in CliRunner().invoke(cli, ["adapters", "purge"]).output
+    with pytest.raises(PromotionRejected):
+        registry.promote(trial)
+
+
 def test_erased_user_turns_never_reach_a_new_version(loaded):
     settings, store = loaded
     first = train_version(settings, store, config=FAST, show_progress=False)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -239,23 +240,16 @@ class Registry:
                 return {"ended_ab": ended, "active": state.active}
             if not state.active:
                 raise NotFound("nothing to roll back: the base model is being served")
-            current = state.versions[state.active]
-            current.status, current.updated_at = "retired", now()
-            restored = None
-            while state.previous:
-                candidate = state.versions.get(state.previous.pop())
-                if candidate and "erased_user" not in candidate.flags and candidate.status != "rejected":
-                    restored = candidate
-                    break
-            state.active = restored.version if restored else None
-            if restored:
-                restored.status, restored.updated_at = "active", now()
-            return {"retired": current.version, "active": state.active}
+            retired = state.active
+            _retire_active(state)
+            return {"retired": retired, "active": state.active}
 
     # -- erasure ---------------------------------------------------------------------------------
 
     def flag_user(self, user_hash: str) -> list[str]:
-        """Flag every version whose lineage holds this user; remember the user so no new dataset has them."""
+        """Flag every version whose lineage holds this user and stop serving them at once (the A/B split ends; an
+        active one gives way to the newest clean version before it, or the base model); remember the user so no
+        new dataset has them. The flagged versions wait for retraining and `adapters purge`."""
         flagged = []
         with self.transaction() as state:
             if user_hash not in state.erased_user_hashes:
@@ -265,7 +259,41 @@ class Registry:
                     item.flags.append("erased_user")
                     item.updated_at = now()
                     flagged.append(item.version)
+            if state.ab and "erased_user" in state.versions[state.ab["version"]].flags:
+                state.ab = None
+            if state.active and "erased_user" in state.versions[state.active].flags:
+                _retire_active(state)
         return flagged
+
+    def purge(self) -> list[str]:
+        """Delete the files of every version trained on an erased user (adapter, checkpoints, train_meta.json); the
+        registry keeps its line, retired (or rejected) with the flag "purged". Never a served version (flagging
+        stopped serving them)."""
+        purged = []
+        with self.transaction() as state:
+            for item in state.versions.values():
+                if "erased_user" in item.flags and "purged" not in item.flags:
+                    shutil.rmtree(item.path, ignore_errors=True)
+                    item.flags.append("purged")
+                    item.status = "rejected" if item.status == "rejected" else "retired"
+                    item.updated_at = now()
+                    purged.append(item.version)
+        return purged
+
+
+def _retire_active(state) -> None:
+    """Retire the active version and serve the newest earlier one that may be served, else the base model."""
+    current = state.versions[state.active]
+    current.status, current.updated_at = "retired", now()
+    restored = None
+    while state.previous:
+        candidate = state.versions.get(state.previous.pop())
+        if candidate and "erased_user" not in candidate.flags and candidate.status != "rejected":
+            restored = candidate
+            break
+    state.active = restored.version if restored else None
+    if restored:
+        restored.status, restored.updated_at = "active", now()
 
 
 def _dir_numbers(directory: Path) -> list[int]:

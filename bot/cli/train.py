@@ -171,6 +171,13 @@ def adapters_rollback() -> None:
         click.echo(f"retired {result['retired']}; serving {result['active'] or 'the base model'}")
 
 
+@adapters_group.command("purge")
+def adapters_purge() -> None:
+    """Delete the files of every version trained on an erased user's data (they are no longer served)."""
+    purged = _registry().purge()
+    click.echo(f"purged {', '.join(purged)}" if purged else "nothing to purge: no version holds an erased user's data")
+
+
 @adapters_group.command("experiment")
 @click.option("--json", "as_json", is_flag=True)
 def adapters_experiment(as_json: bool) -> None:

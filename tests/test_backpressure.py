@@ -56,7 +56,7 @@ def services(tiny_settings):
 
 @pytest.fixture
 def live(services):
-    with LiveServer(create_app(services)) as server:
+    with LiveServer(create_app(services, open_api=True)) as server:  # `serve --open`
         yield server
 
 

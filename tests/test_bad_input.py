@@ -42,16 +42,17 @@ def rig(tiny_settings, standin):  # noqa: F811
 
 
 def test_chatwoot_refuses_deep_or_odd_bodies_with_a_400(rig, standin):  # noqa: F811
-    url = rig.server.url + f"/integrations/chatwoot/webhook?token={SECRET}"
+    url = rig.server.url + "/integrations/chatwoot/webhook"
+    token = {"X-Rapport-Token": SECRET, "content-type": "application/json"}
     deep = b"[" * 100_000 + b"]" * 100_000
     for body in (deep, b'{"event": "message_created", "id": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"):
-        response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+        response = httpx.post(url, content=body, headers=token, timeout=30)
         assert response.status_code == 400 and "error" in response.json()
     odd = message_event(3001, "Hello")
     odd["sender"], odd["conversation"] = ["x"], "nope"
     assert rig.post(odd).json() == {"ok": True, "accepted": False}
     body = json.dumps(message_event(3002, "Hello\ud800 there"))  # ASCII: the surrogate travels as \ud800
-    response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+    response = httpx.post(url, content=body, headers=token, timeout=30)
     assert response.json()["accepted"] is True
     wait_for(lambda: len(posts(standin.calls)) == 1)
     assert "\ud800" not in posts(standin.calls)[0]["json"]["content"]

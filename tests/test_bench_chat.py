@@ -17,7 +17,9 @@ def verdicts(reply, user_text, earlier=(), before=(), facts=LENA, name="Lena"):
 def test_judge_catches_echoes_repeats_role_confusion_and_empties_not_answers():
     lena = "Hello! My name is Lena and I live in Porto."
     assert verdicts(lena, lena) == {"echo", "role_confusion"}  # her own fact, said as the bot's
-    assert verdicts(lena, lena, facts=[], name="") == {"echo"}
+    # with no facts known, still the user's own introduction: and "My name is Lena" gives the bot a person's name
+    assert verdicts(lena, lena, facts=[], name="") == {"echo", "role_confusion"}
+    assert verdicts("Sure, I live by the sea.", "Where is it nice?", facts=[], name="") == set()
     assert verdicts("Sure.", "Thanks!", earlier=["Sure."]) == {"repeat"}
     assert verdicts("I have a dog called Biscuit.", "Suggest a dinner recipe.") == {"role_confusion"}
     assert verdicts(" … ", "Hello!") == {"empty"}

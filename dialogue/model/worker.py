@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -47,6 +47,16 @@ class GenerationParams:
     # Token sequences the reply must not copy COPY_RUN tokens of in a row (the user's message, earlier replies):
     # the token that would complete such a run is not sampled, so most echoes are never generated at all.
     avoid_copying: tuple[tuple[int, ...], ...] = ()
+
+    @cached_property
+    def copy_index(self) -> dict[tuple[int, ...], frozenset[int]]:
+        """For every COPY_RUN - 1 consecutive tokens of `avoid_copying`, the tokens that follow them there: built
+        once per request, read every step."""
+        follow: dict[tuple[int, ...], set[int]] = {}
+        for source in self.avoid_copying:
+            for i in range(len(source) - COPY_RUN + 1):
+                follow.setdefault(source[i:i + COPY_RUN - 1], set()).add(source[i + COPY_RUN - 1])
+        return {prefix: frozenset(tokens) for prefix, tokens in follow.items()}
 
 
 COPY_RUN = 6  # tokens: "my name is Lena and" may come back, a whole copied clause may not
@@ -95,21 +105,11 @@ def stop_token_ids(tokenizer, model) -> set[int]:
     return ids
 
 
-@lru_cache(maxsize=256)
-def copy_index(sources: tuple[tuple[int, ...], ...], run: int = COPY_RUN) -> dict[tuple[int, ...], frozenset[int]]:
-    """For every run - 1 consecutive tokens of the sources, the tokens that follow them there."""
-    follow: dict[tuple[int, ...], set[int]] = {}
-    for source in sources:
-        for i in range(len(source) - run + 1):
-            follow.setdefault(source[i:i + run - 1], set()).add(source[i + run - 1])
-    return {prefix: frozenset(tokens) for prefix, tokens in follow.items()}
-
-
-def copying_tokens(generated: list[int], sources: tuple[tuple[int, ...], ...]) -> frozenset[int]:
-    """The tokens that would make the reply's last COPY_RUN tokens a run of one of the sources."""
-    if not sources or len(generated) < COPY_RUN - 1:
+def copying_tokens(generated: list[int], params: GenerationParams) -> frozenset[int]:
+    """The tokens that would make the reply's last COPY_RUN tokens a run of one of `params.avoid_copying`."""
+    if not params.avoid_copying or len(generated) < COPY_RUN - 1:
         return frozenset()
-    return copy_index(sources).get(tuple(generated[-(COPY_RUN - 1):]), frozenset())
+    return params.copy_index.get(tuple(generated[-(COPY_RUN - 1):]), frozenset())
 
 
 SHORTLIST = 64  # candidates read for top-p: the nucleus almost always lies within them (checked every draw)
@@ -133,7 +133,7 @@ def sample_tokens(logits: torch.Tensor, histories: list[list[int]], params: list
             seen = torch.tensor(sorted(set(generated)), dtype=torch.long)
             scores = logits[row, seen]
             logits[row, seen] = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
-        banned = set(p.banned_token_ids) | copying_tokens(generated, p.avoid_copying)
+        banned = set(p.banned_token_ids) | copying_tokens(generated, p)
         if banned:
             logits[row, sorted(banned)] = float("-inf")
     tokens = [0] * len(params)

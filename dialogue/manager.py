@@ -151,7 +151,6 @@ class Reply:
             self.recorded = await asyncio.to_thread(self._manager.finish, self._turn)
             if not self.recorded:
                 return
-            self._manager.observe(self._turn)
             await self._manager.after_turn(self._turn)
             if self.handoff and self._manager.desk is not None:  # the gate's last word: hand over what we can't answer
                 await self._manager.desk.hand_off(conversation_id=self.conversation_id, user_id=self._turn.user_id,
@@ -163,15 +162,12 @@ class Reply:
                 self.finish_reason = "cancelled" if self.text else "interrupted"
                 self._fill_turn(guarded.generation if guarded else generation, started, guarded)
                 self.recorded = self._manager.finish(self._turn)
-                if self.recorded:
-                    self._manager.observe(self._turn)
             raise
         except Exception:
             if not self.recorded:  # the message stays on record, honestly unanswered
                 self.text, self.finish_reason = "", "error"
                 self._fill_turn(guarded.generation if guarded else generation, started, guarded)
-                if self._manager.finish(self._turn):
-                    self._manager.observe(self._turn)
+                self._manager.finish(self._turn)
             raise
 
     def discard(self) -> None:
@@ -358,13 +354,16 @@ class DialogueManager:
         return Reply(self, turn, parts, context=context, params=params, adapter=adapter, notices=notices, guard=guard)
 
     def finish(self, turn: Turn) -> bool:
-        """Write a pending turn's outcome and let its lease go; False when its row is gone or closed. A turn
-        with a reply owes its after-turn work (the memory write), kept in the outbox until done."""
+        """Write a pending turn's outcome, let its lease go and tell the observers; False when its row is gone or
+        closed. A turn with a reply owes its after-turn work (the memory write), kept in the outbox until done."""
         owed = bool(self.after_turn_hooks) and turn.finish_reason not in ("error", "interrupted", PENDING)
         try:
-            return self.store.finish_turn(turn, owe_memory=owed)
+            recorded = self.store.finish_turn(turn, owe_memory=owed)
         finally:
             self.leases.release(turn.id)
+        if recorded:
+            self.observe(turn)
+        return recorded
 
     def close_abandoned(self, *, channels: set[str] | None = None, exclude: set[str] = frozenset()) -> list[Turn]:
         """Close as interrupted the pending turns of processes that died (their lease ran out); the channel then

@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 from bench.serve import LocalServer, local_server, percentile
-from dialogue.guard import FIRST, SENTENCE, echo, longest_run, repeat, role_confusion, words
+from dialogue.guard import FIRST, SENTENCE, echo, longest_run, loop, repeat, role_confusion, words
 from dialogue.settings import Settings
 
 DATA = Path(__file__).parent / "data" / "chat_users.jsonl"
@@ -75,12 +75,13 @@ def judge(reply: str, *, user_text: str, earlier: list[str], everything_before: 
     """What is wrong with one shown reply; `earlier`: this conversation's replies, `everything_before`: the user's."""
     tokens = words(reply)
     if not tokens:
-        return {"empty": True, "echo": False, "repeat": False, "role_confusion": False}
+        return {"empty": True, "echo": False, "repeat": False, "loop": False, "role_confusion": False}
     same = " ".join(tokens)
     return {
         "empty": False,
         "echo": not echo(tokens, words(user_text)).ok or sentence_echo(reply, user_text),
         "repeat": not repeat(tokens, earlier).ok or any(" ".join(words(r)) == same for r in everything_before),
+        "loop": not loop(reply).ok,  # round in circles inside the reply itself
         "role_confusion": not role_confusion(reply, facts, name).ok,
     }
 
@@ -156,7 +157,7 @@ def summary(rows: list[dict], users: list[dict], memories: dict[str, list[str]])
     seconds = [r["seconds"] for r in rows]
     return {
         "users": len(users), "turns": len(rows),
-        "echo_rate": rate(rows, "echo"), "repeat_rate": rate(rows, "repeat"),
+        "echo_rate": rate(rows, "echo"), "repeat_rate": rate(rows, "repeat"), "loop_rate": rate(rows, "loop"),
         "role_confusion_rate": rate(rows, "role_confusion"), "empty_rate": rate(rows, "empty"),
         "empty_replies": sum(r["empty"] for r in rows),
         "recall_accuracy": rate(questions, "recalled"), "questions": len(questions),
@@ -170,7 +171,7 @@ def summary(rows: list[dict], users: list[dict], memories: dict[str, list[str]])
     }
 
 
-FAILURES = ("echo", "repeat", "role_confusion", "empty")
+FAILURES = ("echo", "repeat", "loop", "role_confusion", "empty")
 
 
 def failures(rows: list[dict], limit: int = 12) -> list[dict]:

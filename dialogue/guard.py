@@ -14,6 +14,7 @@ Pure functions of text, defined by word overlap and grammatical person (threshol
   recalled memory clause's content words (two at least, or the single one of a one-word fact), or claims the
   user's name or a slip of it ("I'm Lena", "My name is Elena"), or gives the assistant a person's name ("My
   name is Emma": after "Hello! My name is Lena" a small model introduces itself the same way).
+- **loop**: a sentence or line whose every word trigram the reply already said (it goes round in circles).
 - **empty**: nothing but whitespace and punctuation.
 """
 
@@ -41,7 +42,7 @@ ROLE_SHARE = 0.5
 class Verdict:
     """The guard's finding: `kind` None means the reply may be shown; `copied` is the copied words."""
 
-    kind: str | None = None  # None | "echo" | "repeat" | "role_confusion" | "empty"
+    kind: str | None = None  # None | "echo" | "repeat" | "loop" | "role_confusion" | "empty"
     score: float = 0.0
     copied: tuple[str, ...] = ()
 
@@ -85,6 +86,18 @@ def echo(reply: list[str], user: list[str]) -> Verdict:
     share = max(length / len(user), length / len(reply))
     if voiced and share >= ECHO_SHARE:
         return Verdict("echo", round(share, 3), tuple(run))
+    return Verdict()
+
+
+def loop(reply: str) -> Verdict:
+    """A sentence or line every trigram of which the reply already said: the reply goes round in circles
+    ("- 1 teaspoon of salt" a second time in one ingredient list)."""
+    seen: set[tuple[str, ...]] = set()
+    for sentence in SENTENCE.split(reply):
+        grams = trigrams(words(sentence))
+        if len(grams) >= 2 and grams <= seen:
+            return Verdict("loop", 1.0, tuple(words(sentence)))
+        seen |= grams
     return Verdict()
 
 
@@ -157,7 +170,7 @@ def check_reply(reply: str, *, user_text: str, earlier_replies: list[str] = (), 
     if not tokens:
         return Verdict("empty", 1.0)
     # what the user says in this very message is their fact too ("I work as a writer" → "I'm a writer")
-    for verdict in (echo(tokens, words(user_text)), repeat(tokens, list(earlier_replies)),
+    for verdict in (echo(tokens, words(user_text)), repeat(tokens, list(earlier_replies)), loop(reply),
                     role_confusion(reply, [*memories, user_text], user_name)):
         if not verdict.ok:
             return verdict

@@ -21,6 +21,7 @@ def test_judge_catches_echoes_repeats_role_confusion_and_empties_not_answers():
     assert verdicts(lena, lena, facts=[], name="") == {"echo", "role_confusion"}
     assert verdicts("Sure, I live by the sea.", "Where is it nice?", facts=[], name="") == set()
     assert verdicts("Sure.", "Thanks!", earlier=["Sure."]) == {"repeat"}
+    assert verdicts("Mix:\n- 1 cup of rice, cooked\n- 2 cups of stock\n- 1 cup of rice, cooked\n", "A recipe?") == {"loop"}
     assert verdicts("I have a dog called Biscuit.", "Suggest a dinner recipe.") == {"role_confusion"}
     assert verdicts(" … ", "Hello!") == {"empty"}
     assert verdicts("Your name is Lena and you live in Porto.", "What's my name and where do I live?") == set()

@@ -49,6 +49,11 @@ CASES = [
     ("Hi, I'm Rapport, your assistant. How can I help?", LENA, [], [], "Lena", None),  # its own name: not the user's
     ("My name is Rapport, your assistant.", "Who are you?", [], [LENA], "Lena", None),  # its own name
     ("I live in Porto, it's a lovely city.", "Where do I live?", [], [LENA], "Lena", "role_confusion"),
+    # a loop inside one reply
+    ("Ingredients:\n- 1 teaspoon of salt\n- 1 teaspoon of black pepper\n- 1 cup of rice\n- 1 teaspoon of salt\n",
+     "Can you suggest a quick dinner recipe?", [], [], None, "loop"),  # smol, make chat
+    ("Ingredients:\n- 1 teaspoon of salt\n- 1 teaspoon of black pepper\n- 1 teaspoon of cumin\n",
+     "Can you suggest a quick dinner recipe?", [], [], None, None),  # the same measure, other things: a list
     # answers and ordinary replies: not caught
     ("Your name is Lena and you live in Porto.", "What is my name and where do I live?", [], [LENA], "Lena", None),
     ("You're learning the cello.", "Which instrument am I learning?", [], [KAI], "Kai", None),

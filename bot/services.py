@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -116,6 +117,15 @@ class Services:
         for user_id in users:
             self._erase(user_id)
         return users
+
+    async def tidy(self) -> None:
+        """A serving process's round of repairs, every lease period: erasures a failure left half done are
+        finished, memory writes that recorded turns still owe are retried (`DialogueManager.flush_outbox`)."""
+        if await asyncio.to_thread(self.resume_erasures):
+            logger.info("finished erasures a failure had left half done")
+        flushed = await self.manager.flush_outbox()
+        if any(flushed.values()):
+            logger.info("memory outbox: %s", flushed)
 
     def _erase(self, user_id: str) -> dict[str, int]:
         counts = {"memories": self.memory.delete_user(user_id)}

@@ -71,11 +71,7 @@ async def sweep_abandoned(services: Services) -> None:
             closed = await asyncio.to_thread(services.manager.close_abandoned, exclude={"telegram", "chatwoot"})
             if closed:
                 logger.info("closed %d turns left pending by a process that died", len(closed))
-            if await asyncio.to_thread(services.resume_erasures):
-                logger.info("finished erasures a failure had left half done")
-            flushed = await services.manager.flush_outbox()  # memory writes owed by recorded turns
-            if any(flushed.values()):
-                logger.info("memory outbox: %s", flushed)
+            await services.tidy()  # half-done erasures, owed memory writes
         except Exception as exc:
             logger.warning("could not look for abandoned turns: %s", exc)
         await asyncio.sleep(services.settings.turn_lease_s)

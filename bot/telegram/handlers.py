@@ -137,8 +137,9 @@ def addressed_to_bot(message: Message, bot_id: int, username: str | None) -> boo
 class TelegramBot:
     """Rapport's handlers over one process's `Services`."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, *, tidy: bool = True) -> None:
         self.services = services
+        self.tidy = tidy  # run the process's repairs (`Services.tidy`); not beside the API, whose sweep does
         self.settings = services.settings
         self.allowed = {str(i) for i in self.settings.telegram_allowed_ids}
         self._conversations: dict[tuple[int, int], int] = {}  # (chat, user) -> current conversation number
@@ -365,8 +366,8 @@ class TelegramBot:
         while not stop.is_set():
             try:
                 await self.tell_interrupted(bot)
-                await asyncio.to_thread(self.services.resume_erasures)  # erasures a failure left half done
-                await self.services.manager.flush_outbox()  # memory writes owed by recorded turns
+                if self.tidy:
+                    await self.services.tidy()
             except RapportError as exc:
                 logger.warning("could not look for interrupted turns: %s", exc)
             with contextlib.suppress(TimeoutError):
@@ -380,7 +381,7 @@ class TelegramBot:
 
     async def on_rating(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Store a 👍/👎 for a turn, acknowledge it quietly, and after a 👎 ask what would have been better."""
-        query, chat, user = update.callback_query, update.effective_chat, update.effective_user
+        query, chat = update.callback_query, update.effective_chat
         try:
             _, turn_id, value = query.data.split(":")
             rating = int(value)
@@ -549,8 +550,8 @@ class TelegramChannel:
     async def start(self) -> None:
         """Up once the Bot API answered (getMe); a start-up failure (a rejected token) is raised here."""
         ready = asyncio.Event()
-        self._task = asyncio.create_task(run_bot(TelegramBot(self.services), self.token, base_url=self.base_url,
-                                                 stop=self._stop, ready=ready))
+        bot = TelegramBot(self.services, tidy=False)  # the API's sweep tidies this process
+        self._task = asyncio.create_task(run_bot(bot, self.token, base_url=self.base_url, stop=self._stop, ready=ready))
         waiting = asyncio.create_task(ready.wait())
         await asyncio.wait({self._task, waiting}, return_when=asyncio.FIRST_COMPLETED)
         waiting.cancel()

@@ -19,6 +19,7 @@ from dialogue.leases import TurnLeases
 from dialogue.manager import Context
 from dialogue.store import TranscriptStore, Turn, utcnow
 from test_concurrency import at_once
+from test_chatwoot import standin as standin_chatwoot  # noqa: F401  (the Chatwoot stand-in fixture)
 from test_telegram import TOKEN, Running, fixed_answer, replies
 from tests.telegram_standin import Standin
 
@@ -199,16 +200,6 @@ def test_chatwoot_shutdown_lets_replies_finish_then_tells_those_it_cut(tiny_sett
     [turn] = store.history(conversation_id=KEY, user_id=f"chatwoot:{ACCOUNT}:{CONTACT}")
     assert turn.finish_reason == "interrupted"
     store.close()
-
-
-@pytest.fixture
-def standin_chatwoot():
-    from test_api import LiveServer, recorder_app
-
-    app, calls = recorder_app()
-    with LiveServer(app) as live:
-        live.calls = calls
-        yield live
 
 
 async def test_a_reply_given_up_before_it_was_read_is_closed_not_left_pending(services):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 from fastapi.testclient import TestClient
 
 from bot.http.app import create_app
@@ -476,7 +477,8 @@ def test_an_agent_reply_to_a_telegram_conversation_reaches_the_chat(tiny_setting
 
     token, chat = "123:ABC", 1001
     standin = Standin(token=token).start()
-    settings = tiny_settings.model_copy(update={"admin_keys": [ADMIN], "api_keys": [PLAIN], "telegram_bot_token": token,
+    settings = tiny_settings.model_copy(update={"admin_keys": [ADMIN], "api_keys": [PLAIN],
+                                                "telegram_bot_token": SecretStr(token),  # as Settings holds it
                                                 "telegram_base_url": standin.base_url})
     services = open_services(settings)
     try:

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from bot.http.chatwoot import parse_key
 from bot.http.webhook import WebhookNotifier
 from bot.services import Services
+from bot.telegram.handlers import chat_of
+from dialogue.settings import reveal
 from dialogue.store import Conversation, Turn
 
 logger = logging.getLogger(__name__)
@@ -35,14 +37,6 @@ class AgentMessageEvent:
         return {"event": "conversation.agent_message", **asdict(self)}
 
 
-def telegram_chat(conversation_id: str) -> int | None:
-    """The chat id in a Telegram conversation id (`telegram:<chat>:<n>` or `telegram:<chat>:<user>:<n>`)."""
-    parts = conversation_id.split(":")
-    if len(parts) in (3, 4) and parts[0] == "telegram" and parts[1].lstrip("-").isdigit():
-        return int(parts[1])
-    return None
-
-
 async def deliver_agent_reply(services: Services, conversation: Conversation, text: str) -> tuple[Turn, str]:
     """Record the agent's reply, then send it to the customer; returns the turn and where it went ("" = nowhere:
     the channel has no way back configured, and the operator is told so)."""
@@ -52,13 +46,12 @@ async def deliver_agent_reply(services: Services, conversation: Conversation, te
     if conversation.channel == "chatwoot" and ids is not None and services.chatwoot is not None:
         await services.chatwoot.post_message(ids[0], ids[1], turn.reply)
         return turn, "chatwoot"
-    chat = telegram_chat(conversation.id)
-    if conversation.channel == "telegram" and chat is not None and settings.telegram_bot_token:
+    if conversation.channel == "telegram" and settings.telegram_bot_token:
         from telegram import Bot
 
         base_url = settings.telegram_base_url or "https://api.telegram.org/bot"
-        async with Bot(settings.telegram_bot_token, base_url=base_url) as bot:
-            await bot.send_message(chat, turn.reply)
+        async with Bot(reveal(settings.telegram_bot_token), base_url=base_url) as bot:
+            await bot.send_message(int(chat_of(conversation.id)), turn.reply)  # a private chat or a group
         return turn, "telegram"
     if settings.handoff_webhook_url:
         event = AgentMessageEvent(conversation_id=conversation.id, user_id=conversation.user_id,

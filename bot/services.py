@@ -51,8 +51,11 @@ class Services:
         self.chatwoot = ChatwootApi(s.chatwoot_base_url, reveal(s.chatwoot_bot_token)) \
             if s.chatwoot_base_url and s.chatwoot_bot_token else None
         listeners = list(self.listeners)
-        if s.handoff_webhook_url:
-            listeners.append(WebhookNotifier(s.handoff_webhook_url, reveal(s.handoff_webhook_secret)))
+        # the integrations' webhook: handoff events, and the console's agent replies (bot/http/console/delivery.py)
+        self.webhook = WebhookNotifier(s.handoff_webhook_url, reveal(s.handoff_webhook_secret)) \
+            if s.handoff_webhook_url else None
+        if self.webhook is not None:
+            listeners.append(self.webhook)
         if self.chatwoot is not None:
             listeners.append(ChatwootNotes(self.chatwoot))
         self.desk = HandoffDesk(self.store, system_prompt=s.system_prompt, after_negative=s.handoff_after_negative_ratings,

@@ -3,6 +3,8 @@ chromium driven by Playwright, never a downloaded browser) live conversations an
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 import shutil
@@ -196,7 +198,8 @@ def test_an_agent_takes_over_a_handoff_and_the_reply_reaches_the_customer(tiny_s
     hook_app, calls = recorder_app()
     with LiveServer(hook_app) as hook:
         settings = tiny_settings.model_copy(update={"api_keys": [PLAIN], "admin_keys": [ADMIN],
-                                                    "handoff_webhook_url": hook.url + "/hook"})
+                                                    "handoff_webhook_url": hook.url + "/hook",
+                                                    "handoff_webhook_secret": SecretStr("hook-secret")})
         services = open_services(settings)
         services.backend.worker.wait_ready(60)
         try:
@@ -225,7 +228,10 @@ def test_an_agent_takes_over_a_handoff_and_the_reply_reaches_the_customer(tiny_s
                 shoot(page, "conversation")
 
                 wait_for(lambda: any(c["json"]["event"] == "conversation.agent_message" for c in calls))
-                message = next(c["json"] for c in calls if c["json"]["event"] == "conversation.agent_message")
+                call = next(c for c in calls if c["json"]["event"] == "conversation.agent_message")
+                message = call["json"]
+                signed = hmac.new(b"hook-secret", call["body"], hashlib.sha256).hexdigest()
+                assert call["headers"]["x-rapport-signature"] == f"sha256={signed}"  # signed as handoff events are
                 assert message["conversation_id"] == "help-1" and message["user_id"] == "omar"
                 assert message["text"] == "Sorry, Omar! I'm sending a new parcel today."
                 agent = services.store.get_turn(message["turn_id"])

@@ -13,7 +13,6 @@ import logging
 from dataclasses import asdict, dataclass
 
 from bot.http.chatwoot import parse_key
-from bot.http.webhook import WebhookNotifier
 from bot.services import Services
 from bot.telegram.handlers import chat_of
 from dialogue.settings import reveal
@@ -53,11 +52,11 @@ async def deliver_agent_reply(services: Services, conversation: Conversation, te
         async with Bot(reveal(settings.telegram_bot_token), base_url=base_url) as bot:
             await bot.send_message(int(chat_of(conversation.id)), turn.reply)  # a private chat or a group
         return turn, "telegram"
-    if settings.handoff_webhook_url:
+    if services.webhook is not None:
         event = AgentMessageEvent(conversation_id=conversation.id, user_id=conversation.user_id,
                                   channel=conversation.channel, turn_id=turn.id, text=turn.reply,
                                   at=turn.created_at.isoformat())
-        await WebhookNotifier(settings.handoff_webhook_url, settings.handoff_webhook_secret)(event)
+        await services.webhook(event)
         return turn, "webhook"
     logger.warning("agent reply in %s recorded, but channel %s has no way back configured",
                    conversation.id, conversation.channel)

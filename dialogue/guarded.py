@@ -21,7 +21,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from dialogue.guard import FIRST, SECOND, SENTENCE, WORD, Verdict, check_reply, words
+from dialogue.guard import FIRST, SECOND, SENTENCE, WORD, Verdict, check_reply, repeat, words
 from dialogue.model.worker import COPY_RUN, AdapterRef, GenerationParams
 from dialogue.store import UNANSWERED
 from memory.facts import memory_text
@@ -75,6 +75,14 @@ def fallback_reply(user_text: str, earlier: tuple[str, ...] = ()) -> str:
         options += FALLBACKS_OTHER
     said = {tuple(words(text)) for text in earlier}
     return next((o for o in options if tuple(words(o)) not in said), options[0])
+
+
+def told_again(answer: str, earlier: tuple[str, ...]) -> str:
+    """The user's own facts told back (a fixed answer), said as a reminder when the same words are an earlier reply
+    ("Noted: your name is Lena…" before "Your name is Lena…" → "As you told me, your name is Lena…")."""
+    if repeat(words(answer), list(earlier)).ok:
+        return answer
+    return "As you told me, " + answer[:1].lower() + answer[1:]
 
 
 def complete_sentences(pending: str) -> tuple[str, str]:

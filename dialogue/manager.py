@@ -17,7 +17,7 @@ from typing import Any
 
 from dialogue.model.backend import Backend
 from dialogue.errors import AlreadyHandled, GenerationError, InvalidInput, Overloaded
-from dialogue.guarded import GuardedGeneration, GuardInputs, history_messages, statements
+from dialogue.guarded import GuardedGeneration, GuardInputs, history_messages, statements, told_again
 from dialogue.handoff import HandoffDesk, wants_human
 from dialogue.prompt import PromptParts, build_prompt, context_message, fit_history, system_message
 from dialogue.model.worker import AdapterRef, Generation, GenerationParams
@@ -346,6 +346,8 @@ class DialogueManager:
                             + statements(turns),
                             user_name=persona.get("name") or persona.get("address_as") or None)
 
+        if context.answer is not None and {s.kind for s in context.sources} <= {"persona", "memory"}:
+            context.answer = told_again(context.answer, guard.earlier_replies)  # their facts: never read as a repeat
         adapter = self.adapter_for(user_id) if self.adapter_for else None
         turn.prompt = json.dumps(parts.to_dict(), ensure_ascii=False)
         turn.sources = json.dumps([asdict(s) for s in context.sources])

@@ -72,6 +72,8 @@ async def test_a_second_failure_falls_back_and_stays_out_of_the_next_prompt(serv
     reply, chunks = await turn(services, LENA)
     told = "Noted: your name is Lena and you live in Porto."  # the statement told back, in the second person
     assert chunks == [told] and services.store.get_turn(reply.turn_id).guard == "echo:fallback"
+    asked, _ = await turn(services, "What is my name and where do I live?")  # the facts again: a reminder
+    assert asked.text == "As you told me, your name is Lena. You live in Porto."
     nxt, _ = await turn(services, "Can you suggest a weekend trip from my city?")
     contents = [m["content"] for m in nxt.parts.history]
     assert LENA in contents and told not in contents  # the user's words stay, the fallback does not

@@ -346,8 +346,9 @@ class DialogueManager:
                             + statements(turns),
                             user_name=persona.get("name") or persona.get("address_as") or None)
 
-        if context.answer is not None and {s.kind for s in context.sources} <= {"persona", "memory"}:
-            context.answer = told_again(context.answer, guard.earlier_replies)  # their facts: never read as a repeat
+        told = {s.kind for s in context.sources}
+        if context.answer is not None and told and told <= {"persona", "memory"}:  # the user's facts told back
+            context.answer = told_again(context.answer, guard.earlier_replies)  # never read as a repeat
         adapter = self.adapter_for(user_id) if self.adapter_for else None
         turn.prompt = json.dumps(parts.to_dict(), ensure_ascii=False)
         turn.sources = json.dumps([asdict(s) for s in context.sources])

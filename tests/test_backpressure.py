@@ -85,6 +85,7 @@ def test_a_non_streamed_reply_whose_client_left_is_cancelled(services, live):
     wait_for(lambda: [t for t in services.store.export_user("u1")["turns"] if t["finish_reason"] == "interrupted"], 10)
     assert time.monotonic() - started < 10  # long before the reply would have been made
     assert slow.generations and slow.generations[0].cancelled  # its model slot is freed
+    wait_for(lambda: services.manager.leases.held() == [], 5)  # released just after the row is written
     assert services.manager.leases.held() == []
 
 

@@ -29,18 +29,8 @@ logger = logging.getLogger(__name__)
 
 ROWS = (1, 2, 4, 8, 16)  # decode-step row counts measured; a plan serves up to the largest one that won
 PASSES = 3  # timed passes a measurement (the fastest counts: the machine is shared)
+DTYPE_PASSES = 7  # the dtype matmuls take milliseconds: more passes cost little and steady the choice
 WIN = 0.95  # a candidate must be at least 5% faster to replace the full weights or fp32
-
-
-def _best_of(fn, passes: int = PASSES) -> float:
-    """Microseconds of the fastest of `passes` calls, after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(passes):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e6
 
 
 def cache_key(*parts: object) -> str:
@@ -78,20 +68,21 @@ class CalibrationCache:
 
 def measure_dtype(hidden: int, intermediate: int, rows: int = 256) -> dict[str, float]:
     """µs of one prompt-chunk matmul (rows x hidden -> 2 x intermediate) in float32 and in bfloat16 as the engine
-    would run it (blocked for oneDNN where it can be), on random weights: compute decides this, not memory."""
+    would run it (blocked for oneDNN where it can be), on random weights: compute decides this, not memory. The two
+    take turns within each pass, so a burst of load on a shared machine falls on both alike (timed one after the
+    other, a burst once made bf16 look four times slower than it is, and float32 was cached for good)."""
     torch.manual_seed(0)
     weight = torch.randn(2 * intermediate, hidden)
     x = torch.randn(rows, hidden)
-    out = {}
+    steps = {}
     for dtype in (torch.float32, torch.bfloat16):
         w, xd = weight.to(dtype), x.to(dtype)
         blocked = _onednn_pack(w)
-        if blocked is not None:
-            out[str(dtype).removeprefix("torch.")] = _best_of(
-                lambda: torch.ops.mkldnn._linear_pointwise(xd, blocked, None, "none", [None], ""))
-        else:
-            out[str(dtype).removeprefix("torch.")] = _best_of(lambda: F.linear(xd, w))
-    return out
+        steps[str(dtype).removeprefix("torch.")] = (
+            (lambda xd=xd, blocked=blocked: torch.ops.mkldnn._linear_pointwise(xd, blocked, None, "none", [None], ""))
+            if blocked is not None else (lambda xd=xd, w=w: F.linear(xd, w)))
+    timed = _race(lambda name, _rows: steps[name or "float32"], ["bfloat16"], row_counts=(rows,), passes=DTYPE_PASSES)
+    return {"float32": timed["full"][rows], "bfloat16": timed["bfloat16"][rows]}
 
 
 def pick_dtype(setting: str, hidden: int, intermediate: int, cache: CalibrationCache) -> tuple[torch.dtype, dict]:
@@ -99,7 +90,7 @@ def pick_dtype(setting: str, hidden: int, intermediate: int, cache: CalibrationC
     clearly faster: it also rounds more)."""
     if setting != "auto":
         return getattr(torch, setting), {}
-    key = cache_key("dtype", hidden, intermediate)
+    key = cache_key("dtype", "interleaved", hidden, intermediate)  # not an older, one-after-the-other measurement
     timings = cache.get(key)
     if timings is None:
         timings = measure_dtype(hidden, intermediate)
@@ -128,7 +119,7 @@ def _head_step(engine: FastLlama, fmt: str | None, rows: int) -> Callable[[], No
 
 
 def _race(step_of: Callable[[str | None, int], Callable[[], None]], formats: list[str],
-          row_counts: tuple[int, ...] = ROWS) -> dict[str, dict[int, float]]:
+          row_counts: tuple[int, ...] = ROWS, passes: int = PASSES) -> dict[str, dict[int, float]]:
     """µs of the full weights and of each format at each row count, fastest of PASSES. The candidates take
     turns within each pass, so a burst of load on a shared machine falls on all of them alike; a format stops being
     timed at the first row count where it loses (it cannot serve more rows than that), and the race ends when none
@@ -142,7 +133,7 @@ def _race(step_of: Callable[[str | None, int], Callable[[], None]], formats: lis
         best = dict.fromkeys(steps, float("inf"))
         for step in steps.values():
             step()  # warm-up
-        for _ in range(PASSES):
+        for _ in range(passes):
             for name, step in steps.items():
                 start = time.perf_counter()
                 step()

@@ -17,7 +17,7 @@ from rich.markup import escape
 from bot.commands import Commands, help_text
 from bot.services import Services
 from dialogue.errors import InvalidInput, NotFound, RapportError, StoreUnavailable
-from dialogue.manager import Reply
+from dialogue.manager import Reply, interrupted_notice
 from dialogue.store import new_id
 from memory.text import CONTROL_CHARS
 
@@ -74,6 +74,13 @@ class ChatSession:
             return await c.memory(self.user_id)
         return await c.forget(self.user_id, args)
 
+    async def interrupted(self) -> list[str]:
+        """Close this user's REPL turns that a dead process (a closed terminal, kill -9) left unanswered, and say
+        so once each; other users' turns are theirs to be told of."""
+        turns = await asyncio.to_thread(self.services.manager.close_abandoned, channels={"repl"},
+                                        user_id=self.user_id)
+        return [interrupted_notice(turn.user_text) for turn in turns]
+
     async def reply(self, text: str, write: Callable[[str], None], notice: Callable[[str], None]) -> Reply:
         reply = await self.services.manager.respond(user_id=self.user_id, conversation_id=self.conversation_id,
                                                     text=text, channel="repl")
@@ -98,6 +105,8 @@ def run_piped(session: ChatSession, stdin=None, stdout=None) -> int:
         print(f"[{text}]", file=sys.stderr)
 
     with asyncio.Runner() as runner:
+        for line in runner.run(session.interrupted()):
+            notice(line)
         runner.run(session.services.backend.ready())  # a model that cannot load is fatal, not per line
         for raw in stdin:
             line = printable(raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw).strip()
@@ -135,6 +144,8 @@ def run_interactive(session: ChatSession, history_file: Path) -> int:
         console.print(f"[yellow]{escape(text)}[/yellow]")
 
     with asyncio.Runner() as runner:
+        for line in runner.run(session.interrupted()):
+            notice(line)
         while True:
             try:
                 line = runner.run(prompt.prompt_async("you › "))

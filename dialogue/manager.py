@@ -29,6 +29,13 @@ from memory.text import clean_text, validate_id
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 5  # what an overloaded process asks a client to wait
+
+
+def interrupted_notice(user_text: str) -> str:
+    """What a channel tells a user whose message a dead process left unanswered (`close_abandoned`)."""
+    snippet = user_text if len(user_text) <= 80 else user_text[:79] + "…"
+    return (f"Sorry, I was interrupted while answering your message “{snippet}”, and that reply was lost. "
+            "Please send it again.")
 CHAT_MARKUP_TOKENS = 20  # per-message role markers (up to two system messages) and the assistant header, with margin
 
 
@@ -368,10 +375,12 @@ class DialogueManager:
             self.observe(turn)
         return recorded
 
-    def close_abandoned(self, *, channels: set[str] | None = None, exclude: set[str] = frozenset()) -> list[Turn]:
-        """Close as interrupted the pending turns of processes that died (their lease ran out); the channel then
-        tells each user once. Pending turns of live processes are left alone."""
-        return self.store.close_abandoned(stale_before=self.leases.stale_before(), channels=channels, exclude=exclude)
+    def close_abandoned(self, *, channels: set[str] | None = None, exclude: set[str] = frozenset(),
+                        user_id: str | None = None) -> list[Turn]:
+        """Close as interrupted the pending turns of processes that died (their lease ran out), of one user when
+        given; the channel then tells each user once (`interrupted_notice`). Live processes' turns are left alone."""
+        return self.store.close_abandoned(stale_before=self.leases.stale_before(), channels=channels, exclude=exclude,
+                                          user_id=user_id)
 
     async def _claim_refused(self, event: tuple[str, str] | None) -> None:
         """A refused delivery is handled too (a redelivery is not refused twice)."""

@@ -326,10 +326,10 @@ class TranscriptStore:
             session.commit()
 
     def close_abandoned(self, *, stale_before: datetime, channels: set[str] | None = None,
-                        exclude: set[str] = frozenset()) -> list[Turn]:
+                        exclude: set[str] = frozenset(), user_id: str | None = None) -> list[Turn]:
         """Close as "interrupted" the pending turns whose lease ended before `stale_before` (their process died),
-        in `channels` (None: any) but not in `exclude`; returns the turns this call closed, each closed once
-        however many processes sweep at the same time."""
+        in `channels` (None: any) but not in `exclude`, of `user_id` when given; returns the turns this call
+        closed, each closed once however many processes sweep at the same time."""
         from sqlalchemy import update
 
         with self.session() as session:
@@ -338,6 +338,8 @@ class TranscriptStore:
                 query = query.where(Turn.channel.in_(sorted(channels)))
             if exclude:
                 query = query.where(Turn.channel.not_in(sorted(exclude)))
+            if user_id is not None:
+                query = query.where(Turn.user_id == user_id)
             closed = []
             for turn in session.exec(query.order_by(Turn.created_at)).all():
                 now = utcnow()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 from bot.repl import REPL_COMMANDS, ChatSession, run_piped
@@ -116,5 +117,30 @@ def test_piped_input_runs_commands_and_messages_in_order_and_stops_at_quit(tiny_
         [turn] = services.store.export_user("lena")["turns"]  # the 9000-character line was refused, not cut
         assert turn["user_text"] == "Hello!"
         assert [r["rating"] for r in services.store.export_user("lena")["ratings"]] == [1]
+    finally:
+        services.close()
+
+
+def test_a_new_repl_tells_its_user_of_the_message_a_dead_one_left_unanswered_and_only_theirs(tiny_settings, capsys):
+    from bot.services import open_services
+    from dialogue.store import Turn
+
+    services = open_services(tiny_settings.model_copy(update={"turn_lease_s": 0.5}))
+    try:
+        store = services.store
+        for user in ("lena", "max"):  # a terminal closed mid-reply: the turns are pending, nobody renews them
+            store.ensure_conversation(conversation_id=f"c-{user}", user_id=user, channel="repl")
+            store.record_turn(Turn(conversation_id=f"c-{user}", user_id=user, channel="repl", reply="",
+                                   user_text=f"Where did I park, {user}?", finish_reason="pending"))
+        time.sleep(1.0)
+        out = io.StringIO()
+        assert run_piped(ChatSession(services, "lena"), stdin=io.BytesIO(b"/quit\n"), stdout=out) == 0
+        err = capsys.readouterr().err
+        assert "I was interrupted while answering your message “Where did I park, lena?”" in err
+        assert "max" not in err + out.getvalue()  # another user's words are never shown here
+        assert [t["finish_reason"] for t in store.export_user("lena")["turns"]] == ["interrupted"]
+        assert [t["finish_reason"] for t in store.export_user("max")["turns"]] == ["pending"]  # told in their REPL
+        run_piped(ChatSession(services, "lena"), stdin=io.BytesIO(b"/quit\n"), stdout=io.StringIO())
+        assert "interrupted" not in capsys.readouterr().err  # told once
     finally:
         services.close()

@@ -40,7 +40,7 @@ from fastapi import APIRouter, HTTPException, Request
 
 from dialogue.errors import AlreadyHandled, InvalidInput, RapportError
 from dialogue.handoff import HandoffDesk, HandoffEvent
-from dialogue.manager import DialogueManager
+from dialogue.manager import DialogueManager, interrupted_notice
 from dialogue.store import TranscriptStore, Turn
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,6 @@ CHANNEL = "chatwoot"
 RESUME_STATUSES = ("pending", "resolved")
 SIGNATURE_TOLERANCE_S = 300
 DRAIN_S = 30.0  # on shutdown, how long replies being made may take to finish
-INTERRUPTED = ("Sorry, I was interrupted while answering your message “{text}”, and that reply was lost. "
-               "Please send it again.")
 
 
 class ChatwootApi:
@@ -240,9 +238,8 @@ class ChatwootBot:
         return len(turns)
 
     async def _tell_interrupted(self, account: int, conversation: int, text: str) -> None:
-        snippet = text if len(text) <= 80 else text[:79] + "…"
         try:
-            await self.api.post_message(account, conversation, INTERRUPTED.format(text=snippet))
+            await self.api.post_message(account, conversation, interrupted_notice(text))
         except httpx.HTTPError as exc:
             logger.warning("could not tell chatwoot conversation %s:%s of an interrupted reply: %s",
                            account, conversation, exc)

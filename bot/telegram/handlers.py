@@ -50,7 +50,7 @@ from bot.telegram.format import escape, scrub, split_message
 from bot.telegram.net import ChatOrderedProcessor, RetryingRequest
 from bot.telegram.stream import ReplyStream, keep_typing
 from dialogue.errors import AlreadyHandled, GenerationError, InvalidInput, NotFound, RapportError, StoreUnavailable
-from dialogue.manager import HandedOff, Reply
+from dialogue.manager import HandedOff, Reply, interrupted_notice
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,6 @@ GREETING = (
 HELP = ("Write to me and I answer; in groups, mention me or reply to my message.\n"
         "Under each reply, 👍/👎 tell me how I did.\n\n" + help_text(TELEGRAM_COMMANDS))
 ACK = {1: "👍 Thanks!", -1: "👎 Noted"}
-INTERRUPTED = ("Sorry, I was interrupted while answering your message “{text}”, and that reply was lost. "
-               "Please send it again.")
 
 
 @dataclass(frozen=True)
@@ -353,10 +351,9 @@ class TelegramBot:
         turns = await asyncio.to_thread(self.services.manager.close_abandoned, channels={CHANNEL})
         for turn in turns:
             chat_id = chat_of(turn.conversation_id)
-            snippet = turn.user_text if len(turn.user_text) <= 80 else turn.user_text[:79] + "…"
             logger.info("turn %s was interrupted; telling chat %s", turn.id, chat_id)
             try:
-                await bot.send_message(int(chat_id), INTERRUPTED.format(text=snippet))
+                await bot.send_message(int(chat_id), interrupted_notice(turn.user_text))
             except (TelegramError, ValueError) as exc:
                 logger.warning("could not tell chat %s about an interrupted reply: %s", chat_id, exc)
         return len(turns)

@@ -17,6 +17,7 @@ from rich.markup import escape
 from bot.commands import Commands, help_text
 from bot.services import Services
 from dialogue.errors import InvalidInput, NotFound, RapportError, StoreUnavailable
+from dialogue.model.files import ModelNotFound
 from dialogue.manager import Reply, interrupted_notice
 from dialogue.store import new_id
 from memory.text import CONTROL_CHARS
@@ -81,15 +82,22 @@ class ChatSession:
                                         user_id=self.user_id)
         return [interrupted_notice(turn.user_text) for turn in turns]
 
-    async def reply(self, text: str, write: Callable[[str], None], notice: Callable[[str], None]) -> Reply:
-        reply = await self.services.manager.respond(user_id=self.user_id, conversation_id=self.conversation_id,
-                                                    text=text, channel="repl")
-        self.last_reply = reply
+    async def prepare(self, text: str) -> Reply:
+        """The reply to `text`, ready to stream; a fixed answer does not wait for the model to load."""
+        self.last_reply = await self.services.manager.respond(user_id=self.user_id, conversation_id=self.conversation_id,
+                                                              text=text, channel="repl")
+        return self.last_reply
+
+    @staticmethod
+    async def stream(reply: Reply, write: Callable[[str], None], notice: Callable[[str], None]) -> Reply:
         for line in reply.notices:
             notice(line)
         async for chunk in reply:
             write(printable(chunk))
         return reply
+
+    async def reply(self, text: str, write: Callable[[str], None], notice: Callable[[str], None]) -> Reply:
+        return await self.stream(await self.prepare(text), write, notice)
 
 
 def run_piped(session: ChatSession, stdin=None, stdout=None) -> int:
@@ -107,7 +115,6 @@ def run_piped(session: ChatSession, stdin=None, stdout=None) -> int:
     with asyncio.Runner() as runner:
         for line in runner.run(session.interrupted()):
             notice(line)
-        runner.run(session.services.backend.ready())  # a model that cannot load is fatal, not per line
         for raw in stdin:
             line = printable(raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw).strip()
             if not line:
@@ -121,6 +128,8 @@ def run_piped(session: ChatSession, stdin=None, stdout=None) -> int:
                 else:
                     runner.run(session.reply(line, write, notice))
                     write("\n")
+            except ModelNotFound:  # a model that cannot load is fatal, not per line
+                raise
             except RapportError as exc:
                 print(f"error: {exc}", file=sys.stderr)
     return 0
@@ -163,13 +172,17 @@ def run_interactive(session: ChatSession, history_file: Path) -> int:
                         break
                     console.print(escape(out))
                     continue
-                if not session.services.backend.is_ready():
+                reply = None
+                reply = runner.run(session.prepare(line))
+                if reply.needs_model and not session.services.backend.is_ready():
                     with console.status("Loading the model…"):
                         runner.run(session.services.backend.ready())  # a load failure ends the REPL
                 console.print("[bold magenta]rapport ›[/bold magenta] ", end="")
-                runner.run(session.reply(line, write, notice))
+                runner.run(session.stream(reply, write, notice))
                 console.print()
             except KeyboardInterrupt:
+                if reply is not None:
+                    reply.discard()  # stopped before its first word: closed as interrupted, not left pending
                 console.print(" [dim](stopped)[/dim]")
             except RapportError as exc:
                 if isinstance(exc, StoreUnavailable):  # the model or a store is gone: nothing more can work

@@ -111,6 +111,11 @@ class Reply:
         return self.adapter.name if self.adapter else None
 
     @property
+    def needs_model(self) -> bool:
+        """False for a fixed answer (the user's facts told back, the FAQ's words, a handoff notice)."""
+        return self._answer is None
+
+    @property
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self._turn.prompt_tokens, "completion_tokens": self._turn.completion_tokens}
 
@@ -327,7 +332,7 @@ class DialogueManager:
         notices: list[str] = []
         if self.desk is not None and (gated := await self._gate(turn, notices)):
             return gated
-        await self.backend.ready()
+        await self.backend.can_count()  # not ready(): an answer from the profile or the FAQ needs no weights
         context = await self.recall(user_id, text) if self.recall else Context()
         params = self.default_params()
         if context.max_new_tokens:  # the persona's verbosity

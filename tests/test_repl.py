@@ -144,3 +144,41 @@ def test_a_new_repl_tells_its_user_of_the_message_a_dead_one_left_unanswered_and
         assert "interrupted" not in capsys.readouterr().err  # told once
     finally:
         services.close()
+
+
+def test_an_answer_from_the_profile_does_not_wait_for_the_model_weights(tiny_settings, monkeypatch):
+    import dialogue.model.backend as backend_module
+    from bot.services import open_services
+
+    loaded = backend_module.load_model
+
+    def slow_load(*args, **kwargs):  # weights that take their time, as on a slow laptop's first start
+        time.sleep(4)
+        return loaded(*args, **kwargs)
+
+    monkeypatch.setattr(backend_module, "load_model", slow_load)
+    services = open_services(tiny_settings)
+    try:
+        services.personas.update("lena", {"name": "Lena"})
+        started = time.perf_counter()
+        out = io.StringIO()
+        assert run_piped(ChatSession(services, "lena"), stdin=io.BytesIO(b"What is my name?\n"), stdout=out) == 0
+        assert "Lena" in out.getvalue() and time.perf_counter() - started < 3.5
+        assert not services.backend.is_ready()  # answered while the weights were still loading
+        assert run_piped(ChatSession(services, "lena"), stdin=io.BytesIO(b"Hello!\n"), stdout=io.StringIO()) == 0
+        assert services.backend.is_ready()  # a model reply waits for them
+        assert [t["finish_reason"] in ("stop", "length") for t in services.store.export_user("lena")["turns"]] == [True] * 2
+    finally:
+        services.close()
+
+
+def test_a_model_that_cannot_load_ends_a_piped_chat_with_one_error(home, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAPPORT_HOME": str(home), "RAPPORT_MODEL": str(tmp_path / "no-such-model")}
+    done = subprocess.run([sys.executable, "-m", "bot.cli", "chat", "--user", "lena"], input=b"Hello!\nAgain?\n",
+                          capture_output=True, env=env, timeout=120)
+    assert done.returncode == 1 and done.stderr.count(b"error:") == 1, done.stderr.decode()
+    assert b"no-such-model" in done.stderr and b"Traceback" not in done.stderr

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
+import threading
 from typing import Protocol
 
 from dialogue.model import calibrate, kernels
@@ -20,6 +22,9 @@ class Backend(Protocol):
     model_id: str
 
     async def ready(self) -> None: ...
+
+    async def can_count(self) -> None:
+        """The tokenizer is loaded: a reply that needs no generation need not wait for the model's weights."""
 
     def is_ready(self) -> bool: ...
 
@@ -51,6 +56,8 @@ class LocalBackend(TokenizerText):
         self.dtype = None  # known once loaded
         self.dtype_us: dict = {}
         self._cache = calibrate.CalibrationCache(settings.home / "calibration")
+        self._tokenizer = None  # loaded first by the model thread, seconds before the weights are ready
+        self._tokenizer_known = threading.Event()
         self._decode_record: list[dict] = []
         decide = calibrate.calibrator(settings.quantize, settings.model is None, self._cache, self._decode_record)
         self.worker = ModelWorker(self._load, threads=settings.threads, eager=eager, decode=decide,
@@ -77,27 +84,45 @@ class LocalBackend(TokenizerText):
                                                          config["intermediate_size"], self._cache)
 
     def _load(self):
-        kernels.load(self.settings)  # the first call decides for the process: built or not, per these settings
-        directory = resolve_model_dir(self.settings.model, self.settings.models_dir)
         try:
-            self._choose_dtype(directory)
-            return load_model(directory, self.dtype)
-        except Exception as exc:  # safetensors, json and torch each raise their own kinds on a damaged file
-            if self.settings.model:  # a user's own directory is never deleted
-                raise ModelNotFound(f"RAPPORT_MODEL={self.settings.model}: cannot load it ({exc})") from exc
-            logger.warning("model cache at %s is unreadable (%s); rebuilding it", directory, exc)
-            shutil.rmtree(directory, ignore_errors=True)
-            directory = resolve_model_dir(None, self.settings.models_dir, from_gguf=True)
-            self._choose_dtype(directory)
-            return load_model(directory, self.dtype)
+            directory = resolve_model_dir(self.settings.model, self.settings.models_dir)
+            try:
+                return self._load_from(directory)
+            except Exception as exc:  # safetensors, json and torch each raise their own kinds on a damaged file
+                if self.settings.model:  # a user's own directory is never deleted
+                    raise ModelNotFound(f"RAPPORT_MODEL={self.settings.model}: cannot load it ({exc})") from exc
+                logger.warning("model cache at %s is unreadable (%s); rebuilding it", directory, exc)
+                shutil.rmtree(directory, ignore_errors=True)
+                return self._load_from(resolve_model_dir(None, self.settings.models_dir, from_gguf=True))
+        finally:
+            self._tokenizer_known.set()  # a tokenizer that never came is the load's error (worker.wait_ready)
+
+    def _load_from(self, directory):
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(directory)
+        self._tokenizer_known.set()  # counting and fixed answers can go on while the weights load
+        kernels.load(self.settings)  # the first call decides for the process: built or not, per these settings
+        self._choose_dtype(directory)
+        return load_model(directory, self.dtype, tokenizer=self._tokenizer)
 
     @property
     def tokenizer(self):
-        self.worker.wait_ready()
-        return self.worker.tokenizer
+        """The model's tokenizer, as soon as it is loaded (the weights may still be loading)."""
+        self.worker.start()
+        self._tokenizer_known.wait()
+        if self._tokenizer is None:
+            self.worker.wait_ready()  # raises what made the load fail
+        return self._tokenizer
 
     async def ready(self) -> None:
         await self.worker.ready()
+
+    async def can_count(self) -> None:
+        if not self._tokenizer_known.is_set():
+            await asyncio.to_thread(self._tokenizer_known.wait)
+        if self._tokenizer is None:
+            await self.worker.ready()
 
     def is_ready(self) -> bool:
         return self.worker.is_ready

@@ -113,6 +113,9 @@ class OpenAIBackend(TokenizerText):
     async def ready(self) -> None:
         await asyncio.to_thread(lambda: self.tokenizer)
 
+    async def can_count(self) -> None:
+        await self.ready()
+
     def is_ready(self) -> bool:
         return self._tokenizer is not None
 

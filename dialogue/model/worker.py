@@ -81,11 +81,14 @@ def choose_dtype(setting: str) -> torch.dtype:
     return torch.float32
 
 
-def load_model(model_dir: Path, dtype: torch.dtype):
-    """(model, tokenizer) from a transformers directory, in eval mode."""
+LOAD_WAIT_ON_CLOSE_S = 300.0
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, tokenizer=None):
+    """(model, tokenizer) from a transformers directory, in eval mode (`tokenizer` when the caller loaded it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.eval()
     return model, tokenizer
@@ -367,6 +370,10 @@ class ModelWorker:
 
     def close(self) -> None:
         if self._thread.is_alive():
+            # A load under way is let finish: a process that exits while torch is still loading in this thread
+            # aborts in C++ teardown ("terminate called without an active exception"), seen when a piped chat's
+            # fixed answer came before the weights.
+            self._ready.wait(timeout=LOAD_WAIT_ON_CLOSE_S)
             self._inbox.put(None)
             self._thread.join(timeout=10)
 

@@ -38,7 +38,7 @@ from bench.serve import free_port, percentile, wait_ready
 from dialogue.settings import Settings
 
 ANSWERED = frozenset({"stop", "length"})  # a turn that was answered by the model
-FACTS = ["I live in {}.", "My favourite number is {}.", "I work as a baker in shop {}.", "My cat is called Tom{}."]
+FACTS = ["I live in {}.", "My number is {}.", "I bake in {}.", "My cat is {}."]  # short: a tiny model's limit
 GRACE_S = 3.0  # after a process is ready again, errors still count as the restart's
 
 
@@ -214,8 +214,8 @@ async def conversation_loop(clients, index: int, deadline: float, tally: Tally, 
     turn = 0
     while time.monotonic() < deadline:
         token = f"s{index}m{turn}"
-        fact = FACTS[turn % len(FACTS)].format(f"{index}x{turn}")
-        await send(clients, index, conversation, user, f"{fact} (note {token})", token, tally, deadline)
+        await send(clients, index, conversation, user, f"{FACTS[turn % len(FACTS)].format(token)} [{token}]", token,
+                   tally, deadline)
         turn += 1
 
 
@@ -263,7 +263,7 @@ def check(c: Cluster, tally: Tally) -> dict:
     lost = [turn_id for turn_id in tally.acknowledged if turn_id not in on_record
             or on_record[turn_id]["finish_reason"] not in ANSWERED]
     answered = Counter(token for t in turns if t["finish_reason"] in ANSWERED
-                       for token in tally.sent if t["user_text"].endswith(f"(note {token})"))
+                       for token in [t["user_text"].rsplit("[", 1)[-1].rstrip("]")] if token in tally.sent)
     doctor = subprocess.run([sys.executable, "-m", "bot.cli", "doctor", "--json"], capture_output=True, text=True,
                             env={**c.env, "RAPPORT_HOME": str(c.processes[0].home)}, timeout=600)
     try:
@@ -284,6 +284,8 @@ def run(settings: Settings, *, pg_url: str, conversations: int = 16, minutes: fl
         time.sleep(lease_s * 2)  # the killed processes' pending turns: their leases run out and are closed
         found = check(c, tally)
         path = backend_path(settings.model_copy(update={"home": c.processes[0].home}))
+        logged = [line for p in c.processes for line in (p.home / "serve.log").read_text(errors="replace").splitlines()
+                  if "Error" in line or "ERROR" in line]
     doctor = found["doctor"]
     return {
         "model": settings.model or "embedded SmolLM2-135M-Instruct", "path": path, "conversations": conversations,
@@ -294,7 +296,8 @@ def run(settings: Settings, *, pg_url: str, conversations: int = 16, minutes: fl
         "retries": tally.retries, "errors_during_restarts": tally.errors_in_restart,
         "http_5xx_outside_restarts": sum(e.startswith("HTTP 5") for e in tally.errors_outside),
         "other_errors_outside_restarts": sum(not e.startswith("HTTP 5") for e in tally.errors_outside),
-        "error_samples": sorted(set(tally.errors_outside))[:5],
+        "error_samples": sorted(set(tally.errors_outside), key=lambda e: not e.startswith("HTTP 5"))[:5],
+        "server_error_lines": logged[-8:],
         "drift": doctor["drift"], "drift_by_kind": {k: len(v) for k, v in doctor.items() if isinstance(v, list)},
         "turn_p50_s": percentile(tally.turn_s, 0.5), "turn_p95_s": percentile(tally.turn_s, 0.95),
     }

@@ -14,7 +14,7 @@ from tests.conftest import PG_URL
 @pytest.fixture
 def tiny_env(tiny_settings, tiny_model_dir, monkeypatch):
     for name, value in {"RAPPORT_MODEL": str(tiny_model_dir), "RAPPORT_DTYPE": "float32", "RAPPORT_THREADS": "1",
-                        "RAPPORT_MAX_NEW_TOKENS": "8", "RAPPORT_CONTEXT_BUDGET": "512"}.items():
+                        "RAPPORT_MAX_NEW_TOKENS": "8", "RAPPORT_CONTEXT_BUDGET": "2048"}.items():
         monkeypatch.setenv(name, value)
     return tiny_settings
 

@@ -78,7 +78,7 @@ class Services:
     @cached_property
     def memory(self) -> MemoryStore:
         """Per-user long-term memory."""
-        store = MemoryStore(self.chroma.client, self.embedder, cache=self.settings.chroma_url is None)
+        store = MemoryStore(self.chroma.client, self.embedder, shared=self.settings.chroma_url is not None)
         self.closers.append(store.close)  # an owed compaction of the embedded store, before its lock is let go
         return store
 

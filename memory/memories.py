@@ -56,6 +56,7 @@ RECALL_MIN_SIMILARITY = 0.2  # below this cosine, with no shared word, off-topic
 DUPLICATE_COSINE = 0.85  # with identical content terms (numbers, names, negations): a rephrasing
 COLLECTION_PREFIX = "mem-"
 ERASED_VECTOR = np.full(DIMENSIONS, DIMENSIONS ** -0.5, dtype=np.float32)  # written over a vector before deletion
+SHARED_RELOAD_S = 60.0  # on a shared store, a user's mirror is read in full again after this many seconds
 COMPACT_INTERVAL_S = 10.0  # at most one compaction of the shared SQLite file per this many seconds (see scrub_disk)
 UUID_DIR = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -216,6 +217,7 @@ class UserState:
         self.first = self.last = None  # the oldest and newest statement's time (seconds)
         self.next_seq = 0
         self.lock = threading.RLock()
+        self.loaded_at = time.monotonic()
         self._load()
 
     def _load(self) -> None:
@@ -230,6 +232,26 @@ class UserState:
             offset += page
         if self.records:
             logger.info("loaded %d memories in %.2f s", len(self.records), time.perf_counter() - start)
+
+    def refresh(self) -> None:
+        """Catch up with writes of other processes: the ids in the collection against the mirror's (one ids-only
+        read, ~5 ms for 2,000 memories on a server); memories added elsewhere are read in, forgotten ones dropped.
+        A merge elsewhere (same id, newer wording or count) shows after the next full reload (`SHARED_RELOAD_S`)."""
+        ids, offset, page = set(), 0, 5000
+        while True:
+            batch = self.collection.get(include=[], limit=page, offset=offset)["ids"]
+            ids.update(batch)
+            if len(batch) < page:
+                break
+            offset += page
+        with self.lock:
+            for memory_id in self.records.keys() - ids:
+                self._unmirror(memory_id)
+            new = sorted(ids - self.records.keys())
+            for start in range(0, len(new), page):
+                got = self.collection.get(ids=new[start:start + page], include=["documents", "metadatas", "embeddings"])
+                for memory_id, text, md, vector in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"]):
+                    self._mirror(Record.from_chroma(memory_id, text or "", md or {}), np.asarray(vector, dtype=np.float32))
 
     def _mirror(self, record: Record, vector: np.ndarray | None) -> None:
         self.records[record.id] = record
@@ -273,14 +295,14 @@ class UserState:
 class MemoryStore:
     """Everyone's memories in one Chroma (embedded or server); a collection per user, reached via `for_user`."""
 
-    def __init__(self, client, embedder, *, cache: bool = True, cache_users: int = 32, sync_threshold: int = 1,
+    def __init__(self, client, embedder, *, shared: bool = False, cache_users: int = 32, sync_threshold: int = 1,
                  compact_interval_s: float = COMPACT_INTERVAL_S) -> None:
         self.client = client
         self.embedder = embedder
-        # the in-process mirror of a user's memories is kept between calls only when no other process can write
-        # to the store (embedded Chroma); on a Chroma server each call reads the user's collection afresh, so a
-        # memory written or forgotten through another process is seen at once
-        self.cache = cache
+        # `shared`: other processes write to this store too (a Chroma server). Each use of a user's in-process
+        # mirror then first catches up with the collection (`UserState.refresh`), so a memory written or forgotten
+        # through another process is seen at once
+        self.shared = shared
         # HNSW files are rewritten (and Chroma's write log purged) every `sync_threshold` writes; 1 makes a
         # forgotten vector leave the disk at once, at the price of rewriting the index file on each write
         self.sync_threshold = sync_threshold
@@ -349,13 +371,20 @@ class MemoryStore:
             state = self._cache.get(user_id)
             if state is not None:
                 self._cache.move_to_end(user_id)
-                return state
+        if state is not None and self.shared:
+            try:
+                if time.monotonic() - state.loaded_at > SHARED_RELOAD_S:
+                    raise LookupError("reload")
+                state.refresh()
+            except Exception:  # reloaded: too old, or the collection was dropped (erased) by another process
+                self._forget_state(user_id)
+                state = None
+        if state is not None:
+            return state
         collection = self._collection(user_id, create=create)
         if collection is None:
             return None
         state = UserState(collection)
-        if not self.cache:
-            return state
         with self._lock:
             state = self._cache.setdefault(user_id, state)
             self._cache.move_to_end(user_id)

@@ -318,9 +318,8 @@ class MemoryStore:
         self._compact_lock = threading.Lock()
         self._compact_timer: threading.Timer | None = None
         self._last_compaction = -math.inf
-        if self.persist_dir is not None:
-            self._owed_marker = self.persist_dir / "compaction.owed"
-            self.finish_compaction()  # one a process that died before its timer fired still owed
+        self._owed_marker = self.persist_dir / "compaction.owed" if self.persist_dir is not None else None
+        self.finish_compaction()  # one a process that died before its timer fired still owed
 
     def for_user(self, user_id: str) -> UserMemory:
         """The one way to reach a user's memories."""
@@ -463,13 +462,14 @@ class MemoryStore:
 
     def finish_compaction(self) -> None:
         """Do an owed compaction now (before closing, or to be sure a deletion has left the disk)."""
+        if self.persist_dir is None:
+            return
         with self._compact_lock:
             if self._compact_timer is not None or self._owed_marker.exists():
                 self._compact()
 
     def close(self) -> None:
-        if self.persist_dir is not None:
-            self.finish_compaction()
+        self.finish_compaction()
 
     def _compact_owed(self) -> None:
         try:

@@ -38,6 +38,11 @@ def test_two_processes_see_each_others_memories_and_turns_at_once(tiny_env, pg_u
         assert b.delete(f"/v1/users/{user}/memories/{memory_id}").status_code == 200
         assert [h["text"] for h in a.get(f"/v1/users/{user}/memories/search", params={"q": "cello"}).json()] \
             == ["I live in Porto"]  # forgotten through B, gone through A at once
+        a.post("/v1/users/max/memories", json={"items": [{"text": "I keep bees"}]})
+        assert len(b.get("/v1/users/max/memories/search", params={"q": "bees"}).json()) == 1
+        assert a.delete("/v1/users/max").status_code == 200  # erased through A (a compaction on a server: none)
+        after = b.get("/v1/users/max/memories/search", params={"q": "bees"})
+        assert after.status_code != 200 or after.json() == []  # refused or empty through B at once
         turn = a.post("/v1/conversations/c1/messages", json={"user_id": user, "text": "Hello there"})
         assert turn.status_code == 200, turn.text
         assert b.get("/v1/conversations/c1").json()["user_id"] == user

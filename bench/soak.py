@@ -165,6 +165,7 @@ def cluster(settings: Settings, pg_url: str, **extra_env: str) -> Iterator[Clust
 @dataclass
 class Tally:
     acknowledged: dict[str, str] = field(default_factory=dict)  # turn id → the message's token
+    attempts: Counter = field(default_factory=Counter)  # token → requests sent with it
     sent: dict[str, str] = field(default_factory=dict)  # token → user id
     turn_s: list[float] = field(default_factory=list)
     errors_in_restart: int = 0
@@ -187,6 +188,7 @@ async def send(clients: list[httpx.AsyncClient], first: int, conversation: str, 
     while time.monotonic() < deadline + 120:
         client = clients[(first + attempt) % len(clients)]
         began = time.monotonic()
+        tally.attempts[token] += 1
         try:
             response = await client.post(f"/v1/conversations/{conversation}/messages",
                                          json={"user_id": user, "text": text})
@@ -260,17 +262,27 @@ def check(c: Cluster, tally: Tally) -> dict:
             response.raise_for_status()
             turns += response.json()["turns"]
     on_record = {t["id"]: t for t in turns}
+    attempts = tally.attempts
     lost = [turn_id for turn_id in tally.acknowledged if turn_id not in on_record
             or on_record[turn_id]["finish_reason"] not in ANSWERED]
-    answered = Counter(token for t in turns if t["finish_reason"] in ANSWERED
-                       for token in [t["user_text"].rsplit("[", 1)[-1].rstrip("]")] if token in tally.sent)
+    answers: dict[str, list[str]] = {}
+    for t in turns:
+        token = t["user_text"].rsplit("[", 1)[-1].rstrip("]")
+        if t["finish_reason"] in ANSWERED and token in tally.sent:
+            answers.setdefault(token, []).append(t["id"])
+    # A message answered more than once: a duplicate, unless all but one of its answers never reached the client
+    # (the process died after recording the answer, before sending it) and the client sent it again: the HTTP
+    # API has no message id to tell a retry from a new message, so that one is counted apart.
+    again = [token for token, ids in answers.items() if len(ids) > 1 and attempts[token] >= len(ids)
+             and sum(i in tally.acknowledged for i in ids) == 1]
+    duplicates = [token for token, ids in answers.items() if len(ids) > 1 and token not in again]
     doctor = subprocess.run([sys.executable, "-m", "bot.cli", "doctor", "--json"], capture_output=True, text=True,
                             env={**c.env, "RAPPORT_HOME": str(c.processes[0].home)}, timeout=600)
     try:
         drift = json.loads(doctor.stdout)
     except ValueError:
         raise RuntimeError(f"rapport doctor failed: {doctor.stderr[-1000:]}") from None
-    return {"lost": lost, "duplicates": sorted(token for token, n in answered.items() if n > 1),
+    return {"lost": lost, "duplicates": sorted(duplicates), "again": sorted(again),
             "interrupted": sum(t["finish_reason"] == "interrupted" for t in turns), "doctor": drift}
 
 
@@ -292,7 +304,8 @@ def run(settings: Settings, *, pg_url: str, conversations: int = 16, minutes: fl
         "minutes": minutes, "wall_s": round(wall_s, 1), "restarts": len(tally.restarts),
         "turns_acknowledged": len(tally.acknowledged), "turns_lost": len(found["lost"]),
         "lost_samples": found["lost"][:5], "duplicate_replies": len(found["duplicates"]),
-        "duplicate_samples": found["duplicates"][:5], "turns_interrupted": found["interrupted"],
+        "duplicate_samples": found["duplicates"][:5], "answered_again_after_lost_response": len(found["again"]),
+        "turns_interrupted": found["interrupted"],
         "retries": tally.retries, "errors_during_restarts": tally.errors_in_restart,
         "http_5xx_outside_restarts": sum(e.startswith("HTTP 5") for e in tally.errors_outside),
         "other_errors_outside_restarts": sum(not e.startswith("HTTP 5") for e in tally.errors_outside),

@@ -78,7 +78,9 @@ class Services:
     @cached_property
     def memory(self) -> MemoryStore:
         """Per-user long-term memory."""
-        return MemoryStore(self.chroma.client, self.embedder)
+        store = MemoryStore(self.chroma.client, self.embedder, shared=self.settings.chroma_url is not None)
+        self.closers.append(store.close)  # an owed compaction of the embedded store, before its lock is let go
+        return store
 
     @cached_property
     def faq(self) -> FaqIndex:
@@ -132,6 +134,7 @@ class Services:
 
     def _erase(self, user_id: str) -> dict[str, int]:
         counts = {"memories": self.memory.delete_user(user_id)}
+        self.memory.finish_compaction()  # an erasure is final on disk at once (a forget may wait COMPACT_INTERVAL_S)
         history = self.history_file(user_id)
         counts["files"] = int(history.exists())
         history.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from dialogue.model.worker import AdapterRef, Generation, GenerationParams
 from dialogue.settings import Settings
 from dialogue.leases import TurnLeases
 from dialogue.store import PENDING, Turn, TranscriptStore, new_id, utcnow
-from memory.text import clean_text, validate_id
+from memory.text import clean_text, strip_controls, validate_id
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Reply:
                         guarded = GuardedGeneration(self._manager.backend, build_prompt(self.parts), self.params,
                                                     self.adapter, self._guard)
                         if self._check is not None:
-                            text = await guarded.text()
+                            text = strip_controls(await guarded.text())
                             replacement = self._check(text)
                             if replacement is not None:
                                 text, self.handoff = replacement
@@ -148,8 +148,12 @@ class Reply:
                             yield text
                             break
                         async for chunk in guarded:
-                            pieces.append(chunk)
-                            yield chunk
+                            # a model can write any byte; a NUL fails PostgreSQL's text columns (a 500, the
+                            # reply lost) and no control character is meant for the user
+                            chunk = strip_controls(chunk)
+                            if chunk:
+                                pieces.append(chunk)
+                                yield chunk
                         break
                     except GenerationError:
                         if pieces or attempt == 2:

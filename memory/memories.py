@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +56,8 @@ RECALL_MIN_SIMILARITY = 0.2  # below this cosine, with no shared word, off-topic
 DUPLICATE_COSINE = 0.85  # with identical content terms (numbers, names, negations): a rephrasing
 COLLECTION_PREFIX = "mem-"
 ERASED_VECTOR = np.full(DIMENSIONS, DIMENSIONS ** -0.5, dtype=np.float32)  # written over a vector before deletion
+SHARED_RELOAD_S = 60.0  # on a shared store, a user's mirror is read in full again after this many seconds
+COMPACT_INTERVAL_S = 10.0  # at most one compaction of the shared SQLite file per this many seconds (see scrub_disk)
 UUID_DIR = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -214,6 +217,7 @@ class UserState:
         self.first = self.last = None  # the oldest and newest statement's time (seconds)
         self.next_seq = 0
         self.lock = threading.RLock()
+        self.loaded_at = time.monotonic()
         self._load()
 
     def _load(self) -> None:
@@ -228,6 +232,26 @@ class UserState:
             offset += page
         if self.records:
             logger.info("loaded %d memories in %.2f s", len(self.records), time.perf_counter() - start)
+
+    def refresh(self) -> None:
+        """Catch up with writes of other processes: the ids in the collection against the mirror's (one ids-only
+        read, ~5 ms for 2,000 memories on a server); memories added elsewhere are read in, forgotten ones dropped.
+        A merge elsewhere (same id, newer wording or count) shows after the next full reload (`SHARED_RELOAD_S`)."""
+        ids, offset, page = set(), 0, 5000
+        while True:
+            batch = self.collection.get(include=[], limit=page, offset=offset)["ids"]
+            ids.update(batch)
+            if len(batch) < page:
+                break
+            offset += page
+        with self.lock:
+            for memory_id in self.records.keys() - ids:
+                self._unmirror(memory_id)
+            new = sorted(ids - self.records.keys())
+            for start in range(0, len(new), page):
+                got = self.collection.get(ids=new[start:start + page], include=["documents", "metadatas", "embeddings"])
+                for memory_id, text, md, vector in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"]):
+                    self._mirror(Record.from_chroma(memory_id, text or "", md or {}), np.asarray(vector, dtype=np.float32))
 
     def _mirror(self, record: Record, vector: np.ndarray | None) -> None:
         self.records[record.id] = record
@@ -271,9 +295,14 @@ class UserState:
 class MemoryStore:
     """Everyone's memories in one Chroma (embedded or server); a collection per user, reached via `for_user`."""
 
-    def __init__(self, client, embedder, *, cache_users: int = 32, sync_threshold: int = 1) -> None:
+    def __init__(self, client, embedder, *, shared: bool = False, cache_users: int = 32, sync_threshold: int = 1,
+                 compact_interval_s: float = COMPACT_INTERVAL_S) -> None:
         self.client = client
         self.embedder = embedder
+        # `shared`: other processes write to this store too (a Chroma server). Each use of a user's in-process
+        # mirror then first catches up with the collection (`UserState.refresh`), so a memory written or forgotten
+        # through another process is seen at once
+        self.shared = shared
         # HNSW files are rewritten (and Chroma's write log purged) every `sync_threshold` writes; 1 makes a
         # forgotten vector leave the disk at once, at the price of rewriting the index file on each write
         self.sync_threshold = sync_threshold
@@ -282,6 +311,15 @@ class MemoryStore:
         self._lock = threading.Lock()
         settings = client.get_settings()
         self.persist_dir = Path(settings.persist_directory) if getattr(settings, "is_persistent", False) else None
+        self.compact_interval_s = compact_interval_s
+        # this process's Chroma writes and compactions take turns: a VACUUM under a write fails Chroma's own
+        # log compaction ("Failed to apply logs to the metadata segment"); never taken before `_compact_lock`
+        self.write_lock = threading.RLock()
+        self._compact_lock = threading.Lock()
+        self._compact_timer: threading.Timer | None = None
+        self._last_compaction = -math.inf
+        self._owed_marker = self.persist_dir / "compaction.owed" if self.persist_dir is not None else None
+        self.finish_compaction()  # one a process that died before its timer fired still owed
 
     def for_user(self, user_id: str) -> UserMemory:
         """The one way to reach a user's memories."""
@@ -299,8 +337,7 @@ class MemoryStore:
             return 0
         self._check_owner(collection, user_id)
         count = collection.count()
-        self.client.delete_collection(name)
-        self.scrub_disk()
+        self._drop(collection)
         logger.info("erased %d memories", count)
         return count
 
@@ -324,8 +361,7 @@ class MemoryStore:
         """Delete a memory collection without an owner (`owners`), and its traces on disk."""
         if self.owners().get(name, "") is not None:
             raise InvalidInput(f"{name} is not an orphaned memory collection")
-        self.client.delete_collection(name)
-        self.scrub_disk()
+        self._drop(self.client.get_collection(name, embedding_function=None))
 
     # -- internals used by UserMemory ---------------------------------------------------------------
 
@@ -334,7 +370,16 @@ class MemoryStore:
             state = self._cache.get(user_id)
             if state is not None:
                 self._cache.move_to_end(user_id)
-                return state
+        if state is not None and self.shared:
+            try:
+                if time.monotonic() - state.loaded_at > SHARED_RELOAD_S:
+                    raise LookupError("reload")
+                state.refresh()
+            except Exception:  # reloaded: too old, or the collection was dropped (erased) by another process
+                self._forget_state(user_id)
+                state = None
+        if state is not None:
+            return state
         collection = self._collection(user_id, create=create)
         if collection is None:
             return None
@@ -355,10 +400,11 @@ class MemoryStore:
                 except Exception:
                     return None
             else:
-                collection = self.client.get_or_create_collection(
-                    name, embedding_function=None, metadata={"owner": user_id, "kind": "rapport.memory"},
-                    # inner product on unit vectors is cosine, and keeps stored vectors byte-exact (checkable)
-                    configuration={"hnsw": {"space": "ip", "sync_threshold": self.sync_threshold}})
+                with self.write_lock:
+                    collection = self.client.get_or_create_collection(
+                        name, embedding_function=None, metadata={"owner": user_id, "kind": "rapport.memory"},
+                        # inner product on unit vectors is cosine, and keeps stored vectors byte-exact (checkable)
+                        configuration={"hnsw": {"space": "ip", "sync_threshold": self.sync_threshold}})
         except Exception as exc:
             raise StoreUnavailable(f"memory store unavailable: {exc}") from exc
         self._check_owner(collection, user_id)
@@ -374,30 +420,81 @@ class MemoryStore:
         with self._lock:
             self._cache.pop(user_id, None)
 
+    def _drop(self, collection) -> None:
+        """Delete a collection, then its HNSW folders: only those of its own segments, read before the drop (a
+        collection created meanwhile, say a new user's first memory during an erasure, keeps its folder)."""
+        with self.write_lock:
+            folders = self._segment_folders(collection.id)
+            self.client.delete_collection(collection.name)
+        for path in folders:
+            shutil.rmtree(path, ignore_errors=True)
+        self.scrub_disk()
+
+    def _segment_folders(self, collection_id) -> list[Path]:
+        if self.persist_dir is None:
+            return []  # a Chroma server removes its own files
+        try:
+            with closing(sqlite3.connect(self.persist_dir / "chroma.sqlite3", timeout=30)) as conn:
+                rows = conn.execute("SELECT id FROM segments WHERE collection = ?", (str(collection_id),)).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"could not read the memory store's segments: {exc}") from exc
+        return [self.persist_dir / row[0] for row in rows if UUID_DIR.match(row[0])]
+
     def scrub_disk(self) -> None:
         """Make deletions final in the embedded store: Chroma leaves deleted rows in SQLite free pages and its
-        full-text index, and a dropped collection's HNSW directory on disk, until something compacts them."""
+        full-text index until something compacts them. Compacting (FTS optimize + VACUUM) rewrites the whole
+        shared file, so it runs at most once per `compact_interval_s`: at once when the last one is older,
+        otherwise when that time is up (a timer thread), so a loop of forgets costs one compaction per interval
+        rather than one each. An owed compaction is marked on disk and done on the next open if the process
+        dies first."""
         if self.persist_dir is None:
             return  # a Chroma server compacts its own storage
+        with self._compact_lock:
+            wait = self._last_compaction + self.compact_interval_s - time.monotonic()
+            if wait > 0:
+                if self._compact_timer is None:
+                    self._owed_marker.touch()
+                    self._compact_timer = threading.Timer(wait, self._compact_owed)
+                    self._compact_timer.daemon = True
+                    self._compact_timer.start()
+                return
+            self._compact()
+
+    def finish_compaction(self) -> None:
+        """Do an owed compaction now (before closing, or to be sure a deletion has left the disk)."""
+        if self.persist_dir is None:
+            return
+        with self._compact_lock:
+            if self._compact_timer is not None or self._owed_marker.exists():
+                self._compact()
+
+    def close(self) -> None:
+        self.finish_compaction()
+
+    def _compact_owed(self) -> None:
+        try:
+            self.finish_compaction()
+        except StoreUnavailable:
+            logger.exception("owed compaction of the memory store failed; it is retried on the next open")
+
+    def _compact(self) -> None:
+        """FTS optimize + VACUUM; the caller holds `_compact_lock`."""
+        if self._compact_timer is not None:
+            self._compact_timer.cancel()
+            self._compact_timer = None
         database = self.persist_dir / "chroma.sqlite3"
         try:
-            with sqlite3.connect(database, timeout=30) as conn:
-                live = {row[0] for row in conn.execute("SELECT id FROM segments")}
+            with self.write_lock, closing(sqlite3.connect(database, timeout=30, isolation_level=None)) as conn:
                 try:
                     conn.execute("INSERT INTO embedding_fulltext_search(embedding_fulltext_search) VALUES('optimize')")
                 except sqlite3.OperationalError as exc:
                     logger.warning("full-text index not optimised: %s", exc)
-            conn.close()
-            for path in self.persist_dir.iterdir():
-                if path.is_dir() and UUID_DIR.match(path.name) and path.name not in live:
-                    shutil.rmtree(path, ignore_errors=True)  # the HNSW files of a dropped collection
-            conn = sqlite3.connect(database, timeout=30, isolation_level=None)
-            try:
                 conn.execute("VACUUM")
-            finally:
-                conn.close()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"could not compact the memory store after erasure: {exc}") from exc
+        finally:
+            self._last_compaction = time.monotonic()
+        self._owed_marker.unlink(missing_ok=True)
 
 
 class UserMemory:
@@ -425,7 +522,7 @@ class UserMemory:
                 raise InvalidInput("add() takes MemoryItem objects")
         state = self._state()
         vectors = self._store.embedder.embed([item.text for item in items])  # (N, 384), unit length
-        with state.lock:
+        with state.lock, self._store.write_lock:
             return self._write(state, items, vectors)
 
     def _write(self, state: UserState, items: list[MemoryItem], vectors: np.ndarray) -> list[str]:
@@ -624,7 +721,7 @@ class UserMemory:
         state = self._state(create=False)
         if state is None or memory_id not in state.records:
             raise NotFound(f"no memory {memory_id[:40]!r}")
-        with state.lock:
+        with state.lock, self._store.write_lock:
             try:
                 # overwrite first: HNSW only marks a deleted vector, so its bytes would otherwise stay on disk
                 state.collection.update(ids=[memory_id], embeddings=[ERASED_VECTOR],

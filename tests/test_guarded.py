@@ -186,3 +186,19 @@ async def test_the_first_try_already_avoids_copying(services):
     services.manager.backend = backend
     await turn(services, LENA)
     assert backend.params[0].avoid_copying, "the first try carries the user's voiced runs"
+
+
+async def test_control_characters_a_model_writes_never_reach_the_user_or_the_database(tiny_settings, pg_url):
+    """A NUL in a reply failed PostgreSQL's text column (a 500, the turn never finished); found by bench soak."""
+    from bot.services import open_services
+
+    services = open_services(tiny_settings.model_copy(update={"database_url": pg_url}))
+    try:
+        await services.backend.ready()
+        services.manager.backend = QueuedBackend(services.backend, ["Hello\x00 there\x1b[2J friend"] * 3)
+        reply, chunks = await turn(services, "Hi!")
+        assert "".join(chunks) == reply.text and "\x00" not in reply.text and "\x1b" not in reply.text
+        stored = services.store.get_turn(reply.turn_id)
+        assert stored.finish_reason == "stop" and stored.reply == reply.text and "Hello" in stored.reply
+    finally:
+        services.close()

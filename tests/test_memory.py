@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from datetime import datetime, timezone
 
 import pytest
@@ -311,7 +312,107 @@ def test_forget_all_and_delete_user_leave_nothing_on_disk(store, chroma_dir, emb
     assert [h.text for h in lena.list()] == ["Lena is back"]
     assert files_containing(chroma_dir, b"ZEBRAOWNER")  # the collection's owner metadata
     assert store.delete_user("max-ZEBRAOWNER") == 20 and store.delete_user("max-ZEBRAOWNER") == 0
+    store.finish_compaction()  # the second erasure within COMPACT_INTERVAL_S: its compaction was owed
     assert files_containing(chroma_dir, b"ZEBRAMAX") == {} and files_containing(chroma_dir, b"ZEBRAOWNER") == {}
+
+
+def test_a_first_memory_written_during_another_users_erasure_keeps_its_index(chroma_dir, embedder, monkeypatch):
+    """The erasure's disk scrub must not take a collection created while it runs for a dropped one's leftovers:
+    a new user's first memory is written from another thread at the moment the scrub reads Chroma's segments."""
+    import gc
+    import sqlite3
+    import threading
+
+    import chromadb
+
+    import memory.memories as memories
+    from memory.chroma import chroma_settings
+
+    store = MemoryStore(chromadb.PersistentClient(path=str(chroma_dir), settings=chroma_settings()), embedder)
+    store.for_user("lena").add(items("Lena lives in Porto"))
+    newcomer = threading.Thread(target=lambda: store.for_user("max").add(items("Max plays the cello")))
+
+    class Rows(list):
+        def fetchall(self):
+            return list(self)
+
+    class Connection:  # a sqlite3 connection that lets the newcomer in just after a read of the segments
+        def __init__(self, conn):
+            self._conn = conn
+
+        def execute(self, sql, *args):
+            result = self._conn.execute(sql, *args)
+            if "FROM segments" in sql and not newcomer.is_alive() and newcomer.ident is None:
+                rows = Rows(result.fetchall())  # read in full: a read left open would block the write
+                newcomer.start()
+                newcomer.join(timeout=20)  # a scrub that holds a lock the write needs lets it finish later
+                return rows
+            return result
+
+        def __getattr__(self, name):
+            return getattr(self._conn, name)
+
+        def __enter__(self):
+            self._conn.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._conn.__exit__(*exc)
+
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(memories.sqlite3, "connect", lambda *a, **k: Connection(real_connect(*a, **k)))
+    assert store.delete_user("lena") == 1
+    newcomer.join(timeout=60)
+    assert newcomer.ident is not None and not newcomer.is_alive()
+    monkeypatch.setattr(memories.sqlite3, "connect", real_connect)
+    with real_connect(chroma_dir / "chroma.sqlite3") as conn:
+        live = {row[0] for row in conn.execute("SELECT id FROM segments WHERE scope = 'VECTOR'")}
+    assert live and all((chroma_dir / segment).is_dir() for segment in live)  # max's HNSW folder is still there
+    del store
+    gc.collect()
+    again = MemoryStore(chromadb.PersistentClient(path=str(chroma_dir), settings=chroma_settings()), embedder)
+    assert [h.text for h in again.for_user("max").search("cello", k=1)] == ["Max plays the cello"]
+    again.for_user("max").add(items("Max also sings"))
+    assert len(again.for_user("max").list()) == 2
+
+
+def test_a_loop_of_forgets_compacts_the_shared_store_once_per_interval(chroma_dir, embedder, monkeypatch):
+    """/forget in a loop must not rewrite the whole shared SQLite file each time: the first forget compacts at
+    once, the rest within the interval share one compaction when it is up (or at the next open after a crash)."""
+    import chromadb
+
+    from memory.chroma import chroma_settings
+
+    client = chromadb.PersistentClient(path=str(chroma_dir), settings=chroma_settings())
+    store = MemoryStore(client, embedder, compact_interval_s=3600)
+    compactions = []
+    real = MemoryStore._compact
+    monkeypatch.setattr(MemoryStore, "_compact", lambda self: (compactions.append(1), real(self))[1])
+    memory = store.for_user("lena")
+    ids = memory.add([MemoryItem(text=f"Lena fact ZEBRALOOP{i:02d}") for i in range(12)])
+    gone = lambda i: files_containing(chroma_dir, f"ZEBRALOOP{i:02d}".encode()) == {}  # noqa: E731
+    memory.forget(ids[0])
+    assert len(compactions) == 1 and gone(0)  # the first: at once
+    for memory_id in ids[1:9]:
+        memory.forget(memory_id)
+    assert len(compactions) == 1 and (chroma_dir / "compaction.owed").exists()
+    store.finish_compaction()
+    assert len(compactions) == 2 and all(gone(i) for i in range(9)) and not (chroma_dir / "compaction.owed").exists()
+    store.compact_interval_s = 2.0
+    memory.forget(ids[9])  # within 2 s of the last: owed, and done by the timer
+    assert len(compactions) == 2
+    deadline = time.monotonic() + 15
+    while len(compactions) == 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(compactions) == 3 and gone(9) and not (chroma_dir / "compaction.owed").exists()
+    # a process that dies with a compaction owed: the next store opened on that directory does it first
+    store.compact_interval_s = 3600
+    memory.forget(ids[10])
+    store._compact_timer.cancel()  # as if the process died before its timer fired
+    assert len(compactions) == 3 and (chroma_dir / "compaction.owed").exists()
+    MemoryStore(client, embedder)
+    assert len(compactions) == 4 and not (chroma_dir / "compaction.owed").exists()
+    assert gone(10) and not gone(11) and len(memory.list()) == 1
 
 
 def test_memories_survive_a_restart(chroma_dir, embedder):

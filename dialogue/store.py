@@ -242,9 +242,8 @@ class TranscriptStore:
         with self.session() as session:
             self._lock_conversation(session, turn.conversation_id)
             if event is not None:
-                claimed = session.execute(insert_new(self.engine, InboundEvent, {
-                    "channel": event[0], "event_id": event[1], "received_at": utcnow()}))
-                if claimed.rowcount == 0:
+                if not inserted(session, self.engine, InboundEvent, {
+                        "channel": event[0], "event_id": event[1], "received_at": utcnow()}):
                     session.rollback()
                     raise AlreadyHandled(f"{event[0]} event {event[1]} was handled before")
             last = session.exec(
@@ -362,10 +361,10 @@ class TranscriptStore:
     def claim_event(self, *, channel: str, event_id: str) -> bool:
         """True the first time `(channel, event_id)` is seen, False ever after (redeliveries, restarts)."""
         with self.session() as session:
-            claimed = session.execute(insert_new(self.engine, InboundEvent, {
-                "channel": channel, "event_id": event_id, "received_at": utcnow()}))
+            claimed = inserted(session, self.engine, InboundEvent, {
+                "channel": channel, "event_id": event_id, "received_at": utcnow()})
             session.commit()
-            return claimed.rowcount == 1
+            return claimed
 
     def event_claimed(self, *, channel: str, event_id: str) -> bool:
         """Whether `(channel, event_id)` was handled (its turn recorded) before."""
@@ -665,6 +664,13 @@ def insert_new(engine: Engine, model: type[SQLModel], values: dict[str, Any]):
     else:
         from sqlalchemy.dialects.sqlite import insert
     return insert(model).values(**values).on_conflict_do_nothing()
+
+
+def inserted(session: Session, engine: Engine, model: type[SQLModel], values: dict[str, Any]) -> bool:
+    """`insert_new` that says whether the row went in. Not by `rowcount`: psycopg's is -1 for an ORM session's
+    INSERT … ON CONFLICT, so on PostgreSQL every event claim looked new and a redelivery was answered again."""
+    statement = insert_new(engine, model, values).returning(*model.__table__.primary_key.columns)
+    return session.execute(statement).first() is not None
 
 
 def _redact(url: str) -> str:

@@ -60,6 +60,23 @@ async def test_a_reply_finished_after_its_user_was_erased_is_not_recorded(servic
     assert not reply.recorded and services.store.export_user("u1")["turns"] == []
 
 
+def test_a_channel_event_is_claimed_once_on_every_database(db_url):
+    store = TranscriptStore(db_url)  # psycopg reports rowcount -1 for INSERT … ON CONFLICT: a claim must not use it
+    try:
+        store.ensure_conversation(conversation_id="c1", user_id="u1", channel="t")
+        first = Turn(conversation_id="c1", user_id="u1", channel="t", user_text="hi", reply="", finish_reason="pending")
+        store.record_turn(first, event=("t", "update-1"))
+        with pytest.raises(AlreadyHandled):  # the same update delivered again writes nothing
+            store.record_turn(Turn(conversation_id="c1", user_id="u1", channel="t", user_text="hi", reply="",
+                                   finish_reason="pending"), event=("t", "update-1"))
+        assert [t["id"] for t in store.export_user("u1")["turns"]] == [first.id]
+        assert store.claim_event(channel="t", event_id="update-2") is True
+        assert store.claim_event(channel="t", event_id="update-2") is False
+        assert store.claim_event(channel="t", event_id="update-1") is False
+    finally:
+        store.close()
+
+
 def test_abandoned_pending_turns_are_closed_once_and_live_ones_never(db_url):
     store = TranscriptStore(db_url)
     leases = TurnLeases(store, lease_s=0.6)

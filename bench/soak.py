@@ -171,6 +171,7 @@ class Tally:
     errors_in_restart: int = 0
     errors_outside: list[str] = field(default_factory=list)
     retries: int = 0
+    waits: int = 0  # retries told that the message's first try was still being answered
     restarts: list[tuple[float, float]] = field(default_factory=list)  # (killed at, ready again at + grace)
     restarting: float | None = None  # when the current restart began
 
@@ -190,8 +191,8 @@ async def send(clients: list[httpx.AsyncClient], first: int, conversation: str, 
         began = time.monotonic()
         tally.attempts[token] += 1
         try:
-            response = await client.post(f"/v1/conversations/{conversation}/messages",
-                                         json={"user_id": user, "text": text})
+            response = await client.post(f"/v1/conversations/{conversation}/messages",  # one id for every try
+                                         json={"user_id": user, "text": text, "message_id": token})
             status, detail = response.status_code, response.text[:160]
         except httpx.HTTPError as exc:
             status, detail = 0, exc.__class__.__name__
@@ -202,7 +203,9 @@ async def send(clients: list[httpx.AsyncClient], first: int, conversation: str, 
         if status and status < 500 and status != 429:
             tally.errors_outside.append(f"HTTP {status}: {detail}")  # a client error is nobody's restart
             return
-        if tally.in_restart(began, time.monotonic()):
+        if status == 503 and "still being answered" in detail:  # its first try is under way: wait for it
+            tally.waits += 1
+        elif tally.in_restart(began, time.monotonic()):
             tally.errors_in_restart += 1
         else:
             tally.errors_outside.append(f"HTTP {status}: {detail}" if status else detail)
@@ -262,7 +265,6 @@ def check(c: Cluster, tally: Tally) -> dict:
             response.raise_for_status()
             turns += response.json()["turns"]
     on_record = {t["id"]: t for t in turns}
-    attempts = tally.attempts
     lost = [turn_id for turn_id in tally.acknowledged if turn_id not in on_record
             or on_record[turn_id]["finish_reason"] not in ANSWERED]
     answers: dict[str, list[str]] = {}
@@ -270,19 +272,16 @@ def check(c: Cluster, tally: Tally) -> dict:
         token = t["user_text"].rsplit("[", 1)[-1].rstrip("]")
         if t["finish_reason"] in ANSWERED and token in tally.sent:
             answers.setdefault(token, []).append(t["id"])
-    # A message answered more than once: a duplicate, unless all but one of its answers never reached the client
-    # (the process died after recording the answer, before sending it) and the client sent it again: the HTTP
-    # API has no message id to tell a retry from a new message, so that one is counted apart.
-    again = [token for token, ids in answers.items() if len(ids) > 1 and attempts[token] >= len(ids)
-             and sum(i in tally.acknowledged for i in ids) == 1]
-    duplicates = [token for token, ids in answers.items() if len(ids) > 1 and token not in again]
+    # A message answered more than once is a duplicate: every try carries the message's id, so a retry after a lost
+    # response gets the first answer back (`message_id` in the native API).
+    duplicates = [token for token, ids in answers.items() if len(ids) > 1]
     doctor = subprocess.run([sys.executable, "-m", "bot.cli", "doctor", "--json"], capture_output=True, text=True,
                             env={**c.env, "RAPPORT_HOME": str(c.processes[0].home)}, timeout=600)
     try:
         drift = json.loads(doctor.stdout)
     except ValueError:
         raise RuntimeError(f"rapport doctor failed: {doctor.stderr[-1000:]}") from None
-    return {"lost": lost, "duplicates": sorted(duplicates), "again": sorted(again),
+    return {"lost": lost, "duplicates": sorted(duplicates),
             "interrupted": sum(t["finish_reason"] == "interrupted" for t in turns), "doctor": drift}
 
 
@@ -304,7 +303,7 @@ def run(settings: Settings, *, pg_url: str, conversations: int = 16, minutes: fl
         "minutes": minutes, "wall_s": round(wall_s, 1), "restarts": len(tally.restarts),
         "turns_acknowledged": len(tally.acknowledged), "turns_lost": len(found["lost"]),
         "lost_samples": found["lost"][:5], "duplicate_replies": len(found["duplicates"]),
-        "duplicate_samples": found["duplicates"][:5], "answered_again_after_lost_response": len(found["again"]),
+        "duplicate_samples": found["duplicates"][:5], "waited_for_a_first_try": tally.waits,
         "turns_interrupted": found["interrupted"],
         "retries": tally.retries, "errors_during_restarts": tally.errors_in_restart,
         "http_5xx_outside_restarts": sum(e.startswith("HTTP 5") for e in tally.errors_outside),

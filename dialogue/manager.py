@@ -275,7 +275,7 @@ class DialogueManager:
                                 repetition_penalty=s.repetition_penalty)
 
     async def receive(self, *, user_id: str, conversation_id: str, text: str, channel: str = "api",
-                      event_id: str | None = None) -> Turn:
+                      event_id: str | None = None, turn_id: str | None = None) -> Turn:
         """Put the user's message on disk as a pending turn, before anything else happens to it.
 
         `event_id` (the channel's id of the delivery: a Telegram update, a Chatwoot message) is claimed in the
@@ -297,7 +297,7 @@ class DialogueManager:
         except InvalidInput:
             await self._claim_refused(event)
             raise
-        turn = Turn(id=new_id(), conversation_id=conversation_id, user_id=user_id, channel=channel, user_text=text,
+        turn = Turn(id=turn_id or new_id(), conversation_id=conversation_id, user_id=user_id, channel=channel, user_text=text,
                     reply="", model_id=self.backend.model_id, finish_reason=PENDING)
         self.leases.hold(turn.id)
         try:
@@ -307,13 +307,13 @@ class DialogueManager:
             raise
 
     async def respond(self, *, user_id: str, conversation_id: str, text: str, channel: str = "api",
-                      event_id: str | None = None, pending: Turn | None = None) -> Reply:
+                      event_id: str | None = None, pending: Turn | None = None, turn_id: str | None = None) -> Reply:
         """Prepare the reply to `text`; iterate the returned `Reply` to generate and record it.
 
         The message is recorded first (`receive`, unless the caller did and passes its `pending` turn); if the
         reply cannot be prepared the turn is closed as an error (or "interrupted" when cancelled), never left."""
         turn = pending or await self.receive(user_id=user_id, conversation_id=conversation_id, text=text,
-                                             channel=channel, event_id=event_id)
+                                             channel=channel, event_id=event_id, turn_id=turn_id)
         try:
             return await self._prepare(turn)
         except InvalidInput:  # refused whole (too long for the budget): not kept, as if never sent

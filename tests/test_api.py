@@ -346,3 +346,32 @@ def test_a_turn_that_asks_for_a_person_hands_off_and_reports_its_sources(client,
     assert body["sources"] == [{"kind": "faq", "id": "returns", "score": 0.31}]
     wait_for(lambda: services.store.get_conversation("lc1").status == "human")
     assert say(client, "Hello?", conversation="lc1").json()["reply"] == ""
+
+
+def test_a_retried_message_id_gets_its_first_answer_never_a_second(client, services):
+    from dialogue.store import Turn
+
+    first = say(client, "Hello there!", message_id="msg-1").json()
+    again = say(client, "Hello there!", message_id="msg-1")  # the client lost the first response and retries
+    assert again.status_code == 200 and again.json() == first
+    assert sse_events(say(client, "Hello there!", message_id="msg-1", stream=True).text)[-1] == ("done", first)
+    other = say(client, "Hello there!", message_id="msg-2").json()  # another message, another answer
+    assert other["turn_id"] != first["turn_id"]
+    assert [t["user_text"] for t in services.store.export_user("u1")["turns"]] == ["Hello there!"] * 2
+    assert say(client, "Hi", user="u2", conversation="c2", message_id="msg-1").json()["turn_id"] != first["turn_id"]
+
+    def mark(turn_id: str, finish_reason: str) -> None:
+        with services.store.session() as session:
+            row = session.get(Turn, turn_id)
+            row.finish_reason = finish_reason
+            session.add(row)
+            session.commit()
+
+    slow = say(client, "Slow one", message_id="msg-3").json()
+    mark(slow["turn_id"], "pending")  # its first try still being answered: the retry waits, not answered twice
+    busy = say(client, "Slow one", message_id="msg-3")
+    assert busy.status_code == 503 and busy.headers["Retry-After"]
+    mark(slow["turn_id"], "interrupted")  # its first try died unanswered: the retry is answered afresh
+    fresh = say(client, "Slow one", message_id="msg-3")
+    assert fresh.status_code == 200 and fresh.json()["turn_id"] != slow["turn_id"]
+    assert say(client, "Hi", message_id="not an id!").status_code == 422

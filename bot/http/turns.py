@@ -7,6 +7,7 @@ a person has the conversation, "let me talk to a human") is the dialogue core's,
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -21,9 +22,9 @@ from starlette.types import Receive, Scope, Send
 from bot.http.auth import Caller, ChatDep, limit_user
 from bot.http.deps import DeskDep, ManagerDep, MetricsDep, StoreDep
 from bot.http.disconnect import while_connected
-from dialogue.errors import NotFound
-from dialogue.manager import Reply
-from dialogue.store import Conversation, TranscriptStore
+from dialogue.errors import AlreadyHandled, NotFound, Overloaded
+from dialogue.manager import RETRY_AFTER_S, Reply
+from dialogue.store import PENDING, Conversation, TranscriptStore, Turn
 from memory.text import ID_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class MessageIn(BaseModel):
     channel: str = Field("api", pattern=r"^[a-z0-9_-]{1,32}$")
     metadata: dict[str, Any] | None = Field(None, description="free-form; not interpreted")
     stream: bool = Field(False, description="answer as server-sent events (also: Accept: text/event-stream)")
+    message_id: str | None = Field(None, pattern=ID, description="the client's id of this message: a retry with "
+                                   "the same id gets the first answer again, never a second one")
 
 
 class MessageOut(BaseModel):
@@ -134,19 +137,57 @@ class EventStream(StreamingResponse):
 @router.post("/conversations/{conversation_id}/messages", response_model=MessageOut,
              responses={200: {"content": {"text/event-stream": {}}}})
 async def post_message(request: Request, conversation_id: ConversationId, body: MessageIn, caller: ChatDep,
-                       manager: ManagerDep):
+                       manager: ManagerDep, store: StoreDep):
     """A user's message in; the reply with its sources, handoff flag and adapter version out. The core's handoff
     gate answers with a `HandedOff` when a person has (or is asked to take) the conversation. Ids are taken
-    inside the key's namespace; a conversation id that belongs to another user is refused."""
+    inside the key's namespace; a conversation id that belongs to another user is refused. A `message_id` makes a
+    retry safe: the same message is answered once."""
     user_id = caller.user(body.user_id)
     limit_user(request, caller, user_id)
-    outcome = await manager.respond(user_id=user_id, conversation_id=caller.conversation(conversation_id),
-                                    text=body.text, channel=body.channel)
+    conversation_id = caller.conversation(conversation_id)
+    retry = {}
+    if body.message_id is not None:  # one turn per client message, found again by its id
+        turn_id = hashlib.sha256(f"{user_id}\n{conversation_id}\n{body.message_id}".encode()).hexdigest()[:32]
+        retry = {"event_id": turn_id, "turn_id": turn_id}
+    try:
+        outcome = await manager.respond(user_id=user_id, conversation_id=conversation_id, text=body.text,
+                                        channel=body.channel, **retry)
+    except AlreadyHandled:
+        answered = await _answered_before(store, retry["turn_id"], user_id)
+        if answered is None:  # the first try died unanswered (interrupted, error): this one is answered afresh
+            outcome = await manager.respond(user_id=user_id, conversation_id=conversation_id, text=body.text,
+                                            channel=body.channel)
+        elif wants_stream(request, body.stream):
+            return EventStream(_events_of(answered))
+        else:
+            return answered
     if wants_stream(request, body.stream):
         return EventStream(_reply_events(outcome))
     outcome.streamed = False  # answered whole: cut short, it showed nothing
     await while_connected(request, drain(outcome))
     return reply_json(outcome)
+
+
+async def _answered_before(store: TranscriptStore, turn_id: str, user_id: str) -> dict | None:
+    """The answer a message with this client id got before; None when it never got one. A message whose first
+    try is still being answered is refused for now (503, Retry-After), not answered twice."""
+    turn: Turn | None = await asyncio.to_thread(store.get_turn, turn_id)
+    if turn is None or turn.user_id != user_id or turn.finish_reason in ("interrupted", "error"):
+        return None
+    if turn.finish_reason == PENDING:
+        raise Overloaded("this message is still being answered; ask again in a few seconds", retry_after=RETRY_AFTER_S)
+    conversation = await asyncio.to_thread(store.get_conversation, turn.conversation_id)
+    return {"turn_id": turn.id, "reply": turn.reply, "sources": json.loads(turn.sources or "[]"),
+            "handoff": turn.handoff, "adapter_version": turn.adapter_version,
+            "status": conversation.status if conversation else "bot", "finish_reason": turn.finish_reason or "stop",
+            "usage": {"prompt_tokens": turn.prompt_tokens, "completion_tokens": turn.completion_tokens},
+            "notices": []}
+
+
+async def _events_of(answered: dict) -> AsyncIterator[str]:
+    if answered["reply"]:
+        yield sse({"text": answered["reply"]}, "delta")
+    yield sse(answered, "done")
 
 
 async def _reply_events(reply: Reply) -> AsyncIterator[str]:

@@ -289,9 +289,20 @@ def test_erased_user_turns_never_reach_a_new_version(loaded):
     import_lines(store, [conversation(100, user="u1")], system=settings.system_prompt, max_chars=1000)  # re-imported
     second = train_version(settings, store, config=FAST, show_progress=False, exclude_deleted=True)
     meta = json.loads((settings.adapters_dir / second["version"] / "train_meta.json").read_text())
-    from training.datasets import user_hash
+    from training.datasets import lineage_salt, user_hash
 
-    assert user_hash("u1") not in meta["lineage"]["user_hashes"] and meta["replaces_erased"] == [first["version"]]
+    salted = user_hash("u1", lineage_salt(settings.adapters_dir))
+    first_meta = json.loads((settings.adapters_dir / first["version"] / "train_meta.json").read_text())
+    assert salted in first_meta["lineage"]["user_hashes"]  # lineage names users by this home's salted hash only
+    assert user_hash("u1") not in first_meta["lineage"]["user_hashes"] and salted != user_hash("u1")
+    assert salted not in meta["lineage"]["user_hashes"] and meta["replaces_erased"] == [first["version"]]
+    assert (settings.adapters_dir / "lineage.salt").stat().st_mode & 0o077 == 0
+
+
+def test_a_version_from_before_the_salt_is_still_flagged_when_its_user_is_erased(tmp_path):
+    registry = Registry(tmp_path / "adapters")
+    legacy = fake_version(registry, tmp_path, b"old", users=["u7"])  # lineage hashed without a salt
+    assert flag_user_erased(registry.directory, "u7") == [legacy]
 
 
 # -- CLI ---------------------------------------------------------------------------------------------

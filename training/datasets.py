@@ -9,11 +9,15 @@ so a conversation stays on the same side in every rebuild), and the lineage reco
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
+import os
+import secrets
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dialogue.prompt import Message, PromptParts, build_prompt
@@ -27,9 +31,35 @@ HELDOUT_FRACTION = 0.15
 SKIPPED_FINISH = {"cancelled", "error", "handoff", "pending", "interrupted"}  # cut short, failed, or no bot reply
 
 
-def user_hash(user_id: str) -> str:
-    """How lineage names a user: enough to find their versions after erasure, not to read their id back."""
+SALT_FILE = "lineage.salt"
+
+
+def user_hash(user_id: str, salt: str | None = None) -> str:
+    """How lineage names a user: enough to find their versions after erasure, not to read their id back. With this
+    installation's `salt` (`lineage_salt`) an HMAC, so a dataset's hashes cannot be checked against guessed ids
+    (`telegram:12345`) elsewhere; without it the older unsalted form, still matched at erasure."""
+    if salt:
+        return hmac.new(salt.encode(), user_id.encode(), hashlib.sha256).hexdigest()[:32]
     return hashlib.sha256(f"rapport-user:{user_id}".encode()).hexdigest()[:32]
+
+
+def lineage_salt(adapters_dir: Path) -> str:
+    """This installation's secret for lineage hashes: made at first use beside the versions (not inside one, so a
+    version folder handed on carries none), mode 0600; two processes at once agree on the first one written."""
+    path = adapters_dir / SALT_FILE
+    if not path.exists():
+        adapters_dir.mkdir(parents=True, exist_ok=True)
+        partial = adapters_dir / f".{SALT_FILE}.{os.getpid()}.tmp"
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+        try:
+            os.link(partial, path)  # atomic, and never over another process's salt
+        except FileExistsError:
+            pass
+        finally:
+            partial.unlink(missing_ok=True)
+    return path.read_text().strip()
 
 
 @dataclass(frozen=True)
@@ -112,7 +142,7 @@ def turn_messages(turn: Turn, default_system: str) -> list[Message]:
     return build_prompt(PromptParts.from_dict(data))
 
 
-def turn_examples(turn: Turn, rating: Rating | None, default_system: str) -> list[Example]:
+def turn_examples(turn: Turn, rating: Rating | None, default_system: str, salt: str | None = None) -> list[Example]:
     """What one turn teaches: liked/agent/correction replies are desirable, disliked ones undesirable.
 
     A correction counts only once an admin approved it (`Rating.correction_trusted`); an agent reply only when a
@@ -134,7 +164,7 @@ def turn_examples(turn: Turn, rating: Rating | None, default_system: str) -> lis
     messages = redact_messages(turn_messages(turn, default_system))
     return [
         Example(messages=messages, completion=redact(text.strip()), desirable=desirable, source=source,
-                turn_id=turn.id, conversation_id=turn.conversation_id, user=user_hash(turn.user_id))
+                turn_id=turn.id, conversation_id=turn.conversation_id, user=user_hash(turn.user_id, salt))
         for source, text, desirable in sources if text and text.strip()
     ]
 
@@ -161,7 +191,7 @@ def _faq_dict(entry: Any) -> dict[str, Any]:
 
 def build_dataset(store: TranscriptStore, *, system: str, faq_entries: Iterable[Any] = (),
                   exclude_user_hashes: set[str] = frozenset(), heldout_fraction: float = HELDOUT_FRACTION,
-                  max_per_user: int | None = None) -> Dataset:
+                  max_per_user: int | None = None, salt: str | None = None) -> Dataset:
     """The training set and its held-out part from everything rated so far.
 
     `max_per_user` caps what one user's ratings teach (their oldest examples are kept), so one user rating
@@ -172,10 +202,10 @@ def build_dataset(store: TranscriptStore, *, system: str, faq_entries: Iterable[
     dropped: Counter = Counter()
     per_user: Counter = Counter()
     for turn, rating in TrainingStore(store).rated_turns():
-        if user_hash(turn.user_id) in exclude_user_hashes:
+        if user_hash(turn.user_id, salt) in exclude_user_hashes:
             dropped["erased_user"] += 1
             continue
-        for example in turn_examples(turn, rating, system):
+        for example in turn_examples(turn, rating, system, salt):
             key = example.key()
             if key in seen:
                 dropped["duplicate"] += 1

@@ -13,7 +13,7 @@ from typing import Any
 from dialogue.settings import Settings
 from dialogue.store import TranscriptStore
 from training.clean import CleanConfig, clean_dataset
-from training.datasets import Dataset, build_dataset
+from training.datasets import Dataset, build_dataset, lineage_salt
 from training.gate import GateConfig, run_gate
 from training.registry import AdapterVersion, Registry, now
 from training.search import SearchConfig, choose_config
@@ -26,7 +26,8 @@ def dataset_for(settings: Settings, store: TranscriptStore, faq_entries: Iterabl
     """Everything rated so far, minus every user erased since (their hashes stay in the registry)."""
     erased = set(Registry(settings.adapters_dir).state().erased_user_hashes)
     return build_dataset(store, system=settings.system_prompt, faq_entries=list(faq_entries),
-                         exclude_user_hashes=erased, max_per_user=settings.train_max_examples_per_user)
+                         exclude_user_hashes=erased, max_per_user=settings.train_max_examples_per_user,
+                         salt=lineage_salt(settings.adapters_dir))
 
 
 def baseline_of(registry: Registry, exclude: str | None = None) -> tuple[str, Path] | None:

@@ -246,16 +246,15 @@ class Registry:
 
     # -- erasure ---------------------------------------------------------------------------------
 
-    def flag_user(self, user_hash: str) -> list[str]:
+    def flag_user(self, *user_hashes: str) -> list[str]:
         """Flag every version whose lineage holds this user and stop serving them at once (the A/B split ends; an
         active one gives way to the newest clean version before it, or the base model); remember the user so no
         new dataset has them. The flagged versions wait for retraining and `adapters purge`."""
         flagged = []
         with self.transaction() as state:
-            if user_hash not in state.erased_user_hashes:
-                state.erased_user_hashes.append(user_hash)
+            state.erased_user_hashes += [h for h in user_hashes if h not in state.erased_user_hashes]
             for item in state.versions.values():
-                if user_hash in _lineage_users(Path(item.path)) and "erased_user" not in item.flags:
+                if _lineage_users(Path(item.path)) & set(user_hashes) and "erased_user" not in item.flags:
                     item.flags.append("erased_user")
                     item.updated_at = now()
                     flagged.append(item.version)
@@ -310,9 +309,10 @@ def _lineage_users(path: Path) -> set[str]:
 
 def flag_user_erased(adapters_dir: Path, user_id: str) -> list[str]:
     """Call on user deletion: flags (and stops promotion of) every version trained on the user's turns."""
-    from training.datasets import user_hash
+    from training.datasets import lineage_salt, user_hash
 
-    flagged = Registry(adapters_dir).flag_user(user_hash(user_id))
+    # the salted hash, and the unsalted one of versions trained before lineage hashes had a salt
+    flagged = Registry(adapters_dir).flag_user(user_hash(user_id, lineage_salt(adapters_dir)), user_hash(user_id))
     if flagged:
         logger.warning("user erasure: adapter versions %s were trained on their data", ", ".join(flagged))
     return flagged

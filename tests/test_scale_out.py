@@ -54,7 +54,7 @@ def test_two_processes_see_each_others_memories_and_turns_at_once(tiny_env, pg_u
 def test_bench_soak_short_loses_nothing(tiny_env):
     from bench.soak import run
 
-    report = run(tiny_env, pg_url=PG_URL, conversations=4, minutes=0.75, lease_s=2.0)
+    report = run(tiny_env, pg_url=PG_URL, conversations=4, minutes=0.5, lease_s=2.0)
     print(report)
     assert report["restarts"] >= 1 and report["turns_acknowledged"] > 0
     assert report["turns_lost"] == 0 and report["duplicate_replies"] == 0 and report["drift"] == 0

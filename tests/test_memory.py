@@ -354,7 +354,7 @@ def test_a_first_memory_written_during_another_users_erasure_keeps_its_index(chr
             if "FROM segments" in sql and not newcomer.is_alive() and newcomer.ident is None:
                 rows = Rows(result.fetchall())  # read in full: a read left open would block the write
                 newcomer.start()
-                newcomer.join(timeout=20)  # a scrub that holds a lock the write needs lets it finish later
+                newcomer.join(timeout=2)  # a scrub that holds a lock the write needs lets it finish later
                 return rows
             return result
 

@@ -320,6 +320,7 @@ class MemoryStore:
         self._compact_timer: threading.Timer | None = None
         self._last_compaction = -math.inf
         self._owed_marker = self.persist_dir / "compaction.owed" if self.persist_dir is not None else None
+        self._dropped_folders: set[Path] = set()  # HNSW folders of segments this process dropped
         self.finish_compaction()  # one a process that died before its timer fired still owed
 
     def for_user(self, user_id: str) -> UserMemory:
@@ -427,9 +428,13 @@ class MemoryStore:
         with self.write_lock:
             folders = self._segment_folders(collection.id)
             self.client.delete_collection(collection.name)
-        for path in folders:
-            shutil.rmtree(path, ignore_errors=True)
+        self._dropped_folders.update(folders)  # removed again at each compaction: segment ids are never reused,
+        self._remove_dropped_folders()  # so a folder Chroma writes late for a dropped segment is never anyone's
         self.scrub_disk()
+
+    def _remove_dropped_folders(self) -> None:
+        for path in list(self._dropped_folders):
+            shutil.rmtree(path, ignore_errors=True)
 
     def _segment_folders(self, collection_id) -> list[Path]:
         if self.persist_dir is None:
@@ -483,6 +488,7 @@ class MemoryStore:
         if self._compact_timer is not None:
             self._compact_timer.cancel()
             self._compact_timer = None
+        self._remove_dropped_folders()
         database = self.persist_dir / "chroma.sqlite3"
         try:
             for attempt in range(1, COMPACT_TRIES + 1):

@@ -148,11 +148,16 @@ def local_server(home: Path, **env: str) -> Iterator[LocalServer]:
         wait_ready(process, base_url, log)
         yield LocalServer(base_url, {"Authorization": f"Bearer {key}"})
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def run(settings: Settings, *, conversations: int = 16, duration_s: float = 60, new_tokens: int = 48) -> dict:

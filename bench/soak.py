@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 
 from bench.chat import backend_path, borrow
-from bench.serve import free_port, percentile, wait_ready
+from bench.serve import free_port, percentile, stop_process, wait_ready
 from dialogue.settings import Settings
 
 ANSWERED = frozenset({"stop", "length"})  # a turn that was answered by the model
@@ -70,11 +70,7 @@ def chroma_server(path: Path) -> Iterator[str]:
             time.sleep(0.3)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process, timeout_s=20)
 
 
 @contextmanager
@@ -119,11 +115,7 @@ class ServeProcess:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+            stop_process(self.process)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from memory.errors import StoreUnavailable
+from memory.loading import BUILD_LOCK
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class Embedder:
             if self._model is None:
                 from sentence_transformers import SentenceTransformer
 
-                self._model = SentenceTransformer(str(model_dir()), device="cpu", local_files_only=True)
+                with BUILD_LOCK:
+                    self._model = SentenceTransformer(str(model_dir()), device="cpu", local_files_only=True)
             return self._model
 
     def embed(self, texts: list[str]) -> np.ndarray:

@@ -26,6 +26,7 @@ import torch
 
 from dialogue.prompt import PromptParts, build_prompt
 from dialogue.settings import Settings
+from memory.loading import BUILD_LOCK
 from training.canary import CANARY, CANARY_FAQ, CANARY_PERSONA, CANARY_PROMPTS
 from training.datasets import Dataset, Example
 from training.scoring import collate, completion_logprobs, encode, load_base, set_threads
@@ -213,9 +214,10 @@ def run_gate(settings: Settings, dataset: Dataset, candidate: Path, baseline: tu
 
     set_threads(settings)
     base, tokenizer = load_base(settings)
-    model = PeftModel.from_pretrained(base, candidate, adapter_name="candidate")
-    if baseline is not None:
-        model.load_adapter(baseline[1], adapter_name="baseline")
+    with BUILD_LOCK:
+        model = PeftModel.from_pretrained(base, candidate, adapter_name="candidate")
+        if baseline is not None:
+            model.load_adapter(baseline[1], adapter_name="baseline")
     model.eval()
     system = settings.system_prompt
     conversations = canary_conversations(system)

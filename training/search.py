@@ -21,6 +21,7 @@ from typing import Any
 
 from dialogue.settings import Settings
 from training.datasets import Dataset
+from memory.loading import BUILD_LOCK
 from training.gate import (BEHAVIOUR_TOLERANCES, GateConfig, score_pairs, behaviour_metrics, canary_conversations,
                            canary_perplexity, generate_replies, preference)
 from training.scoring import load_base, set_threads
@@ -42,7 +43,8 @@ def evaluate_trial(settings: Settings, dataset: Dataset, result: TrainResult, ga
     from peft import PeftModel
 
     base, tokenizer = load_base(settings)
-    model = PeftModel.from_pretrained(base, result.path)
+    with BUILD_LOCK:
+        model = PeftModel.from_pretrained(base, result.path)
     model.eval()
     system = settings.system_prompt
     conversations = canary_conversations(system)

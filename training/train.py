@@ -31,6 +31,7 @@ import torch
 
 from dialogue.settings import Settings
 from memory.errors import InvalidInput, RapportError
+from memory.loading import BUILD_LOCK
 from training.datasets import Dataset, Example
 from training.scoring import Encoded, collate, completion_logprobs, encode, load_base, set_threads
 
@@ -170,7 +171,8 @@ def train_adapter(settings: Settings, dataset: Dataset, config: TrainConfig, *, 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     base, tokenizer = load_base(settings)
-    model = get_peft_model(base, lora_config(config, base.config.num_hidden_layers))
+    with BUILD_LOCK:
+        model = get_peft_model(base, lora_config(config, base.config.num_hidden_layers))
     model.train()
     encoded = [encode(tokenizer, e.messages, e.completion, max_len=config.max_len) for e in examples]
     pad_id = tokenizer.pad_token_id

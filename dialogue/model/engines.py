@@ -12,6 +12,7 @@ import logging
 import torch
 
 from dialogue.model.fastllama import Batch, DecodePlan, FastLlama, LoraAdapter, supports
+from memory.loading import BUILD_LOCK
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +79,11 @@ class TransformersEngine:
         if ref.name not in self._adapters:
             from peft import PeftModel
 
-            if not self._adapters:
-                self.model = PeftModel.from_pretrained(self.model, ref.path, adapter_name=ref.name)
-            else:
-                self.model.load_adapter(ref.path, adapter_name=ref.name)
+            with BUILD_LOCK:
+                if not self._adapters:
+                    self.model = PeftModel.from_pretrained(self.model, ref.path, adapter_name=ref.name)
+                else:
+                    self.model.load_adapter(ref.path, adapter_name=ref.name)
             self.model.eval()
             self._adapters.add(ref.name)
             logger.info("loaded adapter %s from %s", ref.name, ref.path)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from memory.errors import StoreUnavailable
+from memory.loading import BUILD_LOCK
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +65,14 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained: rebuild it from its config and copy the weights over.
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         config.quantization_config = None
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with BUILD_LOCK:
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
         missing = [name for name in missing if name != "lm_head.weight"]  # tied to the embeddings
         if missing or unexpected:

@@ -27,6 +27,7 @@ from dialogue.model import kernels
 from dialogue.model.engines import Batch, open_engine
 from dialogue.model.fastllama import DecodePlan
 from dialogue.errors import GenerationError
+from memory.loading import BUILD_LOCK
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, tokenizer=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    with BUILD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.eval()
     return model, tokenizer
 

@@ -23,7 +23,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, delete, select
 
 from dialogue.errors import AlreadyHandled, InvalidInput, NotFound, StoreUnavailable
-from dialogue.schema import upgrade
+from dialogue.schema import enable_wal, upgrade
 from memory.persona import PersonaRow
 
 
@@ -148,8 +148,8 @@ class Erasure(SQLModel, table=True):
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    enable_wal(dbapi_connection)
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")  # an answered turn survives a crash of the process or the machine
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA foreign_keys=ON")

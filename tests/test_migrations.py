@@ -210,6 +210,33 @@ def test_processes_starting_together_migrate_once(db_url, tmp_path):
     store.close()
 
 
+WAL_STARTER = """
+import pathlib, sqlite3, sys, time
+from dialogue.schema import enable_wal
+go = pathlib.Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.0005)
+connection = sqlite3.connect(sys.argv[1], timeout=60)
+enable_wal(connection)
+print(connection.execute("PRAGMA journal_mode").fetchone()[0], flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_processes_opening_a_new_sqlite_database_together_all_get_wal(tmp_path):
+    # SQLite refuses the WAL pragma at once while another connection holds its lock (no busy wait): a plain
+    # pragma failed 18 of 120 process starts like these; each must wait its turn instead.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for round_ in range(8):
+        db, go = tmp_path / f"r{round_}.db", tmp_path / f"go{round_}"
+        procs = [subprocess.Popen([sys.executable, "-c", WAL_STARTER, str(db), str(go)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
+        time.sleep(1.0)  # past their imports
+        go.touch()
+        results = [proc.communicate(timeout=60) for proc in procs]
+        assert [out.strip() for out, _ in results] == ["wal"] * 4, [err[-500:] for _, err in results]
+
+
 # -- the command -------------------------------------------------------------------------------------------
 
 

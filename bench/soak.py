@@ -35,8 +35,10 @@ import httpx
 
 from bench.chat import backend_path, borrow
 from bench.serve import free_port, percentile, stop_process, wait_ready
+from dialogue.errors import StoreUnavailable
 from dialogue.settings import Settings
 
+LOCAL_POSTGRES = "postgresql+psycopg://127.0.0.1:5432/postgres"  # the local server, when no URL is given
 ANSWERED = frozenset({"stop", "length"})  # a turn that was answered by the model
 FACTS = ["I live in {}.", "My number is {}.", "I bake in {}.", "My cat is {}."]  # short: a tiny model's limit
 GRACE_S = 3.0  # after a process is ready again, errors still count as the restart's
@@ -77,12 +79,18 @@ def chroma_server(path: Path) -> Iterator[str]:
 def pg_schema(url: str) -> Iterator[str]:
     """A PostgreSQL URL on a schema of its own, dropped afterwards."""
     from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
 
     schema = f"soak_{uuid.uuid4().hex[:12]}"
     admin = create_engine(url)
     try:
         with admin.begin() as conn:
             conn.execute(text(f"CREATE SCHEMA {schema}"))
+    except SQLAlchemyError as exc:
+        admin.dispose()
+        raise StoreUnavailable(f"bench soak needs a PostgreSQL it can make a schema in ({exc.__class__.__name__} "
+                               f"at {url.split('@')[-1]}): pass --database-url postgresql+psycopg://…") from exc
+    try:
         separator = "&" if "?" in url else "?"
         yield f"{url}{separator}options=-csearch_path%3D{schema}"
     finally:
@@ -293,12 +301,12 @@ def run(settings: Settings, *, pg_url: str, conversations: int = 16, minutes: fl
     return {
         "model": settings.model or "embedded SmolLM2-135M-Instruct", "path": path, "conversations": conversations,
         "minutes": minutes, "wall_s": round(wall_s, 1), "restarts": len(tally.restarts),
-        "turns_acknowledged": len(tally.acknowledged), "turns_lost": len(found["lost"]),
-        "lost_samples": found["lost"][:5], "duplicate_replies": len(found["duplicates"]),
+        "acknowledged": len(tally.acknowledged), "lost": len(found["lost"]),
+        "lost_samples": found["lost"][:5], "duplicates": len(found["duplicates"]),
         "duplicate_samples": found["duplicates"][:5], "waited_for_a_first_try": tally.waits,
         "turns_interrupted": found["interrupted"],
         "retries": tally.retries, "errors_during_restarts": tally.errors_in_restart,
-        "http_5xx_outside_restarts": sum(e.startswith("HTTP 5") for e in tally.errors_outside),
+        "server_errors": sum(e.startswith("HTTP 5") for e in tally.errors_outside),  # 5xx outside restarts
         "other_errors_outside_restarts": sum(not e.startswith("HTTP 5") for e in tally.errors_outside),
         "error_samples": sorted(set(tally.errors_outside), key=lambda e: not e.startswith("HTTP 5"))[:5],
         "server_error_lines": logged[-8:],

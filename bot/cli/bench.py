@@ -199,18 +199,20 @@ def bench_chat(users: int, seed: int, split: str, with_turns: bool, as_json: boo
 @bench.command("soak")
 @click.option("--conversations", default=16, show_default=True, type=click.IntRange(1, 256))
 @click.option("--minutes", default=10.0, show_default=True, type=click.FloatRange(0.25, 600))
-@click.option("--database-url", default=None, help="a PostgreSQL URL (default: RAPPORT_DATABASE_URL); the bench makes "
-                                                   "a schema of its own there and drops it after")
+@click.option("--database-url", default=None, help="a PostgreSQL URL (default: RAPPORT_DATABASE_URL when it is one, "
+                                                   "else the local server's postgres database); the bench makes a "
+                                                   "schema of its own there and drops it after")
 @click.option("--seed", default=0, show_default=True, type=int, help="when the kills come")
 @click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
 def bench_soak(conversations: int, minutes: float, database_url: str | None, seed: int, as_json: bool) -> None:
     """Two `rapport serve` processes on PostgreSQL and a Chroma server, one killed (SIGKILL) and restarted at random
     moments: turns acknowledged and lost, duplicate replies, 5xx outside restarts, memory/SQL drift, p95 turn time."""
-    from bench.soak import run
+    from bench.soak import LOCAL_POSTGRES, run
 
     settings = load_settings()
-    url = database_url or settings.database_url
-    if not url or not url.startswith("postgresql"):
+    configured = settings.database_url if (settings.database_url or "").startswith("postgresql") else None
+    url = database_url or configured or LOCAL_POSTGRES
+    if not url.startswith("postgresql"):
         raise click.BadParameter("bench soak runs two processes on PostgreSQL: pass --database-url "
-                                 "postgresql+psycopg://… or set RAPPORT_DATABASE_URL", param_hint="--database-url")
+                                 "postgresql+psycopg://…", param_hint="--database-url")
     emit_json(run(settings, pg_url=url, conversations=conversations, minutes=minutes, seed=seed))

@@ -94,6 +94,23 @@ def test_chat_as_another_user_gets_none_of_their_profile_or_memories(client, key
     assert legacy.status_code == 403
 
 
+def test_a_legacy_key_cannot_reach_an_integrations_users_even_one_made_later(client, keys, services):
+    # legacy keys take ids as given: "acme:lena" would be acme's lena, so any NAMESPACE:… id is refused to them,
+    # including a namespace nobody has yet (an integration created tomorrow would own it)
+    client.post("/v1/users/lena/memories", headers=bearer(keys["acme"]), json={"items": [{"text": "My PIN is 9911"}]})
+    plain = bearer(LEGACY_PLAIN)
+    for user in ("acme:lena", "newco:lena", "widget:x"):
+        assert client.get(f"/v1/users/{user}/memories/search", params={"q": "PIN"}, headers=plain).status_code == 403
+        assert client.get(f"/v1/users/{user}/export", headers=plain).status_code == 403
+        said = client.post("/v1/chat/completions", headers=plain, json={
+            "user": user, "messages": [{"role": "user", "content": "What is my PIN?"}]})
+        assert said.status_code == 403
+        assert say(client, LEGACY_PLAIN, "hi", user=user, conversation="c-legacy").status_code == 403
+    # its own users (ids without a namespace) work as before the upgrade
+    assert say(client, LEGACY_PLAIN, "hi", user="lena", conversation="c-legacy").status_code == 200
+    assert services.store.export_user("acme:lena")["turns"] == []
+
+
 # -- 2. open by default meant admin for everyone; DNS rebinding; cross-site writes ---------------------------
 
 

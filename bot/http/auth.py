@@ -4,7 +4,8 @@ A key belongs to an integration (`rapport keys create`, `dialogue/integrations.p
 it sends are taken inside its namespace (`acme` + `lena` → `acme:lena`), so no key reaches another integration's
 users; `admin` is a scope, never the default, and an admin key names full ids. The legacy settings still work:
 `RAPPORT_API_KEYS` (chat and memory) and `RAPPORT_ADMIN_KEYS` (admin too) are one integration, `legacy`, with ids
-used as given (minus the channels' own `telegram:`/`chatwoot:` ids, which only admin reaches). With no key at all
+used as given, except ids of the form `ns:…`: that is the shape of every namespaced id (an integration's, a
+channel's own `telegram:`/`chatwoot:`), now or created later, so a legacy key can never reach one; only admin does. With no key at all
 the API answers only when the server was started `--open` (loopback only), as chat and memory, never admin.
 Keys are never logged: a caller is named by a short hash of its key.
 """
@@ -15,6 +16,7 @@ import hashlib
 import hmac
 import logging
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +29,9 @@ from dialogue.settings import Settings, reveal
 
 logger = logging.getLogger(__name__)
 
-CHANNEL_PREFIXES = ("telegram:", "chatwoot:")  # the channels' own users: only an admin key names them
+# The shape of an id inside a namespace (an integration's `acme:lena`, a channel's `telegram:42`): a caller without
+# a namespace of its own (legacy keys, open mode) may not name one, whether that namespace exists yet or not.
+NAMESPACED = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}:")
 DEFAULT_SCOPES = frozenset({"chat", "memory"})
 
 
@@ -66,15 +70,16 @@ class Caller:
             return True
         if self.namespace:
             return stored_user_id.startswith(f"{self.namespace}:")
-        return not stored_user_id.startswith(CHANNEL_PREFIXES)
+        return not NAMESPACED.match(stored_user_id)
 
     def _inside(self, given: str, what: str) -> str:
         if self.admin:
             return given
         if self.namespace:
             return f"{self.namespace}:{given}"
-        if given.startswith(CHANNEL_PREFIXES):  # a legacy or open caller may not name a channel's users
-            raise HTTPException(403, f"that {what} id belongs to a channel; only an admin key names it")
+        if NAMESPACED.match(given):  # a legacy or open caller may not name a channel's or an integration's users
+            raise HTTPException(403, f"a {what} id of the form NAMESPACE:… belongs to an integration or a channel; "
+                                     "only an admin key names it (or use a key of that integration)")
         return given
 
 

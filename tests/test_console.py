@@ -383,6 +383,12 @@ def test_adapters_promote_a_share_and_the_experiment_decides_and_its_button_prom
         done = c.post(f"/admin/adapters/{second}/promote", data={"csrf": csrf, "back": "/admin/experiments"})
         assert "is active" in done.text and registry.state().active == second and registry.state().ab is None
         assert "No A/B split is running" in done.text
+        ended = re.search(rf'<tr data-past="{second}">(.*?)</tr>', done.text, re.S).group(1)  # listed under it
+        assert f"{second} vs {first}" in ended and "promoted" in ended and "89.6 %" in ended
+        assert "B is better: promote · P(B better)" in ended
+        [past] = json.loads(CliRunner().invoke(adapters_group, ["experiment", "--json"]).output)["past"]
+        assert (past["a"], past["b"], past["share"], past["ended"]) == (first, second, 0.3, "promoted")
+        assert past["decision"] == "B is better: promote" and [v["rated"] for v in past["variants"]] == [240, 240]
         rolled = c.post("/admin/adapters/rollback", data={"csrf": csrf})
         assert "Rolled back" in rolled.text and registry.state().active == first
         feedback = c.get("/admin/feedback").text

@@ -158,7 +158,7 @@ class RetrainScheduler:
                            examples=result["metrics"].get("examples"), promoted=None)
                 if gate["passed"] and self.schedule.promote_share > 0:
                     share = self.schedule.promote_share
-                    Registry(adapters).promote(result["version"], share if share < 1 else None)
+                    Registry(adapters, self.store).promote(result["version"], share if share < 1 else None)
                     run["promoted"] = share
             run["finished_at"] = self.clock().isoformat()
             _write_runs(adapters, [*runs, run])

@@ -36,7 +36,7 @@ def go(url: str, **message: str) -> RedirectResponse:
 
 
 def registry_of(services) -> Registry:
-    return Registry(services.settings.adapters_dir)
+    return Registry(services.settings.adapters_dir, services.store)
 
 
 def bar_chart(title: str, bars: list[tuple[str, float | None, str]], *, width: int = 360, height: int = 180) -> Markup:
@@ -129,7 +129,7 @@ async def rollback(request: Request, session: SessionDep, services: ServicesDep)
     form = await checked_form(request, session)
     back = form.get("back") if form.get("back") in ("/admin/adapters", "/admin/experiments") else "/admin/adapters"
     try:
-        result = await asyncio.to_thread(registry_of(services).rollback)
+        result = await asyncio.to_thread(registry_of(services).rollback, ended="stopped")
     except RapportError as exc:
         return go(back, problem=str(exc))
     if "ended_ab" in result:

@@ -414,6 +414,53 @@ def test_a_correction_is_approved_for_training_from_the_feedback_page(keyed):
             if e.source == "correction"] == ["We open at nine."]
 
 
+def test_the_feedback_page_keeps_ratings_and_corrections_out_of_training_and_undoes_that(keyed):
+    from dialogue.store import Rating, Turn
+    from training.datasets import build_dataset
+
+    store = keyed.store
+    store.ensure_conversation(conversation_id="fb3", user_id="cal", channel="api")
+    liked = store.record_turn(Turn(conversation_id="fb3", user_id="cal", user_text="hi", reply="Hello, Cal!"))
+    wrong = store.record_turn(Turn(conversation_id="fb3", user_id="cal", user_text="open monday?", reply="no idea"))
+    store.rate(turn_id=liked.id, rating=1)
+    store.rate(turn_id=wrong.id, rating=-1, correction="Yes, from nine.")
+
+    def taught() -> list[tuple[str, str]]:
+        return sorted((e.source, e.completion) for e in build_dataset(store, system="s", heldout_fraction=0.0).train)
+
+    def row(html: str, turn) -> str:
+        return re.search(rf'<tr data-turn="{turn.id}">(.*?)</tr>', html, re.S).group(1)
+
+    assert taught() == [("disliked", "no idea"), ("liked", "Hello, Cal!")]
+    with TestClient(create_app(keyed), base_url="http://127.0.0.1") as c:
+        csrf = logged_in(c)
+
+        def review(turn, decision: str, part: str):
+            return c.post(f"/admin/feedback/{turn.id}/{decision}", data={"csrf": csrf, "part": part})
+
+        assert c.post(f"/admin/feedback/{liked.id}/keep-out", data={"part": "rating"}).status_code == 403  # no CSRF
+        kept = review(liked, "keep-out", "rating")
+        assert "kept out: the rating teaches no training run" in kept.text
+        assert "kept out" in row(kept.text, liked) and "Undo" in row(kept.text, liked)
+        review(wrong, "approve", "correction")
+        assert taught() == [("correction", "Yes, from nine."), ("disliked", "no idea")]
+        review(wrong, "keep-out", "rating")
+        withdrawn = review(wrong, "undo", "correction")  # an approval withdrawn: it waits for review again
+        assert "Approve for training" in row(withdrawn.text, wrong) and taught() == []
+        assert build_dataset(store, system="s").dropped == {"kept_out": 2}
+        out = review(wrong, "keep-out", "correction")
+        assert "kept out: the correction teaches no training run" in out.text
+        assert "Approve for training" not in row(out.text, wrong)
+        with store.session() as session:
+            decided = session.get(Rating, wrong.id)
+        assert (decided.kept_out, decided.correction_trusted, decided.correction_kept_out) == (True, False, True)
+        assert decided.reviewed_at is not None
+        review(liked, "undo", "rating")
+        assert taught() == [("liked", "Hello, Cal!")]
+        assert "no such decision on a rating: approve" in review(liked, "approve", "rating").text
+        assert f"turn {liked.id} has no correction" in review(liked, "keep-out", "correction").text
+
+
 def test_browser_promote_a_trained_version_to_a_share_see_the_split_and_erase_a_user(keyed, browser):
     """A real adapter trained on the tiny model, promoted to half the users from the Adapters page: the Experiments
     page shows turns on both sides; then a user is erased from the Users page."""

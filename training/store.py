@@ -11,11 +11,15 @@ from datetime import datetime
 from sqlalchemy import case, func
 from sqlmodel import select
 
-from dialogue.store import Conversation, Rating, TranscriptStore, Turn
+from dialogue.store import Conversation, Rating, TranscriptStore, Turn, utcnow
+from memory.errors import InvalidInput
+
+# An admin's decisions on what a rating teaches: a rating counts unless kept out; a correction once approved.
+DECISIONS = {"rating": ("keep_out", "undo"), "correction": ("approve", "keep_out", "undo")}
 
 
 class TrainingStore:
-    """Queries over a `TranscriptStore`'s tables for the learning loop (and its one write: trusting a correction)."""
+    """Queries over a `TranscriptStore`'s tables for the learning loop (and its one write: an admin's review)."""
 
     def __init__(self, transcripts: TranscriptStore) -> None:
         self.transcripts = transcripts
@@ -30,16 +34,29 @@ class TrainingStore:
             ).all()
         return [(turn, rating) for turn, rating in rows]
 
-    def approve_correction(self, turn_id: str) -> bool:
-        """Trust the correction on this turn for training (an admin's decision); False when it has none."""
+    def review(self, turn_id: str, part: str, decision: str) -> bool:
+        """An admin's decision on the training data: a correction approved, a rating or correction kept out, or
+        either undone (an approval withdrawn, a kept-out one back to where it was). False when the turn has no
+        such rating or correction."""
+        if decision not in DECISIONS.get(part, ()):
+            raise InvalidInput(f"no such decision on a {part}: {decision}")
         with self.transcripts.session() as session:
             rating = session.get(Rating, turn_id)
-            if rating is None or not (rating.correction or "").strip():
+            if rating is None or (part == "correction" and not (rating.correction or "").strip()):
                 return False
-            rating.correction_trusted = True
+            if part == "rating":
+                rating.kept_out = decision == "keep_out"
+            else:
+                rating.correction_trusted = decision == "approve"
+                rating.correction_kept_out = decision == "keep_out"
+            rating.reviewed_at = utcnow()
             session.add(rating)
             session.commit()
             return True
+
+    def approve_correction(self, turn_id: str) -> bool:
+        """Trust the correction on this turn for training (an admin's decision); False when it has none."""
+        return self.review(turn_id, "correction", "approve")
 
     def rating_counts(self) -> list[tuple[str | None, int, int, int]]:
         """Per adapter name of live bot turns: (adapter or None for the base model, turns, rated, rated up)."""

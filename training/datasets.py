@@ -23,12 +23,11 @@ from typing import Any
 from dialogue.prompt import Message, PromptParts, build_prompt
 from dialogue.store import Rating, TranscriptStore, Turn
 from training.redact import redact, redact_messages
-from training.store import TrainingStore
+from training.store import SKIPPED_FINISH, TrainingStore
 
 logger = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.15
-SKIPPED_FINISH = {"cancelled", "error", "handoff", "pending", "interrupted"}  # cut short, failed, or no bot reply
 
 
 SALT_FILE = "lineage.salt"

@@ -14,6 +14,7 @@ from sqlmodel import select
 from dialogue.store import Conversation, Rating, TranscriptStore, Turn, utcnow
 from memory.errors import InvalidInput
 
+SKIPPED_FINISH = ("cancelled", "error", "handoff", "pending", "interrupted")  # cut short, failed, or no bot reply
 # An admin's decisions on what a rating teaches: a rating counts unless kept out; a correction once approved.
 DECISIONS = {"rating": ("keep_out", "undo"), "correction": ("approve", "keep_out", "undo")}
 
@@ -70,13 +71,21 @@ class TrainingStore:
             ).all()
         return [(name, int(turns), int(rated), int(up)) for name, turns, rated, up in rows]
 
-    def ratings_since(self, since: datetime | None) -> int:
-        """How many ratings (with or without a correction) were given since `since` (all of them for None)."""
-        query = select(func.count()).select_from(Rating)
+    def examples_since(self, since: datetime | None) -> int:
+        """How many training examples arrived since `since` (all of them for None), before deduplication and the
+        per-user cap: ratings that enter the dataset (on a finished bot reply, not kept out) by when they were given,
+        and approved corrections (not kept out) by when they were approved."""
+        learned = (Turn.model_id != "human", Turn.finish_reason.notin_(SKIPPED_FINISH), Turn.reply != "")
+        ratings = select(func.count()).select_from(Rating).join(Turn, Turn.id == Rating.turn_id).where(
+            *learned, Rating.rating.in_((1, -1)), Rating.kept_out.is_(False))
+        corrections = select(func.count()).select_from(Rating).join(Turn, Turn.id == Rating.turn_id).where(
+            *learned, Rating.correction_trusted.is_(True), Rating.correction_kept_out.is_(False),
+            func.coalesce(Rating.correction, "") != "")
         if since is not None:
-            query = query.where(Rating.created_at >= since)
+            ratings = ratings.where(Rating.created_at >= since)
+            corrections = corrections.where(func.coalesce(Rating.reviewed_at, Rating.created_at) >= since)
         with self.transcripts.session() as session:
-            return int(session.exec(query).one())
+            return int(session.exec(ratings).one()) + int(session.exec(corrections).one())
 
     def conversations(self) -> list[Conversation]:
         """Every conversation, oldest first."""

@@ -467,18 +467,19 @@ def test_browser_promote_a_trained_version_to_a_share_see_the_split_and_erase_a_
     from test_training import FAST, conversation
     from training.importer import import_lines
     from training.pipeline import train_version
-    from training.registry import ab_bucket
+    from training.registry import Registry, ab_bucket
 
     settings = keyed.settings
     import_lines(keyed.store, [conversation(i) for i in range(24)], system=settings.system_prompt, max_chars=1000)
     trained = train_version(settings, keyed.store, config=FAST, show_progress=False)
     registry_dir = settings.adapters_dir
     if not trained["gate"]["passed"]:  # a random tiny model may fail its canary; serving is what is tested here
-        from training.registry import Registry
-
         with Registry(registry_dir).transaction() as state:
             state.versions[trained["version"]].status = "candidate"
     version = trained["version"]
+    earlier = Registry(registry_dir, keyed.store)
+    earlier.promote(version, 0.2)
+    earlier.rollback(ended="stopped")  # an earlier split, listed under the running one
     with LiveServer(create_app(keyed)) as server:
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.set_default_timeout(20_000)
@@ -505,6 +506,7 @@ def test_browser_promote_a_trained_version_to_a_share_see_the_split_and_erase_a_
         expected_b = sum(ab_bucket(u, version) < 0.5 for u in users)
         assert (a_turns, b_turns) == (len(users) - expected_b, expected_b)
         assert page.inner_text("#decision") == "keep running"  # far below the minimum sample
+        assert "stopped" in page.inner_text(f"tr[data-past='{version}']")
         shoot(page, "experiments")
 
         page.goto(server.url + "/admin/users/split-0")
@@ -523,8 +525,15 @@ def test_browser_promote_a_trained_version_to_a_share_see_the_split_and_erase_a_
         assert page.inner_text("#decision") in ("answer", "ground")
         assert page.locator("table.entries tr[data-entry='hours']").count() == 1
         shoot(page, "faq")
+        imported = keyed.store.recent_feedback(limit=10)  # "What is my name?" "no" 👎 and a liked reply, on top
+        disliked, liked = (next(t for r, t in imported if r.rating == value) for value in (-1, 1))
+        keyed.store.rate(turn_id=liked.id, rating=1)
+        keyed.store.rate(turn_id=disliked.id, rating=-1, correction="I don't know your name yet. What is it?")
         page.goto(server.url + "/admin/feedback")
         assert page.locator("table.feedback tbody tr[data-turn]").count() >= 24
+        page.locator(f"tr[data-turn='{liked.id}'] form[action$='/keep-out'] button").click()
+        assert "kept out: the rating teaches no training run" in page.inner_text("[role=status]")
+        assert page.locator(f"tr[data-turn='{disliked.id}'] button", has_text="Approve for training").count() == 1
         shoot(page, "feedback")
         page.close()
 

@@ -140,7 +140,7 @@ class Services:
         history.unlink(missing_ok=True)
         counts.update(self.store.delete_user(user_id))
         # lineage: versions trained on their turns can no longer be promoted
-        counts["adapter_versions_flagged"] = len(flag_user_erased(self.settings.adapters_dir, user_id))
+        counts["adapter_versions_flagged"] = len(flag_user_erased(self.settings.adapters_dir, user_id, self.store))
         self.store.erasure_done(user_id)
         return counts
 

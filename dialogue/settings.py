@@ -119,10 +119,11 @@ class Settings(BaseSettings):
     telegram_rate_limit_retries: int = Field(3, ge=0, description="retries of a call Telegram answered with 429 retry_after")
     telegram_base_url: str | None = Field(
         None, description="another Bot API server (as `rapport telegram --base-url`); also where the console's agent replies go")
-    retrain_min_examples: int = Field(0, ge=0, description="`serve` retrains once this many new ratings or "
-                                      "corrections have arrived since the last run; 0 = off")
+    retrain_min_examples: int = Field(0, ge=0, description="`serve` retrains once this many new training examples "
+                                      "(ratings not kept out, approved corrections) have arrived since the last run; "
+                                      "0 = off")
     retrain_every_days: float = Field(0.0, ge=0, description="`serve` retrains when the last run is this many days old "
-                                      "(and new ratings have arrived); 0 = off")
+                                      "(and new examples have arrived); 0 = off")
     retrain_promote_share: float = Field(0.0, ge=0, le=1, description="a retrained version that passes the gate is "
                                          "served to this share of users without a click (1 = everyone); 0 = an "
                                          "operator promotes it")

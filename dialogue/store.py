@@ -102,6 +102,9 @@ class Rating(SQLModel, table=True):
     comment: str | None = Field(default=None, sa_column=Column(Text))
     correction: str | None = Field(default=None, sa_column=Column(Text))
     correction_trusted: bool = False  # an admin approved the correction for training (never the rater alone)
+    kept_out: bool = False  # an admin kept the rating (its liked or disliked reply) out of the training data
+    correction_kept_out: bool = False  # an admin kept the correction out (it waits for no approval)
+    reviewed_at: datetime | None = None  # an admin's latest decision on it (approve, keep out, undo)
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -383,6 +383,12 @@ def test_adapters_promote_a_share_and_the_experiment_decides_and_its_button_prom
         done = c.post(f"/admin/adapters/{second}/promote", data={"csrf": csrf, "back": "/admin/experiments"})
         assert "is active" in done.text and registry.state().active == second and registry.state().ab is None
         assert "No A/B split is running" in done.text
+        ended = re.search(rf'<tr data-past="{second}">(.*?)</tr>', done.text, re.S).group(1)  # listed under it
+        assert f"{second} vs {first}" in ended and "promoted" in ended and "89.6 %" in ended
+        assert "B is better: promote · P(B better)" in ended
+        [past] = json.loads(CliRunner().invoke(adapters_group, ["experiment", "--json"]).output)["past"]
+        assert (past["a"], past["b"], past["share"], past["ended"]) == (first, second, 0.3, "promoted")
+        assert past["decision"] == "B is better: promote" and [v["rated"] for v in past["variants"]] == [240, 240]
         rolled = c.post("/admin/adapters/rollback", data={"csrf": csrf})
         assert "Rolled back" in rolled.text and registry.state().active == first
         feedback = c.get("/admin/feedback").text
@@ -408,24 +414,72 @@ def test_a_correction_is_approved_for_training_from_the_feedback_page(keyed):
             if e.source == "correction"] == ["We open at nine."]
 
 
+def test_the_feedback_page_keeps_ratings_and_corrections_out_of_training_and_undoes_that(keyed):
+    from dialogue.store import Rating, Turn
+    from training.datasets import build_dataset
+
+    store = keyed.store
+    store.ensure_conversation(conversation_id="fb3", user_id="cal", channel="api")
+    liked = store.record_turn(Turn(conversation_id="fb3", user_id="cal", user_text="hi", reply="Hello, Cal!"))
+    wrong = store.record_turn(Turn(conversation_id="fb3", user_id="cal", user_text="open monday?", reply="no idea"))
+    store.rate(turn_id=liked.id, rating=1)
+    store.rate(turn_id=wrong.id, rating=-1, correction="Yes, from nine.")
+
+    def taught() -> list[tuple[str, str]]:
+        return sorted((e.source, e.completion) for e in build_dataset(store, system="s", heldout_fraction=0.0).train)
+
+    def row(html: str, turn) -> str:
+        return re.search(rf'<tr data-turn="{turn.id}">(.*?)</tr>', html, re.S).group(1)
+
+    assert taught() == [("disliked", "no idea"), ("liked", "Hello, Cal!")]
+    with TestClient(create_app(keyed), base_url="http://127.0.0.1") as c:
+        csrf = logged_in(c)
+
+        def review(turn, decision: str, part: str):
+            return c.post(f"/admin/feedback/{turn.id}/{decision}", data={"csrf": csrf, "part": part})
+
+        assert c.post(f"/admin/feedback/{liked.id}/keep-out", data={"part": "rating"}).status_code == 403  # no CSRF
+        kept = review(liked, "keep-out", "rating")
+        assert "kept out: the rating teaches no training run" in kept.text
+        assert "kept out" in row(kept.text, liked) and "Undo" in row(kept.text, liked)
+        review(wrong, "approve", "correction")
+        assert taught() == [("correction", "Yes, from nine."), ("disliked", "no idea")]
+        review(wrong, "keep-out", "rating")
+        withdrawn = review(wrong, "undo", "correction")  # an approval withdrawn: it waits for review again
+        assert "Approve for training" in row(withdrawn.text, wrong) and taught() == []
+        assert build_dataset(store, system="s").dropped == {"kept_out": 2}
+        out = review(wrong, "keep-out", "correction")
+        assert "kept out: the correction teaches no training run" in out.text
+        assert "Approve for training" not in row(out.text, wrong)
+        with store.session() as session:
+            decided = session.get(Rating, wrong.id)
+        assert (decided.kept_out, decided.correction_trusted, decided.correction_kept_out) == (True, False, True)
+        assert decided.reviewed_at is not None
+        review(liked, "undo", "rating")
+        assert taught() == [("liked", "Hello, Cal!")]
+        assert "no such decision on a rating: approve" in review(liked, "approve", "rating").text
+        assert f"turn {liked.id} has no correction" in review(liked, "keep-out", "correction").text
+
+
 def test_browser_promote_a_trained_version_to_a_share_see_the_split_and_erase_a_user(keyed, browser):
     """A real adapter trained on the tiny model, promoted to half the users from the Adapters page: the Experiments
     page shows turns on both sides; then a user is erased from the Users page."""
     from test_training import FAST, conversation
     from training.importer import import_lines
     from training.pipeline import train_version
-    from training.registry import ab_bucket
+    from training.registry import Registry, ab_bucket
 
     settings = keyed.settings
     import_lines(keyed.store, [conversation(i) for i in range(24)], system=settings.system_prompt, max_chars=1000)
     trained = train_version(settings, keyed.store, config=FAST, show_progress=False)
     registry_dir = settings.adapters_dir
     if not trained["gate"]["passed"]:  # a random tiny model may fail its canary; serving is what is tested here
-        from training.registry import Registry
-
         with Registry(registry_dir).transaction() as state:
             state.versions[trained["version"]].status = "candidate"
     version = trained["version"]
+    earlier = Registry(registry_dir, keyed.store)
+    earlier.promote(version, 0.2)
+    earlier.rollback(ended="stopped")  # an earlier split, listed under the running one
     with LiveServer(create_app(keyed)) as server:
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.set_default_timeout(20_000)
@@ -452,6 +506,7 @@ def test_browser_promote_a_trained_version_to_a_share_see_the_split_and_erase_a_
         expected_b = sum(ab_bucket(u, version) < 0.5 for u in users)
         assert (a_turns, b_turns) == (len(users) - expected_b, expected_b)
         assert page.inner_text("#decision") == "keep running"  # far below the minimum sample
+        assert "stopped" in page.inner_text(f"tr[data-past='{version}']")
         shoot(page, "experiments")
 
         page.goto(server.url + "/admin/users/split-0")
@@ -470,8 +525,15 @@ def test_browser_promote_a_trained_version_to_a_share_see_the_split_and_erase_a_
         assert page.inner_text("#decision") in ("answer", "ground")
         assert page.locator("table.entries tr[data-entry='hours']").count() == 1
         shoot(page, "faq")
+        imported = keyed.store.recent_feedback(limit=10)  # "What is my name?" "no" 👎 and a liked reply, on top
+        disliked, liked = (next(t for r, t in imported if r.rating == value) for value in (-1, 1))
+        keyed.store.rate(turn_id=liked.id, rating=1)
+        keyed.store.rate(turn_id=disliked.id, rating=-1, correction="I don't know your name yet. What is it?")
         page.goto(server.url + "/admin/feedback")
         assert page.locator("table.feedback tbody tr[data-turn]").count() >= 24
+        page.locator(f"tr[data-turn='{liked.id}'] form[action$='/keep-out'] button").click()
+        assert "kept out: the rating teaches no training run" in page.inner_text("[role=status]")
+        assert page.locator(f"tr[data-turn='{disliked.id}'] button", has_text="Approve for training").count() == 1
         shoot(page, "feedback")
         page.close()
 

@@ -23,7 +23,7 @@ from dialogue.errors import StoreUnavailable
 from dialogue.store import Conversation, InboundEvent, Rating, TranscriptStore, Turn, User
 from memory.persona import PersonaRow, PersonaStore
 
-ALL = ["0001", "0002", "0003", "0004", "0005"]
+ALL = ["0001", "0002", "0003", "0004", "0005", "0006"]
 HEAD = ALL[-1]
 
 
@@ -69,7 +69,8 @@ def legacy_database(url: str, steps: int) -> None:
                           "applied_at TIMESTAMP WITH TIME ZONE NOT NULL)"))
         SQLModel.metadata.create_all(conn, tables=[User.__table__, Conversation.__table__, Turn.__table__,
                                                    Rating.__table__, InboundEvent.__table__, PersonaRow.__table__])
-        conn.execute(text("ALTER TABLE ratings DROP COLUMN correction_trusted"))  # 0004's, after the list
+        for column in ("correction_trusted", "kept_out", "correction_kept_out", "reviewed_at"):  # 0004's and 0006's
+            conn.execute(text(f"ALTER TABLE ratings DROP COLUMN {column}"))
         if steps < 3:
             conn.execute(text("ALTER TABLE turns DROP COLUMN guard"))
         for name in list(schema.LEGACY)[:steps]:
@@ -112,6 +113,35 @@ def test_a_database_of_the_hand_written_list_is_stamped_then_upgraded_with_its_r
         store.close()
 
 
+def test_0006_gives_existing_ratings_an_open_review(db_url):
+    """A database at 0005 with a rated turn whose correction was approved: 0006 keeps the row and keeps nothing out."""
+    from alembic import command
+
+    engine = schema.migration_engine(db_url)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        command.upgrade(schema.alembic_config(conn), "0005")
+        conn.execute(text("INSERT INTO conversations (id, user_id, channel, status, created_at, updated_at) "
+                          "VALUES ('c1', 'u1', 'api', 'bot', :t, :t)"), {"t": now})
+        conn.execute(text(
+            "INSERT INTO turns (id, conversation_id, user_id, seq, channel, user_text, reply, prompt, sources, handoff,"
+            " model_id, prompt_tokens, completion_tokens, latency_ms, finish_reason, created_at, finished_at)"
+            " VALUES ('t1', 'c1', 'u1', 1, 'api', 'open?', 'no', '{}', '[]', false, 'm', 3, 2, 10, 'stop', :t, :t)"),
+            {"t": now})
+        conn.execute(text("INSERT INTO ratings (turn_id, user_id, rating, correction, correction_trusted, created_at) "
+                          "VALUES ('t1', 'u1', -1, 'Yes, at nine.', true, :t)"), {"t": now})
+    engine.dispose()
+    store = TranscriptStore(db_url)
+    try:
+        assert store.applied == ["0006"] and drift(store.engine) == []
+        with store.session() as session:
+            rating = session.get(Rating, "t1")
+        assert (rating.rating, rating.correction, rating.correction_trusted) == (-1, "Yes, at nine.", True)
+        assert (rating.kept_out, rating.correction_kept_out, rating.reviewed_at) == (False, False, None)
+    finally:
+        store.close()
+
+
 # -- writing new revisions ---------------------------------------------------------------------------------
 
 WIDEN = '''
@@ -119,7 +149,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "9999"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 

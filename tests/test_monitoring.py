@@ -178,7 +178,7 @@ def test_the_monitoring_page_draws_each_version_and_shows_the_scheduled_runs(key
         assert "100 %" in base and "of 1" in base  # its one rated reply was a thumbs-up
         assert page.locator("tr[data-version='v0001'] td").nth(1).inner_text() == "6"
         runs = page.locator("table.retrain-runs tbody tr")
-        assert runs.count() == 1 and run["version"] in runs.inner_text() and "17 new ratings" in runs.inner_text()
+        assert runs.count() == 1 and run["version"] in runs.inner_text() and "17 new examples" in runs.inner_text()
         assert ("passed" if run["gate_passed"] else "failed") in runs.inner_text()
         shoot(page, "monitoring")
         page.close()

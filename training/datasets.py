@@ -23,12 +23,11 @@ from typing import Any
 from dialogue.prompt import Message, PromptParts, build_prompt
 from dialogue.store import Rating, TranscriptStore, Turn
 from training.redact import redact, redact_messages
-from training.store import TrainingStore
+from training.store import SKIPPED_FINISH, TrainingStore
 
 logger = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.15
-SKIPPED_FINISH = {"cancelled", "error", "handoff", "pending", "interrupted"}  # cut short, failed, or no bot reply
 
 
 SALT_FILE = "lineage.salt"
@@ -145,8 +144,9 @@ def turn_messages(turn: Turn, default_system: str) -> list[Message]:
 def turn_examples(turn: Turn, rating: Rating | None, default_system: str, salt: str | None = None) -> list[Example]:
     """What one turn teaches: liked/agent/correction replies are desirable, disliked ones undesirable.
 
-    A correction counts only once an admin approved it (`Rating.correction_trusted`); an agent reply only when a
-    trusted source recorded it (Chatwoot, an admin key: `finish_reason="agent"`)."""
+    A correction counts only once an admin approved it (`Rating.correction_trusted`), a rating unless an admin kept
+    it out (`Rating.kept_out`); an agent reply only when a trusted source recorded it (Chatwoot, an admin key:
+    `finish_reason="agent"`)."""
     if turn.model_id == "human":
         if turn.finish_reason != "agent":
             return []
@@ -155,11 +155,13 @@ def turn_examples(turn: Turn, rating: Rating | None, default_system: str, salt: 
         return []
     else:
         sources = []
-        if rating.correction and rating.correction.strip() and rating.correction_trusted:
+        if (rating.correction and rating.correction.strip() and rating.correction_trusted
+                and not rating.correction_kept_out):
             sources.append(("correction", rating.correction, True))
-        if rating.rating == 1:
+        verdict = 0 if rating.kept_out else rating.rating
+        if verdict == 1:
             sources.append(("liked", turn.reply, True))
-        elif rating.rating == -1:
+        elif verdict == -1:
             sources.append(("disliked", turn.reply, False))
     messages = redact_messages(turn_messages(turn, default_system))
     return [
@@ -205,6 +207,8 @@ def build_dataset(store: TranscriptStore, *, system: str, faq_entries: Iterable[
         if user_hash(turn.user_id, salt) in exclude_user_hashes:
             dropped["erased_user"] += 1
             continue
+        if rating is not None and (rating.kept_out or rating.correction_kept_out):
+            dropped["kept_out"] += 1  # the rating or its correction: an admin's decision
         for example in turn_examples(turn, rating, system, salt):
             key = example.key()
             if key in seen:

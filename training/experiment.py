@@ -127,15 +127,20 @@ def experiment_report(state, outcomes: dict[str, dict], rule: Rule = RULE) -> di
             "prob_b_better": round(p, 4), "decision": verdict, "action": action, "rule": rule.describe()}
 
 
-def current_experiment(registry, store, rule: Rule = RULE) -> dict[str, Any]:
-    """The running split of `registry` measured on `store`'s turns since it began (the console, `adapters
-    experiment`)."""
-    state = registry.state()
+def split_report(state, store, rule: Rule = RULE) -> dict[str, Any]:
+    """The running split of registry state `state` measured on `store`'s turns since it began."""
     if not state.ab:
         return experiment_report(state, {}, rule)
     started = state.ab.get("started_at")
     return experiment_report(state, store.variant_outcomes(since=datetime.fromisoformat(started) if started else None),
                              rule)
+
+
+def current_experiment(registry, store, rule: Rule = RULE) -> dict[str, Any]:
+    """The running split of `registry` measured on `store`'s turns since it began, and under `past` the ended ones
+    as they were recorded, newest first (the console, `adapters experiment`)."""
+    state = registry.state()
+    return {**split_report(state, store, rule), "past": state.past[::-1]}
 
 
 def simulate(p_a: float, p_b: float, *, runs: int = 500, batch: int = 50, rule: Rule = RULE,

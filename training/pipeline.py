@@ -103,7 +103,7 @@ def train_version(settings: Settings, store: TranscriptStore, *, faq_entries: It
 def evaluate_version(settings: Settings, store: TranscriptStore, version: str, *, faq_entries: Iterable[Any] = (),
                      gate_config: GateConfig | None = None) -> dict[str, Any]:
     """Re-run the gate for `version` against what is served now (or the base model) on today's held-out data."""
-    registry = Registry(settings.adapters_dir)
+    registry = Registry(settings.adapters_dir, store)
     item: AdapterVersion = registry.get(version)
     dataset = clean_dataset(settings, dataset_for(settings, store, faq_entries))
     gate, metrics = run_gate(settings, dataset, Path(item.path), baseline_of(registry, exclude=item.version),

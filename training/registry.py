@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from memory.errors import InvalidInput, NotFound, RapportError, StoreUnavailable
+from training.experiment import split_report
 
 Ref = TypeVar("Ref")  # the runtime's adapter reference, built by the `make_ref` an `AdapterSelector` is handed
 
@@ -90,16 +91,18 @@ class RegistryState:
     ab: dict[str, Any] | None = None  # {"version": "v0008", "share": 0.2}: a candidate served to a sticky share
     previous: list[str] = field(default_factory=list)  # former actives, most recent last: what rollback restores
     erased_user_hashes: list[str] = field(default_factory=list)
+    past: list[dict[str, Any]] = field(default_factory=list)  # ended A/B splits, oldest first (`Registry._end_split`)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RegistryState:
         versions = {k: AdapterVersion(**v) for k, v in data.get("versions", {}).items()}
         return cls(versions=versions, active=data.get("active"), ab=data.get("ab"),
-                   previous=list(data.get("previous", [])), erased_user_hashes=list(data.get("erased_user_hashes", [])))
+                   previous=list(data.get("previous", [])), erased_user_hashes=list(data.get("erased_user_hashes", [])),
+                   past=list(data.get("past", [])))
 
     def to_json(self) -> dict[str, Any]:
         return {"versions": {k: asdict(v) for k, v in self.versions.items()}, "active": self.active, "ab": self.ab,
-                "previous": self.previous, "erased_user_hashes": self.erased_user_hashes}
+                "previous": self.previous, "erased_user_hashes": self.erased_user_hashes, "past": self.past}
 
     def share_of(self, version: str) -> float | None:
         """The fraction of users this version serves now (None when it serves nobody)."""
@@ -133,10 +136,14 @@ def write_state(directory: Path, state: RegistryState) -> None:
 
 
 class Registry:
-    """Read and change the registry of one adapters directory; every change is one locked transaction."""
+    """Read and change the registry of one adapters directory; every change is one locked transaction.
 
-    def __init__(self, directory: Path) -> None:
+    `store` (the transcripts) measures an A/B split as it ends, for its record; without one the record has no figures.
+    """
+
+    def __init__(self, directory: Path, store=None) -> None:
         self.directory = Path(directory)
+        self.store = store
 
     @contextmanager
     def transaction(self) -> Iterator[RegistryState]:
@@ -196,7 +203,7 @@ class Registry:
             if not gate.get("passed") and item.status == "candidate":
                 item.status = "rejected"
                 if state.ab and state.ab["version"] == item.version:
-                    state.ab = None
+                    self._end_split(state, "stopped", "rejected by the gate")
             item.updated_at = now()
             return item
 
@@ -221,28 +228,53 @@ class Registry:
             if share is not None and share < 1:
                 if item.version == state.active:
                     raise InvalidInput(f"{item.version} is already active")
+                self._end_split(state, "stopped", f"replaced by {item.version} at {share:.0%}")
                 state.ab = {"version": item.version, "share": share, "started_at": now()}
             else:
+                if state.ab and state.ab["version"] == item.version:
+                    self._end_split(state, "promoted")
+                else:
+                    self._end_split(state, "stopped", f"{item.version} promoted to everyone")
                 if state.active and state.active != item.version:
                     old = state.versions[state.active]
                     old.status, old.updated_at = "retired", now()
                     state.previous.append(state.active)
-                state.active, state.ab = item.version, None
+                state.active = item.version
                 item.status = "active"
             item.updated_at = now()
             return item
 
-    def rollback(self) -> dict[str, Any]:
-        """End a running A/B test; otherwise retire the active version and restore the one before it."""
+    def rollback(self, *, ended: str = "rolled back") -> dict[str, Any]:
+        """End a running A/B test (recorded as `ended`: the console's Stop buttons say "stopped"); otherwise retire
+        the active version and restore the one before it."""
         with self.transaction() as state:
             if state.ab:
-                ended, state.ab = state.ab["version"], None
-                return {"ended_ab": ended, "active": state.active}
+                version = state.ab["version"]
+                self._end_split(state, ended)
+                return {"ended_ab": version, "active": state.active}
             if not state.active:
                 raise NotFound("nothing to roll back: the base model is being served")
             retired = state.active
             _retire_active(state)
             return {"retired": retired, "active": state.active}
+
+    def _end_split(self, state: RegistryState, ended: str, reason: str | None = None) -> None:
+        """Stop the running A/B split, if any, and keep its record in `state.past`: the versions (A is the active one
+        or "base"), share, start and end, how it ended ("promoted", "stopped", "rolled back") and why, and the
+        final per-variant figures with the decision rule's verdict (`training/experiment.py`)."""
+        if not state.ab:
+            return
+        final: dict[str, Any] = {}
+        if self.store is not None:
+            try:
+                final = split_report(state, self.store)
+            except Exception:  # ending a split (a bad version, an erasure) never waits on the transcripts
+                logger.exception("the A/B split of %s ends unmeasured", state.ab["version"])
+        state.past.append({"a": state.active or "base", "b": state.ab["version"], "share": state.ab["share"],
+                           "started_at": state.ab.get("started_at"), "ended_at": now(), "ended": ended,
+                           "reason": reason, "variants": final.get("variants"),
+                           "prob_b_better": final.get("prob_b_better"), "decision": final.get("decision")})
+        state.ab = None
 
     # -- erasure ---------------------------------------------------------------------------------
 
@@ -259,7 +291,7 @@ class Registry:
                     item.updated_at = now()
                     flagged.append(item.version)
             if state.ab and "erased_user" in state.versions[state.ab["version"]].flags:
-                state.ab = None
+                self._end_split(state, "stopped", "trained on an erased user's data")
             if state.active and "erased_user" in state.versions[state.active].flags:
                 _retire_active(state)
         return flagged
@@ -307,12 +339,14 @@ def _lineage_users(path: Path) -> set[str]:
     return set(meta.get("lineage", {}).get("user_hashes", []))
 
 
-def flag_user_erased(adapters_dir: Path, user_id: str) -> list[str]:
-    """Call on user deletion: flags (and stops promotion of) every version trained on the user's turns."""
+def flag_user_erased(adapters_dir: Path, user_id: str, store=None) -> list[str]:
+    """Call on user deletion: flags (and stops promotion of) every version trained on the user's turns; `store`
+    measures an A/B split that ends so."""
     from training.datasets import lineage_salt, user_hash
 
     # the salted hash, and the unsalted one of versions trained before lineage hashes had a salt
-    flagged = Registry(adapters_dir).flag_user(user_hash(user_id, lineage_salt(adapters_dir)), user_hash(user_id))
+    hashes = user_hash(user_id, lineage_salt(adapters_dir)), user_hash(user_id)
+    flagged = Registry(adapters_dir, store).flag_user(*hashes)
     if flagged:
         logger.warning("user erasure: adapter versions %s were trained on their data", ", ".join(flagged))
     return flagged

@@ -1,4 +1,5 @@
-"""Retraining on a schedule: `rapport serve` trains a candidate when enough new ratings arrived or enough days passed.
+"""Retraining on a schedule: `rapport serve` trains a candidate when enough new training examples arrived (ratings
+that enter the dataset, approved corrections) or enough days passed.
 
 The run is `rapport train`'s own (`training.pipeline.train_version`: dataset → LoRA → registry → gate). One run at a
 time across every process on this home: an exclusive non-blocking `flock` on `adapters/retrain.lock`; a process that
@@ -34,7 +35,8 @@ RUNS_FILE, LOCK_FILE, KEEP_RUNS = "retrain.json", "retrain.lock", 50
 
 @dataclass(frozen=True)
 class Schedule:
-    """When `serve` retrains: after `min_examples` new ratings, or `every_days` after the last run (0 = off)."""
+    """When `serve` retrains: after `min_examples` new examples (`TrainingStore.examples_since`), or `every_days` after
+    the last run (0 = off)."""
 
     min_examples: int = 0
     every_days: float = 0.0
@@ -51,8 +53,8 @@ class Schedule:
     def describe(self) -> str:
         if not self.enabled:
             return "off (RAPPORT_RETRAIN_MIN_EXAMPLES / RAPPORT_RETRAIN_EVERY_DAYS)"
-        parts = ([f"after {self.min_examples} new ratings"] if self.min_examples else []) + (
-            [f"every {self.every_days:g} days with new ratings"] if self.every_days else [])
+        parts = ([f"after {self.min_examples} new examples"] if self.min_examples else []) + (
+            [f"every {self.every_days:g} days with new examples"] if self.every_days else [])
         promote = ("an operator promotes what passes the gate" if not self.promote_share else
                    f"what passes the gate is served to {self.promote_share:.0%} of users at once")
         return " or ".join(parts) + "; " + promote
@@ -63,9 +65,9 @@ def due(schedule: Schedule, *, new_examples: int, last_run_at: datetime | None, 
     if not schedule.enabled or new_examples <= 0:
         return None
     if schedule.min_examples and new_examples >= schedule.min_examples:
-        return f"{new_examples} new ratings (at least {schedule.min_examples})"
+        return f"{new_examples} new examples (at least {schedule.min_examples})"
     if schedule.every_days and (last_run_at is None or now - last_run_at >= timedelta(days=schedule.every_days)):
-        return f"{schedule.every_days:g} days since the last run, {new_examples} new ratings"
+        return f"{schedule.every_days:g} days since the last run, {new_examples} new examples"
     return None
 
 
@@ -115,7 +117,7 @@ class RetrainScheduler:
         self._thread: threading.Thread | None = None
 
     def since(self, runs: list[dict[str, Any]]) -> datetime | None:
-        """Ratings after this count as new: those since the last run started, or since the newest version."""
+        """Examples after this count as new: those since the last run started, or since the newest version."""
         if runs:
             return _parse(runs[-1]["started_at"])
         created = [v.created_at for v in Registry(self.settings.adapters_dir).state().versions.values()]
@@ -135,7 +137,7 @@ class RetrainScheduler:
                 runs[-1]["status"] = "interrupted"
                 _write_runs(adapters, runs)
             since = self.since(runs)
-            new = TrainingStore(self.store).ratings_since(since)
+            new = TrainingStore(self.store).examples_since(since)
             now = self.clock()
             reason = due(self.schedule, new_examples=new, last_run_at=_parse(runs[-1]["started_at"]) if runs else None,
                          now=now)
@@ -158,7 +160,7 @@ class RetrainScheduler:
                            examples=result["metrics"].get("examples"), promoted=None)
                 if gate["passed"] and self.schedule.promote_share > 0:
                     share = self.schedule.promote_share
-                    Registry(adapters).promote(result["version"], share if share < 1 else None)
+                    Registry(adapters, self.store).promote(result["version"], share if share < 1 else None)
                     run["promoted"] = share
             run["finished_at"] = self.clock().isoformat()
             _write_runs(adapters, [*runs, run])

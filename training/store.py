@@ -11,11 +11,16 @@ from datetime import datetime
 from sqlalchemy import case, func
 from sqlmodel import select
 
-from dialogue.store import Conversation, Rating, TranscriptStore, Turn
+from dialogue.store import Conversation, Rating, TranscriptStore, Turn, utcnow
+from memory.errors import InvalidInput
+
+SKIPPED_FINISH = ("cancelled", "error", "handoff", "pending", "interrupted")  # cut short, failed, or no bot reply
+# An admin's decisions on what a rating teaches: a rating counts unless kept out; a correction once approved.
+DECISIONS = {"rating": ("keep_out", "undo"), "correction": ("approve", "keep_out", "undo")}
 
 
 class TrainingStore:
-    """Queries over a `TranscriptStore`'s tables for the learning loop (and its one write: trusting a correction)."""
+    """Queries over a `TranscriptStore`'s tables for the learning loop (and its one write: an admin's review)."""
 
     def __init__(self, transcripts: TranscriptStore) -> None:
         self.transcripts = transcripts
@@ -30,16 +35,29 @@ class TrainingStore:
             ).all()
         return [(turn, rating) for turn, rating in rows]
 
-    def approve_correction(self, turn_id: str) -> bool:
-        """Trust the correction on this turn for training (an admin's decision); False when it has none."""
+    def review(self, turn_id: str, part: str, decision: str) -> bool:
+        """An admin's decision on the training data: a correction approved, a rating or correction kept out, or
+        either undone (an approval withdrawn, a kept-out one back to where it was). False when the turn has no
+        such rating or correction."""
+        if decision not in DECISIONS.get(part, ()):
+            raise InvalidInput(f"no such decision on a {part}: {decision}")
         with self.transcripts.session() as session:
             rating = session.get(Rating, turn_id)
-            if rating is None or not (rating.correction or "").strip():
+            if rating is None or (part == "correction" and not (rating.correction or "").strip()):
                 return False
-            rating.correction_trusted = True
+            if part == "rating":
+                rating.kept_out = decision == "keep_out"
+            else:
+                rating.correction_trusted = decision == "approve"
+                rating.correction_kept_out = decision == "keep_out"
+            rating.reviewed_at = utcnow()
             session.add(rating)
             session.commit()
             return True
+
+    def approve_correction(self, turn_id: str) -> bool:
+        """Trust the correction on this turn for training (an admin's decision); False when it has none."""
+        return self.review(turn_id, "correction", "approve")
 
     def rating_counts(self) -> list[tuple[str | None, int, int, int]]:
         """Per adapter name of live bot turns: (adapter or None for the base model, turns, rated, rated up)."""
@@ -53,13 +71,21 @@ class TrainingStore:
             ).all()
         return [(name, int(turns), int(rated), int(up)) for name, turns, rated, up in rows]
 
-    def ratings_since(self, since: datetime | None) -> int:
-        """How many ratings (with or without a correction) were given since `since` (all of them for None)."""
-        query = select(func.count()).select_from(Rating)
+    def examples_since(self, since: datetime | None) -> int:
+        """How many training examples arrived since `since` (all of them for None), before deduplication and the
+        per-user cap: ratings that enter the dataset (on a finished bot reply, not kept out) by when they were given,
+        and approved corrections (not kept out) by when they were approved."""
+        learned = (Turn.model_id != "human", Turn.finish_reason.notin_(SKIPPED_FINISH), Turn.reply != "")
+        ratings = select(func.count()).select_from(Rating).join(Turn, Turn.id == Rating.turn_id).where(
+            *learned, Rating.rating.in_((1, -1)), Rating.kept_out.is_(False))
+        corrections = select(func.count()).select_from(Rating).join(Turn, Turn.id == Rating.turn_id).where(
+            *learned, Rating.correction_trusted.is_(True), Rating.correction_kept_out.is_(False),
+            func.coalesce(Rating.correction, "") != "")
         if since is not None:
-            query = query.where(Rating.created_at >= since)
+            ratings = ratings.where(Rating.created_at >= since)
+            corrections = corrections.where(func.coalesce(Rating.reviewed_at, Rating.created_at) >= since)
         with self.transcripts.session() as session:
-            return int(session.exec(query).one())
+            return int(session.exec(ratings).one()) + int(session.exec(corrections).one())
 
     def conversations(self) -> list[Conversation]:
         """Every conversation, oldest first."""

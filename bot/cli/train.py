@@ -108,10 +108,10 @@ def adapters_group() -> None:
     """The adapter registry: list, evaluate, promote (optionally to a sticky share of users), roll back."""
 
 
-def _registry():
+def _registry(store=None):
     from training.registry import Registry
 
-    return Registry(load_settings().adapters_dir)
+    return Registry(load_settings().adapters_dir, store)  # with the transcripts, an ended A/B split keeps its figures
 
 
 @adapters_group.command("list")
@@ -156,7 +156,8 @@ def adapters_eval(version: str, as_json: bool, no_faq: bool) -> None:
 @click.option("--share", type=float, default=None, help="serve to this fraction of users (sticky A/B), e.g. 0.2")
 def adapters_promote(version: str, share: float | None) -> None:
     """Serve VERSION (running chat/serve/telegram pick it up within seconds)."""
-    item = _registry().promote(version, share)
+    with services() as opened:
+        item = _registry(opened.store).promote(version, share)
     target = f"{share:.0%} of users" if share is not None and share < 1 else "everyone"
     click.echo(f"{item.version} ({item.name}) now serves {target}")
 
@@ -164,7 +165,8 @@ def adapters_promote(version: str, share: float | None) -> None:
 @adapters_group.command("rollback")
 def adapters_rollback() -> None:
     """End a running A/B test, or restore the version that was active before this one."""
-    result = _registry().rollback()
+    with services() as opened:
+        result = _registry(opened.store).rollback()
     if "ended_ab" in result:
         click.echo(f"ended the A/B test of {result['ended_ab']}; serving {result['active'] or 'the base model'}")
     else:
@@ -191,14 +193,18 @@ def adapters_experiment(as_json: bool) -> None:
         return
     if not report["running"]:
         click.echo("no A/B split is running (`rapport adapters promote V --share F` starts one)")
-        return
-    for v in report["variants"]:
-        rate = f"{v['thumbs_up_rate']:.1%}" if v["thumbs_up_rate"] is not None else "-"
-        click.echo(f"{v['label']} {v['version']:<6} {v['share']:.0%}  conversations={v['conversations']} "
-                   f"turns={v['turns']} rated={v['rated']} thumbs_up={rate} handoff={v['handoff_rate']} "
-                   f"p50={v['latency_p50_ms']} p95={v['latency_p95_ms']} ms")
-    click.echo(f"{report['decision']} (P(B better) = {report['prob_b_better']:.3f})")
-    click.echo(f"rule: {report['rule']}")
+    else:
+        for v in report["variants"]:
+            rate = f"{v['thumbs_up_rate']:.1%}" if v["thumbs_up_rate"] is not None else "-"
+            click.echo(f"{v['label']} {v['version']:<6} {v['share']:.0%}  conversations={v['conversations']} "
+                       f"turns={v['turns']} rated={v['rated']} thumbs_up={rate} handoff={v['handoff_rate']} "
+                       f"p50={v['latency_p50_ms']} p95={v['latency_p95_ms']} ms")
+        click.echo(f"{report['decision']} (P(B better) = {report['prob_b_better']:.3f})")
+        click.echo(f"rule: {report['rule']}")
+    for past in report["past"]:
+        why = f" ({past['reason']})" if past["reason"] else ""
+        click.echo(f"past: {past['b']} at {past['share']:.0%} vs {past['a']}, {past['started_at']} to "
+                   f"{past['ended_at']}: {past['ended']}{why}; decision then: {past['decision'] or '-'}")
 
 
 @adapters_group.command("report")

@@ -63,7 +63,7 @@ def get_faq(services: ServicesDep) -> FaqIndex:
 
 
 def get_registry(services: ServicesDep) -> Registry:
-    return Registry(services.settings.adapters_dir)
+    return Registry(services.settings.adapters_dir, services.store)
 
 
 MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]

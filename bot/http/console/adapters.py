@@ -1,6 +1,6 @@
 """Adapters (versions with gate metrics, dataset size, lineage and flags; promote, A/B share, rollback; the training
-report drawn in the page), the running experiment with its decision, and feedback (ratings and corrections,
-read-only here)."""
+report drawn in the page), the running experiment with its decision and the past ones, and feedback (ratings and
+corrections, approved into or kept out of the training data)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def go(url: str, **message: str) -> RedirectResponse:
 
 
 def registry_of(services) -> Registry:
-    return Registry(services.settings.adapters_dir)
+    return Registry(services.settings.adapters_dir, services.store)
 
 
 def bar_chart(title: str, bars: list[tuple[str, float | None, str]], *, width: int = 360, height: int = 180) -> Markup:
@@ -129,7 +129,7 @@ async def rollback(request: Request, session: SessionDep, services: ServicesDep)
     form = await checked_form(request, session)
     back = form.get("back") if form.get("back") in ("/admin/adapters", "/admin/experiments") else "/admin/adapters"
     try:
-        result = await asyncio.to_thread(registry_of(services).rollback)
+        result = await asyncio.to_thread(registry_of(services).rollback, ended="stopped")
     except RapportError as exc:
         return go(back, problem=str(exc))
     if "ended_ab" in result:
@@ -156,11 +156,26 @@ async def feedback_page(request: Request, session: SessionDep, services: Service
                   notice=q.get("notice"), problem=q.get("problem"))
 
 
-@router.post("/feedback/{turn_id}/approve")
-async def approve_correction(request: Request, turn_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")],
-                             session: SessionDep, services: ServicesDep):
-    """Trust a user's correction for training (until then it teaches nothing)."""
-    await checked_form(request, session)
-    if not await asyncio.to_thread(TrainingStore(services.store).approve_correction, turn_id):
-        return go("/admin/feedback", only="corrections", problem=f"turn {turn_id} has no correction")
-    return go("/admin/feedback", only="corrections", notice="approved: the next training run learns from it")
+REVIEWED = {("correction", "approve"): "approved: the next training run learns from it",
+            ("correction", "keep_out"): "kept out: the correction teaches no training run",
+            ("correction", "undo"): "undone: the correction waits for review again",
+            ("rating", "keep_out"): "kept out: the rating teaches no training run",
+            ("rating", "undo"): "undone: the rating counts for training again"}
+
+
+@router.post("/feedback/{turn_id}/{decision}")
+async def review_feedback(request: Request, turn_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")],
+                          decision: Annotated[str, Path(pattern=r"^(approve|keep-out|undo)$")],
+                          session: SessionDep, services: ServicesDep):
+    """Approve a user's correction into the training data (until then it teaches nothing), keep a rating or a
+    correction out of it, or undo either."""
+    form = await checked_form(request, session)
+    part, decision = form.get("part", "correction"), decision.replace("-", "_")
+    back = {"only": "corrections"} if form.get("only") == "corrections" else {}
+    try:
+        done = await asyncio.to_thread(TrainingStore(services.store).review, turn_id, part, decision)
+    except RapportError as exc:
+        return go("/admin/feedback", **back, problem=str(exc))
+    if not done:
+        return go("/admin/feedback", **back, problem=f"turn {turn_id} has no {part}")
+    return go("/admin/feedback", **back, notice=REVIEWED[part, decision])

@@ -38,13 +38,16 @@ class Integration:
     name: str
     namespace: str | None
     scopes: frozenset[str]
+    rate_per_minute: float | None = None  # None: the settings' rate; 0: no limit
+    user_rate_per_minute: float | None = None
+
+    def to_json(self, **extra) -> dict:
+        return {"id": self.id, "name": self.name, "namespace": self.namespace, "scopes": sorted(self.scopes),
+                "rate_per_minute": self.rate_per_minute, "user_rate_per_minute": self.user_rate_per_minute, **extra}
 
     @property
     def admin(self) -> bool:
         return "admin" in self.scopes
-
-    def to_json(self, **extra) -> dict:
-        return {"id": self.id, "name": self.name, "namespace": self.namespace, "scopes": sorted(self.scopes), **extra}
 
 
 def parse_scopes(text: str) -> frozenset[str]:
@@ -62,8 +65,13 @@ class IntegrationStore:
     def __init__(self, transcripts: TranscriptStore) -> None:
         self.transcripts = transcripts
 
-    def create(self, name: str, *, scopes: str | frozenset[str], namespace: str | None = None) -> tuple[Integration, str]:
-        """A new integration and its key; the key is returned once and never stored."""
+    def create(self, name: str, *, scopes: str | frozenset[str], namespace: str | None = None,
+               rate_per_minute: float | None = None, user_rate_per_minute: float | None = None) -> tuple[Integration, str]:
+        """A new integration and its key; the key is returned once and never stored. Rates are requests a minute
+        for the whole key and for each of its users (None: the settings' defaults; 0: no limit)."""
+        for rate in (rate_per_minute, user_rate_per_minute):
+            if rate is not None and not (0 <= rate <= 1_000_000):
+                raise InvalidInput("a rate is requests a minute, from 0 (no limit) to 1000000")
         if not NAME.match(name or ""):
             raise InvalidInput("the name is 1-32 of lower-case letters, digits, _ and -, starting with a letter or digit")
         namespace = namespace or name
@@ -80,7 +88,8 @@ class IntegrationStore:
             if taken is not None:
                 raise InvalidInput(f"an active integration already has that {'name' if taken.name == name else 'namespace'}")
             row = IntegrationRow(name=name, namespace=namespace, scopes=",".join(sorted(scope_set)),
-                                 key_hash=hash_key(key))
+                                 key_hash=hash_key(key), rate_per_minute=rate_per_minute,
+                                 user_rate_per_minute=user_rate_per_minute)
             session.add(row)
             try:
                 session.commit()
@@ -125,4 +134,5 @@ class IntegrationStore:
 
 def _integration(row: IntegrationRow) -> Integration:
     scopes = frozenset(row.scopes.split(","))
-    return Integration(id=row.id, name=row.name, namespace=None if "admin" in scopes else row.namespace, scopes=scopes)
+    return Integration(id=row.id, name=row.name, namespace=None if "admin" in scopes else row.namespace, scopes=scopes,
+                       rate_per_minute=row.rate_per_minute, user_rate_per_minute=row.user_rate_per_minute)

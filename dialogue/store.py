@@ -119,6 +119,8 @@ class IntegrationRow(SQLModel, table=True):
     key_hash: str = Field(max_length=64, unique=True, index=True)
     created_at: datetime = Field(default_factory=utcnow)
     revoked_at: datetime | None = None
+    rate_per_minute: float | None = None  # the key's requests a minute (None: the settings'; 0: no limit)
+    user_rate_per_minute: float | None = None  # each of its users' requests a minute, likewise
 
 
 class InboundEvent(SQLModel, table=True):

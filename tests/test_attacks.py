@@ -302,6 +302,30 @@ def test_per_user_rate_inside_a_key(tiny_settings):
         opened.close()
 
 
+def test_each_integration_has_its_own_rates(tiny_settings):
+    # a noisy integration is held to its own rate and cannot use up another's; a trusted one may have none
+    settings = tiny_settings.model_copy(update={"api_rate_per_minute": 600, "api_rate_burst": 2,
+                                                "api_user_rate_per_minute": 0, "api_user_rate_burst": 2})
+    opened = open_services(settings)
+    try:
+        _, noisy = opened.integrations.create("noisy", scopes="memory", rate_per_minute=6)
+        _, calm = opened.integrations.create("calm", scopes="chat", rate_per_minute=0, user_rate_per_minute=6)
+        with TestClient(create_app(opened), base_url="http://127.0.0.1") as c:
+            assert [c.get("/v1/users/a/persona", headers=bearer(noisy)).status_code for _ in range(3)] == [200, 200, 429]
+            refused = c.get("/v1/users/a/persona", headers=bearer(noisy))
+            assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 9  # 6 a minute: 10 s a token
+
+            def chat(user):
+                return c.post("/v1/chat/completions", headers=bearer(calm), json={
+                    "user": user, "messages": [{"role": "user", "content": "Hello!"}]}).status_code
+            # calm: no key-wide limit (the settings' 600 a minute with a burst of 2 would refuse the 3rd), but its
+            # users are held to 6 a minute each, with the settings' user burst (2)
+            assert [chat("x") for _ in range(3)] == [200, 200, 429]
+            assert [chat("y") for _ in range(2)] == [200, 200]
+    finally:
+        opened.close()
+
+
 def test_keys_are_stored_hashed_shown_once_and_revocable(home, tiny_settings):
     runner = CliRunner()
     made = runner.invoke(cli, ["keys", "create", "crm", "--scopes", "chat,memory", "--namespace", "acme", "--json"])

@@ -23,7 +23,7 @@ from dialogue.errors import StoreUnavailable
 from dialogue.store import Conversation, InboundEvent, Rating, TranscriptStore, Turn, User
 from memory.persona import PersonaRow, PersonaStore
 
-ALL = ["0001", "0002", "0003", "0004", "0005", "0006"]
+ALL = ["0001", "0002", "0003", "0004", "0005", "0006", "0007"]
 HEAD = ALL[-1]
 
 
@@ -133,7 +133,7 @@ def test_0006_gives_existing_ratings_an_open_review(db_url):
     engine.dispose()
     store = TranscriptStore(db_url)
     try:
-        assert store.applied == ["0006"] and drift(store.engine) == []
+        assert store.applied == ["0006", "0007"] and drift(store.engine) == []
         with store.session() as session:
             rating = session.get(Rating, "t1")
         assert (rating.rating, rating.correction, rating.correction_trusted) == (-1, "Yes, at nine.", True)
@@ -149,7 +149,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "9999"
-down_revision = "0006"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 
@@ -166,7 +166,7 @@ def with_revision(tmp_path, fail: bool = False):
     location = tmp_path / "migrations"
     shutil.copytree(schema.MIGRATIONS, location, ignore=shutil.ignore_patterns("__pycache__"))
     (location / "versions" / "9999_widen.py").write_text(
-        WIDEN.replace("{fail}", 'raise RuntimeError("step failed")' if fail else "pass"))
+        WIDEN.replace("{fail}", 'raise RuntimeError("step failed")' if fail else "pass").replace("{head}", HEAD))
     return location
 
 

@@ -16,11 +16,16 @@ def keys_group() -> None:
 @click.argument("name")
 @click.option("--scopes", default="chat,memory", show_default=True, help="comma-separated: chat, memory, admin")
 @click.option("--namespace", default=None, help="the integration's user-id namespace; default = NAME")
+@click.option("--rate", type=float, default=None, help="the key's requests a minute (default RAPPORT_API_RATE_PER_MINUTE; 0: no limit)")
+@click.option("--user-rate", type=float, default=None,
+              help="each of its users' requests a minute (default RAPPORT_API_USER_RATE_PER_MINUTE; 0: no limit)")
 @click.option("--json", "as_json", is_flag=True, help="print {name, namespace, scopes, key}")
-def create(name: str, scopes: str, namespace: str | None, as_json: bool) -> None:
+def create(name: str, scopes: str, namespace: str | None, rate: float | None, user_rate: float | None,
+           as_json: bool) -> None:
     """A new integration and its key; the key is printed once and never stored."""
     with services() as opened:
-        integration, key = opened.integrations.create(name, scopes=scopes, namespace=namespace)
+        integration, key = opened.integrations.create(name, scopes=scopes, namespace=namespace, rate_per_minute=rate,
+                                                      user_rate_per_minute=user_rate)
     namespace = integration.namespace if integration.namespace else "(admin: full ids)"
     if as_json:
         emit_json({"name": integration.name, "namespace": namespace, "scopes": sorted(integration.scopes), "key": key})
@@ -44,7 +49,12 @@ def list_keys(as_json: bool) -> None:
     for row in rows:
         state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
         click.echo(f"{row['id']:>4}  {row['name']:<20} ns={row['namespace'] or '*'}  "
-                   f"scopes={','.join(row['scopes'])}  {state}")
+                   f"scopes={','.join(row['scopes'])}  rate={_rate(row['rate_per_minute'])}  "
+                   f"user_rate={_rate(row['user_rate_per_minute'])}  {state}")
+
+
+def _rate(per_minute: float | None) -> str:
+    return "default" if per_minute is None else ("none" if per_minute == 0 else f"{per_minute:g}/min")
 
 
 @keys_group.command("revoke")

@@ -46,6 +46,8 @@ class Caller:
     namespace: str | None = None
     scopes: frozenset[str] = field(default=DEFAULT_SCOPES)
     integration: str | None = None
+    rate_per_minute: float | None = None  # the integration's own rates (None: the settings')
+    user_rate_per_minute: float | None = None
 
     def require(self, scope: str) -> None:
         if not (self.admin or scope in self.scopes):
@@ -136,7 +138,8 @@ class ApiKeys:
         if found is None:
             raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
         return Caller(name=f"int-{found.id}", admin=found.admin, namespace=found.namespace, scopes=found.scopes,
-                      integration=found.name)
+                      integration=found.name, rate_per_minute=found.rate_per_minute,
+                      user_rate_per_minute=found.user_rate_per_minute)
 
 
 class RateLimiter:
@@ -148,16 +151,18 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, updated at)
         self._lock = threading.Lock()
 
-    def check(self, name: str, what: str = "rate limit") -> None:
-        if self.rate <= 0:
+    def check(self, name: str, what: str = "rate limit", per_minute: float | None = None) -> None:
+        """One request of `name`, at `per_minute` when given (an integration's own rate), else the default."""
+        rate = self.rate if per_minute is None else per_minute / 60.0
+        if rate <= 0:
             return
         now = time.monotonic()
         with self._lock:
             tokens, updated = self._buckets.get(name, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - updated) * self.rate)
+            tokens = min(self.burst, tokens + (now - updated) * rate)
             if tokens < 1.0:
                 self._buckets[name] = (tokens, now)
-                wait = math.ceil((1.0 - tokens) / self.rate)
+                wait = math.ceil((1.0 - tokens) / rate)
                 raise HTTPException(429, f"{what} exceeded; retry in {wait} s", headers={"Retry-After": str(wait)})
             self._buckets[name] = (tokens - 1.0, now)
             if len(self._buckets) > 100_000:  # forget idle callers rather than grow without bound
@@ -169,13 +174,14 @@ def authenticate(request: Request) -> Caller:
     state = request.app.state
     client = request.client.host if request.client else "unknown"
     caller = state.keys.identify(request.headers.get("authorization"), client)
-    state.limiter.check(caller.name)
+    state.limiter.check(caller.name, per_minute=caller.rate_per_minute)
     return caller
 
 
 def limit_user(request: Request, caller: Caller, stored_user_id: str) -> None:
     """The per-end-user rate inside a key: one user of an integration cannot use up its whole rate."""
-    request.app.state.user_limiter.check(f"{caller.name}/{stored_user_id}", "this user's rate limit")
+    request.app.state.user_limiter.check(f"{caller.name}/{stored_user_id}", "this user's rate limit",
+                                         per_minute=caller.user_rate_per_minute)
 
 
 def authenticate_admin(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:

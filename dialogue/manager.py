@@ -275,11 +275,14 @@ class DialogueManager:
                                 repetition_penalty=s.repetition_penalty)
 
     async def receive(self, *, user_id: str, conversation_id: str, text: str, channel: str = "api",
-                      event_id: str | None = None, turn_id: str | None = None) -> Turn:
+                      event_id: str | None = None, turn_id: str | None = None, again: bool = False) -> Turn:
         """Put the user's message on disk as a pending turn, before anything else happens to it.
 
         `event_id` (the channel's id of the delivery: a Telegram update, a Chatwoot message) is claimed in the
-        same transaction, so a redelivery raises `AlreadyHandled`; a message refused here claims it too."""
+        same transaction, so a redelivery raises `AlreadyHandled`; a message refused here claims it too. `again`:
+        another try of the message whose turn is `turn_id`, whose earlier tries died unanswered; that turn is
+        reopened (or recorded afresh when its row is gone), so all tries are one turn, answered at most once; a
+        try that finds it taken up by another raises `AlreadyHandled`."""
         event = (channel, event_id) if event_id is not None else None
         busy = len(self.leases.held())
         if busy >= self.settings.max_queue:  # back-pressure: refused before anything is taken, so a retry is clean
@@ -297,6 +300,9 @@ class DialogueManager:
         except InvalidInput:
             await self._claim_refused(event)
             raise
+        if again and (reopened := await asyncio.to_thread(self.store.reopen_turn, turn_id)) is not None:
+            self.leases.hold(reopened.id)
+            return reopened
         turn = Turn(id=turn_id or new_id(), conversation_id=conversation_id, user_id=user_id, channel=channel, user_text=text,
                     reply="", model_id=self.backend.model_id, finish_reason=PENDING)
         self.leases.hold(turn.id)
@@ -307,13 +313,14 @@ class DialogueManager:
             raise
 
     async def respond(self, *, user_id: str, conversation_id: str, text: str, channel: str = "api",
-                      event_id: str | None = None, pending: Turn | None = None, turn_id: str | None = None) -> Reply:
+                      event_id: str | None = None, pending: Turn | None = None, turn_id: str | None = None,
+                      again: bool = False) -> Reply:
         """Prepare the reply to `text`; iterate the returned `Reply` to generate and record it.
 
         The message is recorded first (`receive`, unless the caller did and passes its `pending` turn); if the
         reply cannot be prepared the turn is closed as an error (or "interrupted" when cancelled), never left."""
         turn = pending or await self.receive(user_id=user_id, conversation_id=conversation_id, text=text,
-                                             channel=channel, event_id=event_id, turn_id=turn_id)
+                                             channel=channel, event_id=event_id, turn_id=turn_id, again=again)
         try:
             return await self._prepare(turn)
         except InvalidInput:  # refused whole (too long for the budget): not kept, as if never sent

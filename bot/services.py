@@ -61,7 +61,7 @@ class Services:
         self.desk = HandoffDesk(self.store, system_prompt=s.system_prompt, after_negative=s.handoff_after_negative_ratings,
                                 listeners=listeners)
         self.manager = DialogueManager(s, self.backend, self.store, recall=recall, after_turn=[recall.remember],
-                                       adapter_for=selector.adapter_for, desk=self.desk)
+                                       learn=recall.learn, adapter_for=selector.adapter_for, desk=self.desk)
         self.closers.append(self.manager.close)  # closed first: no lease renewed on a closed store
 
     @cached_property

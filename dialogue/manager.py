@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from sqlmodel import Session
+
 from dialogue.model.backend import Backend
 from dialogue.errors import AlreadyHandled, GenerationError, InvalidInput, Overloaded
 from dialogue.guarded import GuardedGeneration, GuardInputs, history_messages, statements, told_again
@@ -64,6 +66,7 @@ class Context:
 
 Recall = Callable[[str, str], Awaitable[Context]]  # (user_id, text) -> Context
 AfterTurn = Callable[[Turn], Awaitable[None]]
+Learn = Callable[[Session, Turn], None]  # in the transaction that records an answered turn (the persona learns)
 AdapterChooser = Callable[[str], AdapterRef | None]  # user_id -> adapter version to serve, or base
 
 
@@ -248,8 +251,8 @@ class DialogueManager:
     """Owns a turn: builds the prompt within the token budget, streams the reply, records it."""
 
     def __init__(self, settings: Settings, backend: Backend, store: TranscriptStore, *, recall: Recall | None = None,
-                 after_turn: list[AfterTurn] | None = None, adapter_for: AdapterChooser | None = None,
-                 desk: HandoffDesk | None = None) -> None:
+                 after_turn: list[AfterTurn] | None = None, learn: Learn | None = None,
+                 adapter_for: AdapterChooser | None = None, desk: HandoffDesk | None = None) -> None:
         self.settings = settings
         self.desk = desk
         self.backend = backend
@@ -257,6 +260,7 @@ class DialogueManager:
         self.recall = recall
         self.adapter_for = adapter_for
         self.after_turn_hooks: list[AfterTurn] = list(after_turn or [])
+        self.learn = learn
         # Pending turns this process is writing; their leases are renewed while it lives (dialogue/leases.py).
         self.leases = TurnLeases(store, settings.turn_lease_s)
         self.observers: list[Callable[[Turn], None]] = []  # told of every recorded reply, e.g. the metrics
@@ -381,10 +385,13 @@ class DialogueManager:
 
     def finish(self, turn: Turn) -> bool:
         """Write a pending turn's outcome, let its lease go and tell the observers; False when its row is gone or
-        closed. A turn with a reply owes its after-turn work (the memory write), kept in the outbox until done."""
-        owed = bool(self.after_turn_hooks) and turn.finish_reason not in ("error", "interrupted", PENDING)
+        closed. A turn with a reply owes its after-turn work (the memory write), kept in the outbox until done,
+        and teaches what it says (`learn`) as it is recorded: once, in order, never for a user erased meanwhile."""
+        answered = turn.finish_reason not in ("error", "interrupted", PENDING)
+        learn = self.learn if answered else None
         try:
-            recorded = self.store.finish_turn(turn, owe_memory=owed)
+            recorded = self.store.finish_turn(turn, owe_memory=answered and bool(self.after_turn_hooks),
+                                              then=(lambda session: learn(session, turn)) if learn else None)
         finally:
             self.leases.release(turn.id)
         if recorded:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -262,10 +262,11 @@ class TranscriptStore:
             session.commit()
             return turn
 
-    def finish_turn(self, turn: Turn, *, owe_memory: bool = False) -> bool:
+    def finish_turn(self, turn: Turn, *, owe_memory: bool = False,
+                    then: Callable[[Session], None] | None = None) -> bool:
         """Write the outcome over a pending turn's row, and with `owe_memory` its memory write into the outbox
-        in the same transaction; False (nothing written) when the row is no longer pending: its user was
-        erased, or it was closed as interrupted."""
+        in the same transaction, as `then(session)` runs (what an answered turn teaches: the persona); False
+        (nothing written) when the row is no longer pending: its user was erased, or it was closed as interrupted."""
         from sqlalchemy import update
 
         with self.session() as session:
@@ -277,6 +278,8 @@ class TranscriptStore:
             if owe_memory:
                 session.execute(insert_new(self.engine, MemoryOutbox, {
                     "turn_id": turn.id, "user_id": turn.user_id, "attempts": 0, "created_at": utcnow()}))
+            if then is not None:
+                then(session)
             session.commit()
             return True
 

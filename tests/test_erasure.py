@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from bot.cli.main import cli
 from bot.services import open_services
 from dialogue.errors import InvalidInput, StoreUnavailable
+from memory.persona import PersonaRow
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -65,3 +66,14 @@ def test_the_repl_history_is_per_user(tiny_settings):
         assert "ann" not in services.history_file("ann").name
     finally:
         services.close()
+
+
+async def test_a_turn_answered_while_its_user_is_erased_leaves_no_persona(services):
+    pending = await services.manager.receive(user_id="u1", conversation_id="c1", text="My name is Lena.")
+    await asyncio.to_thread(services.erase_user, "u1")  # while the message is being answered
+    reply = await services.manager.respond(user_id="u1", conversation_id="c1", text="My name is Lena.", pending=pending)
+    await reply.complete()
+    assert not reply.recorded
+    with services.store.session() as session:
+        assert session.get(PersonaRow, "u1") is None
+

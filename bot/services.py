@@ -45,7 +45,7 @@ class Services:
     def __post_init__(self) -> None:
         s = self.settings
         recall = TurnRecall(s, self.personas, memory=lambda: self.memory, faq=lambda: self.faq,
-                            count_tokens=self.backend.count_tokens)
+                            count_tokens=self.backend.count_tokens, owed=self.store.owes_memory)
         # The registry reader: a promotion or rollback reaches running channels within a second.
         selector = AdapterSelector(s, make_ref=AdapterRef)
         self.chatwoot = ChatwootApi(s.chatwoot_base_url, reveal(s.chatwoot_bot_token)) \

@@ -48,6 +48,7 @@ class TurnRecall:
     memory: Callable[[], MemoryStore]
     faq: Callable[[], FaqIndex]
     count_tokens: Callable[[str], int]
+    owed: Callable[[str], bool]  # turn id -> whether its memory write is still owed (`TranscriptStore.owes_memory`)
 
     async def __call__(self, user_id: str, text: str) -> Context:
         persona, memories, decision = await asyncio.gather(
@@ -141,5 +142,8 @@ class TurnRecall:
         if turn.model_id == "human":  # an agent's words are not the user's
             return
         when = turn.created_at if turn.created_at.tzinfo else turn.created_at.replace(tzinfo=UTC)
+        # asked again under the lock an erasure drops the memories under: a turn whose user's erasure began after
+        # the manager's check (`after_turn`) writes nothing
         await asyncio.to_thread(self.memory().for_user(turn.user_id).remember_turn, turn_id=turn.id,
-                                user_text=turn.user_text, reply=turn.reply, timestamp=when or datetime.now(UTC))
+                                user_text=turn.user_text, reply=turn.reply, timestamp=when or datetime.now(UTC),
+                                wanted=lambda: self.owed(turn.id))

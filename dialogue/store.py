@@ -298,6 +298,15 @@ class TranscriptStore:
             session.exec(delete(MemoryOutbox).where(MemoryOutbox.turn_id == turn_id))
             session.commit()
 
+    def owes_memory(self, turn_id: str) -> bool:
+        """Whether the turn's memory write is still owed: in the outbox, its user not being erased. From an erasure's
+        tombstone on, one of the two says no: the tombstone until the erasure deletes the user's rows (this one
+        among them), the missing row after."""
+        with self.session() as session:
+            erased = exists().where(Erasure.user_id == MemoryOutbox.user_id)
+            return session.exec(select(MemoryOutbox.turn_id).where(MemoryOutbox.turn_id == turn_id, ~erased)).first() \
+                is not None
+
     def memory_failed(self, turn_id: str, error: str) -> None:
         from sqlalchemy import update
 

@@ -77,3 +77,32 @@ async def test_a_turn_answered_while_its_user_is_erased_leaves_no_persona(servic
     with services.store.session() as session:
         assert session.get(PersonaRow, "u1") is None
 
+
+@pytest.mark.parametrize("erasure", ["finished", "failed after the vectors"])
+async def test_a_memory_write_past_the_erasure_check_leaves_nothing_behind(services, erasure):
+    passed, go_on = asyncio.Event(), asyncio.Event()
+    write = services.manager.after_turn_hooks[0]
+
+    async def late(turn):  # past after_turn's "being erased" check, not yet written
+        passed.set()
+        await go_on.wait()
+        await write(turn)
+
+    services.manager.after_turn_hooks = [late]
+    reply = await services.manager.respond(user_id="u1", conversation_id="c1", text="I live in Porto.")
+    answering = asyncio.create_task(reply.complete())
+    await passed.wait()
+    if erasure == "finished":
+        await asyncio.to_thread(services.erase_user, "u1")
+    else:
+        real = services.store.delete_user
+        services.store.delete_user = lambda user_id: (_ for _ in ()).throw(StoreUnavailable("the database went away"))
+        with pytest.raises(StoreUnavailable):
+            await asyncio.to_thread(services.erase_user, "u1")
+        services.store.delete_user = real
+    go_on.set()
+    await answering
+    assert reply.recorded and services.memory.for_user("u1").list() == []
+    assert "u1" not in services.memory.owners().values()  # not even an empty collection in their name
+    await asyncio.to_thread(services.resume_erasures)
+    assert services.memory.for_user("u1").list() == [] and services.store.owed_memory() == []

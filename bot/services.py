@@ -168,6 +168,9 @@ def open_services(settings: Settings | None = None, *, backend: Backend | None =
     each handoff besides the webhook and Chatwoot that the settings name."""
     settings = settings or Settings()
     settings.home.mkdir(parents=True, exist_ok=True)
+    # the REPL history earlier versions shared between users (now per user, `history_file`): it holds erased
+    # users' input, so it goes
+    (settings.home / "repl_history").unlink(missing_ok=True)
     store = TranscriptStore(settings.db_url)
     backend = backend or open_backend(settings, eager=load_model)
     return Services(settings=settings, backend=backend, store=store, closers=[store.close, backend.close],

@@ -68,6 +68,13 @@ def test_the_repl_history_is_per_user(tiny_settings):
         services.close()
 
 
+def test_the_shared_repl_history_of_earlier_versions_is_removed_at_start(tiny_settings):
+    shared = tiny_settings.home / "repl_history"  # every user's input, before the history was per user
+    shared.write_text("+I live in Porto.\n")
+    open_services(tiny_settings, load_model=False).close()
+    assert not shared.exists()
+
+
 async def test_a_turn_answered_while_its_user_is_erased_leaves_no_persona(services):
     pending = await services.manager.receive(user_id="u1", conversation_id="c1", text="My name is Lena.")
     await asyncio.to_thread(services.erase_user, "u1")  # while the message is being answered

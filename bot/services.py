@@ -45,7 +45,7 @@ class Services:
     def __post_init__(self) -> None:
         s = self.settings
         recall = TurnRecall(s, self.personas, memory=lambda: self.memory, faq=lambda: self.faq,
-                            count_tokens=self.backend.count_tokens)
+                            count_tokens=self.backend.count_tokens, owed=self.store.owes_memory)
         # The registry reader: a promotion or rollback reaches running channels within a second.
         selector = AdapterSelector(s, make_ref=AdapterRef)
         self.chatwoot = ChatwootApi(s.chatwoot_base_url, reveal(s.chatwoot_bot_token)) \
@@ -61,7 +61,7 @@ class Services:
         self.desk = HandoffDesk(self.store, system_prompt=s.system_prompt, after_negative=s.handoff_after_negative_ratings,
                                 listeners=listeners)
         self.manager = DialogueManager(s, self.backend, self.store, recall=recall, after_turn=[recall.remember],
-                                       adapter_for=selector.adapter_for, desk=self.desk)
+                                       learn=recall.learn, adapter_for=selector.adapter_for, desk=self.desk)
         self.closers.append(self.manager.close)  # closed first: no lease renewed on a closed store
 
     @cached_property
@@ -168,6 +168,9 @@ def open_services(settings: Settings | None = None, *, backend: Backend | None =
     each handoff besides the webhook and Chatwoot that the settings name."""
     settings = settings or Settings()
     settings.home.mkdir(parents=True, exist_ok=True)
+    # the REPL history earlier versions shared between users (now per user, `history_file`): it holds erased
+    # users' input, so it goes
+    (settings.home / "repl_history").unlink(missing_ok=True)
     store = TranscriptStore(settings.db_url)
     backend = backend or open_backend(settings, eager=load_model)
     return Services(settings=settings, backend=backend, store=store, closers=[store.close, backend.close],

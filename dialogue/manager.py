@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from sqlmodel import Session
+
 from dialogue.model.backend import Backend
 from dialogue.errors import AlreadyHandled, GenerationError, InvalidInput, Overloaded
 from dialogue.guarded import GuardedGeneration, GuardInputs, history_messages, statements, told_again
@@ -64,6 +66,7 @@ class Context:
 
 Recall = Callable[[str, str], Awaitable[Context]]  # (user_id, text) -> Context
 AfterTurn = Callable[[Turn], Awaitable[None]]
+Learn = Callable[[Session, Turn], None]  # in the transaction that records an answered turn (the persona learns)
 AdapterChooser = Callable[[str], AdapterRef | None]  # user_id -> adapter version to serve, or base
 
 
@@ -248,8 +251,8 @@ class DialogueManager:
     """Owns a turn: builds the prompt within the token budget, streams the reply, records it."""
 
     def __init__(self, settings: Settings, backend: Backend, store: TranscriptStore, *, recall: Recall | None = None,
-                 after_turn: list[AfterTurn] | None = None, adapter_for: AdapterChooser | None = None,
-                 desk: HandoffDesk | None = None) -> None:
+                 after_turn: list[AfterTurn] | None = None, learn: Learn | None = None,
+                 adapter_for: AdapterChooser | None = None, desk: HandoffDesk | None = None) -> None:
         self.settings = settings
         self.desk = desk
         self.backend = backend
@@ -257,6 +260,7 @@ class DialogueManager:
         self.recall = recall
         self.adapter_for = adapter_for
         self.after_turn_hooks: list[AfterTurn] = list(after_turn or [])
+        self.learn = learn
         # Pending turns this process is writing; their leases are renewed while it lives (dialogue/leases.py).
         self.leases = TurnLeases(store, settings.turn_lease_s)
         self.observers: list[Callable[[Turn], None]] = []  # told of every recorded reply, e.g. the metrics
@@ -275,11 +279,14 @@ class DialogueManager:
                                 repetition_penalty=s.repetition_penalty)
 
     async def receive(self, *, user_id: str, conversation_id: str, text: str, channel: str = "api",
-                      event_id: str | None = None, turn_id: str | None = None) -> Turn:
+                      event_id: str | None = None, turn_id: str | None = None, again: bool = False) -> Turn:
         """Put the user's message on disk as a pending turn, before anything else happens to it.
 
         `event_id` (the channel's id of the delivery: a Telegram update, a Chatwoot message) is claimed in the
-        same transaction, so a redelivery raises `AlreadyHandled`; a message refused here claims it too."""
+        same transaction, so a redelivery raises `AlreadyHandled`; a message refused here claims it too. `again`:
+        another try of the message whose turn is `turn_id`, whose earlier tries died unanswered; that turn is
+        reopened (or recorded afresh when its row is gone), so all tries are one turn, answered at most once; a
+        try that finds it taken up by another raises `AlreadyHandled`."""
         event = (channel, event_id) if event_id is not None else None
         busy = len(self.leases.held())
         if busy >= self.settings.max_queue:  # back-pressure: refused before anything is taken, so a retry is clean
@@ -297,6 +304,9 @@ class DialogueManager:
         except InvalidInput:
             await self._claim_refused(event)
             raise
+        if again and (reopened := await asyncio.to_thread(self.store.reopen_turn, turn_id)) is not None:
+            self.leases.hold(reopened.id)
+            return reopened
         turn = Turn(id=turn_id or new_id(), conversation_id=conversation_id, user_id=user_id, channel=channel, user_text=text,
                     reply="", model_id=self.backend.model_id, finish_reason=PENDING)
         self.leases.hold(turn.id)
@@ -307,13 +317,14 @@ class DialogueManager:
             raise
 
     async def respond(self, *, user_id: str, conversation_id: str, text: str, channel: str = "api",
-                      event_id: str | None = None, pending: Turn | None = None, turn_id: str | None = None) -> Reply:
+                      event_id: str | None = None, pending: Turn | None = None, turn_id: str | None = None,
+                      again: bool = False) -> Reply:
         """Prepare the reply to `text`; iterate the returned `Reply` to generate and record it.
 
         The message is recorded first (`receive`, unless the caller did and passes its `pending` turn); if the
         reply cannot be prepared the turn is closed as an error (or "interrupted" when cancelled), never left."""
         turn = pending or await self.receive(user_id=user_id, conversation_id=conversation_id, text=text,
-                                             channel=channel, event_id=event_id, turn_id=turn_id)
+                                             channel=channel, event_id=event_id, turn_id=turn_id, again=again)
         try:
             return await self._prepare(turn)
         except InvalidInput:  # refused whole (too long for the budget): not kept, as if never sent
@@ -374,10 +385,13 @@ class DialogueManager:
 
     def finish(self, turn: Turn) -> bool:
         """Write a pending turn's outcome, let its lease go and tell the observers; False when its row is gone or
-        closed. A turn with a reply owes its after-turn work (the memory write), kept in the outbox until done."""
-        owed = bool(self.after_turn_hooks) and turn.finish_reason not in ("error", "interrupted", PENDING)
+        closed. A turn with a reply owes its after-turn work (the memory write), kept in the outbox until done,
+        and teaches what it says (`learn`) as it is recorded: once, in order, never for a user erased meanwhile."""
+        answered = turn.finish_reason not in ("error", "interrupted", PENDING)
+        learn = self.learn if answered else None
         try:
-            recorded = self.store.finish_turn(turn, owe_memory=owed)
+            recorded = self.store.finish_turn(turn, owe_memory=answered and bool(self.after_turn_hooks),
+                                              then=(lambda session: learn(session, turn)) if learn else None)
         finally:
             self.leases.release(turn.id)
         if recorded:

@@ -13,10 +13,13 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from sqlmodel import Session
+
 from dialogue.manager import Context, Source
 from dialogue.settings import Settings
 from dialogue.store import Turn
-from memory.persona import PersonaStore, answer_from_profile
+from memory.persona import Persona, PersonaStore, answer_from_profile
+from memory.persona import learn as learn_rules
 from memory.personal import answer_about_user, question_parts
 
 if TYPE_CHECKING:
@@ -33,7 +36,8 @@ PART_HITS = 2  # memories recalled for each part of a compound question about th
 
 @dataclass
 class TurnRecall:
-    """The dialogue manager's `recall` hook and the after-turn memory write, bound to one process's stores.
+    """The dialogue manager's `recall` hook, what a recorded turn teaches the persona (`learn`) and the after-turn
+    memory write, bound to one process's stores.
 
     The Chroma-backed stores are handed in as functions that open them, called on first use: a command
     that never talks never opens Chroma.
@@ -44,6 +48,7 @@ class TurnRecall:
     memory: Callable[[], MemoryStore]
     faq: Callable[[], FaqIndex]
     count_tokens: Callable[[str], int]
+    owed: Callable[[str], bool]  # turn id -> whether its memory write is still owed (`TranscriptStore.owes_memory`)
 
     async def __call__(self, user_id: str, text: str) -> Context:
         persona, memories, decision = await asyncio.gather(
@@ -69,9 +74,14 @@ class TurnRecall:
             self._apply_faq(context, decision)
         return context
 
-    def _persona(self, user_id: str, text: str):
-        self.personas.learn(user_id, text)  # what the user just said counts for this very reply
-        return self.personas.get(user_id)
+    def _persona(self, user_id: str, text: str) -> Persona:
+        persona = self.personas.get(user_id)
+        learn_rules(persona, text)  # what the user just said counts for this very reply; stored with the turn (`learn`)
+        return persona
+
+    def learn(self, session: Session, turn: Turn) -> None:
+        """In the transaction that records an answered turn: the persona learns from what the user said."""
+        self.personas.learn(turn.user_id, turn.user_text, session=session)
 
     def _memories(self, user_id: str, text: str) -> list:
         memory = self.memory().for_user(user_id)
@@ -132,5 +142,8 @@ class TurnRecall:
         if turn.model_id == "human":  # an agent's words are not the user's
             return
         when = turn.created_at if turn.created_at.tzinfo else turn.created_at.replace(tzinfo=UTC)
+        # asked again under the lock an erasure drops the memories under: a turn whose user's erasure began after
+        # the manager's check (`after_turn`) writes nothing
         await asyncio.to_thread(self.memory().for_user(turn.user_id).remember_turn, turn_id=turn.id,
-                                user_text=turn.user_text, reply=turn.reply, timestamp=when or datetime.now(UTC))
+                                user_text=turn.user_text, reply=turn.reply, timestamp=when or datetime.now(UTC),
+                                wanted=lambda: self.owed(turn.id))

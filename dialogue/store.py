@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +29,7 @@ from memory.persona import PersonaRow
 
 PENDING = "pending"
 UNANSWERED = frozenset({PENDING, "interrupted", "error", "handoff"})  # turns with no bot reply to show or learn from
+DIED = ("interrupted", "error")  # a try that ended without a reply: the process died, or generation failed
 # What a finished pending turn writes over its row (the rest was written when the message came in).
 OUTCOME_FIELDS = ("reply", "prompt", "sources", "handoff", "model_id", "adapter_version", "prompt_tokens",
                   "completion_tokens", "latency_ms", "ttft_ms", "finish_reason", "guard", "finished_at")
@@ -243,7 +244,7 @@ class TranscriptStore:
     def record_turn(self, turn: Turn, *, event: tuple[str, str] | None = None) -> Turn:
         """Write a turn (finished, or pending: the message before its reply) in one transaction; committed (and
         on disk) when this returns. `event` (channel, event id) is claimed in the same transaction: a delivery
-        already recorded raises `AlreadyHandled` and writes nothing."""
+        already recorded raises `AlreadyHandled` and writes nothing, as does a turn id already on record."""
         with self.session() as session:
             self._lock_conversation(session, turn.conversation_id)
             if event is not None:
@@ -251,6 +252,9 @@ class TranscriptStore:
                         "channel": event[0], "event_id": event[1], "received_at": utcnow()}):
                     session.rollback()
                     raise AlreadyHandled(f"{event[0]} event {event[1]} was handled before")
+            if session.get(Turn, turn.id) is not None:  # a client's message id names its turn (bot/http/turns.py)
+                session.rollback()
+                raise AlreadyHandled(f"turn {turn.id} is on record")
             last = session.exec(
                 select(Turn.seq).where(Turn.conversation_id == turn.conversation_id).order_by(Turn.seq.desc()).limit(1)
             ).first()
@@ -263,10 +267,11 @@ class TranscriptStore:
             session.commit()
             return turn
 
-    def finish_turn(self, turn: Turn, *, owe_memory: bool = False) -> bool:
+    def finish_turn(self, turn: Turn, *, owe_memory: bool = False,
+                    then: Callable[[Session], None] | None = None) -> bool:
         """Write the outcome over a pending turn's row, and with `owe_memory` its memory write into the outbox
-        in the same transaction; False (nothing written) when the row is no longer pending: its user was
-        erased, or it was closed as interrupted."""
+        in the same transaction, as `then(session)` runs (what an answered turn teaches: the persona); False
+        (nothing written) when the row is no longer pending: its user was erased, or it was closed as interrupted."""
         from sqlalchemy import update
 
         with self.session() as session:
@@ -278,6 +283,8 @@ class TranscriptStore:
             if owe_memory:
                 session.execute(insert_new(self.engine, MemoryOutbox, {
                     "turn_id": turn.id, "user_id": turn.user_id, "attempts": 0, "created_at": utcnow()}))
+            if then is not None:
+                then(session)
             session.commit()
             return True
 
@@ -296,6 +303,15 @@ class TranscriptStore:
             session.exec(delete(MemoryOutbox).where(MemoryOutbox.turn_id == turn_id))
             session.commit()
 
+    def owes_memory(self, turn_id: str) -> bool:
+        """Whether the turn's memory write is still owed: in the outbox, its user not being erased. From an erasure's
+        tombstone on, one of the two says no: the tombstone until the erasure deletes the user's rows (this one
+        among them), the missing row after."""
+        with self.session() as session:
+            erased = exists().where(Erasure.user_id == MemoryOutbox.user_id)
+            return session.exec(select(MemoryOutbox.turn_id).where(MemoryOutbox.turn_id == turn_id, ~erased)).first() \
+                is not None
+
     def memory_failed(self, turn_id: str, error: str) -> None:
         from sqlalchemy import update
 
@@ -311,6 +327,17 @@ class TranscriptStore:
             for start in range(0, len(ids), 500):
                 found |= set(session.exec(select(Turn.id).where(Turn.id.in_(ids[start:start + 500]))).all())
         return found
+
+    def reopen_turn(self, turn_id: str) -> Turn | None:
+        """Make a turn whose try died unanswered (interrupted, error) pending again, with a fresh lease, for another
+        try of the same message; None when it is not such a turn (gone, being answered, answered)."""
+        from sqlalchemy import update
+
+        with self.session() as session:
+            result = session.execute(update(Turn).where(Turn.id == turn_id, Turn.finish_reason.in_(DIED))
+                                     .values(finish_reason=PENDING, finished_at=utcnow()))
+            session.commit()
+            return session.get(Turn, turn_id) if result.rowcount == 1 else None
 
     def discard_pending(self, turn_id: str) -> None:
         """Delete a pending turn whose message was refused (its event, if any, stays claimed)."""

@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -314,7 +315,8 @@ class MemoryStore:
         self.persist_dir = Path(settings.persist_directory) if getattr(settings, "is_persistent", False) else None
         self.compact_interval_s = compact_interval_s
         # this process's Chroma writes and compactions take turns: a VACUUM under a write fails Chroma's own
-        # log compaction ("Failed to apply logs to the metadata segment"); never taken before `_compact_lock`
+        # log compaction ("Failed to apply logs to the metadata segment"); never taken before `_compact_lock`,
+        # always before a user's `UserState.lock`
         self.write_lock = threading.RLock()
         self._compact_lock = threading.Lock()
         self._compact_timer: threading.Timer | None = None
@@ -328,18 +330,22 @@ class MemoryStore:
         return UserMemory(self, validate_id(user_id, "user id"))
 
     def delete_user(self, user_id: str) -> int:
-        """Erase every memory of a user: the collection, its vectors, and their traces on disk."""
+        """Erase every memory of a user: the collection, its vectors, and their traces on disk.
+
+        Found and dropped under the write lock: a write that asked whether it is still wanted (`UserMemory.add`)
+        has landed before, or asks after and hears no; none makes the collection again behind the drop."""
         user_id = validate_id(user_id, "user id")
         with self._lock:
             self._cache.pop(user_id, None)
-        name = collection_name(user_id)
-        try:
-            collection = self.client.get_collection(name, embedding_function=None)
-        except Exception:  # chromadb raises NotFoundError or ValueError depending on the client kind
-            return 0
-        self._check_owner(collection, user_id)
-        count = collection.count()
-        self._drop(collection)
+        with self.write_lock:
+            try:
+                collection = self.client.get_collection(collection_name(user_id), embedding_function=None)
+            except Exception:  # chromadb raises NotFoundError or ValueError depending on the client kind
+                return 0
+            self._check_owner(collection, user_id)
+            count = collection.count()
+            folders = self._delete(collection)
+        self._scrub(folders)
         logger.info("erased %d memories", count)
         return count
 
@@ -426,8 +432,17 @@ class MemoryStore:
         """Delete a collection, then its HNSW folders: only those of its own segments, read before the drop (a
         collection created meanwhile, say a new user's first memory during an erasure, keeps its folder)."""
         with self.write_lock:
-            folders = self._segment_folders(collection.id)
-            self.client.delete_collection(collection.name)
+            folders = self._delete(collection)
+        self._scrub(folders)
+
+    def _delete(self, collection) -> list[Path]:
+        """Delete a collection (the caller holds the write lock); returns its segments' folders."""
+        folders = self._segment_folders(collection.id)
+        self.client.delete_collection(collection.name)
+        return folders
+
+    def _scrub(self, folders: list[Path]) -> None:
+        """After a drop, outside the write lock (a compaction takes it after `_compact_lock`)."""
         self._dropped_folders.update(folders)  # removed again at each compaction: segment ids are never reused,
         self._remove_dropped_folders()  # so a folder Chroma writes late for a dropped segment is never anyone's
         self.scrub_disk()
@@ -529,17 +544,25 @@ class UserMemory:
 
     # -- writing ------------------------------------------------------------------------------------
 
-    def add(self, items: list[MemoryItem]) -> list[str]:
-        """Store items (one id per item, in order); an item saying what a stored one says merges into it."""
+    def add(self, items: list[MemoryItem], *, wanted: Callable[[], bool] | None = None) -> list[str]:
+        """Store items (one id per item, in order); an item saying what a stored one says merges into it.
+
+        `wanted` is asked under the write lock, right before the write, which the owner's erasure takes to drop
+        the collection (`MemoryStore.delete_user`): False (the erasure has begun) writes nothing, not even the
+        collection."""
         if not items:
             return []
         for item in items:
             if not isinstance(item, MemoryItem):
                 raise InvalidInput("add() takes MemoryItem objects")
-        state = self._state()
+        state = self._state(create=False)
         vectors = self._store.embedder.embed([item.text for item in items])  # (N, 384), unit length
-        with state.lock, self._store.write_lock:
-            return self._write(state, items, vectors)
+        with self._store.write_lock:
+            if wanted is not None and not wanted():
+                return []
+            state = state or self._state()  # the first memory makes the collection
+            with state.lock:
+                return self._write(state, items, vectors)
 
     def _write(self, state: UserState, items: list[MemoryItem], vectors: np.ndarray) -> list[str]:
         now = time.time()
@@ -605,16 +628,17 @@ class UserMemory:
             return False
         return float(np.dot(np.asarray(got["embeddings"][0], dtype=np.float32), vector)) >= DUPLICATE_COSINE
 
-    def remember_turn(self, *, turn_id: str, user_text: str, reply: str, timestamp: datetime) -> list[str]:
+    def remember_turn(self, *, turn_id: str, user_text: str, reply: str, timestamp: datetime,
+                      wanted: Callable[[], bool] | None = None) -> list[str]:
         """Keep the user's side of a finished turn; the reply is the assistant's, never evidence, so not kept.
         Only its statements are kept (`memory.facts`): questions, requests and small talk tell nothing lasting
-        about the user. Long messages are split. (Imported memories, `add`, are kept as given.)"""
+        about the user. Long messages are split. (Imported memories, `add`, are kept as given.) `wanted`: as `add`."""
         text = memory_text(strip_controls(user_text or "").strip()) or ""
         if not tokenize(text):
             return []
         items = [MemoryItem(text=chunk, speaker="user", timestamp=timestamp, turn_id=turn_id)
                  for chunk in split_text(text)]
-        return self.add(items)
+        return self.add(items, wanted=wanted)
 
     # -- reading ------------------------------------------------------------------------------------
 
@@ -737,7 +761,7 @@ class UserMemory:
         state = self._state(create=False)
         if state is None or memory_id not in state.records:
             raise NotFound(f"no memory {memory_id[:40]!r}")
-        with state.lock, self._store.write_lock:
+        with self._store.write_lock, state.lock:  # in `add`'s order
             try:
                 # overwrite first: HNSW only marks a deleted vector, so its bytes would otherwise stay on disk
                 state.collection.update(ids=[memory_id], embeddings=[ERASED_VECTOR],

@@ -170,16 +170,19 @@ class PersonaStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def get(self, user_id: str) -> Persona:
-        with Session(self.engine) as session:
-            row = session.get(PersonaRow, user_id)
+    def get(self, user_id: str, *, session: Session | None = None) -> Persona:
+        if session is None:
+            with Session(self.engine) as session:
+                return self.get(user_id, session=session)
+        row = session.get(PersonaRow, user_id)
         if row is None:
             return Persona()
         data = json.loads(row.data)
         return Persona(**{k: v for k, v in data.items() if k in Persona.keys()})
 
-    def put(self, user_id: str, persona: Persona) -> Persona:
-        """Store the profile: one upsert, so first writes at once never collide on the key."""
+    def put(self, user_id: str, persona: Persona, *, session: Session | None = None) -> Persona:
+        """Store the profile: one upsert, so first writes at once never collide on the key. Given a `session`, in
+        its transaction (committed with it)."""
         values = {"user_id": user_id, "data": json.dumps(persona.to_json(), ensure_ascii=False),
                   "updated_at": datetime.now(UTC)}
         if self.engine.dialect.name == "postgresql":
@@ -189,6 +192,9 @@ class PersonaStore:
         statement = insert(PersonaRow).values(**values)
         statement = statement.on_conflict_do_update(index_elements=["user_id"], set_={
             "data": statement.excluded.data, "updated_at": statement.excluded.updated_at})
+        if session is not None:
+            session.execute(statement)
+            return persona
         with Session(self.engine) as session:
             session.execute(statement)
             session.commit()
@@ -200,12 +206,13 @@ class PersonaStore:
             raise InvalidInput("a persona is a JSON object of fields")
         return self.put(user_id, self.get(user_id).updated(changes))
 
-    def learn(self, user_id: str, text: str) -> list[str]:
-        """Learn from one message; stores only when something changed."""
-        persona = self.get(user_id)
+    def learn(self, user_id: str, text: str, *, session: Session | None = None) -> list[str]:
+        """Learn from one message; stores only when something changed. Given a `session` (the transaction that
+        records the message's answered turn), in it: learned once, with the turn, or not at all."""
+        persona = self.get(user_id, session=session)
         changed = learn(persona, text)
         if changed:
-            self.put(user_id, persona)
+            self.put(user_id, persona, session=session)
         return changed
 
     def delete(self, user_id: str) -> int:

@@ -371,7 +371,30 @@ def test_a_retried_message_id_gets_its_first_answer_never_a_second(client, servi
     mark(slow["turn_id"], "pending")  # its first try still being answered: the retry waits, not answered twice
     busy = say(client, "Slow one", message_id="msg-3")
     assert busy.status_code == 503 and busy.headers["Retry-After"]
-    mark(slow["turn_id"], "interrupted")  # its first try died unanswered: the retry is answered afresh
-    fresh = say(client, "Slow one", message_id="msg-3")
-    assert fresh.status_code == 200 and fresh.json()["turn_id"] != slow["turn_id"]
     assert say(client, "Hi", message_id="not an id!").status_code == 422
+
+
+def test_every_try_of_a_message_id_is_one_turn_answered_at_most_once(client, services):
+    from dialogue.store import Turn
+
+    def mark(turn_id: str, finish_reason: str) -> None:
+        with services.store.session() as session:
+            row = session.get(Turn, turn_id)
+            row.finish_reason, row.reply = finish_reason, ""
+            session.add(row)
+            session.commit()
+
+    first = say(client, "Slow one", message_id="msg-3").json()
+    mark(first["turn_id"], "interrupted")  # the first try died unanswered
+    second = say(client, "Slow one", message_id="msg-3")  # the retry answers that same turn
+    assert second.status_code == 200 and second.json()["turn_id"] == first["turn_id"]
+    third = say(client, "Slow one", message_id="msg-3")  # the retry's answer was lost on the way: not answered again
+    assert third.status_code == 200 and third.json() == second.json()
+    mark(first["turn_id"], "error")  # a retry that died too (its generation failed)
+    fourth = say(client, "Slow one", message_id="msg-3")
+    assert fourth.status_code == 200 and fourth.json()["turn_id"] == first["turn_id"]
+    turns = [t for t in services.store.export_user("u1")["turns"] if t["user_text"] == "Slow one"]
+    assert [(t["id"], t["finish_reason"]) for t in turns] == [(first["turn_id"], fourth.json()["finish_reason"])]
+    services.erase_user("u1")  # the turn is gone, its message id still taken: a retry is one new turn, once
+    again = say(client, "Slow one", message_id="msg-3").json()
+    assert again["turn_id"] == first["turn_id"] and say(client, "Slow one", message_id="msg-3").json() == again

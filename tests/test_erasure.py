@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from bot.cli.main import cli
 from bot.services import open_services
 from dialogue.errors import InvalidInput, StoreUnavailable
+from memory.persona import PersonaRow
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -65,3 +66,50 @@ def test_the_repl_history_is_per_user(tiny_settings):
         assert "ann" not in services.history_file("ann").name
     finally:
         services.close()
+
+
+def test_the_shared_repl_history_of_earlier_versions_is_removed_at_start(tiny_settings):
+    shared = tiny_settings.home / "repl_history"  # every user's input, before the history was per user
+    shared.write_text("+I live in Porto.\n")
+    open_services(tiny_settings, load_model=False).close()
+    assert not shared.exists()
+
+
+async def test_a_turn_answered_while_its_user_is_erased_leaves_no_persona(services):
+    pending = await services.manager.receive(user_id="u1", conversation_id="c1", text="My name is Lena.")
+    await asyncio.to_thread(services.erase_user, "u1")  # while the message is being answered
+    reply = await services.manager.respond(user_id="u1", conversation_id="c1", text="My name is Lena.", pending=pending)
+    await reply.complete()
+    assert not reply.recorded
+    with services.store.session() as session:
+        assert session.get(PersonaRow, "u1") is None
+
+
+@pytest.mark.parametrize("erasure", ["finished", "failed after the vectors"])
+async def test_a_memory_write_past_the_erasure_check_leaves_nothing_behind(services, erasure):
+    passed, go_on = asyncio.Event(), asyncio.Event()
+    write = services.manager.after_turn_hooks[0]
+
+    async def late(turn):  # past after_turn's "being erased" check, not yet written
+        passed.set()
+        await go_on.wait()
+        await write(turn)
+
+    services.manager.after_turn_hooks = [late]
+    reply = await services.manager.respond(user_id="u1", conversation_id="c1", text="I live in Porto.")
+    answering = asyncio.create_task(reply.complete())
+    await passed.wait()
+    if erasure == "finished":
+        await asyncio.to_thread(services.erase_user, "u1")
+    else:
+        real = services.store.delete_user
+        services.store.delete_user = lambda user_id: (_ for _ in ()).throw(StoreUnavailable("the database went away"))
+        with pytest.raises(StoreUnavailable):
+            await asyncio.to_thread(services.erase_user, "u1")
+        services.store.delete_user = real
+    go_on.set()
+    await answering
+    assert reply.recorded and services.memory.for_user("u1").list() == []
+    assert "u1" not in services.memory.owners().values()  # not even an empty collection in their name
+    await asyncio.to_thread(services.resume_erasures)
+    assert services.memory.for_user("u1").list() == [] and services.store.owed_memory() == []

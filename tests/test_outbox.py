@@ -97,3 +97,22 @@ def test_doctor_finds_drift_between_sql_and_chroma_and_repairs_it(tiny_settings,
     assert texts == ["I live in Porto.", "I was imported"]
     services.close()
     asyncio.run(asyncio.sleep(0))
+
+
+async def test_the_persona_learns_from_an_answered_turn_as_it_is_recorded(services):
+    from memory.persona import Persona
+
+    unanswered = await services.manager.respond(user_id="u1", conversation_id="c1", text="My name is Lena.")
+    unanswered.discard()  # the channel failed before the reply: the message teaches nothing
+    assert services.personas.get("u1") == Persona()
+
+    services.manager.after_turn_hooks = [FailingOnce(services.manager.after_turn_hooks[0])]
+    reply = await services.manager.respond(user_id="u1", conversation_id="c1", text="My name is Lena.")
+    assert reply.parts.persona["name"] == "Lena"  # this very reply knows it, before anything is stored
+    assert services.personas.get("u1") == Persona()
+    await reply.complete()
+    assert services.personas.get("u1").name == "Lena"  # with the turn's record, its memory write still owed
+    newer = await services.manager.respond(user_id="u1", conversation_id="c1", text="My name is Mia.")
+    await newer.complete()
+    assert await services.manager.flush_outbox() == {"done": 1, "failed": 0, "dropped": 0}
+    assert services.personas.get("u1").name == "Mia"  # the older turn's retried write does not set it back

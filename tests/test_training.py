@@ -281,6 +281,36 @@ def test_an_erased_users_version_stops_being_served_at_once_and_is_purged(tmp_pa
         registry.promote(trial)
 
 
+def test_purge_deletes_the_checkpoints_of_interrupted_runs_on_an_erased_users_data(loaded, monkeypatch):
+    from click.testing import CliRunner
+
+    from bot.cli.main import cli
+    from training.datasets import user_hash
+
+    settings, store = loaded
+    checkpoints = settings.adapters_dir / ".checkpoints"
+
+    def interrupted_run(dataset) -> Path:
+        before = set(checkpoints.glob("*")) if checkpoints.exists() else set()
+        with pytest.raises(TrainingInterrupted):
+            train_adapter(settings, dataset, FAST, show_progress=False, stop_after=1)
+        [made] = set(checkpoints.glob("*")) - before
+        return made
+
+    with_u1 = interrupted_run(dataset_of(settings, store))
+    without_u1 = interrupted_run(build_dataset(store, system=settings.system_prompt,
+                                               exclude_user_hashes={user_hash("u1")}))
+    older = checkpoints / "0123456789abcdef"  # left by a version that did not record a run's users
+    older.mkdir()
+    torch.save({"step": 1}, older / "state.pt")
+    assert flag_user_erased(settings.adapters_dir, "u1") == []  # no version yet: only checkpoints hold u1's data
+    monkeypatch.setenv("RAPPORT_HOME", str(settings.home))
+    done = CliRunner().invoke(cli, ["adapters", "purge"])
+    assert done.exit_code == 0, done.output
+    assert not with_u1.exists() and not older.exists() and (without_u1 / "state.pt").exists()
+    assert "nothing to purge" in CliRunner().invoke(cli, ["adapters", "purge"]).output
+
+
 def test_erased_user_turns_never_reach_a_new_version(loaded):
     settings, store = loaded
     first = train_version(settings, store, config=FAST, show_progress=False)

@@ -297,9 +297,10 @@ class Registry:
         return flagged
 
     def purge(self) -> list[str]:
-        """Delete the files of every version trained on an erased user (adapter, checkpoints, train_meta.json); the
-        registry keeps its line, retired (or rejected) with the flag "purged". Never a served version (flagging
-        stopped serving them)."""
+        """Delete the files of every version trained on an erased user (adapter, train_meta.json); the registry
+        keeps its line, retired (or rejected) with the flag "purged". Never a served version (flagging stopped
+        serving them). And the checkpoints of unfinished runs on an erased user's data, or on data no one can tell
+        (a checkpoint from before they recorded their users). Returns the versions and checkpoints deleted."""
         purged = []
         with self.transaction() as state:
             for item in state.versions.values():
@@ -309,6 +310,12 @@ class Registry:
                     item.status = "rejected" if item.status == "rejected" else "retired"
                     item.updated_at = now()
                     purged.append(item.version)
+            erased = set(state.erased_user_hashes)
+            for checkpoint in sorted(self.directory.glob(".checkpoints/*/state.pt")):
+                run = checkpoint.parent
+                if not (run / "train_meta.json").exists() or _lineage_users(run) & erased:
+                    shutil.rmtree(run, ignore_errors=True)
+                    purged.append(f"{run.parent.name}/{run.name}")
         return purged
 
 

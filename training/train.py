@@ -109,9 +109,11 @@ def checkpoint_dir(settings: Settings, key: str) -> Path:
     return settings.adapters_dir / ".checkpoints" / key
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Written to a temp file and renamed: an interruption mid-write leaves the previous checkpoint whole."""
+def save_checkpoint(path: Path, state: dict[str, Any], users: list[str]) -> None:
+    """Written to a temp file and renamed: an interruption mid-write leaves the previous checkpoint whole. The run's
+    user hashes (`users`) go beside it first, so `adapters purge` finds a checkpoint holding an erased user."""
     path.mkdir(parents=True, exist_ok=True)
+    write_meta(path, {"lineage": {"user_hashes": users}})
     tmp = path / "state.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path / "state.pt")
@@ -226,7 +228,8 @@ def train_adapter(settings: Settings, dataset: Dataset, config: TrainConfig, *, 
             if step % config.checkpoint_every == 0 or step == total or (stop_after and step >= stop_after):
                 save_checkpoint(ckpt, {"lora": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
                                        "scheduler": scheduler.state_dict(), "step": step, "total": total,
-                                       "losses": losses, "tokens": tokens_done})
+                                       "losses": losses, "tokens": tokens_done},
+                                dataset.lineage()["user_hashes"])
             if stop_after and step >= stop_after and step < total:
                 raise TrainingInterrupted(f"stopped after step {step} of {total}; the checkpoint is kept")
 

@@ -175,9 +175,11 @@ def adapters_rollback() -> None:
 
 @adapters_group.command("purge")
 def adapters_purge() -> None:
-    """Delete the files of every version trained on an erased user's data (they are no longer served)."""
+    """Delete the files of every version trained on an erased user's data (they are no longer served), and the
+    checkpoints of unfinished runs on it."""
     purged = _registry().purge()
-    click.echo(f"purged {', '.join(purged)}" if purged else "nothing to purge: no version holds an erased user's data")
+    click.echo(f"purged {', '.join(purged)}" if purged
+               else "nothing to purge: no version or checkpoint holds an erased user's data")
 
 
 @adapters_group.command("experiment")

@@ -24,13 +24,14 @@ from bot.http.deps import DeskDep, ManagerDep, MetricsDep, StoreDep
 from bot.http.disconnect import while_connected
 from dialogue.errors import AlreadyHandled, NotFound, Overloaded
 from dialogue.manager import RETRY_AFTER_S, Reply
-from dialogue.store import PENDING, Conversation, TranscriptStore, Turn
+from dialogue.store import DIED, PENDING, Conversation, TranscriptStore, Turn
 from memory.text import ID_PATTERN
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["dialogue"])
 
+STILL_ANSWERED = "this message is still being answered; ask again in a few seconds"
 ID = ID_PATTERN.pattern
 TURN_ID = r"^[A-Za-z0-9_-]{1,64}$"
 ConversationId = Annotated[str, Path(pattern=ID, description="1-128 of letters, digits and _.:@+-")]
@@ -154,9 +155,12 @@ async def post_message(request: Request, conversation_id: ConversationId, body: 
                                         channel=body.channel, **retry)
     except AlreadyHandled:
         answered = await _answered_before(store, retry["turn_id"], user_id)
-        if answered is None:  # the first try died unanswered (interrupted, error): this one is answered afresh
-            outcome = await manager.respond(user_id=user_id, conversation_id=conversation_id, text=body.text,
-                                            channel=body.channel)
+        if answered is None:  # the earlier tries died unanswered: this one takes up their turn, so one answers
+            try:
+                outcome = await manager.respond(user_id=user_id, conversation_id=conversation_id, text=body.text,
+                                                channel=body.channel, turn_id=retry["turn_id"], again=True)
+            except AlreadyHandled:  # another try took it up first
+                raise Overloaded(STILL_ANSWERED, retry_after=RETRY_AFTER_S) from None
         elif wants_stream(request, body.stream):
             return EventStream(_events_of(answered))
         else:
@@ -172,10 +176,10 @@ async def _answered_before(store: TranscriptStore, turn_id: str, user_id: str) -
     """The answer a message with this client id got before; None when it never got one. A message whose first
     try is still being answered is refused for now (503, Retry-After), not answered twice."""
     turn: Turn | None = await asyncio.to_thread(store.get_turn, turn_id)
-    if turn is None or turn.user_id != user_id or turn.finish_reason in ("interrupted", "error"):
+    if turn is None or turn.user_id != user_id or turn.finish_reason in DIED:
         return None
     if turn.finish_reason == PENDING:
-        raise Overloaded("this message is still being answered; ask again in a few seconds", retry_after=RETRY_AFTER_S)
+        raise Overloaded(STILL_ANSWERED, retry_after=RETRY_AFTER_S)
     conversation = await asyncio.to_thread(store.get_conversation, turn.conversation_id)
     return {"turn_id": turn.id, "reply": turn.reply, "sources": json.loads(turn.sources or "[]"),
             "handoff": turn.handoff, "adapter_version": turn.adapter_version,

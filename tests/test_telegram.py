@@ -683,14 +683,14 @@ async def test_memory_lists_and_forgets_only_my_memories(services, standin):
 async def test_a_store_outage_gets_one_apology_and_no_crash(services, standin):
     from dialogue.errors import StoreUnavailable
 
-    def unavailable(**kwargs):
+    def unavailable(*args, **kwargs):
         raise StoreUnavailable("transcript store is unavailable: disk I/O error")
 
     async with Running(services, standin):
-        services.store.event_claimed = unavailable  # the database is gone for this one update
+        services.store.record_turn = unavailable  # the database is gone for this one update (recorded as it arrives)
         standin.message("Hello!", chat_id=ANN)
         await standin.wait_for(lambda: standin.sent_to(ANN), what="the apology")
-        del services.store.event_claimed
+        del services.store.record_turn
         standin.message("Hello again!", chat_id=ANN)
         await wait_replies(standin, ANN)
     texts = [m.text for m in standin.sent_to(ANN)]

@@ -50,7 +50,8 @@ from bot.services import Services
 from bot.telegram.format import escape, scrub, split_message
 from bot.telegram.net import ChatOrderedProcessor, RetryingRequest
 from bot.telegram.stream import ReplyStream, keep_typing
-from dialogue.errors import AlreadyHandled, GenerationError, InvalidInput, NotFound, RapportError, StoreUnavailable
+from dialogue.errors import (AlreadyHandled, GenerationError, InvalidInput, NotFound, Overloaded, RapportError,
+                             StoreUnavailable)
 from dialogue.manager import HandedOff, Reply, interrupted_notice
 from dialogue.store import Turn
 
@@ -480,6 +481,9 @@ class TelegramBot:
         elif isinstance(error, StoreUnavailable):
             logger.error("a store is unavailable: %s", error)
             text = "Sorry, I can't reach my memory right now. Please try again in a moment."
+        elif isinstance(error, Overloaded):  # not taken (Telegram has no person to hand it to): the user sends it again
+            logger.warning("refused a message: %s", error)
+            text = "Sorry, I'm answering a lot of messages right now. Please send that again in a moment."
         elif isinstance(error, RapportError):
             logger.info("refused: %s", error)
             text = str(error)

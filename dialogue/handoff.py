@@ -34,6 +34,7 @@ HUMAN_REQUEST = re.compile(
     re.IGNORECASE,
 )
 HANDOFF_REPLY = "I'm handing this conversation to a colleague, who will reply here shortly."
+BUSY_REPLY = "Sorry, I'm very busy right now, so I've passed your message to a colleague, who will reply here shortly."
 SUMMARY_TURNS = 6
 SUMMARY_CHARS = 240
 
@@ -79,6 +80,7 @@ def summarise(reason: str, transcript: list[dict]) -> str:
         "low_confidence": "the FAQ does not cover the customer's question",
         "negative_ratings": "the customer rated several replies as unhelpful",
         "no_answer": "the bot could not produce an answer",
+        "busy": "the bot was answering as many messages as it takes at once (RAPPORT_MAX_QUEUE)",
         "manual": "a handoff was requested",
     }.get(reason, reason)
     lines = [f"Rapport handed this conversation over: {why}."]
@@ -156,10 +158,10 @@ class HandoffDesk:
     # -- what happens around a handoff -------------------------------------------------------------
 
     async def answer_request(self, *, conversation_id: str, user_id: str, channel: str, text: str,
-                             pending: Turn | None = None) -> Turn:
-        """The customer asked for a person: record the bot's short handover line as a turn (over `pending`, the
-        message's row written when it came in, when there is one)."""
-        turn = await self._record(conversation_id, user_id, channel, text, reply=HANDOFF_REPLY, model_id="rule",
+                             pending: Turn | None = None, reply: str = HANDOFF_REPLY) -> Turn:
+        """A person is to answer (the customer asked for one, or the bot is too busy): record the bot's short
+        handover line as a turn (over `pending`, the message's row written when it came in, when there is one)."""
+        turn = await self._record(conversation_id, user_id, channel, text, reply=reply, model_id="rule",
                                   finish_reason="stop", handoff=True, pending=pending)
         return turn
 

@@ -20,7 +20,7 @@ from sqlmodel import Session
 from dialogue.model.backend import Backend
 from dialogue.errors import AlreadyHandled, GenerationError, InvalidInput, Overloaded
 from dialogue.guarded import GuardedGeneration, GuardInputs, history_messages, statements, told_again
-from dialogue.handoff import HandoffDesk, wants_human
+from dialogue.handoff import BUSY_REPLY, HANDOFF_REPLY, HandoffDesk, wants_human
 from dialogue.prompt import PromptParts, build_prompt, context_message, fit_history, system_message
 from dialogue.model.worker import AdapterRef, Generation, GenerationParams
 from dialogue.settings import Settings
@@ -264,6 +264,7 @@ class DialogueManager:
         # Pending turns this process is writing; their leases are renewed while it lives (dialogue/leases.py).
         self.leases = TurnLeases(store, settings.turn_lease_s)
         self.observers: list[Callable[[Turn], None]] = []  # told of every recorded reply, e.g. the metrics
+        self._beyond_cap: set[str] = set()  # pending turns taken beyond `max_queue`: the gate hands them to a person
 
     def observe(self, turn: Turn) -> None:
         """Tell the observers of a recorded reply (cut short ones too); a failing observer never loses it."""
@@ -279,18 +280,22 @@ class DialogueManager:
                                 repetition_penalty=s.repetition_penalty)
 
     async def receive(self, *, user_id: str, conversation_id: str, text: str, channel: str = "api",
-                      event_id: str | None = None, turn_id: str | None = None, again: bool = False) -> Turn:
+                      event_id: str | None = None, turn_id: str | None = None, again: bool = False,
+                      refuse_when_busy: bool = True) -> Turn:
         """Put the user's message on disk as a pending turn, before anything else happens to it.
 
         `event_id` (the channel's id of the delivery: a Telegram update, a Chatwoot message) is claimed in the
         same transaction, so a redelivery raises `AlreadyHandled`; a message refused here claims it too. `again`:
         another try of the message whose turn is `turn_id`, whose earlier tries died unanswered; that turn is
         reopened (or recorded afresh when its row is gone), so all tries are one turn, answered at most once; a
-        try that finds it taken up by another raises `AlreadyHandled`."""
+        try that finds it taken up by another raises `AlreadyHandled`. Beyond `max_queue` turns in flight a
+        message is refused (`Overloaded`), unless `refuse_when_busy` is False and there is a desk: then it is
+        taken, and the gate hands it to a person without the model."""
         event = (channel, event_id) if event_id is not None else None
         busy = len(self.leases.held())
-        if busy >= self.settings.max_queue:  # back-pressure: refused before anything is taken, so a retry is clean
-            raise Overloaded(f"busy answering {busy} messages; please try again in a few seconds",
+        beyond_cap = busy >= self.settings.max_queue
+        if beyond_cap and (refuse_when_busy or self.desk is None):  # refused before anything is taken: a clean retry
+            raise Overloaded(f"busy: {busy} replies under way; please try again in a few seconds",
                              retry_after=RETRY_AFTER_S)
         try:
             user_id = validate_id(user_id, "user_id")
@@ -311,10 +316,13 @@ class DialogueManager:
                     reply="", model_id=self.backend.model_id, finish_reason=PENDING)
         self.leases.hold(turn.id)
         try:
-            return await asyncio.to_thread(self.store.record_turn, turn, event=event)
+            turn = await asyncio.to_thread(self.store.record_turn, turn, event=event)
         except BaseException:
             self.leases.release(turn.id)
             raise
+        if beyond_cap:
+            self._beyond_cap.add(turn.id)
+        return turn
 
     async def respond(self, *, user_id: str, conversation_id: str, text: str, channel: str = "api",
                       event_id: str | None = None, pending: Turn | None = None, turn_id: str | None = None,
@@ -415,18 +423,22 @@ class DialogueManager:
         self.leases.close()
 
     async def _gate(self, pending: Turn, notices: list[str]) -> HandedOff | None:
-        """A reply without the model when a person has the conversation or is asked for; else None."""
+        """A reply without the model when a person has the conversation, is asked for, or is to answer a message
+        taken beyond the cap; else None."""
         desk = self.desk
         conversation_id, user_id, text = pending.conversation_id, pending.user_id, pending.user_text
         ids = {"conversation_id": conversation_id, "user_id": user_id, "channel": pending.channel, "text": text}
+        beyond_cap = pending.id in self._beyond_cap
+        self._beyond_cap.discard(pending.id)
         if await desk.is_handed_off(conversation_id):
             turn = await desk.record_waiting(**ids, pending=pending)
             self.leases.release(pending.id)
             return HandedOff(turn, notices)
-        if wants_human(text):
-            turn = await desk.answer_request(**ids, pending=pending)
+        if beyond_cap or wants_human(text):
+            reason, line = ("busy", BUSY_REPLY) if beyond_cap else ("customer_request", HANDOFF_REPLY)
+            turn = await desk.answer_request(**ids, pending=pending, reply=line)
             self.leases.release(pending.id)
-            await desk.hand_off(conversation_id=conversation_id, user_id=user_id, reason="customer_request",
+            await desk.hand_off(conversation_id=conversation_id, user_id=user_id, reason=reason,
                                 turn_id=turn.id, background=True)
             return HandedOff(turn, notices)
         return None

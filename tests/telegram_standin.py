@@ -230,6 +230,11 @@ class Standin:
         with self._lock:
             self.messages.pop(message_id, None)
 
+    def confirmed(self, update: dict) -> bool:
+        """True once the bot told Telegram it has `update` (a getUpdates offset past it): it is never sent again."""
+        with self._lock:
+            return self._confirmed > update["update_id"]
+
     def unconfirm(self) -> None:
         """As after a crash before the bot confirmed its offset: every update is delivered again."""
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -227,5 +228,26 @@ def test_a_blank_model_reply_hands_off_instead_of_leaving_the_customer_unanswere
         assert "could not produce an answer" in posts(standin.calls, private=True)[0]["json"]["content"]
         turn = rig.services.store.history(conversation_id=KEY, user_id=f"chatwoot:{ACCOUNT}:{CONTACT}")[0]
         assert turn.model_id == rig.services.backend.model_id and turn.completion_tokens > 0
+    finally:
+        rig.close()
+
+
+def test_over_the_queue_cap_a_customer_message_is_kept_and_handed_to_a_person(tiny_settings, standin):
+    rig = Rig(tiny_settings.model_copy(update={"max_queue": 1}), standin.url)
+    try:
+        busy = asyncio.run(rig.services.manager.respond(user_id="u2", conversation_id="w1", text="Hello!"))  # the cap
+        event = message_event(8001, "Do you repair bikes?")
+        assert rig.post(event).json() == {"ok": True, "accepted": True}  # Chatwoot would not send it again
+        assert rig.post(event).json()["accepted"] is False
+        wait_for(lambda: posts(standin.calls, TOGGLE))
+        [told] = [c["json"]["content"] for c in posts(standin.calls, private=False)]
+        [note] = [c["json"]["content"] for c in posts(standin.calls, private=True)]
+        assert "busy" in told and "colleague" in told
+        assert "busy" in note and "Do you repair bikes?" in note
+        [turn] = rig.services.store.history(conversation_id=KEY, user_id=f"chatwoot:{ACCOUNT}:{CONTACT}")
+        assert (turn.user_text, turn.reply, turn.handoff) == ("Do you repair bikes?", told, True)
+        assert rig.services.store.get_conversation(KEY).status == "human"
+        assert rig.services.manager.leases.held() == [busy.turn_id]
+        asyncio.run(busy.complete())
     finally:
         rig.close()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from datetime import timedelta
+from typing import IO
 
 import pytest
 
@@ -16,7 +18,7 @@ from bot.services import open_services
 from conftest import REPO
 from dialogue.errors import AlreadyHandled, InvalidInput
 from dialogue.leases import TurnLeases
-from dialogue.manager import Context
+from dialogue.manager import Context, interrupted_notice
 from dialogue.store import TranscriptStore, Turn, utcnow
 from test_concurrency import at_once
 from test_chatwoot import standin as standin_chatwoot  # noqa: F401  (the Chatwoot stand-in fixture)
@@ -106,7 +108,7 @@ import asyncio, logging, sys
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 from bot.services import open_services
 from bot.telegram.handlers import TelegramBot, run_bot
-from dialogue.manager import Context
+from dialogue.manager import Context, interrupted_notice
 
 async def recall(user_id, text):
     return Context(answer="Here is my answer to: " + text)
@@ -120,14 +122,20 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.timeout(300)
-async def test_kill_9_mid_reply_then_restart_tells_the_user_once_and_never_answers_twice(tiny_settings, home):
-    standin = Standin(token=TOKEN).start()
+def start_bot(tiny_settings, home, standin: Standin) -> tuple[subprocess.Popen, IO]:
+    """`BOT` in a process of its own, polling the stand-in; its log in the home."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAPPORT_HOME": str(home), "RAPPORT_MODEL": tiny_settings.model,
            "RAPPORT_DTYPE": "float32", "RAPPORT_THREADS": "1", "RAPPORT_TURN_LEASE_S": "8"}  # slack for a machine busy loading models
     log = open(home / "bot.log", "w")
     proc = subprocess.Popen([sys.executable, "-c", BOT, TOKEN, standin.base_url], env=env, cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT)
+    return proc, log
+
+
+@pytest.mark.timeout(300)
+async def test_kill_9_mid_reply_then_restart_tells_the_user_once_and_never_answers_twice(tiny_settings, home):
+    standin = Standin(token=TOKEN).start()
+    proc, log = start_bot(tiny_settings, home, standin)
     try:
         standin.delay("sendMessage", 600, chat_id=ANN)  # the reply's first message hangs: the bot is mid-reply
         standin.message("Where is my parcel?", chat_id=ANN)
@@ -160,6 +168,49 @@ async def test_kill_9_mid_reply_then_restart_tells_the_user_once_and_never_answe
         async with Running(services, standin):  # the chat goes on
             standin.message("Where is my parcel?", chat_id=ANN)
             await standin.wait_for(lambda: replies(standin, ANN), 30, "the answer")
+        services.close()
+    finally:
+        standin.stop()
+
+
+@pytest.mark.timeout(300)
+async def test_kill_9_mid_reply_loses_no_message_waiting_behind_it_in_the_chat(tiny_settings, home):
+    standin = Standin(token=TOKEN).start()
+    settings = tiny_settings.model_copy(update={"turn_lease_s": 8.0})
+    proc, log = start_bot(tiny_settings, home, standin)
+    try:
+        standin.delay("sendMessage", 600, chat_id=ANN)  # the reply's first message hangs: the bot is mid-reply
+        standin.message("Where is my parcel?", chat_id=ANN)
+        await standin.wait_for(lambda: standin.calls_to("sendMessage", ANN, ok_only=False), 120, "the reply")
+        second = standin.message("And my refund?", chat_id=ANN)  # waits for the first reply to be answered
+        await standin.wait_for(lambda: standin.confirmed(second), 30, "the second message confirmed to Telegram")
+        store = TranscriptStore(settings.db_url)
+        with contextlib.suppress(AssertionError):  # a moment for the bot to write it down, if it does
+            await standin.wait_for(lambda: len(store.export_user(f"telegram:{ANN}")["turns"]) == 2, 10)
+        store.close()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+        log.close()
+    try:
+        with standin._lock:
+            standin._delays.clear()
+        services = open_services(settings)
+        services.manager.recall = fixed_answer("Here it is.")
+
+        def told() -> list[str]:
+            return [m.text for m in standin.sent_to(ANN) if "interrupted" in m.text]
+
+        for _ in range(2):  # two restarts: each message is told once (Telegram never sends them again)
+            async with Running(services, standin):
+                await standin.wait_for(told, 60, "the notices")
+                await asyncio.sleep(2)
+        assert sorted(told()) == sorted(interrupted_notice(t) for t in ("Where is my parcel?", "And my refund?"))
+        assert replies(standin, ANN) == []
+        turns = services.store.export_user(f"telegram:{ANN}")["turns"]
+        assert [(t["user_text"], t["finish_reason"]) for t in turns] == [("Where is my parcel?", "interrupted"),
+                                                                          ("And my refund?", "interrupted")]
         services.close()
     finally:
         standin.stop()

@@ -180,6 +180,21 @@ async def test_a_10kb_message_is_refused_with_the_limit_and_the_chat_goes_on(ser
     assert turn["user_text"] == "Hello!"
 
 
+async def test_over_the_queue_cap_a_message_is_refused_politely_and_sent_again_it_is_answered(services, standin):
+    services.settings.max_queue = 1
+    busy = await services.manager.respond(user_id="u2", conversation_id="w1", text="Hello!")  # the one turn it takes
+    async with Running(services, standin):
+        standin.message("Hello?", chat_id=ANN)
+        told = await standin.wait_for(lambda: standin.sent_to(ANN), what="the refusal")
+        assert services.store.export_user(f"telegram:{ANN}")["turns"] == []  # refused before anything was taken
+        await busy.complete()
+        standin.message("Hello?", chat_id=ANN)
+        await wait_replies(standin, ANN)
+    assert told[0].text == "Sorry, I'm answering a lot of messages right now. Please send that again in a moment."
+    [turn] = services.store.export_user(f"telegram:{ANN}")["turns"]
+    assert turn["user_text"] == "Hello?" and turn["finish_reason"] != "pending"
+
+
 async def test_a_10kb_reply_is_split_cleanly_with_buttons_on_its_last_piece(services, standin):
     paragraph = "Bikes need care. " * 30 + "\n\n"
     code = "```python\n" + "\n".join(f"print({i})  # <tag> & co" for i in range(120)) + "\n```\n"
@@ -683,14 +698,14 @@ async def test_memory_lists_and_forgets_only_my_memories(services, standin):
 async def test_a_store_outage_gets_one_apology_and_no_crash(services, standin):
     from dialogue.errors import StoreUnavailable
 
-    def unavailable(**kwargs):
+    def unavailable(*args, **kwargs):
         raise StoreUnavailable("transcript store is unavailable: disk I/O error")
 
     async with Running(services, standin):
-        services.store.event_claimed = unavailable  # the database is gone for this one update
+        services.store.record_turn = unavailable  # the database is gone for this one update (recorded as it arrives)
         standin.message("Hello!", chat_id=ANN)
         await standin.wait_for(lambda: standin.sent_to(ANN), what="the apology")
-        del services.store.event_claimed
+        del services.store.record_turn
         standin.message("Hello again!", chat_id=ANN)
         await wait_replies(standin, ANN)
     texts = [m.text for m in standin.sent_to(ANN)]

@@ -13,7 +13,8 @@ Events handled (Chatwoot's agent-bot payloads, `Message#webhook_data` and the co
   with `POST /api/v1/accounts/{account}/conversations/{id}/messages`, unless a person has the
   conversation. The message is on disk (a pending turn, its Chatwoot id claimed with it) before the webhook
   answers 200, so a redelivery never produces a second reply and a crash never loses the message: a reply
-  a dead process left unfinished is closed and the customer told once, by the next process to start.
+  a dead process left unfinished is closed and the customer told once, by the next process to start. Beyond
+  `RAPPORT_MAX_QUEUE` turns in flight the message is taken all the same and handed to a person.
 - `message_created`, `"outgoing"` from a `user` (a human agent), not private: recorded as the agent's
   turn for the learning loop, and the bot stays silent from then on. The bot's own messages (sender
   type `agent_bot`), private notes and activity messages are ignored, so replies never loop.
@@ -270,9 +271,14 @@ class ChatwootBot:
             if contact is None:
                 return None
             try:  # on disk before Chatwoot hears 200
+                # Beyond the queue cap the message is still taken, and the gate gives it to a person (a handover
+                # line, a note, the conversation open in the agents' queue) instead of a 503: Chatwoot does not
+                # reliably deliver a webhook again, a customer in a chat widget does not resend, and Chatwoot is
+                # where the people are, so the customer is answered for certain without adding to the model's load.
                 pending = await self.manager.receive(user_id=f"{CHANNEL}:{account}:{contact}",
                                                      conversation_id=conversation_key(account, conversation),
-                                                     text=content, channel=CHANNEL, event_id=event_id)
+                                                     text=content, channel=CHANNEL, event_id=event_id,
+                                                     refuse_when_busy=False)
             except AlreadyHandled:
                 logger.info("chatwoot message %s already handled", event_id)
                 return None

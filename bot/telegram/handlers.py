@@ -1,8 +1,9 @@
 """The Telegram channel: a python-telegram-bot `Application` whose handlers turn updates into dialogue calls.
 
-Each update is handled once: a text message is claimed together with its pending turn (the message on disk
-before any reply is made), every other update before it is handled, so a redelivery after a crash is dropped
-and a message is never lost to a crash. Updates of one chat run in order, different chats concurrently. On
+Each update is handled once: a text message is claimed together with its pending turn, recorded as it arrives
+(`on_arrival`: before it waits behind its chat's earlier replies, since the library has confirmed it to Telegram
+by then), every other update before it is handled, so a redelivery after a crash is dropped and a message is
+never lost to a crash. Updates of one chat are handled in order, different chats concurrently. On
 start, and every lease period after, messages whose reply a dead process left unfinished are closed and
 their users told once. Users are `telegram:<id>`, so
 memory and persona follow the person across chats; a conversation is per chat (per person in a group).
@@ -49,8 +50,10 @@ from bot.services import Services
 from bot.telegram.format import escape, scrub, split_message
 from bot.telegram.net import ChatOrderedProcessor, RetryingRequest
 from bot.telegram.stream import ReplyStream, keep_typing
-from dialogue.errors import AlreadyHandled, GenerationError, InvalidInput, NotFound, RapportError, StoreUnavailable
+from dialogue.errors import (AlreadyHandled, GenerationError, InvalidInput, NotFound, Overloaded, RapportError,
+                             StoreUnavailable)
 from dialogue.manager import HandedOff, Reply, interrupted_notice
+from dialogue.store import Turn
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +146,7 @@ class TelegramBot:
         self._conversations: dict[tuple[int, int], int] = {}  # (chat, user) -> current conversation number
         self._corrections: dict[tuple[int, int], str] = {}  # (chat, user) -> turn id a 👎 asked about
         self._last: dict[tuple[int, int], Reply] = {}  # (chat, user) -> the last reply, for /rate and /sources
+        self._received: dict[int, Turn | RapportError] = {}  # update id -> what on_arrival made of its message
         self.commands = Commands(services)
         self.text_messages = filters.UpdateType.MESSAGE & filters.TEXT & ~filters.COMMAND  # on_message's updates
 
@@ -154,7 +158,7 @@ class TelegramBot:
             Application.builder()
             .token(token)
             .rate_limiter(AIORateLimiter(max_retries=s.telegram_rate_limit_retries))
-            .concurrent_updates(ChatOrderedProcessor(s.telegram_concurrency))
+            .concurrent_updates(ChatOrderedProcessor(s.telegram_concurrency, admit=self.on_arrival))
             .request(RetryingRequest(retry_budget=s.telegram_retry_budget, connection_pool_size=s.telegram_concurrency + 8,
                                      read_timeout=15, write_timeout=30))
         )
@@ -182,11 +186,37 @@ class TelegramBot:
 
     # -- every update first -----------------------------------------------------------------------
 
+    async def on_arrival(self, update: object) -> bool:
+        """Record a text message for the bot as a pending turn as it arrives, before it waits for its chat's earlier
+        replies: the library confirms an update to Telegram with its next poll, and from then on the message exists
+        only here. Its turn (or why it was refused, told in the chat's turn) waits for on_message in `_received`.
+        False for commands and buttons: the chat's later messages are recorded once they are handled."""
+        if not isinstance(update, Update) or not self.text_messages.check_update(update):
+            return False
+        if self.allowed and not self._is_allowed(update):
+            return True
+        chat, who = update.effective_chat, scoped_user(update)
+        text = _text_for_bot(update, update.get_bot())
+        if not text or (chat.id, who) in self._corrections:
+            return True  # no turn (or a correction, perhaps): on_message decides in the chat's turn
+        try:
+            conversation_id = await self._current_conversation(chat.id, chat.type, who)
+            self._received[update.update_id] = await self.services.manager.receive(
+                user_id=who, conversation_id=conversation_id, text=text, channel=CHANNEL,
+                event_id=str(update.update_id))
+        except AlreadyHandled:  # a redelivery: on_update drops it
+            pass
+        except RapportError as exc:  # too long, too busy, the store down
+            self._received[update.update_id] = exc
+        return True
+
     async def on_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Drop an update already handled (a redelivery) and anyone not on the allowlist."""
         store, event_id = self.services.store, str(update.update_id)
         try:
-            if self.text_messages.check_update(update):  # claimed with its turn, once the message is on disk
+            if update.update_id in self._received:  # claimed by on_arrival, with its turn
+                first = True
+            elif self.text_messages.check_update(update):  # claimed with its turn, once the message is on disk
                 first = not await asyncio.to_thread(store.event_claimed, channel=CHANNEL, event_id=event_id)
             else:
                 first = await asyncio.to_thread(store.claim_event, channel=CHANNEL, event_id=event_id)
@@ -292,26 +322,27 @@ class TelegramBot:
 
     async def on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Answer a text message with a streamed reply carrying 👍/👎 buttons."""
-        message, chat, user = update.effective_message, update.effective_chat, update.effective_user
-        if user is None or not addressed_to_bot(message, context.bot.id, context.bot.username):
-            await self._claim(update)
-            return
-        text = scrub(message.text or "")
-        if context.bot.username:
-            text = re.sub(rf"@{re.escape(context.bot.username)}\b", "", text, flags=re.I)
-        text = text.strip()  # the core refuses an over-long message, saying the limit (on_error shows it)
+        message, chat = update.effective_message, update.effective_chat
         group = chat.type != ChatType.PRIVATE
         who = scoped_user(update)
-        pending = self._corrections.pop((chat.id, who), None)
-        if pending and text:
-            await self.services.manager.rate(turn_id=pending, rating=-1, user_id=who, correction=text)
-            if await self._claim(update):
-                await message.reply_text("Thank you, I'll learn from that.", do_quote=group)
-            return
-        if not text:
-            if await self._claim(update):
-                await message.reply_text("Yes? Ask me anything.", do_quote=group)
-            return
+        received = self._received.pop(update.update_id, None)
+        if isinstance(received, RapportError):
+            raise received  # refused as it arrived: on_error tells the user why
+        if received is None:  # not recorded as it arrived: maybe no turn at all
+            text = _text_for_bot(update, context.bot)
+            if text is None:
+                await self._claim(update)
+                return
+            pending = self._corrections.pop((chat.id, who), None)
+            if pending and text:
+                await self.services.manager.rate(turn_id=pending, rating=-1, user_id=who, correction=text)
+                if await self._claim(update):
+                    await message.reply_text("Thank you, I'll learn from that.", do_quote=group)
+                return
+            if not text:
+                if await self._claim(update):
+                    await message.reply_text("Yes? Ask me anything.", do_quote=group)
+                return
 
         thread_id = message.message_thread_id if message.is_topic_message else None
         stream = ReplyStream(context.bot, chat.id, reply_to=message.message_id if group else None, thread_id=thread_id,
@@ -319,10 +350,14 @@ class TelegramBot:
         typing = asyncio.create_task(keep_typing(context.bot, chat.id, stream.started, thread_id=thread_id))
         reply = None
         try:
-            conversation_id = await self._current_conversation(chat.id, chat.type, who)
             try:
-                reply = await self.services.manager.respond(user_id=who, conversation_id=conversation_id,
-                                                            text=text, channel=CHANNEL, event_id=str(update.update_id))
+                if received is None:
+                    conversation_id = await self._current_conversation(chat.id, chat.type, who)
+                else:
+                    conversation_id, text = received.conversation_id, received.user_text
+                reply = await self.services.manager.respond(user_id=who, conversation_id=conversation_id, text=text,
+                                                            channel=CHANNEL, event_id=str(update.update_id),
+                                                            pending=received)
             except AlreadyHandled:  # redelivered while its first delivery was being recorded
                 logger.info("update %s was handled before; skipping it", update.update_id)
                 return
@@ -446,6 +481,9 @@ class TelegramBot:
         elif isinstance(error, StoreUnavailable):
             logger.error("a store is unavailable: %s", error)
             text = "Sorry, I can't reach my memory right now. Please try again in a moment."
+        elif isinstance(error, Overloaded):  # not taken (Telegram has no person to hand it to): the user sends it again
+            logger.warning("refused a message: %s", error)
+            text = "Sorry, I'm answering a lot of messages right now. Please send that again in a moment."
         elif isinstance(error, RapportError):
             logger.info("refused: %s", error)
             text = str(error)
@@ -495,6 +533,18 @@ class _ErrorContext:
 
     error: BaseException
     bot: object = None
+
+
+def _text_for_bot(update: Update, bot) -> str | None:
+    """A message's text, without the bot's @mention, when it is addressed to the bot; else None. (The core
+    refuses an over-long one, saying the limit; on_error shows it.)"""
+    message = update.effective_message
+    if update.effective_user is None or not addressed_to_bot(message, bot.id, bot.username):
+        return None
+    text = scrub(message.text or "")
+    if bot.username:
+        text = re.sub(rf"@{re.escape(bot.username)}\b", "", text, flags=re.I)
+    return text.strip()
 
 
 def _args(context: ContextTypes.DEFAULT_TYPE) -> str:

@@ -1,11 +1,13 @@
-"""Surviving Telegram's failures: Bot API calls retried through network errors, updates of one chat in order."""
+"""Surviving Telegram's failures: Bot API calls retried through network errors, updates admitted as they arrive and
+handled in order per chat."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from telegram import Update
@@ -60,34 +62,56 @@ def chat_key(update: object) -> int | None:
 
 
 class ChatOrderedProcessor(BaseUpdateProcessor):
-    """Updates of different chats run concurrently; those of one chat one after another, in arrival order.
+    """Each update is admitted (`admit`: a message recorded) as soon as it may be, then handled: updates of different
+    chats concurrently, those of one chat one after another, in arrival order.
 
-    The application creates one task per update in arrival order and each reaches the chat's lock without
-    yielding before it, and asyncio locks are FIFO: so a chat's updates are handled in the order they came.
+    `admit` returns True when it took the update in: the chat's later updates are then admitted without waiting for
+    its handling (a reply being made). An update it did not take in (a command, a button) may change how later ones
+    are (/new starts a conversation, a 👎 makes the next message a correction), so they wait until it is handled.
+    Waiting updates hold no slot: `max_concurrent_updates` counts updates being handled. The application starts
+    one task per update in arrival order, and each takes its place in its chat's line before it first yields.
     """
 
-    def __init__(self, max_concurrent_updates: int) -> None:
+    def __init__(self, max_concurrent_updates: int, admit: Callable[[object], Awaitable[bool]] | None = None) -> None:
         super().__init__(max_concurrent_updates)
-        self._locks: dict[int, asyncio.Lock] = {}
-        self._users: dict[int, int] = {}
+        self.admit = admit
+        self._last: dict[int, _Place] = {}  # chat -> the place of its latest update still in line
+
+    async def process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
+        key = chat_key(update)
+        ahead, place = self._last.get(key), _Place()
+        if key is not None:
+            self._last[key] = place
+        try:
+            if ahead is not None:
+                await ahead.settled.wait()
+            try:
+                if self.admit is not None and await self.admit(update):
+                    place.settled.set()
+            except Exception:  # the handler does without it
+                logger.exception("admitting update %s failed", getattr(update, "update_id", None))
+            if ahead is not None:
+                await ahead.handled.wait()
+            await super().process_update(update, coroutine)  # within the concurrency limit
+        finally:
+            place.settled.set()
+            place.handled.set()
+            if self._last.get(key) is place:  # the chat's line is empty
+                del self._last[key]
 
     async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
-        key = chat_key(update)
-        if key is None:
-            await coroutine
-            return
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        self._users[key] = self._users.get(key, 0) + 1
-        try:
-            async with lock:
-                await coroutine
-        finally:
-            self._users[key] -= 1
-            if not self._users[key]:  # nobody waits on this chat: forget its lock
-                del self._users[key], self._locks[key]
+        await coroutine
 
     async def initialize(self) -> None:
         pass
 
     async def shutdown(self) -> None:
         pass
+
+
+@dataclass
+class _Place:
+    """An update's place in its chat's line: `settled` once later updates may be admitted, `handled` once done."""
+
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    handled: asyncio.Event = field(default_factory=asyncio.Event)

@@ -80,9 +80,12 @@ async def test_a_turn_through_the_llama_cpp_server_is_streamed_and_recorded(remo
     services = open_services(remote_settings)
     try:
         assert isinstance(services.backend, OpenAIBackend)
-        reply = await services.manager.respond(user_id="lena", conversation_id="c1", text="Hi! My name is Lena.")
+        # a request for a story: a reply of several sentences, past the guard's held-back opening, so it streams
+        # (a greeting of one or two sentences fits in the opening and comes as one chunk)
+        reply = await services.manager.respond(user_id="lena", conversation_id="c1",
+                                               text="Hi! My name is Lena. Tell me a short story about a bike.")
         chunks = [chunk async for chunk in reply]
-        assert len(chunks) > 1 and reply.text.strip()
+        assert len(chunks) > 1 and reply.text.strip(), chunks
         turn = services.store.get_turn(reply.turn_id)
         assert turn.reply == reply.text and turn.completion_tokens > 0 and turn.prompt_tokens > 0
         assert turn.model_id == "smollm2"

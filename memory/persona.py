@@ -105,15 +105,18 @@ SHORT = re.compile(r"\b(keep it (short|brief)|be (brief|concise)|shorter (answer
                    r"too long)\b", re.I)
 DETAILED = re.compile(r"\b(more detail(ed)?|in detail|longer (answers|replies)|be more thorough|explain more)\b", re.I)
 TONE = re.compile(r"\b(?:be|sound|stay|keep it) (more )?(formal|casual|friendly|playful|professional|warm|direct)\b", re.I)
+# Where a fact's words end: a sentence mark, or a conjunction that starts a clause of its own ("I work as a nurse
+# and I have a dog called Pico": the job is "nurse", not "nurse and I have a dog called Pico").
+CLAUSE_END = r"(?=[.!,;?]|$|\s+(?:and|but|so|because)\s+(?:i|i'm|i've|i'd|my|we|we're)\b)"
 FACTS = [
     re.compile(r"\bI(?: am|'m) (?:a )?(vegetarian|vegan|pescatarian|diabetic|lactose[- ]intolerant|gluten[- ]free)\b", re.I),
-    re.compile(r"\bI(?: am|'m) allergic to ([a-z][a-z ,\-]{2,40}?)(?:[.!,;]|$)", re.I),
+    re.compile(r"\bI(?: am|'m) allergic to ([a-z][a-z ,\-]{2,40}?)" + CLAUSE_END, re.I),
     re.compile(r"\bI live in ([A-Z][\w\-]+(?: [A-Z][\w\-]+)?)"),
     re.compile(r"\bI(?: am|'m) from ([A-Z][\w\-]+(?: [A-Z][\w\-]+)?)"),
-    re.compile(r"\bI work as (?:an? )?([a-z][a-z \-]{2,40}?)(?:[.!,;]|$| at | in )", re.I),
+    re.compile(r"\bI work as (?:an? )?([a-z][a-z \-]{2,40}?)(?= at | in |" + CLAUSE_END[3:], re.I),
 ]
 FACT_LABELS = ["diet: {}", "allergic to {}", "lives in {}", "from {}", "works as {}"]
-INTERESTS = re.compile(r"\bI (?:really )?(?:love|enjoy|like|am into|'m into) ([a-z][a-z \-]{2,60}?)(?:[.!,;?]|$)", re.I)
+INTERESTS = re.compile(r"\bI (?:really )?(?:love|enjoy|like|am into|'m into) ([a-z][a-z \-]{2,60}?)" + CLAUSE_END, re.I)
 
 
 def learn(persona: Persona, text: str) -> list[str]:

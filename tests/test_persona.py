@@ -17,6 +17,10 @@ from memory.persona import Persona, PersonaStore, learn
     ("Could you answer in German from now on?", {"language": "German"}),
     ("Please be more formal.", {"tone": "formal"}),
     ("Can you explain in detail?", {"verbosity": "detailed"}),
+    # a fact ends where a new clause starts (it read "works as nurse and I have a dog called Pico")
+    ("I work as a nurse and I have a dog called Pico.", {"facts": ["works as nurse"]}),
+    ("I love hiking and I have a cat, and I'm allergic to cats but I cope.",
+     {"facts": ["allergic to cats"], "interests": ["hiking"]}),
 ])
 def test_rules_learn_what_is_said_plainly(said, expected):
     persona = Persona()

@@ -151,6 +151,8 @@ def role_confusion(reply: str, memories: list[str], user_name: str | None) -> Ve
         claimed = {m.group(1) for m in NAME_CLAIM.finditer(" ".join(tokens))}  # "you" beside it changes nothing
         if any(near(c, n) for c in claimed for n in names):
             return Verdict("role_confusion", 1.0, tuple(tokens))
+        if len(tokens) == 1 and any(near(tokens[0], n) for n in names):  # "Best regards,\nMarta": signed as the user
+            return Verdict("role_confusion", 1.0, tuple(tokens))
         if any(m.group(1) not in OWN_NAMES for m in SELF_INTRO.finditer(" ".join(tokens))):
             return Verdict("role_confusion", 0.9, tuple(tokens))  # "Hello! My name is Emma": role play
         if not any(w in FIRST for w in tokens) or any(w in SECOND for w in tokens):

@@ -262,6 +262,8 @@ class GuardedGeneration:
             if done:
                 shown += done
                 yield done
+        if pending.strip() and self.generation.finish_reason == "length" and complete_sentences(shown)[0].strip():
+            return  # the budget ran out mid-sentence: the reply ends at its last full one (still "length")
         if pending.strip() and not self._release(shown, pending):
             return
         if pending:

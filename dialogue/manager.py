@@ -26,6 +26,7 @@ from dialogue.model.worker import AdapterRef, Generation, GenerationParams
 from dialogue.settings import Settings
 from dialogue.leases import TurnLeases
 from dialogue.store import PENDING, Turn, TranscriptStore, new_id, utcnow
+from memory.facts import only_tells
 from memory.text import clean_text, strip_controls, validate_id
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def interrupted_notice(user_text: str) -> str:
     snippet = user_text if len(user_text) <= 80 else user_text[:79] + "…"
     return (f"Sorry, I was interrupted while answering your message “{snippet}”, and that reply was lost. "
             "Please send it again.")
+TELLING_REPLY_TOKENS = 48  # the budget of a reply to a message that asks and requests nothing
 CHAT_MARKUP_TOKENS = 20  # per-message role markers (up to two system messages) and the assistant header, with margin
 
 
@@ -360,6 +362,8 @@ class DialogueManager:
         params = self.default_params()
         if context.max_new_tokens:  # the persona's verbosity
             params = replace(params, max_new_tokens=context.max_new_tokens)
+        if only_tells(text):  # "Hi! I'm Marta, I'm a nurse": a short reply; left long, a small model role-plays
+            params = replace(params, max_new_tokens=min(params.max_new_tokens, TELLING_REPLY_TOKENS))
 
         parts = PromptParts(system=self.settings.system_prompt, user_text=text, persona=context.persona,
                             memories=context.memories, faq=context.faq)

@@ -61,7 +61,9 @@ def clauses(sentence: str) -> list[str]:
 def kind_of(clause: str, *, asks: bool) -> str:
     """'question' | 'request' | 'smalltalk' | 'fact' (names the user) | 'other'; `asks`: the clause ends a '?'."""
     text = LEADING.sub("", clause.strip()).strip(" \t\"'")
-    if not text or text.startswith("/"):
+    if not text:  # nothing but "Hi!", "ok", "please"
+        return "smalltalk"
+    if text.startswith("/"):
         return "request"
     bare = text.rstrip(".!?… ").lower()
     if SMALL_TALK.match(bare) and not re.search(r"\b(?:my|our)\b", bare):
@@ -107,6 +109,17 @@ def memory_text(message: str) -> str | None:
     if not dropped:
         return message.strip()
     return " ".join(s if s[-1:] in ".!" else s + "." for s in kept_sentences)
+
+
+def only_tells(message: str) -> bool:
+    """True when the message asks nothing and requests nothing: statements and small talk only ("Hi! I'm Marta, I
+    work as a nurse"). Such a message wants a short reply; a small model left a long one role-plays."""
+    for sentence in SENTENCE.split(message.strip()):
+        parts = clauses(sentence)
+        asks = sentence.rstrip().endswith("?")
+        if any(kind_of(part, asks=asks and i == len(parts) - 1) in ("question", "request") for i, part in enumerate(parts)):
+            return False
+    return True
 
 
 def is_memorable(message: str) -> bool:

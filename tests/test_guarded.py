@@ -9,23 +9,25 @@ import torch
 
 from dialogue.guarded import (FALLBACK_OTHER, FALLBACK_STATEMENT, FALLBACKS_OTHER, HOLD_WORDS, GuardInputs, copy_sources,
                               fallback_reply)
+from dialogue.guard import check_reply
+from dialogue.manager import TELLING_REPLY_TOKENS
 from dialogue.model.worker import COPY_RUN, GenerationParams, sample_tokens
 
 LENA = "Hello! My name is Lena and I live in Porto."
 
 
 class QueuedGeneration:
-    def __init__(self, text):
+    def __init__(self, text, finish_reason="stop"):
         self.chunks = [w + " " for w in text.split()]
         self.finish_reason, self.prompt_tokens, self.completion_tokens, self.ttft_s = None, 10, 0, 0.01
-        self.yielded = 0
+        self.yielded, self.ends = 0, finish_reason
 
     async def __aiter__(self):
         for chunk in self.chunks:
             self.yielded += 1
             self.completion_tokens += 1
             yield chunk
-        self.finish_reason = "stop"
+        self.finish_reason = self.ends
 
     async def text(self):
         return "".join([c async for c in self])
@@ -42,7 +44,8 @@ class QueuedBackend:
 
     async def generate(self, messages, params, adapter=None):
         self.params.append(params)
-        self.made.append(QueuedGeneration(self.replies.pop(0)))
+        reply = self.replies.pop(0)
+        self.made.append(QueuedGeneration(*reply) if isinstance(reply, tuple) else QueuedGeneration(reply))
         return self.made[-1]
 
 
@@ -202,3 +205,29 @@ async def test_control_characters_a_model_writes_never_reach_the_user_or_the_dat
         assert stored.finish_reason == "stop" and stored.reply == reply.text and "Hello" in stored.reply
     finally:
         services.close()
+
+
+async def test_a_reply_cut_by_its_budget_ends_at_its_last_full_sentence(services):
+    opening = " ".join(f"word{i}" for i in range(HOLD_WORDS + 2)) + "."
+    backend = QueuedBackend(services.backend, [(opening + " A second sentence. And a third that never", "length")])
+    services.manager.backend = backend
+    reply, chunks = await turn(services, "Tell me about bikes.")
+    assert "".join(chunks).strip() == opening + " A second sentence."
+    stored = services.store.get_turn(reply.turn_id)
+    assert stored.reply.strip() == opening + " A second sentence." and stored.finish_reason == "length"
+
+
+async def test_a_message_that_only_tells_gets_a_short_reply_budget(services):
+    backend = QueuedBackend(services.backend, ["Nice to meet you, Marta!", "Here is an idea.", "Hello!"])
+    services.manager.backend = backend
+    services.manager.settings = services.settings.model_copy(update={"max_new_tokens": 256})  # the default budget
+    await turn(services, "Hi! I'm Marta, I work as a nurse and I have a dog called Pico.")
+    await turn(services, "Suggest a quick dinner recipe.")
+    await turn(services, "Hello!")
+    assert [p.max_new_tokens for p in backend.params] == [TELLING_REPLY_TOKENS, 256, TELLING_REPLY_TOKENS]
+
+
+def test_signing_a_reply_with_the_users_name_is_role_confusion():
+    letter = "Take care of Pico, and I promise to do everything I can for him.\nBest regards,\nMarta"
+    assert check_reply(letter, user_text="Hi! I'm Marta.", user_name="Marta").kind == "role_confusion"
+    assert check_reply("Take care, Marta!", user_text="Hi! I'm Marta.", user_name="Marta").ok  # addressing her

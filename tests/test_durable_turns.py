@@ -132,14 +132,19 @@ def start_bot(tiny_settings, home, standin: Standin) -> tuple[subprocess.Popen, 
     return proc, log
 
 
+async def hang_mid_reply(standin: Standin, text: str) -> None:
+    """Ann sends `text` and the reply's first message hangs: the bot is mid-reply when this returns."""
+    standin.delay("sendMessage", 600, chat_id=ANN)
+    standin.message(text, chat_id=ANN)
+    await standin.wait_for(lambda: standin.calls_to("sendMessage", ANN, ok_only=False), 120, "the reply")
+
+
 @pytest.mark.timeout(300)
 async def test_kill_9_mid_reply_then_restart_tells_the_user_once_and_never_answers_twice(tiny_settings, home):
     standin = Standin(token=TOKEN).start()
     proc, log = start_bot(tiny_settings, home, standin)
     try:
-        standin.delay("sendMessage", 600, chat_id=ANN)  # the reply's first message hangs: the bot is mid-reply
-        standin.message("Where is my parcel?", chat_id=ANN)
-        await standin.wait_for(lambda: standin.calls_to("sendMessage", ANN, ok_only=False), 120, "the reply")
+        await hang_mid_reply(standin, "Where is my parcel?")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -179,9 +184,7 @@ async def test_kill_9_mid_reply_loses_no_message_waiting_behind_it_in_the_chat(t
     settings = tiny_settings.model_copy(update={"turn_lease_s": 8.0})
     proc, log = start_bot(tiny_settings, home, standin)
     try:
-        standin.delay("sendMessage", 600, chat_id=ANN)  # the reply's first message hangs: the bot is mid-reply
-        standin.message("Where is my parcel?", chat_id=ANN)
-        await standin.wait_for(lambda: standin.calls_to("sendMessage", ANN, ok_only=False), 120, "the reply")
+        await hang_mid_reply(standin, "Where is my parcel?")
         second = standin.message("And my refund?", chat_id=ANN)  # waits for the first reply to be answered
         await standin.wait_for(lambda: standin.confirmed(second), 30, "the second message confirmed to Telegram")
         store = TranscriptStore(settings.db_url)

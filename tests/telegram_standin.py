@@ -247,6 +247,11 @@ class Standin:
         with self._lock:
             self._failures.append(Failure(method, times, code, retry_after, chat_id))
 
+    def undelay(self) -> None:
+        """Calls answer at once again (every `delay` taken back)."""
+        with self._lock:
+            self._delays.clear()
+
     def delay(self, method: str, seconds: float, *, chat_id: int | None = None) -> None:
         with self._lock:
             self._delays.append(Delay(method, seconds, chat_id))

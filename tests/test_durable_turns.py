@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import IO
 
@@ -132,6 +133,18 @@ def start_bot(tiny_settings, home, standin: Standin) -> tuple[subprocess.Popen, 
     return proc, log
 
 
+@contextlib.contextmanager
+def killed_at_exit(tiny_settings, home, standin: Standin) -> Iterator[subprocess.Popen]:
+    """The bot in a process of its own (`start_bot`), killed with SIGKILL when the block ends, however it ends."""
+    proc, log = start_bot(tiny_settings, home, standin)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        log.close()
+
+
 async def hang_mid_reply(standin: Standin, text: str) -> None:
     """Ann sends `text` and the reply's first message hangs: the bot is mid-reply when this returns."""
     standin.delay("sendMessage", 600, chat_id=ANN)
@@ -142,21 +155,14 @@ async def hang_mid_reply(standin: Standin, text: str) -> None:
 @pytest.mark.timeout(300)
 async def test_kill_9_mid_reply_then_restart_tells_the_user_once_and_never_answers_twice(tiny_settings, home):
     standin = Standin(token=TOKEN).start()
-    proc, log = start_bot(tiny_settings, home, standin)
-    try:
+    with killed_at_exit(tiny_settings, home, standin):
         await hang_mid_reply(standin, "Where is my parcel?")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        proc.kill()
-        log.close()
     try:
         settings = tiny_settings.model_copy(update={"turn_lease_s": 8.0})
         services = open_services(settings)
         [turn] = services.store.export_user(f"telegram:{ANN}")["turns"]
         assert (turn["user_text"], turn["finish_reason"]) == ("Where is my parcel?", "pending")  # never lost
-        with standin._lock:
-            standin._delays.clear()
+        standin.undelay()
         standin.unconfirm()  # the dead process never confirmed the update: Telegram delivers it again
         services.manager.recall = fixed_answer("Here it is.")
         for _ in range(2):  # two restarts: the user is told once
@@ -182,8 +188,7 @@ async def test_kill_9_mid_reply_then_restart_tells_the_user_once_and_never_answe
 async def test_kill_9_mid_reply_loses_no_message_waiting_behind_it_in_the_chat(tiny_settings, home):
     standin = Standin(token=TOKEN).start()
     settings = tiny_settings.model_copy(update={"turn_lease_s": 8.0})
-    proc, log = start_bot(tiny_settings, home, standin)
-    try:
+    with killed_at_exit(tiny_settings, home, standin):
         await hang_mid_reply(standin, "Where is my parcel?")
         second = standin.message("And my refund?", chat_id=ANN)  # waits for the first reply to be answered
         await standin.wait_for(lambda: standin.confirmed(second), 30, "the second message confirmed to Telegram")
@@ -191,14 +196,8 @@ async def test_kill_9_mid_reply_loses_no_message_waiting_behind_it_in_the_chat(t
         with contextlib.suppress(AssertionError):  # a moment for the bot to write it down, if it does
             await standin.wait_for(lambda: len(store.export_user(f"telegram:{ANN}")["turns"]) == 2, 10)
         store.close()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        proc.kill()
-        log.close()
     try:
-        with standin._lock:
-            standin._delays.clear()
+        standin.undelay()
         services = open_services(settings)
         services.manager.recall = fixed_answer("Here it is.")
 

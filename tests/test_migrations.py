@@ -243,6 +243,7 @@ def test_processes_starting_together_migrate_once(db_url, tmp_path):
 WAL_STARTER = """
 import pathlib, sqlite3, sys, time
 from dialogue.schema import enable_wal
+print("ready", flush=True)
 go = pathlib.Path(sys.argv[2])
 while not go.exists():
     time.sleep(0.0005)
@@ -261,8 +262,9 @@ def test_processes_opening_a_new_sqlite_database_together_all_get_wal(tmp_path):
         db, go = tmp_path / f"r{round_}.db", tmp_path / f"go{round_}"
         procs = [subprocess.Popen([sys.executable, "-c", WAL_STARTER, str(db), str(go)], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
-        time.sleep(1.0)  # past their imports
-        go.touch()
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        go.touch()  # all four are past their imports: they open the database within a millisecond of each other
         results = [proc.communicate(timeout=60) for proc in procs]
         assert [out.strip() for out, _ in results] == ["wal"] * 4, [err[-500:] for _, err in results]
 

@@ -54,6 +54,18 @@ def test_rms_norm_and_rope_match_the_plain_path(ops, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_matches_the_plain_path_far_into_both_tails(ops, dtype):
+    torch.manual_seed(2)
+    gate_up = torch.randn(7, 2 * 40, dtype=dtype) * 4
+    gate_up[0, :6] = torch.tensor([-200.0, -88.0, -20.0, 0.0, 20.0, 200.0])  # exp under- and overflow on either side
+    inter = 40
+    expected = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    torch.testing.assert_close(ops.silu_mul(gate_up), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    with pytest.raises(RuntimeError, match="silu_mul"):
+        ops.silu_mul(gate_up[:, :79])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_decode_attention_writes_the_arena_and_attends_each_slot_over_its_own_positions(ops, dtype, batch):
     torch.manual_seed(1)

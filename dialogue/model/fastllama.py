@@ -361,6 +361,13 @@ class FastLlama:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
 
+    def _silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for gate_up = [gate | up], (N, 2 * inter) -> (N, inter)."""
+        if self.fused:
+            return torch.ops.rapport.silu_mul(gate_up)
+        inter = gate_up.shape[1] // 2
+        return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+
     def _rotary(self, positions: torch.Tensor):
         """What `_rope` needs for this forward's rows, prepared once for every layer: the positions for the
         fused kernel, which reads the tables itself, else each row's (cos, sin) rows, (N, 1, D) each."""
@@ -447,8 +454,6 @@ class FastLlama:
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = x + self._project(i, "o", attn, batch)
             h = self._rms(x, layer["post_norm"])
-            gate_up = self._project(i, "gate_up", h, batch)
-            inter = gate_up.shape[1] // 2
-            x = x + self._project(i, "down", F.silu(gate_up[:, :inter]) * gate_up[:, inter:], batch)
+            x = x + self._project(i, "down", self._silu_mul(self._project(i, "gate_up", h, batch)), batch)
         last = self._rms(x[batch.logit_rows], self.norm)
         return self.lm_head(last)

@@ -98,9 +98,14 @@ def march() -> str:
     return MARCH[cls]
 
 
+# -fno-trapping-math lets GCC vectorise the loops with a select in them (the polynomial exp of softmax and SiLU): no
+# result changes, as nothing here reads floating-point exception flags. SiLU·mul over an 800-row chunk: 3.4 -> 0.6 ms.
+CFLAGS = ("-O3", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
+
+
 def library_name() -> str:
-    """Named by a hash of the source, torch's version and the CPU class it is built for."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
+    """Named by a hash of the source, the compiler flags, torch's version and the CPU class it is built for."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode()
                             + (platform.machine() + march() + " ".join(sorted(cpu_flags()))).encode()).hexdigest()
     return f"rapport_kernels_{digest[:16]}.so"
 
@@ -115,7 +120,7 @@ def build(target: Path) -> None:
 
     torch_lib = Path(torch.__file__).parent / "lib"
     compiler = os.environ.get("CXX", "c++")
-    command = [compiler, "-O3", f"-march={march()}", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
+    command = [compiler, *CFLAGS, f"-march={march()}",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                *[f"-I{path}" for path in cpp_extension.include_paths()], str(SOURCE),
                f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]

@@ -114,9 +114,16 @@ def batches(labels: np.ndarray, centroids: np.ndarray, config: TuneConfig, rng: 
 def base_model(max_seq_length: int = 256):
     """The wheel's MiniLM as a SentenceTransformer (built under the lock)."""
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
 
     with BUILD_LOCK:
-        model = SentenceTransformer(str(model_dir()), device="cpu", local_files_only=True)
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar on stderr would land in `--json` output
+        try:
+            model = SentenceTransformer(str(model_dir()), device="cpu", local_files_only=True)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
     model.max_seq_length = max_seq_length
     return model
 

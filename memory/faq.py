@@ -112,16 +112,16 @@ DEFAULT_MODEL = DecisionModel(bias=-1.34, w_score=8.838, w_gap=-16.599, w_margin
                               answer_from=0.61, answer_margin=0.06, chat_margin=-0.1)
 
 # Fitted by `rapport bench faq --calibrate` on the dev split of bench/data/faq_bank_* and the calibration half of
-# examples/faq's business questions (two businesses, each with its own fit), on the scores of the product (the
-# FAQ's own encoder where its gate uses it); covered_from declines ≥ 93 % of the dev out-of-scope messages
-# (bench/faq_bank.py DECLINE_TARGET), answer gate at ≥ 95 % precision.
+# examples/faq's business questions (two businesses, each with its own fit), on the scores with the entry centroid;
+# covered_from declines ≥ 93 % of the dev out-of-scope messages (bench/faq_bank.py DECLINE_TARGET), answer gate at
+# ≥ 95 % precision.
 # Scopes (covered, unknown, smalltalk, outside) × features (score, margin, gap, faq_best, business, chat, smalltalk).
-SCOPE_MODEL = ScopeModel(bias=(-0.4276, -2.5073, -1.9129, 4.8478),
-                         weights=((1.9231, 3.7712, -6.6908, 4.1597, 1.9826, 2.7783, -8.3681),
-                                  (2.202, -2.9883, 3.3481, 1.7689, 4.1088, -5.8685, 2.871),
-                                  (-2.346, -1.3445, 0.644, -1.3509, -1.5117, 2.3536, 7.9673),
-                                  (-1.7791, 0.5616, 2.6987, -4.5777, -4.5798, 0.7366, -2.4702)),
-                         answer_from=0.78, answer_margin=0.06, covered_from=0.64)
+SCOPE_MODEL = ScopeModel(bias=(-1.2487, -1.7633, -1.2368, 4.2488),
+                         weights=((2.3274, 3.6746, -6.2951, 4.2205, 2.3431, 2.5099, -8.0887),
+                                  (-1.2945, 0.4242, 3.3806, 2.7695, 4.8162, -5.9157, 2.3053),
+                                  (-3.0105, -2.3015, 0.9955, -1.4708, -1.6497, 2.5127, 7.9413),
+                                  (1.9776, -1.7973, 1.9189, -5.5191, -5.5097, 0.893, -2.1579)),
+                         answer_from=0.84, answer_margin=0.15, covered_from=0.64)
 SMALL_TALK_ALONE = 0.6  # with no FAQ to compare against, the small-talk similarity that counts as small talk
 
 

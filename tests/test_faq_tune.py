@@ -46,7 +46,7 @@ def tuned_home(embedder, tmp_path_factory):
     """A 12-entry FAQ fitted once with the encoder on (the map and classifier off)."""
     home = tmp_path_factory.mktemp("home")
     plain_before = embedder.embed(["Is the debit card free?"])
-    index = index_in(home, embedder, FitConfig(**FAST, tune=TUNE))
+    index = index_in(home, embedder, FitConfig(**FAST, encoder=True, tune=TUNE))
     index.upsert(bank_entries(12))
     return home, index, plain_before
 
@@ -78,7 +78,7 @@ def test_the_encoder_is_fitted_saved_and_used_for_the_faq_only(tuned_home, embed
     assert np.allclose(index.analyse(snap, query).vector, plain, atol=1e-6)
 
     # reopened from disk (a new process would do the same): the same encoder, the same hits and scores
-    reopened = index_in(home, embedder, FitConfig(**FAST, tune=TUNE), name=index.name)
+    reopened = index_in(home, embedder, FitConfig(**FAST, encoder=True, tune=TUNE), name=index.name)
     again = reopened.snapshot()
     assert again.encoder is not None and again.encoder is not snap.encoder
     assert np.allclose(again.encoder.embed([query]), tuned[None], atol=1e-5)
@@ -104,7 +104,7 @@ def test_an_unchanged_faq_is_not_refitted_and_a_damaged_encoder_is(tuned_home, e
 
 def test_a_worse_encoder_is_not_used(embedder, tmp_path):
     # a negative temperature pushes each entry's phrasings apart: a real, bad fine-tune
-    config = FitConfig(**FAST, tune=TuneConfig(layers=2, min_steps=6, temperature=-0.05, lr=2e-4))
+    config = FitConfig(**FAST, encoder=True, tune=TuneConfig(layers=2, min_steps=6, temperature=-0.05, lr=2e-4))
     index = index_in(tmp_path, embedder, config)
     index.upsert(bank_entries(12))
     fit = index.last_fit

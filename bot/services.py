@@ -22,6 +22,7 @@ from dialogue.store import TranscriptStore
 from memory.chroma import ChromaHandle, open_chroma
 from memory.embeddings import Embedder, shared_embedder
 from memory.faq import FaqIndex
+from memory.faq_fit import FitConfig
 from memory.memories import MemoryStore
 from memory.persona import PersonaStore
 from training.registry import AdapterSelector, flag_user_erased
@@ -85,7 +86,8 @@ class Services:
     @cached_property
     def faq(self) -> FaqIndex:
         """The business FAQ."""
-        return FaqIndex(self.chroma.client, self.embedder, fit_dir=self.settings.home / "faq_fit")
+        return FaqIndex(self.chroma.client, self.embedder, fit_dir=self.settings.home / "faq_fit",
+                        fit_config=FitConfig(encoder=self.settings.faq_encoder))
 
     @cached_property
     def integrations(self) -> IntegrationStore:

@@ -4,7 +4,9 @@ Every entry is stored as several vectors (its question, each alternate phrasing,
 each entry by its best vector fused with the centroid of its phrasings (nearest phrasing and the entry's
 gist), after centring all vectors on the FAQ's mean so that what every question of one business shares
 ("bike", "shop") stops counting as similarity, adds a BM25 bonus for shared words and, when the FAQ's fit has
-one, the entry classifier's probability (memory/faq_classifier.py).
+one, the entry classifier's probability (memory/faq_classifier.py). When the fit has its own fine-tuned
+encoder (memory/faq_tune.py), the entries and the query are embedded with it for the dense scores; everything
+else (the classifier, the scope features) stays on the plain embedder.
 `decide` turns the top hits into a level (answer / ground / unknown / none) with a small logistic model
 calibrated on `examples/faq` (see `rapport bench faq --calibrate`).
 """
@@ -16,7 +18,7 @@ import logging
 import math
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from hashlib import sha256
 from pathlib import Path
 from typing import Literal
@@ -28,7 +30,8 @@ from memory.faq_files import FaqEntry, make_entry, parse_faq_file
 from memory.faq_scope import (NO_TOPICS, OUTSIDE_REPLY, SMALL_TALK, SMALL_TALK_REPLIES, SMALL_TALK_WORDS,
                                ScopeModel, topics_of)
 from memory.faq_classifier import EntryClassifier
-from memory.faq_fit import CLASSIFIER_WEIGHT, FitConfig, FitResult, FitStore, fingerprint, fit_adapter
+from memory.faq_fit import CLASSIFIER_WEIGHT, FitConfig, FitResult, FitStore, fingerprint, fit_adapter, fit_encoder
+from memory.faq_tune import TunedEncoder
 from memory.faq_text import (BUSINESS_PROTOTYPES, CHAT_PROTOTYPES, STOPWORDS, UNKNOWN_REPLY, WORD,
                              content_words, fact_keys, stated_facts, stem)
 
@@ -182,8 +185,9 @@ class Snapshot:
     entries: list[FaqEntry]
     owner: np.ndarray  # (N,) entry index of each vector
     kinds: np.ndarray  # (N,) "question" | "alternate" | "answer"
-    raw: np.ndarray  # (N, 384) unit vectors as stored
-    centred: np.ndarray  # (N, 384) unit vectors (mapped by the fit, if one is used) after subtracting the centroid
+    raw: np.ndarray  # (N, 384) unit vectors as stored (the plain embedder's)
+    centred: np.ndarray  # (N, 384) unit vectors (mapped by the fit or embedded by its encoder, if one is used)
+    # after subtracting the centroid
     centroid: np.ndarray  # (384,)
     bm25: object | None
     stems: list[set[str]]  # per entry: stemmed content words of question, alternates, answer, tags
@@ -194,19 +198,24 @@ class Snapshot:
     centroids: np.ndarray | None = None  # (E, 384) unit centroid of each entry's centred question + alternates
     classifier: EntryClassifier | None = None  # the FAQ's entry classifier, when its fit uses one
     texts: list[str] = field(default_factory=list)  # (N,) the text of each vector
+    encoder: TunedEncoder | None = None  # the FAQ's own fine-tuned encoder, when its fit uses one
 
     def mapped(self, vector: np.ndarray) -> np.ndarray:
-        """A query vector in the space the entries are compared in."""
+        """A plain query vector in the space the entries are compared in (without an encoder of the fit's own)."""
         return vector if self.weight is None else normalise(vector @ self.weight)
+
+    def dense_query(self, query: str, vector: np.ndarray | None) -> np.ndarray:
+        """The query in the space of the dense scores: the fit's encoder embeds it itself, else the plain vector."""
+        return self.encoder.embed_one(query) if self.encoder is not None else self.mapped(vector)
 
 
 @dataclass
 class Analysis:
     """One query scored against every entry."""
 
-    vector: np.ndarray  # (384,)
+    vector: np.ndarray | None  # (384,) the plain embedder's (None when only ranking was asked for and not needed)
     fused: np.ndarray  # (E,) centred dense + BM25 bonus
-    raw_best: float  # best plain cosine to any stored vector
+    raw_best: float  # best plain cosine to any stored vector (nan without `vector`)
 
 
 class FaqIndex:
@@ -296,11 +305,16 @@ class FaqIndex:
             snap = self.snapshot()
             if snap.fit is not None or not snap.entries:
                 return snap.fit
+            encoder, tuned, tune_s = None, None, None
+            if self.fit_config.encoder:
+                encoder, tuned, tune_s = fit_encoder(snap.texts, snap.owner, snap.kinds, self.fit_config.tune)
             result, weight, classifier = fit_adapter(snap.raw, snap.owner, snap.kinds, snap.fingerprint,
-                                                     self.fit_config, snap.texts)
-            logger.info("FAQ fit %s: %s (held-out top-1 %s -> %s, with the classifier %s, %.1f s)", result.fingerprint,
-                        result.reason, result.plain_top1, result.fitted_top1, result.classifier_top1, result.seconds)
-            self.fits.save(result, weight, classifier)
+                                                     self.fit_config, snap.texts, tuned)
+            result = replace(result, encoder_seconds=tune_s)
+            logger.info("FAQ fit %s: %s (held-out top-1 %s -> map %s, with the classifier %s, own encoder %s; "
+                        "%.1f s + encoder %s s)", result.fingerprint, result.reason, result.plain_top1,
+                        result.fitted_top1, result.classifier_top1, result.encoder_top1, result.seconds, tune_s)
+            self.fits.save(result, weight, classifier, encoder if result.encoder_used else None)
             self._snapshot = None
             return result
 
@@ -370,25 +384,29 @@ class FaqIndex:
         kinds = np.array([metas[i]["kind"] for i in keep])
         fp = fingerprint([m["hash"] for m in mains])
         stored = self.fits.load(fp) if self.fits is not None and entries else None
-        fit, weight, classifier = stored if stored is not None else (None, None, None)
-        space = normalise(raw @ weight) if weight is not None else raw
+        fit, weight, classifier, encoder = stored if stored is not None else (None, None, None, None)
+        texts = [documents[i] for i in keep]
+        if encoder is not None:
+            space = encoder.embed(texts) if keep else raw
+        else:
+            space = normalise(raw @ weight) if weight is not None else raw
         centroid = space.mean(axis=0) if len(space) else np.zeros(raw.shape[1], np.float32)
         centred = normalise(space - centroid)
         phrasings = kinds != "answer"
+        whole = [" ".join([e.question, *e.alternates, e.answer, *e.tags]) for e in entries]  # per entry, for BM25
         centroids = np.zeros((len(entries), raw.shape[1]), np.float32)
         np.add.at(centroids, owner[phrasings], centred[phrasings])
-        texts = [" ".join([e.question, *e.alternates, e.answer, *e.tags]) for e in entries]
         bm25 = None
         if entries:
             import bm25s
 
             logging.getLogger("bm25s").setLevel(logging.WARNING)  # it sets itself to DEBUG on import
             bm25 = bm25s.BM25()
-            bm25.index([content_words(t) or ["_"] for t in texts], show_progress=False)
-        surfaces = [sorted({w for w in WORD.findall(t.lower().replace("'", "")) if w not in STOPWORDS}) for t in texts]
+            bm25.index([content_words(t) or ["_"] for t in whole], show_progress=False)
+        surfaces = [sorted({w for w in WORD.findall(t.lower().replace("'", "")) if w not in STOPWORDS}) for t in whole]
         return Snapshot(revision, entries, owner, kinds, raw, centred, centroid, bm25,
-                        [set(content_words(t)) for t in texts], surfaces, fp, weight, fit, normalise(centroids),
-                        classifier, [documents[i] for i in keep])
+                        [set(content_words(t)) for t in whole], surfaces, fp, weight, fit, normalise(centroids),
+                        classifier, texts, encoder)
 
     def list(self) -> list[FaqEntry]:
         """Every entry, in import order."""
@@ -405,11 +423,14 @@ class FaqIndex:
 
     # -- searching ---------------------------------------------------------------------------------------
 
-    def analyse(self, snap: Snapshot, query: str) -> Analysis:
-        vector = self.embedder.embed_one(query)
+    def analyse(self, snap: Snapshot, query: str, ranking_only: bool = False) -> Analysis:
+        """`ranking_only`: only `fused` is wanted (a search); with the fit's own encoder and no classifier the plain
+        vector is then not needed, and a search costs one query embedding, not two."""
+        plain_needed = not ranking_only or snap.encoder is None or snap.classifier is not None
+        vector = self.embedder.embed_one(query) if plain_needed else None
         n = len(snap.entries)
         dense = np.full(n, -1.0, dtype=np.float32)
-        query_vector = normalise(snap.mapped(vector) - snap.centroid)
+        query_vector = normalise(snap.dense_query(query, vector) - snap.centroid)
         sims = snap.centred @ query_vector  # (N,)
         np.maximum.at(dense, snap.owner, sims)  # best vector per entry
         if self.nearest_weight < 1.0:
@@ -419,7 +440,7 @@ class FaqIndex:
         fused = dense + BM25_WEIGHT * lexical / (lexical + BM25_HALF)
         if snap.classifier is not None:
             fused = fused + CLASSIFIER_WEIGHT * snap.classifier.probabilities([query], vector[None])[0]
-        return Analysis(vector, fused, float((snap.raw @ vector).max()))
+        return Analysis(vector, fused, float((snap.raw @ vector).max()) if vector is not None else math.nan)
 
     def _hits(self, snap: Snapshot, analysis: Analysis, k: int) -> list[FaqHit]:
         order = np.argsort(-analysis.fused, kind="stable")[:k]
@@ -434,7 +455,7 @@ class FaqIndex:
         snap = self.snapshot()
         if not snap.entries:
             return []
-        return self._hits(snap, self.analyse(snap, query), k)
+        return self._hits(snap, self.analyse(snap, query, ranking_only=True), k)
 
     def decide(self, query: str) -> FaqDecision:
         """The answer policy for one user message (never raises on odd text: anything unusable is "none")."""

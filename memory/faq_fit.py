@@ -7,10 +7,13 @@ entry) on the stored vectors, so the directions that tell close entries apart ("
 when it finds those held-out phrasings' entries more often than the plain embedder does. The entry classifier
 (memory/faq_classifier.py) is judged the same way: trained on the training phrasings, it is used when adding its
 probabilities finds more held-out phrasings' entries than the dense scores alone; once judged, it is trained
-again on every phrasing.
+again on every phrasing. The FAQ's own encoder (memory/faq_tune.py: MiniLM's top layers fine-tuned on the
+training phrasings) is judged the same way, alone and with the classifier, and is used only when it finds more
+held-out phrasings' entries than every option without it.
 
 A fit is versioned by the FAQ's content fingerprint and stored as `$RAPPORT_HOME/faq_fit/<fingerprint>/`
-(`adapter.npy`, `classifier.npz`/`.json`, `fit_meta.json`); a rejected fit keeps its meta too, so an unchanged FAQ is never refitted.
+(`adapter.npy`, `classifier.npz`/`.json`, `encoder.safetensors`,
+`fit_meta.json`); a rejected fit keeps its meta too, so an unchanged FAQ is never refitted.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from memory.faq_classifier import EntryClassifier
+from memory.faq_tune import WEIGHTS, TuneConfig, TunedEncoder, train_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,11 @@ class FitConfig:
     seed: int = 0
     classifier: bool = True  # also fit the entry classifier (memory/faq_classifier.py)
     classifier_c: float = 3.0  # its inverse L2 strength (dev split: 3 and 10 tie; 3 fits 3x faster)
+    # also fine-tune the FAQ's own encoder (memory/faq_tune.py). Off unless asked (RAPPORT_FAQ_ENCODER): it finds
+    # more held-out entries (top-1 0.788 -> 0.831) but the answer policy, calibrated on the map's scores, then
+    # answers fewer of them with the right entry (0.703 -> 0.644)
+    encoder: bool = False
+    tune: TuneConfig = TuneConfig()
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,9 @@ class FitResult:
     classifier_top1: float | None = None  # held-out top-1 with the classifier's probabilities added
     config: dict | None = None
     created_at: str = ""
+    encoder_used: bool = False  # the FAQ's own fine-tuned encoder replaces the plain embedder (and the map)
+    encoder_top1: float | None = None  # held-out top-1 of the best option with the encoder
+    encoder_seconds: float | None = None  # its training (and embedding the FAQ with it)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -127,11 +139,25 @@ def train_map(vectors: np.ndarray, labels: np.ndarray, config: FitConfig) -> np.
     return weight.detach().numpy().astype(np.float32)
 
 
+def fit_encoder(texts: list[str], owner: np.ndarray, kinds: np.ndarray, config: TuneConfig
+                ) -> tuple[TunedEncoder | None, np.ndarray | None, float]:
+    """The encoder fine-tuned on the training phrasings and every row embedded with it, for `fit_adapter` to
+    judge: (encoder, (N, 384) vectors, seconds); (None, None, 0) when too few phrasings are held out."""
+    started = time.perf_counter()
+    train, held = split_phrasings(owner, kinds)
+    if len(held) < MIN_HELD_OUT:
+        return None, None, 0.0
+    encoder = train_encoder([texts[i] for i in train], owner[train], config)
+    vectors = encoder.embed(texts)
+    return encoder, vectors, round(time.perf_counter() - started, 2)
+
+
 def fit_adapter(vectors: np.ndarray, owner: np.ndarray, kinds: np.ndarray, fp: str,
-                config: FitConfig = FitConfig(), texts: list[str] | None = None
+                config: FitConfig = FitConfig(), texts: list[str] | None = None, tuned: np.ndarray | None = None
                 ) -> tuple[FitResult, np.ndarray | None, EntryClassifier | None]:
     """Train on the training phrasings, judge on the held-out ones: (result, W or None, classifier or None),
-    each None when not used. `texts` (one per vector) are needed for the classifier."""
+    each None when not used. `texts` (one per vector) are needed for the classifier; `tuned` are the same rows
+    embedded by the FAQ's own encoder (`fit_encoder`), judged too (`result.encoder_used`)."""
     started = time.perf_counter()
     now = datetime.now(UTC).isoformat(timespec="seconds")
     train, held = split_phrasings(owner, kinds)
@@ -145,34 +171,49 @@ def fit_adapter(vectors: np.ndarray, owner: np.ndarray, kinds: np.ndarray, fp: s
     plain = entry_top1(vectors[held], vectors[train], owner[train], owner[held], n_entries)
     mapped = normalise(vectors @ weight)
     fitted = entry_top1(mapped[held], mapped[train], owner[train], owner[held], n_entries)
-    used = fitted > plain
-    reason = "better on the held-out phrasings" if used else "not better on the held-out phrasings than the plain embedder"
-    classifier, with_classifier = None, None
+    spaces = {"plain": vectors, "map": mapped, **({"encoder": tuned} if tuned is not None else {})}
+    alone = {name: entry_top1(space[held], space[train], owner[train], owner[held], n_entries)
+             for name, space in spaces.items()}
+    # options (held-out top-1, space, with the classifier), simplest first: max keeps the first of equals, so a
+    # part is used only when it finds strictly more held-out phrasings' entries than everything before it
+    options = [(alone["plain"], "plain", False), (fitted, "map", False)]
+    classifier, with_classifier, boosted = None, None, {}
     if config.classifier and texts is not None:
-        # the classifier is judged in both spaces: the best of plain, map, plain + classifier and map + classifier
-        # wins, the earlier (fewer parts) on a tie
         judged = EntryClassifier.fit([texts[i] for i in train], vectors[train], owner[train], n_entries,
                                      config.classifier_c)
         p = CLASSIFIER_WEIGHT * judged.probabilities([texts[i] for i in held], vectors[held])  # (H, E)
-        boosted = {space_used: float(np.mean((entry_scores(space[held], space[train], owner[train], n_entries) + p)
-                                             .argmax(axis=1) == owner[held]))
-                   for space_used, space in ((False, vectors), (True, mapped))}
-        options = [(plain, False, False), (fitted, True, False), (boosted[False], False, True), (boosted[True], True, True)]
-        best = max(options, key=lambda o: o[0])  # max keeps the first of equals
-        with_classifier = boosted[best[1]] if best[2] else max(boosted.values())
-        if best[2]:
-            used = best[1]
-            rows = np.concatenate([train, held])
-            classifier = EntryClassifier.fit([texts[i] for i in rows], vectors[rows], owner[rows], n_entries,
-                                             config.classifier_c)
-            reason = (("map and " if used else "plain embedder with ") +
-                      "entry classifier best on the held-out phrasings")
-        else:
-            reason += "; entry classifier not better on them"
+        boosted = {name: float(np.mean((entry_scores(space[held], space[train], owner[train], n_entries) + p)
+                                       .argmax(axis=1) == owner[held])) for name, space in spaces.items()}
+        options += [(boosted["plain"], "plain", True), (boosted["map"], "map", True)]
+    if tuned is not None:
+        options.append((alone["encoder"], "encoder", False))
+        if boosted:
+            options.append((boosted["encoder"], "encoder", True))
+    best = max(options, key=lambda o: o[0])
+    used, encoder_used = best[1] == "map", best[1] == "encoder"
+    if encoder_used:
+        reason = "the FAQ's own encoder" + (" with the entry classifier" if best[2] else "") + \
+            " best on the held-out phrasings"
+    elif best[2]:
+        reason = ("map and " if used else "plain embedder with ") + "entry classifier best on the held-out phrasings"
+    else:
+        reason = "better on the held-out phrasings" if used else \
+            "not better on the held-out phrasings than the plain embedder"
+        reason += "; entry classifier not better on them" if boosted else ""
+    if boosted:
+        with_classifier = boosted[best[1]] if best[2] else max(boosted[name] for name in ("plain", "map"))
+    if best[2]:
+        rows = np.concatenate([train, held])
+        classifier = EntryClassifier.fit([texts[i] for i in rows], vectors[rows], owner[rows], n_entries,
+                                         config.classifier_c)
+    encoder_top1 = None
+    if tuned is not None:
+        encoder_top1 = max(alone["encoder"], boosted.get("encoder", 0.0))
     result = FitResult(fp, used, reason, len(held), round(plain, 4), round(fitted, 4),
                        round(time.perf_counter() - started, 2), config=asdict(config), created_at=now,
                        classifier_used=classifier is not None,
-                       classifier_top1=None if with_classifier is None else round(with_classifier, 4))
+                       classifier_top1=None if with_classifier is None else round(with_classifier, 4),
+                       encoder_used=encoder_used, encoder_top1=None if encoder_top1 is None else round(encoder_top1, 4))
     return result, weight if used else None, classifier
 
 
@@ -181,15 +222,18 @@ class FitStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._encoder: tuple[tuple, TunedEncoder] | None = None  # the last encoder loaded: one model, not one a read
 
-    def load(self, fp: str) -> tuple[FitResult, np.ndarray | None, EntryClassifier | None] | None:
-        """The stored fit for `fp` (W and classifier only if used), or None if this FAQ version was never fitted."""
+    def load(self, fp: str) -> tuple[FitResult, np.ndarray | None, EntryClassifier | None, TunedEncoder | None] | None:
+        """The stored fit for `fp` (W, classifier and encoder only if used), or None if this FAQ version was never
+        fitted."""
         directory = self.root / fp
         try:
             meta = json.loads((directory / "fit_meta.json").read_text())
             result = FitResult(**{**meta, "trained": False})
-            weight = np.load(directory / "adapter.npy") if result.used else None
+            weight = np.load(directory / "adapter.npy", allow_pickle=False) if result.used else None
             classifier = EntryClassifier.load(directory) if result.classifier_used else None
+            encoder = self.encoder(fp) if result.encoder_used else None
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, KeyError, OSError) as exc:  # a damaged fit is refitted, never trusted
@@ -197,9 +241,18 @@ class FitStore:
             return None
         if weight is not None and (weight.ndim != 2 or weight.shape[0] != weight.shape[1]):
             return None
-        return result, weight, classifier
+        return result, weight, classifier, encoder
 
-    def save(self, result: FitResult, weight: np.ndarray | None, classifier: EntryClassifier | None = None) -> None:
+    def encoder(self, fp: str) -> TunedEncoder:
+        """The stored encoder of `fp`, built once while its file stays the same."""
+        stat = (self.root / fp / WEIGHTS).stat()
+        key = (fp, stat.st_mtime_ns, stat.st_size)
+        if self._encoder is None or self._encoder[0] != key:
+            self._encoder = (key, TunedEncoder.load(self.root / fp))
+        return self._encoder[1]
+
+    def save(self, result: FitResult, weight: np.ndarray | None, classifier: EntryClassifier | None = None,
+             encoder: TunedEncoder | None = None) -> None:
         """Write into a temporary directory, then rename: a reader sees a whole fit or none."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / result.fingerprint
@@ -210,10 +263,15 @@ class FitStore:
             np.save(staging / "adapter.npy", weight)
         if classifier is not None:
             classifier.save(staging)
+        if encoder is not None:
+            encoder.save(staging)
         meta = {k: v for k, v in result.to_json().items() if k != "trained"}
         (staging / "fit_meta.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
+        if encoder is not None:
+            stat = (final / WEIGHTS).stat()
+            self._encoder = ((result.fingerprint, stat.st_mtime_ns, stat.st_size), encoder)
         self.prune(keep=result.fingerprint)
 
     def prune(self, keep: str) -> None:

@@ -90,7 +90,7 @@ def test_a_stored_classifier_is_loaded_with_its_fit_and_moves_the_scores(phrasin
     # in the index: the fused score is the one without the classifier plus CLASSIFIER_WEIGHT × its probability
     entries = [make_entry(r["id"], r["question"], r["answer"], r["tags"], r["alternates"]) for r in bank_rows(12)]
     index = FaqIndex(chromadb.EphemeralClient(), embedder, collection=f"faq-{uuid.uuid4().hex[:8]}",
-                     fit_dir=tmp_path / "fits", fit_config=FitConfig(steps=20))
+                     fit_dir=tmp_path / "fits", fit_config=FitConfig(steps=20, encoder=False))
     index.upsert(entries)
     snap = index.snapshot()
     query = "tapped my card on the bus and it didnt go"

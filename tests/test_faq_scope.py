@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
-from bench.faq_bank import MECHANISMS
+from bench.faq_bank import MECHANISMS, PRODUCT
 from memory.faq import FaqIndex
 from memory.faq_files import make_entry
 from memory.faq_fit import FitConfig
@@ -36,7 +36,8 @@ def fitted_index(embedder, tmp_path: Path, **kwargs) -> FaqIndex:
 
 
 def test_a_fit_is_versioned_with_the_faq_and_reused_while_it_is_unchanged(embedder, tmp_path):
-    index = fitted_index(embedder, tmp_path)
+    # the map's versioning; the FAQ's own encoder is versioned the same way (tests/test_faq_tune.py)
+    index = fitted_index(embedder, tmp_path, fit_config=FitConfig(encoder=False))
     entries = bank_entries(12)
     index.upsert(entries)
     first = index.last_fit
@@ -49,7 +50,8 @@ def test_a_fit_is_versioned_with_the_faq_and_reused_while_it_is_unchanged(embedd
     index.upsert(entries)  # unchanged: not retrained
     assert not index.last_fit.trained and index.last_fit.fingerprint == first.fingerprint
     assert meta.stat().st_mtime_ns == written
-    reopened = FaqIndex(index.client, embedder, collection=index.name, fit_dir=tmp_path / "faq_fit")
+    reopened = FaqIndex(index.client, embedder, collection=index.name, fit_dir=tmp_path / "faq_fit",
+                        fit_config=FitConfig(encoder=False))
     assert reopened.snapshot().fit.fingerprint == first.fingerprint and reopened.snapshot().weight is not None
     assert [h.id for h in reopened.search("tapped my card on the bus and it didnt go", 3)] == \
         [h.id for h in index.search("tapped my card on the bus and it didnt go", 3)]
@@ -64,9 +66,10 @@ def test_a_fit_is_versioned_with_the_faq_and_reused_while_it_is_unchanged(embedd
 
 def test_a_worse_fit_is_not_used(embedder, tmp_path):
     # a negative temperature trains the map to push each entry's phrasings apart: a real, bad fit
-    # (the entry classifier off: it is judged on its own, tests/test_faq_classifier.py)
+    # (the entry classifier and the encoder off: each is judged on its own, tests/test_faq_classifier.py and
+    # tests/test_faq_tune.py)
     index = fitted_index(embedder, tmp_path, fit_config=FitConfig(temperature=-0.05, lr=0.05, steps=100,
-                                                                  classifier=False))
+                                                                  classifier=False, encoder=False))
     index.upsert(bank_entries(12))
     fit = index.last_fit
     assert fit.trained and not fit.used and fit.fitted_top1 < fit.plain_top1
@@ -105,7 +108,8 @@ def services(tiny_settings):
 @pytest.fixture
 def bank_client(services):
     services.faq.upsert(bank_entries())
-    assert services.faq.snapshot().fit.used
+    fit = services.faq.snapshot().fit
+    assert fit.used or fit.encoder_used  # the map or the FAQ's own encoder: something beat the plain embedder
     from bot.http.app import create_app
 
     services.settings.admin_keys = ["bank-operator-key-0123"]  # its agents' replies are trusted (FAQ phrasings)
@@ -169,14 +173,14 @@ def test_bench_faq_on_a_slice():
     for figures in mechanisms.values():
         assert 0.5 <= figures["retrieval"]["top1"] <= figures["retrieval"]["top3"] <= 1.0
         assert 0 < figures["retrieval"]["search_ms"]["p50"] <= figures["retrieval"]["search_ms"]["p95"]
-    policy = mechanisms[MECHANISMS[-1]]["policy"]
+    policy = mechanisms[PRODUCT]["policy"]
     assert policy["in_scope"]["n"] == 16 and policy["outside"]["n"] == 4 and policy["small_talk"]["n"] == 4
     assert policy["outside"]["declined"] >= 0.75 and policy["small_talk"]["in_kind"] >= 0.75
-    assert report["cpu"]["isa"] and report["top1_accuracy"] == mechanisms[MECHANISMS[-1]]["retrieval"]["top1"]
+    assert report["cpu"]["isa"] and report["top1_accuracy"] == mechanisms[PRODUCT]["retrieval"]["top1"]
     for ablation, rows in (("ablation_dev", "mechanisms_dev"), ("ablation_test", "mechanisms")):
         maxsim = report[ablation]["token MaxSim alone"]
         assert 0.0 <= maxsim["top1"] <= maxsim["top3"] <= 1.0
-        assert report[ablation]["product"]["top1"] == report[rows][MECHANISMS[-1]]["retrieval"]["top1"]
+        assert report[ablation]["product"]["top1"] == report[rows][PRODUCT]["retrieval"]["top1"]
 
 
 # -- learning from resolved conversations ---------------------------------------------------------------

@@ -23,7 +23,7 @@ def import_faq(file: Path, as_json: bool) -> None:
 
     entries = parse_faq_file(file)  # validated whole before the store is even opened
     with services() as opened:
-        result = opened.faq.upsert(entries)  # fits the FAQ's own map when this version was never fitted
+        result = opened.faq.upsert(entries)  # fits the FAQ's own map, classifier and encoder when this version was never fitted
         fit = opened.faq.last_fit
     if as_json:
         emit_json(result)
@@ -32,9 +32,13 @@ def import_faq(file: Path, as_json: bool) -> None:
                    f"{result['unchanged']} unchanged)")
         if fit is not None:
             scores = f" (held-out top-1 {fit.plain_top1} -> {fit.fitted_top1})" if fit.plain_top1 is not None else ""
-            state = ("map used" if fit.used else "map not used") + (", entry classifier used" if fit.classifier_used else "")
+            if fit.encoder_top1 is not None:
+                scores += f", own encoder {fit.encoder_top1}"
+            state = ("own encoder used" if fit.encoder_used else "map used" if fit.used else "map not used") + \
+                (", entry classifier used" if fit.classifier_used else "")
+            took = fit.seconds + (fit.encoder_seconds or 0.0)
             click.echo(f"fit {fit.fingerprint}: {state}, {fit.reason}{scores}"
-                       f"{', fitted earlier' if not fit.trained else f', {fit.seconds} s'}")
+                       f"{', fitted earlier' if not fit.trained else f', {took:.1f} s'}")
 
 
 @faq_group.command("list")

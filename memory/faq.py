@@ -382,7 +382,7 @@ class FaqIndex:
         raw = np.asarray(vectors, dtype=np.float32)[keep] if keep else np.zeros((0, 384), np.float32)
         owner = np.array([position[metas[i]["entry_id"]] for i in keep], dtype=np.int64)
         kinds = np.array([metas[i]["kind"] for i in keep])
-        fp = fingerprint([m["hash"] for m in mains])
+        fp = fingerprint([m["hash"] for m in mains], self.fit_config.encoder)
         stored = self.fits.load(fp) if self.fits is not None and entries else None
         fit, weight, classifier, encoder = stored if stored is not None else (None, None, None, None)
         texts = [documents[i] for i in keep]

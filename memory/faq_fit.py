@@ -80,9 +80,10 @@ class FitResult:
         return asdict(self)
 
 
-def fingerprint(content_hashes: list[str]) -> str:
-    """The FAQ's version: a hash of its entries' content hashes, in order-free form."""
-    return sha256("\n".join(sorted(content_hashes)).encode()).hexdigest()[:24]
+def fingerprint(content_hashes: list[str], encoder: bool = False) -> str:
+    """The FAQ's version: a hash of its entries' content hashes, in order-free form, and of whether its fit may
+    train an encoder (so turning RAPPORT_FAQ_ENCODER on or off refits an unchanged FAQ)."""
+    return sha256("\n".join([*sorted(content_hashes), *(["encoder"] if encoder else [])]).encode()).hexdigest()[:24]
 
 
 def split_phrasings(owner: np.ndarray, kinds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -102,6 +102,14 @@ def test_an_unchanged_faq_is_not_refitted_and_a_damaged_encoder_is(tuned_home, e
     weights.write_bytes(copy)
 
 
+def test_turning_the_encoder_off_refits_the_same_faq_without_it(tuned_home, embedder):
+    home, index, _ = tuned_home
+    plain = index_in(home, embedder, FitConfig(**FAST), name=index.name)  # the same collection, RAPPORT_FAQ_ENCODER off
+    result = plain.refit()  # its own fit: the stored one asked for an encoder
+    assert result.trained and result.fingerprint != index.last_fit.fingerprint and not result.encoder_used
+    assert plain.snapshot().encoder is None and index.snapshot().encoder is not None
+
+
 def test_a_worse_encoder_is_not_used(embedder, tmp_path):
     # a negative temperature pushes each entry's phrasings apart: a real, bad fine-tune
     config = FitConfig(**FAST, encoder=True, tune=TuneConfig(layers=2, min_steps=6, temperature=-0.05, lr=2e-4))

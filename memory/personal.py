@@ -93,6 +93,9 @@ def question_parts(text: str) -> list[str] | None:
     body = PREFIX.sub("", GREETING.sub("", text.strip()))
     parts = [PREFIX.sub("", p).strip() for p in PARTS.split(body)]
     parts = [p for p in parts if p and re.search(r"\w", p)]
+    for i in range(1, len(parts)):  # "what do I do for work and where?": a bare "where" asks where, of that
+        if re.fullmatch(r"(?i)where", parts[i]):
+            parts[i] = "where do I work" if re.search(r"(?i)\bwork|\bjob\b", parts[i - 1]) else "where do I live"
     if not parts or not text.rstrip().endswith("?") and not re.match(r"(?i)(?:what|where|when|which|who|how)\b", body):
         return None
     for part in parts:

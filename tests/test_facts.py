@@ -105,3 +105,17 @@ def test_other_messages_are_left_to_the_model(message):
     from memory.persona import Persona
 
     assert answer_about_user(Persona(name="Lena"), [], message) is None
+
+
+def test_a_bare_where_after_a_question_about_the_user_asks_where_of_it():
+    from memory.memories import MemoryHit
+    from memory.personal import answer_about_user, question_parts
+    from memory.persona import Persona
+
+    assert question_parts("Remind me: what do I do for work and where?") == ["what do I do for work", "where do I work"]
+    assert question_parts("What's my name and where?") == ["What's my name", "where do I live"]
+    assert question_parts("Where?") is None  # alone it asks nothing about the user
+    persona = Persona(name="Amara", facts=["lives in Bristol"])
+    told = [MemoryHit(id="m1", text="I work as a nurse on night shifts in Bristol.", score=0.9, meta={}, speaker="user", timestamp=None, turn_id=None)]
+    reply, found = answer_about_user(persona, told, "Remind me: what do I do for work and where?")
+    assert reply == "You work as a nurse on night shifts in Bristol." and found[0].id == "m1"

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from memory.embeddings import DIMENSIONS, model_dir
+from memory.embeddings import DIMENSIONS, Embedder, model_dir
 from memory.loading import BUILD_LOCK
 
 logger = logging.getLogger(__name__)
@@ -177,36 +175,13 @@ def train_encoder(texts: list[str], labels: np.ndarray, config: TuneConfig = Tun
     return TunedEncoder(model, state)
 
 
-class TunedEncoder:
-    """An Embedder-like FAQ encoder: `embed` and `embed_one` (with a small cache), normalised 384-d vectors."""
+class TunedEncoder(Embedder):
+    """The FAQ's own encoder: the Embedder's `embed` and `embed_one` (with its small cache) over the tuned model."""
 
     def __init__(self, model, state: dict, cache_size: int = 256) -> None:
-        self.model = model
+        super().__init__(cache_size=cache_size)
+        self._model = model
         self.state = state  # the trained parameters (what is saved)
-        self._lock = threading.Lock()
-        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._cache_size = cache_size
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, DIMENSIONS), dtype=np.float32)
-        vectors = self.model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                                    show_progress_bar=False)
-        return vectors.astype(np.float32, copy=False)
-
-    def embed_one(self, text: str) -> np.ndarray:
-        with self._lock:
-            cached = self._recent.get(text)
-            if cached is not None:
-                self._recent.move_to_end(text)
-                return cached
-        vector = self.embed([text])[0]
-        vector.setflags(write=False)
-        with self._lock:
-            self._recent[text] = vector
-            while len(self._recent) > self._cache_size:
-                self._recent.popitem(last=False)
-        return vector
 
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file

@@ -42,7 +42,7 @@ ROLE_SHARE = 0.5
 class Verdict:
     """The guard's finding: `kind` None means the reply may be shown; `copied` is the copied words."""
 
-    kind: str | None = None  # None | "echo" | "repeat" | "loop" | "role_confusion" | "empty"
+    kind: str | None = None  # None | "echo" | "repeat" | "loop" | "role_confusion" | "invented_contact" | "empty"
     score: float = 0.0
     copied: tuple[str, ...] = ()
 
@@ -165,15 +165,38 @@ def role_confusion(reply: str, memories: list[str], user_name: str | None) -> Ve
     return Verdict()
 
 
+# A link, an e-mail address or a phone number: a small model makes them up ("www.sleepfoundation.org/en/pages/…",
+# "call 0800 …"), and a made-up one sends a user somewhere nobody vouched for.
+LINK = re.compile(r"(?i)\b(?:https?://[^\s<>\"]+|www\.[^\s<>\"]+|[\w.+-]+@[\w-]+(?:\.[\w-]+)+|"
+                  r"[a-z0-9-]+(?:\.[a-z0-9-]+)*\.(?:com|org|net|io|co|uk|gov|edu|info)\b(?:/[^\s<>\"]*)?)")
+PHONE = re.compile(r"\+?\d[\d ()./-]{7,}\d")
+
+
+def invented_contact(reply: str, given: str) -> Verdict:
+    """A link, address or phone number (9+ digits) in `reply` that `given` (what the turn was given) does not hold."""
+    known, digits = given.lower(), re.sub(r"\D", "", given)
+    for match in LINK.finditer(reply):
+        link = match.group(0).lower().rstrip(".,;:!?)'\"")
+        if link not in known:
+            return Verdict("invented_contact", 1.0, tuple(w for w in words(link)[:1] if w in ("www", "http", "https")))
+    for match in PHONE.finditer(reply):
+        number = re.sub(r"\D", "", match.group(0))
+        if len(number) >= 9 and number not in digits:
+            return Verdict("invented_contact", 1.0)
+    return Verdict()
+
+
 def check_reply(reply: str, *, user_text: str, earlier_replies: list[str] = (), memories: list[str] = (),
-                user_name: str | None = None) -> Verdict:
-    """The first thing wrong with `reply` (empty, echo, repeat, role confusion), or an ok Verdict."""
+                user_name: str | None = None, given: str = "") -> Verdict:
+    """The first thing wrong with `reply` (empty, echo, repeat, role confusion, an invented link or number), or an
+    ok Verdict. `given` is the rest of what the model was given (its FAQ entries, the profile)."""
     tokens = words(reply)
     if not tokens:
         return Verdict("empty", 1.0)
     # what the user says in this very message is their fact too ("I work as a writer" → "I'm a writer")
     for verdict in (echo(tokens, words(user_text)), repeat(tokens, list(earlier_replies)), loop(reply),
-                    role_confusion(reply, [*memories, user_text], user_name)):
+                    role_confusion(reply, [*memories, user_text], user_name),
+                    invented_contact(reply, "\n".join([user_text, *memories, *earlier_replies, given]))):
         if not verdict.ok:
             return verdict
     return Verdict()

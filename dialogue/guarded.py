@@ -54,10 +54,11 @@ class GuardInputs:
     earlier_replies: tuple[str, ...] = ()
     memories: tuple[str, ...] = ()
     user_name: str | None = None
+    given: str = ""  # the rest of the prompt's context (FAQ entries, profile): links and numbers it holds are given
 
     def check(self, reply: str) -> Verdict:
         return check_reply(reply, user_text=self.user_text, earlier_replies=list(self.earlier_replies),
-                           memories=list(self.memories), user_name=self.user_name)
+                           memories=list(self.memories), user_name=self.user_name, given=self.given)
 
 
 def fallback_reply(user_text: str, earlier: tuple[str, ...] = ()) -> str:

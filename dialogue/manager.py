@@ -383,7 +383,8 @@ class DialogueManager:
         guard = GuardInputs(user_text=parts.user_text, earlier_replies=tuple(t.reply for t in turns if t.reply),
                             memories=tuple(m["text"] for m in context.memories) + tuple(persona.get("facts") or ())
                             + statements(turns),
-                            user_name=persona.get("name") or persona.get("address_as") or None)
+                            user_name=persona.get("name") or persona.get("address_as") or None,
+                            given=system_message(parts) + "\n" + context_message(parts))
 
         told = {s.kind for s in context.sources}
         if context.answer is not None and told and told <= {"persona", "memory"}:  # the user's facts told back

@@ -93,3 +93,22 @@ def test_a_prefix_of_an_echo_is_already_an_echo():
     prefix = " ".join(full.split()[:8])
     assert check_reply(prefix, user_text="Hello! " + LENA).kind == "echo"
     assert check_reply(" ".join(BLOG.split()[:12]), user_text="Where do I live?", earlier_replies=[BLOG]).kind == "repeat"
+
+
+def test_a_link_address_or_phone_number_nothing_gave_is_invented():
+    from dialogue.guard import invented_contact
+
+    sleep = "You can read more on the National Sleep Foundation's website: www.sleepfoundation.org/en/pages/tips."
+    assert check_reply(sleep, user_text="How do I sleep after a night shift?").kind == "invented_contact"
+    assert invented_contact(sleep, "").copied == ("www",)  # the retry avoids starting a link
+    assert invented_contact("Write to help@shop.com please.", "").kind == "invented_contact"
+    assert invented_contact("Call us on +44 20 7946 0958.", "").kind == "invented_contact"
+    # what the turn was given (the FAQ entry, the user's own message, a memory) is not invented
+    given = "Opening hours are on www.bikeshop.example.com/hours; phone +44 (20) 7946-0958."
+    assert check_reply("See www.bikeshop.example.com/hours.", user_text="When are you open?", given=given).ok
+    assert check_reply("Call +44 20 7946 0958.", user_text="Your number?", given=given).ok
+    assert check_reply("Your site is lena.io, you said.", user_text="Hi", memories=["My site is lena.io"]).ok
+    assert check_reply("Your site is lena.io, you said.", user_text="Hi").kind == "invented_contact"
+    assert check_reply("It was shop.com/returns.", user_text="The link again?", earlier_replies=["See shop.com/returns."]).ok
+    # ordinary numbers and dotted names are not contact details
+    assert check_reply("It costs 1,250.00 euros, 3.5 km away, since 2024; I like node.js.", user_text="Hi").ok

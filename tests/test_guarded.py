@@ -123,6 +123,18 @@ async def test_a_bad_sentence_after_the_opening_is_never_shown(services):
     assert [m["content"] for m in nxt.parts.history] == [LENA, shown]  # what was shown passed: it stays
 
 
+async def test_a_made_up_link_after_the_opening_is_never_shown(services):
+    opening = " ".join(f"word{i}" for i in range(HOLD_WORDS + 2)) + "."
+    link = "More tips are on www.sleepfoundation.org/en/pages/tips for you."
+    backend = QueuedBackend(services.backend, [opening + " Keep the room dark. " + link + " Good night."])
+    services.manager.backend = backend
+    reply, chunks = await turn(services, "How do I sleep during the day after a night shift?")
+    shown = "".join(chunks)
+    assert "Keep the room dark." in shown and "www" not in shown and "Good night" not in shown
+    stored = services.store.get_turn(reply.turn_id)
+    assert stored.guard == "cut:invented_contact" and stored.reply == shown
+
+
 async def test_a_short_reply_said_again_is_a_repeat_and_no_fallback_repeats(services):
     backend = QueuedBackend(services.backend, ["Hello, Lena.", "Hello, Lena.", "Hello, Lena.",
                                                "Hello, Lena.", "Hello, Lena."])

@@ -169,7 +169,8 @@ def role_confusion(reply: str, memories: list[str], user_name: str | None) -> Ve
 # "call 0800 …"), and a made-up one sends a user somewhere nobody vouched for.
 LINK = re.compile(r"(?i)\b(?:https?://[^\s<>\"]+|www\.[^\s<>\"]+|[\w.+-]+@[\w-]+(?:\.[\w-]+)+|"
                   r"[a-z0-9-]+(?:\.[a-z0-9-]+)*\.(?:com|org|net|io|co|uk|gov|edu|info)\b(?:/[^\s<>\"]*)?)")
-PHONE = re.compile(r"\+?\d[\d ()./-]{7,}\d")
+# how phone numbers are written (+44 …, 0800 …, (555) …); a date and time ("2024-12-07 10:30") is not one
+PHONE = re.compile(r"(?<![\w.])(?:\+\d|\(\d|0\d)[\d ()./-]{6,}\d")
 
 
 def invented_contact(reply: str, given: str) -> Verdict:

@@ -112,3 +112,5 @@ def test_a_link_address_or_phone_number_nothing_gave_is_invented():
     assert check_reply("It was shop.com/returns.", user_text="The link again?", earlier_replies=["See shop.com/returns."]).ok
     # ordinary numbers and dotted names are not contact details
     assert check_reply("It costs 1,250.00 euros, 3.5 km away, since 2024; I like node.js.", user_text="Hi").ok
+    assert check_reply("We met on 2024-12-07 10:30 and 300 000 000 people agree.", user_text="Hi").ok
+    assert invented_contact("Ring 0800 123 4567 or (555) 123-4567.", "").kind == "invented_contact"

@@ -88,9 +88,9 @@ def retrieval(index: FaqIndex, rows: list[dict], plain: bool) -> dict:
 
 def forget(index: FaqIndex) -> None:
     """Empty the query caches (the plain embedder's and the FAQ encoder's): every search does the full work."""
-    index.embedder._recent.clear()
-    if index.snapshot().encoder is not None:
-        index.snapshot().encoder._recent.clear()
+    for embedder in (index.embedder, index.snapshot().encoder):
+        if embedder is not None:
+            embedder._recent.clear()
 
 
 SENTENCE = re.compile(r"(?<=[.!?])\s+|\s*[\n;]\s*")

@@ -173,17 +173,21 @@ LINK = re.compile(r"(?i)\b(?:https?://[^\s<>\"]+|www\.[^\s<>\"]+|[\w.+-]+@[\w-]+
 PHONE = re.compile(r"(?<![\w.])(?:\+\d|\(\d|0\d)[\d ()./-]{6,}\d")
 
 
-def invented_contact(reply: str, given: str) -> Verdict:
-    """A link, address or phone number (9+ digits) in `reply` that `given` (what the turn was given) does not hold."""
-    known, digits = given.lower(), re.sub(r"\D", "", given)
-    for match in LINK.finditer(reply):
-        link = match.group(0).lower().rstrip(".,;:!?)'\"")
+def invented_contact(reply: str, given: str | tuple[str, ...]) -> Verdict:
+    """A link, address or phone number (9+ digits) in `reply` that `given` (what the turn was given) does not hold.
+    Checked per sentence while a reply streams: `given` is only read when the sentence has a candidate."""
+    links = [m.group(0).lower().rstrip(".,;:!?)'\"") for m in LINK.finditer(reply)]
+    numbers = [n for n in (re.sub(r"\D", "", m.group(0)) for m in PHONE.finditer(reply)) if len(n) >= 9]
+    if not links and not numbers:
+        return Verdict()
+    text = given if isinstance(given, str) else "\n".join(given)
+    known = text.lower()
+    for link in links:
         if link not in known:
             return Verdict("invented_contact", 1.0, tuple(w for w in words(link)[:1] if w in ("www", "http", "https")))
-    for match in PHONE.finditer(reply):
-        number = re.sub(r"\D", "", match.group(0))
-        if len(number) >= 9 and number not in digits:
-            return Verdict("invented_contact", 1.0)
+    digits = re.sub(r"\D", "", text)
+    if any(n not in digits for n in numbers):
+        return Verdict("invented_contact", 1.0)
     return Verdict()
 
 
@@ -197,7 +201,7 @@ def check_reply(reply: str, *, user_text: str, earlier_replies: list[str] = (), 
     # what the user says in this very message is their fact too ("I work as a writer" → "I'm a writer")
     for verdict in (echo(tokens, words(user_text)), repeat(tokens, list(earlier_replies)), loop(reply),
                     role_confusion(reply, [*memories, user_text], user_name),
-                    invented_contact(reply, "\n".join([user_text, *memories, *earlier_replies, given]))):
+                    invented_contact(reply, (user_text, *memories, *earlier_replies, given))):
         if not verdict.ok:
             return verdict
     return Verdict()

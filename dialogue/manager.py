@@ -368,7 +368,8 @@ class DialogueManager:
         parts = PromptParts(system=self.settings.system_prompt, user_text=text, persona=context.persona,
                             memories=context.memories, faq=context.faq)
         budget = self.settings.context_budget - params.max_new_tokens - CHAT_MARKUP_TOKENS
-        budget -= self.backend.count_tokens(system_message(parts)) + self.backend.count_tokens(context_message(parts))
+        system, recalled = system_message(parts), context_message(parts)
+        budget -= self.backend.count_tokens(system) + self.backend.count_tokens(recalled)
         user_tokens = self.backend.count_tokens(text)
         max_user_tokens = max(budget // 2, 32)
         if user_tokens > max_user_tokens:  # the same rule, where the context budget is the tighter limit
@@ -384,7 +385,7 @@ class DialogueManager:
                             memories=tuple(m["text"] for m in context.memories) + tuple(persona.get("facts") or ())
                             + statements(turns),
                             user_name=persona.get("name") or persona.get("address_as") or None,
-                            given=system_message(parts) + "\n" + context_message(parts))
+                            given=system + "\n" + recalled)
 
         told = {s.kind for s in context.sources}
         if context.answer is not None and told and told <= {"persona", "memory"}:  # the user's facts told back

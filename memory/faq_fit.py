@@ -169,15 +169,14 @@ def fit_adapter(vectors: np.ndarray, owner: np.ndarray, kinds: np.ndarray, fp: s
         return result, None, None
     n_entries = int(owner.max()) + 1
     weight = train_map(vectors[train], owner[train], config)
-    plain = entry_top1(vectors[held], vectors[train], owner[train], owner[held], n_entries)
     mapped = normalise(vectors @ weight)
-    fitted = entry_top1(mapped[held], mapped[train], owner[train], owner[held], n_entries)
     spaces = {"plain": vectors, "map": mapped, **({"encoder": tuned} if tuned is not None else {})}
     alone = {name: entry_top1(space[held], space[train], owner[train], owner[held], n_entries)
              for name, space in spaces.items()}
+    plain, fitted = alone["plain"], alone["map"]
     # options (held-out top-1, space, with the classifier), simplest first: max keeps the first of equals, so a
     # part is used only when it finds strictly more held-out phrasings' entries than everything before it
-    options = [(alone["plain"], "plain", False), (fitted, "map", False)]
+    options = [(plain, "plain", False), (fitted, "map", False)]
     classifier, with_classifier, boosted = None, None, {}
     if config.classifier and texts is not None:
         judged = EntryClassifier.fit([texts[i] for i in train], vectors[train], owner[train], n_entries,

@@ -23,7 +23,7 @@ def import_faq(file: Path, as_json: bool) -> None:
 
     entries = parse_faq_file(file)  # validated whole before the store is even opened
     with services() as opened:
-        result = opened.faq.upsert(entries)  # fits the FAQ's own map, classifier and encoder when this version was never fitted
+        result = opened.faq.upsert(entries)  # fits the FAQ's own map and classifier (and encoder, if asked) when this version was never fitted
         fit = opened.faq.last_fit
     if as_json:
         emit_json(result)

@@ -48,7 +48,7 @@ ASKS: list[tuple[str, re.Pattern[str], re.Pattern[str]]] = [
     ("job", re.compile(r"\bfor a living\b|\bmy (?:job|work|profession|occupation)\b|\bwhere do i work\b|"
                        r"\bwhat do i (?:do|teach|study)\b(?! (?:on|at|in|for fun|with|after|before|when)\b)|\bwhat is my job\b", re.I),
      # "I'm a/an <anything>" that is not a liking ("I'm a huge fan of…")
-     re.compile(r"\bi work\b|\bworks as\b|\bmy job\b|\bi teach\b|\bi study\b|"
+     re.compile(r"\bi work\b|\bworks as\b|\bmy job\b|\bi teach\b|\bi study\b|\bfor a living\b|"
                 r"\bi(?:'m| am) an? (?!(?:big|huge|great|real|bit|little|fan|lot)\b)[a-z]+\b", re.I)),
     ("instrument", re.compile(r"\binstrument\b|\bwhat do i play\b", re.I),
      re.compile(r"\b(?:play|playing|learning|learn)\b (?:the )?(?:cello|guitar|piano|violin|drums|flute|bass|"

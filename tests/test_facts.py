@@ -119,3 +119,14 @@ def test_a_bare_where_after_a_question_about_the_user_asks_where_of_it():
     told = [MemoryHit(id="m1", text="I work as a nurse on night shifts in Bristol.", score=0.9, meta={}, speaker="user", timestamp=None, turn_id=None)]
     reply, found = answer_about_user(persona, told, "Remind me: what do I do for work and where?")
     assert reply == "You work as a nurse on night shifts in Bristol." and found[0].id == "m1"
+
+
+def test_what_the_user_does_for_a_living_answers_what_they_do_for_work():
+    from memory.memories import MemoryHit
+    from memory.personal import answer_about_user
+    from memory.persona import Persona
+
+    told = [MemoryHit(id="m1", text="Hi! I'm Jonas, I live in Ghent and I repair bicycles for a living.", score=0.9,
+                      meta={}, speaker="user", timestamp=None, turn_id=None)]
+    reply, found = answer_about_user(Persona(name="Jonas"), told, "What do I do for work?")
+    assert "repair bicycles" in reply and found[0].id == "m1"

@@ -244,7 +244,8 @@ def test_int4_reproduces_weights_already_on_a_4_bit_grid():
     torch.manual_seed(0)
     q = torch.randint(0, 16, (64, 4, 32)).float()
     q[..., 0], q[..., 1] = 0, 15
-    w = (q * (torch.rand(64, 4, 1) * 0.01 + 0.001) - torch.rand(64, 4, 1) * 0.05).reshape(64, 128)
+    d, m = (torch.rand(64, 4, 1) * 0.01 + 0.001).half().float(), (torch.rand(64, 4, 1) * 0.05).half().float()
+    w = (q * d - m).reshape(64, 128)  # GGUF keeps d and m in float16, as int4 does
     x = torch.randn(3, 128)
     exact = x @ w.T
     assert error("int4") < 1e-5 < error("int8") < 2e-2

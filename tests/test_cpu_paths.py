@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -104,6 +105,27 @@ def test_the_plan_never_keeps_a_format_where_it_loses():
     assert calibrate.candidate_formats("none", True, torch.float32) == []
     assert "int4" not in calibrate.candidate_formats("auto", False, torch.float32)  # only the embedded model is 4-bit
     assert "torch-int4" not in calibrate.candidate_formats("auto", True, torch.float32)  # ATen's takes bf16 only
+
+
+def test_a_format_that_loses_a_round_to_a_burst_of_load_races_again():
+    """The race's first round can fall in a burst that slows one candidate only; it must lose twice to count."""
+    calls = {"full": 0, "int8": 0}
+
+    def step_of(fmt, rows, burst):
+        name = fmt or "full"
+
+        def step():
+            calls[name] += 1
+            slow = name == "int8" and calls[name] <= burst  # the warm-up and the first round, or always
+            time.sleep(0.02 if slow else 0.006 if name == "full" else 0.002)
+
+        return step
+
+    timings = calibrate._race(lambda fmt, rows: step_of(fmt, rows, 1 + calibrate.PASSES), ["int8"], row_counts=(1, 2))
+    assert timings["int8"][1] < calibrate.WIN * timings["full"][1] and 2 in timings["int8"]
+    calls.update(full=0, int8=0)
+    timings = calibrate._race(lambda fmt, rows: step_of(fmt, rows, 10 ** 6), ["int8"], row_counts=(1, 2))
+    assert timings["int8"][1] > timings["full"][1] and 2 not in timings["int8"]  # lost twice: not timed further
 
 
 @needs_compiler

@@ -45,7 +45,8 @@ def supports(config) -> bool:
 
 
 def quantize_weight(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, scales) of an (N, K) weight in groups of 32 along K, as `torch.ops.rapport.qlinear` reads them:
+    """(q, scales) of an (N, K) weight in groups of 32 along K, as `torch.ops.rapport.qlinear` reads them, the scales
+    in float16 as GGUF's blocks keep them (and the codes fitted to those rounded scales):
     int8 (GGUF Q8_0): w = q·d; int4 (GGUF Q4_1): w = q·d + m, q in [0, 15], group byte i = element i | element i+16 << 4;
     torch-int4: ATen's packed layout, w = (q - 8)·d + z. The fused kernels' `quantize` computes the int8/int4 bytes
     (a fraction of a second for the embedded model, against seconds for the tensor ops below, which give the same
@@ -56,16 +57,24 @@ def quantize_weight(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch
     n, k = w.shape
     groups = w.reshape(n, k // INT4_GROUP, INT4_GROUP)
     if fmt == "int8":
-        d = groups.abs().amax(-1).clamp(min=1e-12) / 127
-        return torch.round(groups / d[..., None]).clamp(-127, 127).to(torch.int8).reshape(n, k), d.contiguous()
+        d = _as_half(groups.abs().amax(-1).clamp(min=1e-12) / 127, step=True)
+        return torch.round(groups / d[..., None]).clamp(-127, 127).to(torch.int8).reshape(n, k), d.half().contiguous()
     low, high = groups.amin(-1), groups.amax(-1)
+    if fmt == "int4":
+        d, m = _as_half((high - low).clamp(min=1e-12) / 15, step=True), _as_half(low)
+        q = torch.round((groups - m[..., None]) / d[..., None]).clamp(0, 15).to(torch.uint8)
+        return (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2).contiguous(), torch.stack([d, m], -1).half().contiguous()
     d = (high - low).clamp(min=1e-12) / 15
     q = torch.round((groups - low[..., None]) / d[..., None]).clamp(0, 15)
-    if fmt == "int4":
-        q = q.to(torch.uint8)
-        return (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2).contiguous(), torch.stack([d, low], -1).contiguous()
     packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).reshape(n, k), 1)
     return packed, torch.stack([d, low + 8 * d], -1).transpose(0, 1).contiguous().to(weight.dtype)
+
+
+def _as_half(x: torch.Tensor, step: bool = False) -> torch.Tensor:
+    """x rounded to the float16 it is stored as, in float32; a step (d) is never 0: at least float16's smallest
+    subnormal. As kernels.cpp's as_half / step_as_half."""
+    rounded = x.clamp(-65504, 65504).half().float()
+    return rounded.clamp(min=2.0 ** -24) if step else rounded
 
 
 class QuantWeight:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -79,26 +80,50 @@ def ratios(ours: dict, theirs: dict) -> dict:
     return out
 
 
+def median_of(results: list[dict]) -> dict:
+    """One result from several runs of the same measurement: the median of each number, the first run's other
+    values (the path that ran, its reasons)."""
+    out = dict(results[0])
+    for key, value in results[0].items():
+        values = [r.get(key) for r in results]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and all(
+                isinstance(v, (int, float)) for v in values):
+            out[key] = round(statistics.median(values), 4)
+    return out
+
+
 def run(settings: Settings, prompt_tokens: int = 800, new_tokens: int = 64, repeats: int = 3,
-        python: Path = DEFAULT_PYTHON, classes: list[str] | None = None) -> dict:
+        python: Path = DEFAULT_PYTHON, classes: list[str] | None = None, rounds: int = 1) -> dict:
     """Without `classes`, this process as it is; with them, each class in a child process, and for each also the
     16-conversation aggregate, beside llama.cpp built for that class (`llama_cpp_build` says which build ran: the
-    class's own, or the native one where no class build exists)."""
+    class's own, or the native one where no class build exists).
+
+    With `rounds` > 1 each class runs that many rounds of llama.cpp then ours, one after the other, and reports
+    each round's ratios and their medians: on a machine whose speed drifts by a third from minute to minute (a
+    shared host's memory), a ratio taken within a round compares the two at the same speed."""
     import asyncio
 
-    theirs = llamacpp(settings, prompt_tokens, new_tokens, repeats, python)
     if not classes:
+        theirs = llamacpp(settings, prompt_tokens, new_tokens, repeats, python)
         ours = asyncio.run(run_async(settings, prompt_tokens, new_tokens, 1, repeats))
         return {"rapport": ours, "llama_cpp": theirs, "ratios": ratios(ours, theirs)}
-    out = {"llama_cpp": theirs, "classes": {}}
+    out: dict = {"classes": {}}
     for cpu_class in classes:
-        ours = ours_as(cpu_class, prompt_tokens, new_tokens, 1, repeats)
-        crowd = ours_as(cpu_class, prompt_tokens, AGGREGATE_NEW_TOKENS, AGGREGATE_CONVERSATIONS, 1)
-        ours["aggregate_tok_s"] = crowd.get("aggregate_tok_s")
-        ours["aggregate_conversations"] = AGGREGATE_CONVERSATIONS
         lib = class_build(python, cpu_class) if cpu_class != "native" else None
-        same_class = llamacpp(settings, prompt_tokens, new_tokens, repeats, python, lib) if lib else theirs
-        out["classes"][cpu_class] = {"rapport": ours, "llama_cpp": same_class,
-                                     "llama_cpp_build": cpu_class if lib else "native",
-                                     "ratios": ratios(ours, same_class)}
+        measured = []
+        for _ in range(max(1, rounds)):
+            theirs = llamacpp(settings, prompt_tokens, new_tokens, repeats, python, lib)
+            ours = ours_as(cpu_class, prompt_tokens, new_tokens, 1, repeats)
+            crowd = ours_as(cpu_class, prompt_tokens, AGGREGATE_NEW_TOKENS, AGGREGATE_CONVERSATIONS, 1)
+            ours["aggregate_tok_s"] = crowd.get("aggregate_tok_s")
+            ours["aggregate_conversations"] = AGGREGATE_CONVERSATIONS
+            measured.append({"rapport": ours, "llama_cpp": theirs, "ratios": ratios(ours, theirs)})
+        entry = {"rapport": median_of([m["rapport"] for m in measured]),
+                 "llama_cpp": median_of([m["llama_cpp"] for m in measured]),
+                 "llama_cpp_build": cpu_class if lib else "native",
+                 "ratios": median_of([m["ratios"] for m in measured])}
+        if len(measured) > 1:
+            entry["rounds"] = [m["ratios"] for m in measured]
+        out["classes"][cpu_class] = entry
+        out.setdefault("llama_cpp", entry["llama_cpp"])  # the first class's (the native one, where it is listed)
     return out

@@ -33,14 +33,16 @@ def bench_gen(prompt_tokens: int, new_tokens: int, concurrency: int, repeats: in
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 20))
 @click.option("--isa", default="", help="CPU classes to run as, comma-separated: native, avx512, avx2 "
                                         "(each in its own process, with the 16-conversation aggregate)")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(1, 10),
+              help="with --isa: rounds of llama.cpp then ours per class; ratios are each round's, and their medians")
 @click.option("--json", "as_json", is_flag=True, help="print JSON (the only output format)")
-def bench_compare(prompt_tokens: int, new_tokens: int, repeats: int, isa: str, as_json: bool) -> None:
+def bench_compare(prompt_tokens: int, new_tokens: int, repeats: int, isa: str, rounds: int, as_json: bool) -> None:
     """This runtime beside llama.cpp on the same GGUF and prompts: {"rapport", "llama_cpp", "ratios"}, or with --isa
     {"llama_cpp", "classes": {class: {"rapport", "ratios"}}}."""
     from bench.compare import run
 
     classes = [c.strip() for c in isa.split(",") if c.strip()]
-    emit_json(run(load_settings(), prompt_tokens, new_tokens, repeats, classes=classes or None))
+    emit_json(run(load_settings(), prompt_tokens, new_tokens, repeats, classes=classes or None, rounds=rounds))
 
 
 @bench.command("sweep")

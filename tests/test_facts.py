@@ -148,7 +148,8 @@ def test_questions_put_as_embedded_ones_are_answered_from_what_the_user_said(mes
     assert ("Priya" in reply) == ("name" in message or "who I am" in message)
 
 
-@pytest.mark.parametrize("message", ["Tell me what I do wrong when I bake bread?", "What I do next is up to me, right?"])
+@pytest.mark.parametrize("message", ["Tell me what I do wrong when I bake bread?", "What I do next is up to me, right?",
+                                     "Do you think where I work from matters?", "I don't know who I am anymore."])
 def test_what_i_do_about_something_else_is_not_a_question_about_the_job(message):
     from memory.personal import answer_about_user
     from memory.persona import Persona

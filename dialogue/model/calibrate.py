@@ -133,18 +133,20 @@ def _race(step_of: Callable[[str | None, int], Callable[[], None]], formats: lis
         best = dict.fromkeys(steps, float("inf"))
         for step in steps.values():
             step()  # warm-up
-        # A format that loses races once more before it counts: a burst of load can outlast a whole round (once
-        # the output matrix's int8 timed 16.8 ms a row and full 15.4, where the quiet machine gives 4.7 and 7.6).
-        for round_ in range(2):
-            racing = steps if round_ == 0 else {n: s for n, s in steps.items() if n == "full" or n not in winners}
+
+        def time_passes(names):
             for _ in range(passes):
-                for name, step in racing.items():
+                for name in names:
                     start = time.perf_counter()
-                    step()
+                    steps[name]()
                     best[name] = min(best[name], time.perf_counter() - start)
-            winners = {fmt for fmt in alive if best[fmt] < WIN * best["full"]}
-            if winners == set(alive):
-                break
+
+        time_passes(list(steps))
+        # A format that lost races once more before it counts: a burst of load can outlast a whole round (once the
+        # output matrix's int8 timed 16.8 ms a row and full 15.4, where the quiet machine gives 4.7 and 7.6).
+        losers = [fmt for fmt in alive if best[fmt] >= WIN * best["full"]]
+        if losers:
+            time_passes(["full", *losers])
         for name, seconds in best.items():
             timings[name][rows] = seconds * 1e6
         alive = [fmt for fmt in alive if timings[fmt][rows] < WIN * timings["full"][rows]]

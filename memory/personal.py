@@ -173,6 +173,11 @@ UNKNOWN = {"name": "your name", "home": "where you live", "birthday": "your birt
            "relation": "that"}
 
 
+def bare(text: str) -> str:
+    """A told-back statement without its case and closing stop, to see one inside another."""
+    return text.lower().rstrip(" .!")
+
+
 def answer_about_user(persona, memories: list, text: str) -> tuple[str, list[Found]] | None:
     """(reply, its sources) for a message that only asks about the user, or None to leave it to the model."""
     parts = question_parts(text)
@@ -183,8 +188,9 @@ def answer_about_user(persona, memories: list, text: str) -> tuple[str, list[Fou
     for part in parts:
         answer, kind = answer_part(part, persona, memories)
         if answer is not None:
-            if all(answer.text != f.text for f in found):
-                found.append(answer)
+            said = [bare(f.text) for f in found]
+            if not any(bare(answer.text) in text for text in said):  # nothing told twice ("You live in Turin.")
+                found = [f for f, text in zip(found, said) if text not in bare(answer.text)] + [answer]
         elif kind is None or kind == "other":
             return None  # a part we do not understand: the model (with the memories in its prompt) answers
         else:

@@ -155,3 +155,18 @@ def test_what_i_do_about_something_else_is_not_a_question_about_the_job(message)
     from memory.persona import Persona
 
     assert answer_about_user(Persona(name="Lena", facts=["works as a nurse"]), [], message) is None
+
+
+def test_a_fact_that_answers_two_parts_is_told_once():
+    """make chat: "What's my dog's name and where do I live?" → "You live in Turin with your dog Pepe. You live in
+    Turin." (the second part's answer was inside the first's)."""
+    from memory.memories import MemoryHit
+    from memory.personal import answer_about_user
+    from memory.persona import Persona
+
+    told = [MemoryHit(id="m1", text="Hello! I'm Marco, I'm a carpenter and I live in Turin with my dog Pepe.",
+                      score=0.9, meta={}, speaker="user", timestamp=None, turn_id=None)]
+    persona = Persona(name="Marco", facts=["lives in Turin"])
+    for message in ("What's my dog's name and where do I live?", "Where do I live and what's my dog called?"):
+        reply, _ = answer_about_user(persona, told, message)
+        assert "Pepe" in reply and reply.count("Turin") == 1, reply

@@ -1,10 +1,10 @@
 """`rapport bench faq` on the harder set: a 59-entry app bank (bench/data/faq_bank_*), scope included.
 
 `faq_bank.jsonl` is the FAQ (five alternates an entry, the training phrasings); `faq_bank_heldout.jsonl` holds
-three phrasings an entry written differently (typos, indirect wording, long messages), one in the `dev` split
-and two in `test`; `faq_bank_scope.jsonl` holds messages the FAQ must not answer (`outside`: general
-knowledge, other services, things the bot cannot do; `unknown`: the bank's business but not in the FAQ;
-`smalltalk`), halved dev/test. Figures are on `test`; `--calibrate` fits the scope model on `dev`.
+phrasings written differently (typos, indirect wording, long messages with the question in the middle): four an
+entry in the `dev` (tune) split, two in `test`; `faq_bank_scope.jsonl` holds messages the FAQ must not answer
+(`outside`: general knowledge, other services, things the bot cannot do; `unknown`: the bank's business but not
+in the FAQ; `smalltalk`), 180 dev and 90 test. Figures are on `test`; `--calibrate` fits the scope model on `dev`.
 
 Mechanisms, each adding to the one before: plain dense search (question + alternates, cosine), the hybrid
 index (answers indexed too, vectors centred, BM25 bonus), and the FAQ's own fit (memory/faq_fit.py): its map,

@@ -173,6 +173,9 @@ def test_bench_faq_on_a_slice():
     for figures in mechanisms.values():
         assert 0.5 <= figures["retrieval"]["top1"] <= figures["retrieval"]["top3"] <= 1.0
         assert 0 < figures["retrieval"]["search_ms"]["p50"] <= figures["retrieval"]["search_ms"]["p95"]
+        assert 0.0 <= figures["retrieval"]["top1_long"] <= 1.0
+    # the tune split has long messages of its own (two an entry), not only the held-out one
+    assert report["mechanisms_dev"][PRODUCT]["retrieval"]["long_n"] >= 16
     policy = mechanisms[PRODUCT]["policy"]
     assert policy["in_scope"]["n"] == 16 and policy["outside"]["n"] == 4 and policy["small_talk"]["n"] == 4
     assert policy["outside"]["declined"] >= 0.75 and policy["small_talk"]["in_kind"] >= 0.75
@@ -184,6 +187,7 @@ def test_bench_faq_on_a_slice():
         maxsim = report[ablation]["token MaxSim alone"]
         assert 0.0 <= maxsim["top1"] <= maxsim["top3"] <= 1.0
         assert report[ablation]["product"]["top1"] == report[rows][PRODUCT]["retrieval"]["top1"]
+        assert report[ablation]["product"]["top1_long"] == report[rows][PRODUCT]["retrieval"]["top1_long"]
 
 
 # -- learning from resolved conversations ---------------------------------------------------------------

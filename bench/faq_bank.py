@@ -146,10 +146,13 @@ def ablation(index: FaqIndex, rows: list[dict]) -> dict:
         vectors = index.embedder.embed(texts)
         out["entry classifier alone"] = snap.classifier.probabilities(texts, vectors)
     long = np.array([bool(sentences(t)) for t in texts])
-    top = lambda s: {"top1": rate(s.argmax(1) == gold), "top3": rate(g in np.argsort(-x)[:3] for x, g in zip(s, gold)),  # noqa: E731
-                     "top1_long": rate(s[long].argmax(1) == gold[long])}
+
+    def top(scores: np.ndarray) -> dict:
+        return {"top1": rate(scores.argmax(1) == gold), "top3": rate(g in np.argsort(-x)[:3] for x, g in zip(scores, gold)),
+                "top1_long": rate(scores[long].argmax(1) == gold[long])}
+
     report = {name: top(scores) for name, scores in out.items()}
-    report["long messages (more than one sentence)"] = sum(bool(sentences(t)) for t in texts)
+    report["long messages (more than one sentence)"] = int(long.sum())
     return report
 
 

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,35 @@ def test_lora_weights_move_and_base_weights_do_not(loaded, tiny_model_dir):
 
     fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     assert all(torch.equal(base_after[k], fresh[k]) for k in base_after)
+
+
+def test_anchor_prompts_hold_the_adapter_to_the_base_model_where_the_pool_says_nothing(loaded):
+    """Trained hard on one reply, the adapter drifts from the base model on unrelated prompts; the KL term on the
+    anchor prompts (training/anchors.py) holds it closer there, while it still learns the pool."""
+    from peft import PeftModel
+
+    from training.scoring import collate, completion_logprobs, encode, load_base
+    from training.train import anchor_encoded, anchor_kl
+
+    settings, store = loaded
+    data = dataset_of(settings, store)
+    drift, learned = {}, {}
+    for weight in (0.0, 1.0):
+        result = train_adapter(settings, data, replace(FAST, epochs=3, anchor_weight=weight), show_progress=False)
+        base, tokenizer = load_base(settings)
+        model = PeftModel.from_pretrained(base, result.path)
+        anchors = anchor_encoded(model, tokenizer, settings, FAST.max_len)
+        assert result.metrics["anchors"] == (len(anchors) if weight else 0) and len(anchors) >= 20
+        with torch.no_grad():
+            drift[weight] = float(anchor_kl(model, collate(anchors, tokenizer.pad_token_id)))
+        liked = [encode(tokenizer, e.messages, e.completion, max_len=FAST.max_len) for e in data.train if e.desirable]
+        with torch.no_grad():
+            trained, _ = completion_logprobs(model, collate(liked, tokenizer.pad_token_id))
+            with model.disable_adapter():
+                before, _ = completion_logprobs(model, collate(liked, tokenizer.pad_token_id))
+        learned[weight] = float((trained - before).mean())  # the pool's liked replies became more likely
+    assert drift[1.0] < 0.5 * drift[0.0], drift
+    assert learned[1.0] > 0.5 * learned[0.0] > 0, learned
 
 
 def test_same_seed_same_weights_and_an_interrupted_run_resumes_to_them(loaded):

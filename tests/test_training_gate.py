@@ -159,6 +159,19 @@ def test_run_gate_generates_on_the_canaries_against_base_and_active(tiny_setting
     assert gate["checks"]["data"]["dropped_share"] == 0.0
 
 
+def test_anchor_prompts_are_not_the_canaries():
+    """Training is held to the base model on the anchor prompts; the gate must judge it on prompts it never saw."""
+    from training.anchors import ANCHOR_FAQ, ANCHOR_PERSONA, anchor_conversations
+    from training.canary import CANARY, CANARY_FAQ, CANARY_PERSONA
+
+    anchors = {conv[-1]["content"] for conv in anchor_conversations("system")}
+    assert len(anchors) >= 20
+    assert not anchors & ({c.text for c in CANARY_PROMPTS} | {q for q, _ in CANARY})
+    assert ANCHOR_PERSONA["name"] != CANARY_PERSONA["name"]
+    assert not set(ANCHOR_PERSONA["interests"]) & set(CANARY_PERSONA["interests"])
+    assert not {e["answer"] for e in ANCHOR_FAQ} & {e["answer"] for e in CANARY_FAQ}
+
+
 # -- the search ----------------------------------------------------------------------------------------
 
 

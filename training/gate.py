@@ -29,7 +29,7 @@ from dialogue.settings import Settings
 from memory.loading import BUILD_LOCK
 from training.canary import CANARY, CANARY_FAQ, CANARY_PERSONA, CANARY_PROMPTS
 from training.datasets import Dataset, Example
-from training.scoring import collate, completion_logprobs, encode, load_base, set_threads
+from training.scoring import collate, completion_logprobs, encode, greedy_replies, load_base, set_threads
 from training.textcheck import (common_word_share, echo_rate, insult_count, offers_handoff, repetition_rate,
                                 ungrounded_contacts)
 
@@ -146,22 +146,10 @@ def canary_conversations(system: str) -> list[list[dict]]:
 
 
 def generate_replies(model, tokenizer, conversations: list[list[dict]], config: GateConfig) -> list[str]:
-    """Greedy replies of the model as it is set now (adapter or not), left-padded in batches."""
-    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    replies: list[str] = []
-    try:
-        for start in range(0, len(texts), config.batch_size * 2):
-            enc = tokenizer(texts[start:start + config.batch_size * 2], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=config.canary_new_tokens, do_sample=False,
-                                     repetition_penalty=config.repetition_penalty,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return [r.strip() for r in replies]
+    """Greedy replies of the model as it is set now (adapter or not)."""
+    return [text for text, _ in greedy_replies(model, tokenizer, conversations, max_new_tokens=config.canary_new_tokens,
+                                               repetition_penalty=config.repetition_penalty,
+                                               batch_size=config.batch_size * 2)]
 
 
 def behaviour_metrics(replies: list[str], conversations: list[list[dict]], fluency: list[tuple[float, int]]) -> dict:

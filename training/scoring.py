@@ -65,16 +65,44 @@ def collate(items: list[Encoded], pad_id: int) -> Batch:
     return Batch(ids, mask, positions, n_completion, int(n_completion.max()) + 1)
 
 
-def completion_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of log p over each completion's tokens (B,), token counts (B,)); differentiable."""
+def next_token_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of every next token over the last K-1 positions (B, K-1, V), which of them predict a completion
+    token (B, K-1)); differentiable."""
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 logits_to_keep=batch.keep, use_cache=False)
-    logits = out.logits[:, :-1].float()  # (B, K-1, V): predictions for the last K-1 positions
-    targets = batch.input_ids[:, -(batch.keep - 1):]  # (B, K-1)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, K-1)
+    logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)  # predictions for the last K-1 positions
     offsets = torch.arange(batch.keep - 1).unsqueeze(0)  # position within the kept window
-    scored = offsets >= (batch.keep - 1 - batch.n_completion).unsqueeze(1)  # (B, K-1): completion tokens only
+    return logp, offsets >= (batch.keep - 1 - batch.n_completion).unsqueeze(1)
+
+
+def completion_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p over each completion's tokens (B,), token counts (B,)); differentiable."""
+    logp, scored = next_token_logprobs(model, batch)
+    targets = batch.input_ids[:, -(batch.keep - 1):]  # (B, K-1)
+    logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, K-1)
     return (logp * scored).sum(-1), scored.sum(-1)
+
+
+def greedy_replies(model, tokenizer, conversations: list[list[Message]], *, max_new_tokens: int,
+                   repetition_penalty: float, batch_size: int) -> list[tuple[str, bool]]:
+    """(reply, whether it ended before `max_new_tokens`) of the model as it is set now, greedy, left-padded."""
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    replies: list[tuple[str, bool]] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     repetition_penalty=repetition_penalty,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            ended = (new == tokenizer.eos_token_id).any(-1).tolist()
+            texts_out = tokenizer.batch_decode(new, skip_special_tokens=True)
+            replies += [(text.strip(), done) for text, done in zip(texts_out, ended)]
+    finally:
+        tokenizer.padding_side = side
+    return replies
 
 
 def base_model_dir(settings: Settings) -> Path:

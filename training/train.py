@@ -33,7 +33,9 @@ from dialogue.settings import Settings
 from memory.errors import InvalidInput, RapportError
 from memory.loading import BUILD_LOCK
 from training.datasets import Dataset, Example
-from training.scoring import Encoded, collate, completion_logprobs, encode, load_base, set_threads
+from training.anchors import anchor_conversations
+from training.scoring import (Encoded, collate, completion_logprobs, encode, greedy_replies, load_base,
+                              next_token_logprobs, set_threads)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class TrainConfig:
     max_len: int = field(default=384, metadata={"help": "tokens per example (prompt is cut from the left)"})
     kto_beta: float = field(default=0.1, metadata={"help": "KTO beta for undesirable replies"})
     undesirable_weight: float = field(default=1.0, metadata={"help": "weight of the undesirable loss"})
+    anchor_weight: float = field(default=1.0, metadata={
+        "help": "weight of the KL to the base model on the anchor prompts (training/anchors.py); 0 = off"})
     warmup_fraction: float = field(default=0.06, metadata={"help": "linear warm-up, then linear decay"})
     seed: int = field(default=0, metadata={"help": "data order and LoRA init"})
     checkpoint_every: int = field(default=10, metadata={"help": "steps between resumable checkpoints"})
@@ -158,6 +162,33 @@ def reference_logprobs(model, encoded: list[Encoded], examples: list[Example], p
     return refs
 
 
+_ANCHORS: dict[tuple, list[Encoded]] = {}
+
+
+def anchor_encoded(model, tokenizer, settings: Settings, max_len: int) -> list[Encoded]:
+    """The anchor prompts with the base model's own greedy replies (those that ended, or are empty, with their
+    end-of-turn token, so every anchor holds at least the reply's first distribution), generated once a process
+    for the search's trials."""
+    key = (str(settings.model), str(settings.models_dir), settings.system_prompt, max_len)
+    if key not in _ANCHORS:
+        conversations = anchor_conversations(settings.system_prompt)
+        with model.disable_adapter():
+            replies = greedy_replies(model, tokenizer, conversations, max_new_tokens=96, repetition_penalty=1.1,
+                                     batch_size=16)
+        _ANCHORS[key] = [encode(tokenizer, m, text, max_len=max_len, end=done or not text)
+                         for m, (text, done) in zip(conversations, replies)]
+    return _ANCHORS[key]
+
+
+def anchor_kl(model, batch) -> torch.Tensor:
+    """Mean KL(base model ‖ adapter) of the next-token distributions over the anchor replies' tokens."""
+    with torch.no_grad(), model.disable_adapter():
+        reference, _ = next_token_logprobs(model, batch)
+    logp, scored = next_token_logprobs(model, batch)
+    kl = (reference.exp() * (reference - logp)).sum(-1)  # (B, K-1)
+    return (kl * scored).sum() / scored.sum().clamp(min=1)
+
+
 def train_adapter(settings: Settings, dataset: Dataset, config: TrainConfig, *, show_progress: bool = True,
                   stop_after: int | None = None) -> TrainResult:
     """Train a LoRA adapter on `dataset.train`; resumes a matching interrupted run from its checkpoint.
@@ -175,12 +206,14 @@ def train_adapter(settings: Settings, dataset: Dataset, config: TrainConfig, *, 
     base, tokenizer = load_base(settings)
     with BUILD_LOCK:
         model = get_peft_model(base, lora_config(config, base.config.num_hidden_layers))
+    anchors = anchor_encoded(model, tokenizer, settings, config.max_len) if config.anchor_weight else []
     model.train()
     encoded = [encode(tokenizer, e.messages, e.completion, max_len=config.max_len) for e in examples]
     pad_id = tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total = config.max_steps or max(1, round(steps_per_epoch * config.epochs))
     order = batch_order(len(examples), config.batch_size, total, config.seed)
+    anchor_order = batch_order(len(anchors), config.batch_size, total, config.seed + 1) if anchors else []
     warmup = max(1, round(total * config.warmup_fraction))
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -189,7 +222,7 @@ def train_adapter(settings: Settings, dataset: Dataset, config: TrainConfig, *, 
 
     ckpt = checkpoint_dir(settings, config.run_key(dataset.hash))
     state = load_checkpoint(ckpt)
-    step, losses, tokens_done = 0, [], 0
+    step, losses, tokens_done, anchor_kls = 0, [], 0, []
     if state is not None and state.get("total") == total:
         set_peft_model_state_dict(model, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
@@ -210,8 +243,13 @@ def train_adapter(settings: Settings, dataset: Dataset, config: TrainConfig, *, 
             nll = -sums / counts.clamp(min=1)  # (B,) mean over each reply's tokens
             kto = torch.sigmoid(config.kto_beta * (sums - ref))  # (B,) → 0 as the reply becomes unlikely
             weight = torch.tensor([examples[i].weight for i in idx])  # (B,) cleaning's down-weights, source trust
-            loss = (weight * torch.where(desirable, nll, config.undesirable_weight * kto)).mean()
-            loss.backward()
+            loss = (weight * torch.where(desirable, nll, config.undesirable_weight * kto)).mean()  # the pool's
+            total_loss = loss
+            if anchors:
+                kl = anchor_kl(model, collate([anchors[i] for i in anchor_order[step]], pad_id))
+                anchor_kls.append(round(kl.item(), 5))
+                total_loss = loss + config.anchor_weight * kl
+            total_loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
@@ -241,6 +279,8 @@ def train_adapter(settings: Settings, dataset: Dataset, config: TrainConfig, *, 
         "train_tokens": tokens_done, "completion_tokens": int(sum(e.n_completion for e in encoded)),
         "loss_first": losses[0], "loss_last": round(sum(tail) / len(tail), 5),
         "tokens_per_s": round(loop_tokens / max(loop_wall, 1e-9), 1), "wall_s": round(wall, 1),
+        "anchors": len(anchors), "anchor_kl_last": round(sum(anchor_kls[-10:]) / len(anchor_kls[-10:]), 5)
+        if anchor_kls else None,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
     }
     settings.adapters_dir.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,13 @@ Each trial trains an adapter on the training split and is scored on what the gat
 - the held-out preference margin (liked minus disliked per-token log-lik; higher learns the pool's taste; the
   liked replies' log-lik alone when the held-out part has no disliked ones), and
 - the canary terms: reference-answer perplexity against the base model's, and the fluency (NLL under the base
-  model) of the trial's own greedy replies to the behaviour canaries against the base model's replies.
-A trial whose canary terms use more than `slack` of the gate's tolerances is infeasible; of the feasible trials
-the one with the best margin wins. (Picking by margin alone chose the largest learning rate, whose adapters the
-gate then rejected for fluency drift: the margin keeps rising while English degrades.) When no trial is
-feasible, the gentlest one is kept and the gate decides. The winner's adapter is kept; the others are deleted.
+  model) of the trial's own greedy replies to the behaviour canaries against the base model's replies, and
+- the gate's other behaviour checks on those replies against the base model's (repetition, echo, persona, …).
+A trial whose canary terms use more than `slack` of the gate's tolerances, or that fails a behaviour check, is
+infeasible; of the feasible trials the one with the best margin wins. (Picking by margin alone chose the largest
+learning rate, whose adapters the gate then rejected for fluency drift: the margin keeps rising while English
+degrades.) When no trial is feasible, the gentlest one is kept and the gate decides. The winner's adapter is
+kept; the others are deleted.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from typing import Any
 from dialogue.settings import Settings
 from training.datasets import Dataset
 from memory.loading import BUILD_LOCK
-from training.gate import (BEHAVIOUR_TOLERANCES, GateConfig, score_pairs, behaviour_metrics, canary_conversations,
-                           canary_perplexity, generate_replies, preference)
+from training.gate import (BEHAVIOUR_TOLERANCES, GateConfig, behaviour_check, behaviour_metrics, canary_conversations,
+                           canary_perplexity, generate_replies, preference, score_pairs)
 from training.scoring import load_base, set_threads
 from training.train import TrainConfig, TrainResult, train_adapter
 
@@ -53,8 +55,9 @@ def evaluate_trial(settings: Settings, dataset: Dataset, result: TrainResult, ga
         replies = generate_replies(model, tokenizer, conversations, gate)
         with model.disable_adapter():
             fluency = score_pairs(model, tokenizer, list(zip(conversations, replies)), gate, end=False)
+        behaviour = behaviour_metrics(replies, conversations, fluency)
         out = {"canary_ppl": canary_perplexity(model, tokenizer, system, gate),
-               "fluency_nll": behaviour_metrics(replies, conversations, fluency)["fluency_nll"]}
+               "fluency_nll": behaviour["fluency_nll"], "behaviour": behaviour}
         if with_margin:  # without held-out disliked replies, the held-out liked replies' log-lik alone
             pref = preference(model, tokenizer, dataset.heldout, gate) if dataset.heldout else {}
             out["margin"] = pref.get("margin") if pref.get("margin") is not None else pref.get("liked_logp")
@@ -84,11 +87,12 @@ def choose_config(settings: Settings, dataset: Dataset, config: TrainConfig, sea
             figures, base_figures = evaluate_trial(settings, dataset, result, gate, base_figures)
             ratio = figures["canary_ppl"] / base_figures["canary_ppl"]
             drift = figures["fluency_nll"] - base_figures["fluency_nll"]
+            _, failed = behaviour_check(figures["behaviour"], {"base": base_figures["behaviour"]})
             feasible = (ratio <= 1 + search.slack * gate.canary_base_tolerance
-                        and drift <= search.slack * fluency_tolerance)
+                        and drift <= search.slack * fluency_tolerance and not failed)
             trials.append({"learning_rate": learning_rate, "epochs": epochs, "undesirable_weight": undesirable_weight,
                            "margin": _round(figures["margin"]), "canary_ratio": _round(ratio),
-                           "fluency_drift": _round(drift), "feasible": feasible,
+                           "fluency_drift": _round(drift), "behaviour_failed": failed, "feasible": feasible,
                            "train_s": result.metrics["wall_s"]})
             logger.info("search trial %s", trials[-1])
         feasible = [i for i, t in enumerate(trials) if t["feasible"]]

@@ -127,6 +127,7 @@ def run_one(settings: Settings, scenario: Scenario, conversations: int, fresh: l
         "preference": gate["checks"].get("preference"),
         "clean_s": metrics.get("clean_s"), "train_s": metrics["train_s"], "gate_s": metrics["gate_s"],
         "examples": metrics["examples"],
+        "canary_replies": gate.get("canary_replies", {}).get("candidate"),
     }
     if gate["passed"]:
         registry = Registry(settings.adapters_dir)

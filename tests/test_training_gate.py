@@ -143,6 +143,20 @@ def test_verdict_names_the_data_check_and_the_behaviour_check():
     assert not drift["passed"] and "vs base" in drift["reasons"][0]
 
 
+def test_verdict_names_the_held_out_prompts_check():
+    """Fluent on the canaries but gibberish on what the pool's users ask (the anchors held the canary kinds)."""
+    likelihood = {"canary_ppl": 10.0, "pref_margin": 0.5, "faq_accuracy": None}
+    plain = {"fluency_nll": 1.0, "repetition": 0.0, "non_english": 0.0, "empty": 0.0}
+    gibberish = {**plain, "fluency_nll": 6.8, "non_english": 0.7}
+    failed = verdict(likelihood, likelihood, "base", GateConfig(), behaviour={"candidate": figures(), "base": figures()},
+                     on_pool={"candidate": gibberish, "base": plain})
+    assert not failed["passed"] and not failed["checks"]["pool_behaviour"]["passed"]
+    assert [r.split(" to ")[0] for r in failed["reasons"]] == ["behaviour: held-out prompts' fluency_nll rose",
+                                                               "behaviour: held-out prompts' non_english rose"]
+    styled = {**plain, "fluency_nll": 1.7, "repetition": 0.05}  # a sign-off on every reply: unusual, not broken
+    assert verdict(likelihood, likelihood, "base", GateConfig(), on_pool={"candidate": styled, "base": plain})["passed"]
+
+
 def test_run_gate_generates_on_the_canaries_against_base_and_active(tiny_settings, store):
     import_lines(store, [conversation(i) for i in range(16)], system=tiny_settings.system_prompt, max_chars=1000)
     dataset = clean_dataset(tiny_settings, build_dataset(store, system=tiny_settings.system_prompt))
@@ -153,6 +167,10 @@ def test_run_gate_generates_on_the_canaries_against_base_and_active(tiny_setting
     assert set(behaviour["metrics"]) == set(BEHAVIOUR_TOLERANCES)
     assert all(set(row) >= {"candidate", "base", "v0001", "passed"} for row in behaviour["metrics"].values())
     assert set(gate["canary_replies"]) == {"candidate", "v0001", "base"}
+    pool = gate["checks"]["pool_behaviour"]  # the held-out split's own prompts, answered by all three
+    assert set(pool["metrics"]) == {"fluency_nll", "repetition", "non_english", "empty"}
+    assert all(set(row) >= {"candidate", "base", "v0001"} for row in pool["metrics"].values())
+    assert all(0 < len(replies) <= GateConfig().pool_prompts for replies in gate["pool_replies"].values())
     assert all(len(replies) == min(6, len(CANARY_PROMPTS)) for replies in gate["canary_replies"].values())
     assert metrics["behaviour"]["fluency_nll"] >= 0 and len(CANARY_PROMPTS) >= 16
     assert gate["passed"], gate["reasons"]  # two adapters that barely moved behave as the base model does

@@ -11,7 +11,8 @@ a pool where many are gibberish, insults or strange phone numbers is a rating ca
 Behaviour checks: the candidate answers the fixed canary prompts (`CANARY_PROMPTS`: small talk, personal,
 FAQ, unknown; never user feedback) greedily, and its replies are measured (training/textcheck.py, and
 per-token NLL under the base model for fluency) against the base model's and the active version's replies
-to the same prompts. Every tolerance is against both, so versions cannot drift a tolerance at a time.
+to the same prompts; and its replies to the pool's own held-out prompts must stay as fluent, non-repeating English
+as theirs. Every tolerance is against both, so versions cannot drift a tolerance at a time.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ BEHAVIOUR_TOLERANCES: dict[str, tuple[str, float]] = {
 }
 
 
+# On the pool's own held-out prompts only what needs no expected answer is checked: that the candidate still
+# answers them in fluent, non-repeating English. The canaries alone missed a pool of gibberish liked replies once
+# training held the adapter to the base model on prompts like the canaries (training/anchors.py): the canary
+# replies stayed fluent while 7 of 10 fresh how-to questions were answered in gibberish.
+POOL_TOLERANCES: dict[str, tuple[str, float]] = {k: BEHAVIOUR_TOLERANCES[k]
+                                                 for k in ("fluency_nll", "repetition", "non_english", "empty")}
+
+
 @dataclass(frozen=True)
 class GateConfig:
     canary_tolerance: float = 0.10  # canary perplexity may be at most 10% above the active version's
@@ -63,6 +72,7 @@ class GateConfig:
     max_drop_share: float = 0.25  # the cleaning step may drop at most this share of the desirable examples
     behaviour: bool = True  # generate on the canary prompts (off only for likelihood-only evaluation)
     canary_new_tokens: int = 40
+    pool_prompts: int = 12  # held-out prompts of the pool the candidate also answers (0 = none)
     repetition_penalty: float = 1.1
     margin_tolerance: float = 0.02  # nats/token the preference margin may lose (noise on small held-out sets)
     faq_tolerance: float = 0.05
@@ -152,6 +162,17 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], config: 
                                                batch_size=config.batch_size * 2)]
 
 
+def reply_metrics(replies: list[str], fluency: list[tuple[float, int]]) -> dict:
+    """What any set of replies is held to: fluency under the base model, loops, language, emptiness."""
+    languages = [x for x in map(common_word_share, replies) if x is not None]
+    return {
+        "fluency_nll": -sum(s for s, _ in fluency) / max(sum(n for _, n in fluency), 1),
+        "repetition": _mean([repetition_rate(r) for r in replies]) or 0.0,
+        "non_english": sum(x < 0.15 for x in languages) / max(len(languages), 1),
+        "empty": sum(not r for r in replies) / max(len(replies), 1),
+    }
+
+
 def behaviour_metrics(replies: list[str], conversations: list[list[dict]], fluency: list[tuple[float, int]]) -> dict:
     """The canary replies' figures: fluency under the base model, text faults, and each kind's success rate."""
     def share(kind: str, ok) -> float:
@@ -159,14 +180,9 @@ def behaviour_metrics(replies: list[str], conversations: list[list[dict]], fluen
         return sum(bool(ok(c, r)) for c, r in items) / max(len(items), 1)
 
     prompts = ["\n".join(m["content"] for m in conv) for conv in conversations]
-    languages = [common_word_share(r) for r in replies]
-    judged = [x for x in languages if x is not None]
     return {
-        "fluency_nll": -sum(s for s, _ in fluency) / max(sum(n for _, n in fluency), 1),
-        "repetition": _mean([repetition_rate(r) for r in replies]) or 0.0,
+        **reply_metrics(replies, fluency),
         "echo": _mean([echo_rate(r, c.text) for c, r in zip(CANARY_PROMPTS, replies)]) or 0.0,
-        "non_english": sum(x < 0.15 for x in judged) / max(len(judged), 1),
-        "empty": sum(not r for r in replies) / len(replies),
         "contacts": sum(len(ungrounded_contacts(r, p)) for r, p in zip(replies, prompts)),
         "insults": sum(insult_count(r) for r in replies),
         "faq_grounding": share("faq", lambda c, r: any(e in r.lower() for e in c.expect)),
@@ -175,11 +191,20 @@ def behaviour_metrics(replies: list[str], conversations: list[list[dict]], fluen
     }
 
 
-def behaviour_check(cand: dict, references: dict[str, dict]) -> tuple[dict, list[str]]:
+def pool_conversations(dataset: Dataset, limit: int) -> list[list[dict]]:
+    """Up to `limit` distinct prompts of the held-out split (what users asked; their replies are not used)."""
+    seen: dict[str, list[dict]] = {}
+    for example in dataset.heldout:
+        seen.setdefault(example.messages[-1]["content"], example.messages)
+    return list(seen.values())[:limit]
+
+
+def behaviour_check(cand: dict, references: dict[str, dict], tolerances: dict[str, tuple[str, float]] = BEHAVIOUR_TOLERANCES,
+                    what: str = "canary") -> tuple[dict, list[str]]:
     """Each metric against every reference (base model, active version) with its tolerance."""
-    check: dict[str, Any] = {"tolerances": {k: v[1] for k, v in BEHAVIOUR_TOLERANCES.items()}, "metrics": {}}
+    check: dict[str, Any] = {"tolerances": {k: v[1] for k, v in tolerances.items()}, "metrics": {}}
     reasons = []
-    for metric, (direction, tolerance) in BEHAVIOUR_TOLERANCES.items():
+    for metric, (direction, tolerance) in tolerances.items():
         row = {"candidate": cand[metric], **{name: ref[metric] for name, ref in references.items()}}
         failed = [name for name, ref in references.items()
                   if (cand[metric] > ref[metric] + tolerance + 1e-9 if direction == "lower"
@@ -188,7 +213,7 @@ def behaviour_check(cand: dict, references: dict[str, dict]) -> tuple[dict, list
         check["metrics"][metric] = row
         if failed:
             worse = "rose" if direction == "lower" else "fell"
-            reasons.append(f"behaviour: canary {metric} {worse} to {cand[metric]:.3g} "
+            reasons.append(f"behaviour: {what} {metric} {worse} to {cand[metric]:.3g} "
                            f"(vs {', '.join(f'{n} {references[n][metric]:.3g}' for n in failed)}; "
                            f"tolerance {tolerance:g})")
     check["passed"] = not reasons
@@ -209,39 +234,51 @@ def run_gate(settings: Settings, dataset: Dataset, candidate: Path, baseline: tu
     model.eval()
     system = settings.system_prompt
     conversations = canary_conversations(system)
+    pool = pool_conversations(dataset, config.pool_prompts) if config.behaviour else []
     replies: dict[str, list[str]] = {}
+    pool_replies: dict[str, list[str]] = {}
     measured: dict[str, dict[str, Any]] = {}
+
+    def answer(name: str) -> None:
+        if config.behaviour:
+            replies[name] = generate_replies(model, tokenizer, conversations, config)
+            pool_replies[name] = generate_replies(model, tokenizer, pool, config) if pool else []
+
     for name in ["candidate"] + (["baseline"] if baseline is not None else []):
         model.set_adapter(name)
         measured[name] = measure(model, tokenizer, dataset, system, config)
-        if config.behaviour:
-            replies[name] = generate_replies(model, tokenizer, conversations, config)
+        answer(name)
+    behaviour: dict[str, dict] = {}
+    on_pool: dict[str, dict] = {}
     with model.disable_adapter():
         measured[BASE] = measure(model, tokenizer, dataset, system, config)
-        behaviour: dict[str, dict] = {}
-        if config.behaviour:
-            replies[BASE] = generate_replies(model, tokenizer, conversations, config)
-            for name, texts in replies.items():
-                fluency = score_pairs(model, tokenizer, list(zip(conversations, texts)), config, end=False)
-                behaviour[name] = behaviour_metrics(texts, conversations, fluency)
+        answer(BASE)
+        for name, texts in replies.items():
+            fluency = score_pairs(model, tokenizer, list(zip(conversations, texts)), config, end=False)
+            behaviour[name] = behaviour_metrics(texts, conversations, fluency)
+            if pool:
+                fluency = score_pairs(model, tokenizer, list(zip(pool, pool_replies[name])), config, end=False)
+                on_pool[name] = reply_metrics(pool_replies[name], fluency)
     names = {"candidate": "candidate", "baseline": baseline[0] if baseline else None, BASE: BASE}
     result = verdict(measured["candidate"], measured["baseline"] if baseline else measured[BASE],
                      baseline[0] if baseline else BASE, config, base=measured[BASE],
                      behaviour={names[k]: v for k, v in behaviour.items()} or None,
-                     cleaning=dataset.cleaning)
+                     on_pool={names[k]: v for k, v in on_pool.items()} or None, cleaning=dataset.cleaning)
     if config.behaviour:
         result["canary_replies"] = {names[k]: v[:6] for k, v in replies.items()}  # a sample, for the record
+        result["pool_replies"] = {names[k]: v[:4] for k, v in pool_replies.items()}
     metrics = {**measured["candidate"], **({"behaviour": behaviour["candidate"]} if behaviour else {})}
     return _rounded(result), _rounded(metrics)
 
 
 def verdict(cand: dict[str, Any], ref: dict[str, Any], baseline_name: str, config: GateConfig, *,
             base: dict[str, Any] | None = None, behaviour: dict[str, dict] | None = None,
-            cleaning: dict[str, Any] | None = None) -> dict[str, Any]:
+            on_pool: dict[str, dict] | None = None, cleaning: dict[str, Any] | None = None) -> dict[str, Any]:
     """Pass only if no check got worse than its tolerance; each check says what it compared.
 
     `ref` is the serving baseline (the active version, or the base model); `base` the base model's figures when
-    the baseline is a version; `behaviour` maps "candidate", the baseline's name and "base" to canary metrics.
+    the baseline is a version; `behaviour` maps "candidate", the baseline's name and "base" to canary metrics,
+    `on_pool` to the reply metrics on the pool's held-out prompts.
     """
     checks: dict[str, Any] = {}
     reasons: list[str] = []
@@ -286,6 +323,11 @@ def verdict(cand: dict[str, Any], ref: dict[str, Any], baseline_name: str, confi
     if behaviour:
         references = {k: v for k, v in behaviour.items() if k != "candidate"}
         checks["behaviour"], why = behaviour_check(behaviour["candidate"], references)
+        reasons += why
+    if on_pool:
+        references = {k: v for k, v in on_pool.items() if k != "candidate"}
+        checks["pool_behaviour"], why = behaviour_check(on_pool["candidate"], references, POOL_TOLERANCES,
+                                                        "held-out prompts'")
         reasons += why
     return _rounded({"passed": not reasons, "baseline": baseline_name, "reasons": reasons, "checks": checks})
 

@@ -5,7 +5,8 @@ Each trial trains an adapter on the training split and is scored on what the gat
   liked replies' log-lik alone when the held-out part has no disliked ones), and
 - the canary terms: reference-answer perplexity against the base model's, and the fluency (NLL under the base
   model) of the trial's own greedy replies to the behaviour canaries against the base model's replies, and
-- the gate's other behaviour checks on those replies against the base model's (repetition, echo, persona, …).
+- the gate's other behaviour checks on those replies, and on its replies to the held-out split's prompts,
+  against the base model's (repetition, echo, persona, …).
 A trial whose canary terms use more than `slack` of the gate's tolerances, or that fails a behaviour check, is
 infeasible; of the feasible trials the one with the best margin wins. (Picking by margin alone chose the largest
 learning rate, whose adapters the gate then rejected for fluency drift: the margin keeps rising while English
@@ -24,8 +25,9 @@ from typing import Any
 from dialogue.settings import Settings
 from training.datasets import Dataset
 from memory.loading import BUILD_LOCK
-from training.gate import (BEHAVIOUR_TOLERANCES, GateConfig, behaviour_check, behaviour_metrics, canary_conversations,
-                           canary_perplexity, generate_replies, preference, score_pairs)
+from training.gate import (BEHAVIOUR_TOLERANCES, POOL_TOLERANCES, GateConfig, behaviour_check, behaviour_metrics,
+                           canary_conversations, canary_perplexity, generate_replies, pool_conversations, preference,
+                           reply_metrics, score_pairs)
 from training.scoring import load_base, set_threads
 from training.train import TrainConfig, TrainResult, train_adapter
 
@@ -50,14 +52,18 @@ def evaluate_trial(settings: Settings, dataset: Dataset, result: TrainResult, ga
     model.eval()
     system = settings.system_prompt
     conversations = canary_conversations(system)
+    pool = pool_conversations(dataset, gate.pool_prompts)
 
     def figures(with_margin: bool) -> dict[str, Any]:
         replies = generate_replies(model, tokenizer, conversations, gate)
+        pool_replies = generate_replies(model, tokenizer, pool, gate) if pool else []
         with model.disable_adapter():
             fluency = score_pairs(model, tokenizer, list(zip(conversations, replies)), gate, end=False)
+            pool_fluency = score_pairs(model, tokenizer, list(zip(pool, pool_replies)), gate, end=False)
         behaviour = behaviour_metrics(replies, conversations, fluency)
         out = {"canary_ppl": canary_perplexity(model, tokenizer, system, gate),
-               "fluency_nll": behaviour["fluency_nll"], "behaviour": behaviour}
+               "fluency_nll": behaviour["fluency_nll"], "behaviour": behaviour,
+               "on_pool": reply_metrics(pool_replies, pool_fluency) if pool else None}
         if with_margin:  # without held-out disliked replies, the held-out liked replies' log-lik alone
             pref = preference(model, tokenizer, dataset.heldout, gate) if dataset.heldout else {}
             out["margin"] = pref.get("margin") if pref.get("margin") is not None else pref.get("liked_logp")
@@ -88,6 +94,9 @@ def choose_config(settings: Settings, dataset: Dataset, config: TrainConfig, sea
             ratio = figures["canary_ppl"] / base_figures["canary_ppl"]
             drift = figures["fluency_nll"] - base_figures["fluency_nll"]
             _, failed = behaviour_check(figures["behaviour"], {"base": base_figures["behaviour"]})
+            if figures["on_pool"]:
+                failed += behaviour_check(figures["on_pool"], {"base": base_figures["on_pool"]}, POOL_TOLERANCES,
+                                          "held-out prompts'")[1]
             feasible = (ratio <= 1 + search.slack * gate.canary_base_tolerance
                         and drift <= search.slack * fluency_tolerance and not failed)
             trials.append({"learning_rate": learning_rate, "epochs": epochs, "undesirable_weight": undesirable_weight,

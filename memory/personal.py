@@ -152,7 +152,25 @@ def answer_part(part: str, persona, memories: list) -> tuple[Found | None, str |
         for fact in getattr(persona, "facts", []):
             if fact.startswith("from "):
                 return Found(f"You're from {fact[5:]}.", "persona", "facts"), kind
+        mentioned = place_mentioned(memories)
+        if mentioned is not None:
+            return mentioned, kind
     return None, kind or ("relation" if relation else None)
+
+
+PLACE = re.compile(r"\b(?:in|near|outside) [A-Z][\w'-]+")
+
+
+def place_mentioned(memories: list) -> Found | None:
+    """Never said where they live, but "I'm a bike mechanic in Gdansk": say so, rather than "you haven't told me"
+    as if they had said nothing about a place."""
+    for memory in memories:
+        for clause in clauses(memory.text):
+            if OWN.search(clause) and PLACE.search(clause):
+                told = second_person(clause).rstrip(" .!")
+                return Found(f"You haven't told me where you live, but you mentioned {told[:1].lower() + told[1:]}.",
+                             "memory", memory.id)
+    return None
 
 
 def answer_who(memories: list, text: str) -> tuple[str, list[Found]] | None:

@@ -157,6 +157,23 @@ def test_what_i_do_about_something_else_is_not_a_question_about_the_job(message)
     assert answer_about_user(Persona(name="Lena", facts=["works as a nurse"]), [], message) is None
 
 
+def test_where_i_live_after_only_a_place_of_work_says_what_was_said():
+    """A new process, make chat, after "I'm a bike mechanic in Gdansk": "Do you remember my name and where I live?"
+    → "Your name is Tomasz. You haven't told me where you live yet." (as if no place had been said)."""
+    from memory.memories import MemoryHit
+    from memory.personal import answer_about_user
+    from memory.persona import Persona
+
+    told = [MemoryHit(id="m1", text="Hi! I'm Tomasz, I'm a bike mechanic in Gdansk and I have a dog called Fig.",
+                      score=0.9, meta={}, speaker="user", timestamp=None, turn_id=None)]
+    reply, found = answer_about_user(Persona(name="Tomasz"), told, "Do you remember my name and where I live?")
+    assert reply == ("Your name is Tomasz. You haven't told me where you live, but you mentioned you're a bike "
+                     "mechanic in Gdansk.")
+    assert [f.id for f in found if f.kind == "memory"] == ["m1"]
+    reply, _ = answer_about_user(Persona(name="Tomasz"), [], "Where do I live?")
+    assert reply == "You haven't told me where you live yet."
+
+
 def test_a_fact_that_answers_two_parts_is_told_once():
     """make chat: "What's my dog's name and where do I live?" → "You live in Turin with your dog Pepe. You live in
     Turin." (the second part's answer was inside the first's)."""

@@ -75,6 +75,8 @@ class LocalBackend(TokenizerText):
                 "kv_dtype": str(getattr(getattr(engine, "model", None), "kv_dtype", self.dtype)).removeprefix("torch."),
                 "decode_weights": plan.fmt if plan else None, "quantised_up_to_rows": plan.max_rows if plan else 0,
                 "head_weights": plan.head_fmt if plan else None, "head_quantised_up_to_rows": plan.head_max_rows if plan else 0,
+                "int8_activations_up_to_rows": plan.int8_rows if plan else 0,
+                "head_int8_activations_up_to_rows": plan.head_int8_rows if plan else 0,
                 "why": decode.get("reason", ""), "dtype_us": self.dtype_us,
                 "layers_us": decode.get("layers_us", {}), "head_us": decode.get("head_us", {})}
 

@@ -99,10 +99,20 @@ def pick_dtype(setting: str, hidden: int, intermediate: int, cache: CalibrationC
     return getattr(torch, chosen), timings
 
 
+INT8_ROWS = "+int8-rows"  # a format name with this suffix: the same weights, with int8 activations
+
+
+def _matmul(linear, fmt: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    if fmt is None or not linear.can_quantize():
+        return linear.full
+    copy = linear.copy_in(fmt.removesuffix(INT8_ROWS))
+    return (lambda x: copy(x, True)) if fmt.endswith(INT8_ROWS) else copy
+
+
 def _layer_step(engine: FastLlama, fmt: str | None, rows: int) -> Callable[[], None]:
     """Every layer matmul of one decode step of `rows` rows: the full weights, or the copies in `fmt`."""
     x = {k: torch.randn(rows, k, dtype=engine.dtype) for k in {linear.source.shape[1] for linear in engine.linears()}}
-    matmuls = [(linear.full if fmt is None or not linear.can_quantize() else linear.copy_in(fmt), x[linear.source.shape[1]])
+    matmuls = [(_matmul(linear, fmt), x[linear.source.shape[1]])
                for layer in engine.layers for linear in (layer[name] for name in engine.LAYER_MATRICES)]
 
     def step():
@@ -114,8 +124,20 @@ def _layer_step(engine: FastLlama, fmt: str | None, rows: int) -> Callable[[], N
 
 def _head_step(engine: FastLlama, fmt: str | None, rows: int) -> Callable[[], None]:
     x = torch.randn(rows, engine.lm_head.source.shape[1], dtype=engine.dtype)
-    matmul = engine.lm_head.full if fmt is None else engine.lm_head.copy_in(fmt)
+    matmul = _matmul(engine.lm_head, fmt)
     return lambda: matmul(x)
+
+
+def _int8_rows(step_of: Callable[[str | None, int], Callable[[], None]], fmt: str | None, up_to: int) -> tuple[int, dict]:
+    """Up to how many rows `fmt` with int8 activations beats `fmt` alone (timed against it as the race's "full"),
+    and the timings: it saves instructions where a step is compute-bound, which is a one-row step on some CPUs
+    (AVX2: 1.4x a layer matmul) and not on others, and never many rows (the float path shares its dequantised
+    weights between them)."""
+    if fmt not in ("int4", "int8") or up_to <= 0 or not kernels.has_int8_rows():
+        return 0, {}
+    timings = _race(lambda name, rows: step_of(fmt if name is None else name, rows), [fmt + INT8_ROWS],
+                    row_counts=tuple(r for r in ROWS if r <= up_to))
+    return _serves_up_to(timings["full"], timings[fmt + INT8_ROWS]), timings[fmt + INT8_ROWS]
 
 
 def _race(step_of: Callable[[str | None, int], Callable[[], None]], formats: list[str],
@@ -174,10 +196,16 @@ def measure_decode(engine: FastLlama, formats: list[str]) -> tuple[DecodePlan, d
     fmt = min(winners, key=lambda f: layers_us[f][1], default=None)
     max_rows = _serves_up_to(layers_us["full"], layers_us[fmt]) if fmt else 0
     head_rows = _serves_up_to(head_us["full"], head_us["int8"]) if head_formats else 0
-    plan = DecodePlan(fmt, max_rows, "int8" if head_rows else None, head_rows)
-    one = {name: round(t[1]) for name, t in layers_us.items()}
+    int8_rows, timings = _int8_rows(lambda f, rows: _layer_step(engine, f, rows), fmt, max_rows)
+    layers_us.update({f"{fmt}{INT8_ROWS}": timings} if timings else {})
+    head_int8_rows, timings = _int8_rows(lambda f, rows: _head_step(engine, f, rows), "int8" if head_rows else None,
+                                         head_rows)
+    head_us.update({f"int8{INT8_ROWS}": timings} if timings else {})
+    plan = DecodePlan(fmt, max_rows, "int8" if head_rows else None, head_rows, int8_rows, head_int8_rows)
+    one = {name: round(t[1]) for name, t in layers_us.items() if 1 in t}
     reason = (f"one-row step, all layers (µs): {one}; {fmt or 'full weights'} wins"
-              + (f" up to {max_rows} rows" if fmt else ""))
+              + (f" up to {max_rows} rows" if fmt else "")
+              + (f", with int8 activations up to {int8_rows}" if int8_rows else ""))
     return plan, layers_us, head_us, reason
 
 
@@ -213,7 +241,7 @@ def calibrator(quantize: str, embedded: bool, cache: CalibrationCache, record: l
     def decide(engine: FastLlama) -> DecodePlan:
         formats = candidate_formats(quantize, embedded, engine.dtype)
         shapes = [tuple(linear.source.shape) for linear in engine.linears()[:5]] + [len(engine.layers)]
-        key = cache_key("decode", str(engine.dtype), formats, shapes, engine.fused)
+        key = cache_key("decode", str(engine.dtype), formats, shapes, engine.fused, kernels.has_int8_rows() and "int8-rows")
         found = cache.get(key)
         if found is not None and formats:
             holds, recheck = still_holds(engine, formats, DecodePlan(**found["plan"]))

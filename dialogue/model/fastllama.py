@@ -86,21 +86,27 @@ class QuantWeight:
         self.fmt = fmt
         self.q, self.scales = quantize_weight(weight, fmt)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, int8_rows: bool = False) -> torch.Tensor:
+        """x Wᵀ; with `int8_rows` (our formats, kernels built for AVX2 or better) x is quantised to int8 in groups of
+        32 as well and each group's dot product summed in integers, as llama.cpp does: fewer instructions a weight,
+        a relative error of about 0.5%."""
         if self.fmt == "torch-int4":
             return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.q, INT4_GROUP, self.scales)
-        return torch.ops.rapport.qlinear(x, self.q, self.scales, 4 if self.fmt == "int4" else 8)
+        return torch.ops.rapport.qlinear(x, self.q, self.scales, 4 if self.fmt == "int4" else 8, int8_rows)
 
 
 @dataclass(frozen=True)
 class DecodePlan:
     """Which weights serve decode steps: the layers' matmuls of up to `max_rows` rows in `fmt`, the output matrix's
-    of up to `head_max_rows` in `head_fmt`; None or 0 rows means the full weights always."""
+    of up to `head_max_rows` in `head_fmt`; None or 0 rows means the full weights always. Steps of up to `int8_rows`
+    (`head_int8_rows`) rows also quantise their activations to int8 (`QuantWeight`'s `int8_rows`)."""
 
     fmt: str | None = None
     max_rows: int = 0
     head_fmt: str | None = None
     head_max_rows: int = 0
+    int8_rows: int = 0
+    head_int8_rows: int = 0
 
     @classmethod
     def fixed(cls, quantize: str, max_rows: int = 6) -> DecodePlan:
@@ -122,6 +128,7 @@ class Linear:
             self.weight = None  # the blocked copy replaces it
         self.quant: QuantWeight | None = None
         self.max_rows = 0
+        self.int8_rows = 0
         self._copies: dict[str, QuantWeight] = {}
 
     def can_quantize(self) -> bool:
@@ -133,12 +140,13 @@ class Linear:
             self._copies[fmt] = QuantWeight(self.source, fmt)
         return self._copies[fmt]
 
-    def quantize(self, fmt: str | None, max_rows: int) -> None:
-        """Serve matmuls of up to `max_rows` rows from a copy in `fmt` (None: always the full weights)."""
+    def quantize(self, fmt: str | None, max_rows: int, int8_rows: int = 0) -> None:
+        """Serve matmuls of up to `max_rows` rows from a copy in `fmt` (None: always the full weights), those of up
+        to `int8_rows` rows with int8 activations."""
         if fmt is None or max_rows <= 0 or not self.can_quantize():
-            self.quant, self.max_rows = None, 0
+            self.quant, self.max_rows, self.int8_rows = None, 0, 0
         else:
-            self.quant, self.max_rows = self.copy_in(fmt), max_rows
+            self.quant, self.max_rows, self.int8_rows = self.copy_in(fmt), max_rows, min(int8_rows, max_rows)
 
     def release(self) -> None:
         """Drop the source weight and the copies the plan does not use."""
@@ -152,7 +160,7 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None and x.shape[0] <= self.max_rows:
-            return self.quant(x)
+            return self.quant(x, x.shape[0] <= self.int8_rows)
         return self.full(x)
 
 
@@ -351,12 +359,16 @@ class FastLlama:
         if (usable(plan.fmt), usable(plan.head_fmt)) != (plan.fmt, plan.head_fmt):
             logger.warning("decode weights %s/%s need the fused kernels, which are not built: full weights instead",
                            plan.fmt, plan.head_fmt)
+        def int8_rows(fmt, rows):  # our formats only, and only where the kernels have the integer dot product
+            return rows if fmt in ("int4", "int8") and self.fused and kernels.has_int8_rows() else 0
+
         plan = DecodePlan(usable(plan.fmt), plan.max_rows if usable(plan.fmt) else 0,
-                          usable(plan.head_fmt), plan.head_max_rows if usable(plan.head_fmt) else 0)
+                          usable(plan.head_fmt), plan.head_max_rows if usable(plan.head_fmt) else 0,
+                          int8_rows(usable(plan.fmt), plan.int8_rows), int8_rows(usable(plan.head_fmt), plan.head_int8_rows))
         for layer in self.layers:
             for name in self.LAYER_MATRICES:
-                layer[name].quantize(plan.fmt, plan.max_rows)
-        self.lm_head.quantize(plan.head_fmt, plan.head_max_rows)
+                layer[name].quantize(plan.fmt, plan.max_rows, plan.int8_rows)
+        self.lm_head.quantize(plan.head_fmt, plan.head_max_rows, plan.head_int8_rows)
         return plan
 
     @property

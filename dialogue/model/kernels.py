@@ -161,6 +161,11 @@ def load(settings: Settings | None = None, *, build_missing: bool = True) -> boo
         return ok
 
 
+def has_int8_rows() -> bool:
+    """True when the loaded kernels can quantise a matmul's rows to int8 too (built for AVX2 or better)."""
+    return load() and torch.ops.rapport.has_int8_rows()
+
+
 if __name__ == "__main__":  # `python -m dialogue.model.kernels`: build (or check) the library for this machine
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not load():

@@ -97,7 +97,10 @@ def question_parts(text: str) -> list[str] | None:
     parts = [p for p in parts if p and re.search(r"\w", p)]
     for i in range(1, len(parts)):  # "what do I do for work and where?": a bare "where" asks where, of that
         if re.fullmatch(r"(?i)where", parts[i]):
-            parts[i] = "where do I work" if re.search(r"(?i)\bwork|\bjob\b", parts[i - 1]) else "where do I live"
+            verb = re.search(r"(?i)\bdo i (\w+)", parts[i - 1])  # "What do I teach, and where?": where I teach
+            parts[i] = ("where do I work" if re.search(r"(?i)\bwork|\bjob\b", parts[i - 1])
+                        else f"where do I {verb.group(1)}" if verb and verb.group(1).lower() not in ("do", "live")
+                        else "where do I live")
     if not parts or not text.rstrip().endswith("?") and not re.match(r"(?i)(?:what|where|when|which|who|how)\b", body):
         return None
     for part in parts:

@@ -174,6 +174,22 @@ def test_where_i_live_after_only_a_place_of_work_says_what_was_said():
     assert reply == "You haven't told me where you live yet."
 
 
+def test_a_bare_where_asks_where_of_the_verb_before_it():
+    """make chat, after "I teach chemistry in Porto": "What do I teach, and where?" → "You haven't told me where you
+    live, but you mentioned you teach chemistry in Porto." (the bare "where" was read as where I live)."""
+    from memory.memories import MemoryHit
+    from memory.personal import answer_about_user
+    from memory.persona import Persona
+
+    told = [MemoryHit(id="m1", text="Hi! I'm Marta, I teach chemistry in Porto and I have two cats.", score=0.9,
+                      meta={}, speaker="user", timestamp=None, turn_id=None)]
+    reply, found = answer_about_user(Persona(name="Marta"), told, "What do I teach, and where?")
+    assert reply == "You teach chemistry in Porto."
+    assert [f.id for f in found] == ["m1"]
+    reply, _ = answer_about_user(Persona(name="Marta"), told, "What do I do, and where?")
+    assert "haven't told me where you live" in reply and "teach chemistry in Porto" in reply
+
+
 def test_a_fact_that_answers_two_parts_is_told_once():
     """make chat: "What's my dog's name and where do I live?" → "You live in Turin with your dog Pepe. You live in
     Turin." (the second part's answer was inside the first's)."""

@@ -130,7 +130,10 @@ def answer_part(part: str, persona, memories: list) -> tuple[Found | None, str |
             if fact.startswith("lives in "):
                 return Found(f"You live in {fact[9:]}.", "persona", "facts"), kind
     says = next((s for k, _, s in ASKS if k == kind), None)
-    asked = terms(part) - {"name", "call"}
+    asked = terms(part) - {"name", "call", "kind", "sort", "typ"}
+    # "What kind of shop do I run?" is answered by the user's own "I run ...", whatever the shop is called there
+    verb = re.search(r"(?i)\bdo i (\w+)", part)
+    own_verb = re.compile(rf"(?i)\bi (?:\w+ )?{verb.group(1)}\b") if verb and verb.group(1).lower() != "do" else None
     best, best_score = None, 0.0
     for memory in memories:
         for clause in clauses(memory.text):
@@ -141,6 +144,8 @@ def answer_part(part: str, persona, memories: list) -> tuple[Found | None, str |
             if says is not None and says.search(clause):
                 score += 2
             if relation and re.search(rf"\b{relation.group(1)}\b", clause, re.I):
+                score += 2
+            if own_verb is not None and own_verb.search(clause):
                 score += 2
             shared = len(asked & terms(clause))
             score += 0.5 * shared

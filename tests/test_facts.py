@@ -190,6 +190,20 @@ def test_a_bare_where_asks_where_of_the_verb_before_it():
     assert "haven't told me where you live" in reply and "teach chemistry in Porto" in reply
 
 
+def test_a_question_with_the_users_own_verb_is_answered_by_their_statement():
+    """API, after "Hi, I am Ana and I run a small bakery in Braga.": "What kind of shop do I run?" went to the model:
+    'You mentioned "Brega." That's an Italian name, isn't it?'."""
+    from memory.memories import MemoryHit
+    from memory.personal import answer_about_user
+    from memory.persona import Persona
+
+    told = [MemoryHit(id="m1", text="Hi, I am Ana and I run a small bakery in Braga.", score=0.5, meta={},
+                      speaker="user", timestamp=None, turn_id=None)]
+    reply, found = answer_about_user(Persona(), told, "What kind of shop do I run?")
+    assert reply == "You run a small bakery in Braga." and [f.id for f in found] == ["m1"]
+    assert answer_about_user(Persona(), told, "What do I sell?") is None  # no "I sell": not guessed
+
+
 def test_a_fact_that_answers_two_parts_is_told_once():
     """make chat: "What's my dog's name and where do I live?" → "You live in Turin with your dog Pepe. You live in
     Turin." (the second part's answer was inside the first's)."""

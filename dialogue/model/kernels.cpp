@@ -741,7 +741,8 @@ inline __m256i nibbles(const uint8_t* p) {
   return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
 }
 
-// Σ u·s over 32 byte pairs, as 8 float32 partial sums (exact: at most 32·255·127 in int32).
+// Σ u·s over 32 byte pairs, as 8 float32 partial sums; exact for u <= 128 (int4 codes, |int8 codes|): a pair's sum,
+// at most 2·128·127, fits vpmaddubsw's saturating int16.
 inline __m256 dot_bytes(__m256i u, __m256i s) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
@@ -768,7 +769,7 @@ inline void qtile_a8(const QuantRows& x, int64_t r0, int64_t K, const uint8_t* q
       float dw, mw = 0.0f;
       if constexpr (BITS == 8) {
         sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + block * QGROUP));
-        w = _mm256_sign_epi8(sign, sign);  // |q|, as unsigned bytes (q >= -127)
+        w = _mm256_sign_epi8(sign, sign);  // |q| as unsigned bytes (-128 gives 128, still right)
         dw = scale_of(scales, block);
       } else {
         w = nibbles(q + block * (QGROUP / 2));

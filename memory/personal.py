@@ -97,16 +97,21 @@ def question_parts(text: str) -> list[str] | None:
     parts = [p for p in parts if p and re.search(r"\w", p)]
     for i in range(1, len(parts)):  # "what do I do for work and where?": a bare "where" asks where, of that
         if re.fullmatch(r"(?i)where", parts[i]):
-            verb = re.search(r"(?i)\bdo i (\w+)", parts[i - 1])  # "What do I teach, and where?": where I teach
+            verb = asked_verb(parts[i - 1])  # "What do I teach, and where?": where I teach
             parts[i] = ("where do I work" if re.search(r"(?i)\bwork|\bjob\b", parts[i - 1])
-                        else f"where do I {verb.group(1)}" if verb and verb.group(1).lower() not in ("do", "live")
-                        else "where do I live")
+                        else f"where do I {verb}" if verb and verb.lower() != "live" else "where do I live")
     if not parts or not text.rstrip().endswith("?") and not re.match(r"(?i)(?:what|where|when|which|who|how)\b", body):
         return None
     for part in parts:
         if not ABOUT_ME.search(part) or ADVICE.match(part) or kind_of(part, asks=True) != "question":
             return None
     return parts
+
+
+def asked_verb(part: str) -> str | None:
+    """The verb of "... do I <verb>" ("What kind of shop do I run?" → "run"), not "do" itself."""
+    match = re.search(r"(?i)\bdo i (\w+)", part)
+    return match.group(1) if match and match.group(1).lower() != "do" else None
 
 
 def terms(text: str) -> set[str]:
@@ -132,8 +137,8 @@ def answer_part(part: str, persona, memories: list) -> tuple[Found | None, str |
     says = next((s for k, _, s in ASKS if k == kind), None)
     asked = terms(part) - {"name", "call", "kind", "sort", "typ"}
     # "What kind of shop do I run?" is answered by the user's own "I run ...", whatever the shop is called there
-    verb = re.search(r"(?i)\bdo i (\w+)", part)
-    own_verb = re.compile(rf"(?i)\bi (?:\w+ )?{verb.group(1)}\b") if verb and verb.group(1).lower() != "do" else None
+    verb = asked_verb(part)
+    own_verb = re.compile(rf"(?i)\bi (?:\w+ )?{verb}\b") if verb else None
     best, best_score = None, 0.0
     for memory in memories:
         for clause in clauses(memory.text):

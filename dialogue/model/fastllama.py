@@ -359,8 +359,8 @@ class FastLlama:
         if (usable(plan.fmt), usable(plan.head_fmt)) != (plan.fmt, plan.head_fmt):
             logger.warning("decode weights %s/%s need the fused kernels, which are not built: full weights instead",
                            plan.fmt, plan.head_fmt)
-        def int8_rows(fmt, rows):  # our formats only, and only where the kernels have the integer dot product
-            return rows if fmt in ("int4", "int8") and self.fused and kernels.has_int8_rows() else 0
+        def int8_rows(fmt, rows):  # our formats only (usable: the kernels are built), where they have the integer dot
+            return rows if fmt in ("int4", "int8") and kernels.has_int8_rows() else 0
 
         plan = DecodePlan(usable(plan.fmt), plan.max_rows if usable(plan.fmt) else 0,
                           usable(plan.head_fmt), plan.head_max_rows if usable(plan.head_fmt) else 0,
